@@ -1,0 +1,47 @@
+"""Run by test_distributed.py under `torchrun --nproc_per_node 2`: two TRPO steps on the tiny
+model, then every rank reports a digest of its policy and critic tensors."""
+
+import hashlib
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from trpo_rlhf import TRPOConfig, TRPOTrainer
+from trpo_rlhf.toy import TOY_PROMPTS, WordCountReward, build_tiny_lm, build_word_tokenizer
+
+
+def digest(tensors):
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def main(output_dir: str) -> None:
+    tokenizer = build_word_tokenizer()
+    config = TRPOConfig(output_dir=output_dir, max_steps=2, batch_size=4, max_new_tokens=6, seed=0,
+                        lora_target_modules=["q_proj", "v_proj", "lm_head"], value_epochs=1, value_minibatch_size=2)
+    trainer = TRPOTrainer(config=config, model=build_tiny_lm(tokenizer), tokenizer=tokenizer,
+                          reward_fn=WordCountReward("good"), train_dataset=TOY_PROMPTS)
+    first_prompts = trainer._next_prompts()
+    trainer._prompt_order = [trainer.prompts.index(p) for p in first_prompts] + trainer._prompt_order  # put them back
+    history = trainer.train()
+    report = {
+        "rank": trainer.accelerator.process_index,
+        "world": trainer.accelerator.num_processes,
+        "policy": digest(trainer.actor_critic.policy_parameters()),
+        "value": digest(trainer.actor_critic.value_parameters()),
+        "prompts": first_prompts,
+        "accepted": [h["trpo/accepted"] for h in history],
+    }
+    reports = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, report)
+    if trainer.is_main_process:
+        with open(f"{output_dir}/ranks.json", "w") as f:
+            json.dump(reports, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,101 @@
+"""The sentiment recipe end to end on the embedded default, and its argument parsing."""
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from transformers import HfArgumentParser
+
+from trpo_rlhf import TRPOConfig
+from trpo_rlhf.models import hub_available
+from trpo_rlhf.sentiment import resolve_sentiment_task
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "trpo_gpt2_sentiment.py"
+
+
+def test_recipe_runs_two_steps_on_the_embedded_default(tmp_path):
+    out = tmp_path / "sentiment"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    accelerate = Path(sys.executable).with_name("accelerate")
+    command = [str(accelerate), "launch", "--num_processes", "1", str(RECIPE)] if accelerate.exists() else [sys.executable, str(RECIPE)]
+    result = subprocess.run(
+        command + ["--max_steps", "2", "--batch_size", "2", "--max_new_tokens", "6", "--cg_iters", "2",
+                   "--value_epochs", "1", "--num_samples_to_show", "2", "--output_dir", str(out)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "policy=embedded, reward=vader" in result.stdout and "because HF_HUB_OFFLINE is set" in result.stdout
+    assert "| prompt | before | reward | after | reward |" in result.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["trpo/kl"] <= 1.5 * 0.02 for r in rows)
+    for name in ("adapter_model.safetensors", "adapter_config.json", "trainer_config.json", "samples.md", "training_curves.png"):
+        assert (out / name).exists(), name
+    assert (out / "value" / "value_head.safetensors").exists()
+
+
+def test_every_config_field_is_a_flag():
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    spec = spec_from_file_location("trpo_sentiment_recipe", RECIPE)
+    recipe = module_from_spec(spec)
+    sys.modules[spec.name] = recipe  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(recipe)
+    parser = HfArgumentParser((recipe.ScriptArguments, TRPOConfig))
+    args, config = parser.parse_args_into_dataclasses(args=[
+        "--model_name_or_path", "embedded", "--reward_model", "vader", "--max_kl", "0.005", "--cg_iters", "7",
+        "--lora_target_modules", "q_proj", "k_proj", "--target_kl_ref", "6", "--whiten_advantages", "false",
+    ])
+    assert (args.model_name_or_path, args.reward_model) == ("embedded", "vader")
+    assert (config.max_kl, config.cg_iters, config.lora_target_modules) == (0.005, 7, ["q_proj", "k_proj"])
+    assert config.target_kl_ref == 6.0 and config.whiten_advantages is False
+    help_text = parser.format_help()
+    for f in dataclasses.fields(TRPOConfig):
+        assert f"--{f.name}" in help_text, f.name
+
+
+def test_explicit_embedded_task_skips_the_probe():
+    task = resolve_sentiment_task("embedded", "vader", str(ROOT / "data" / "movie_review_openings.txt"))
+    assert (task.model, task.reward_model) == ("embedded", "vader")
+    assert len(task.prompts) >= 300 and "were given" in task.reason
+
+
+def test_hub_probe_gives_up_on_a_silent_server(monkeypatch):
+    """A server that accepts connections and never answers: the probe must not wait for it."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    try:
+        start = time.monotonic()
+        online, why = hub_available(timeout=1.0, endpoint=f"http://127.0.0.1:{port}")
+        assert not online and "127.0.0.1" in why
+        assert time.monotonic() - start < 3.0
+    finally:
+        server.close()
+
+
+def test_hub_probe_reports_refused_connection(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    online, why = hub_available(timeout=2.0, endpoint=f"http://127.0.0.1:{port}")
+    assert not online and "unreachable" in why
+
+
+def test_offline_environment_variable_short_circuits(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub_available() == (False, "HF_HUB_OFFLINE is set")
+    task = resolve_sentiment_task(None, None, None)
+    assert (task.model, task.reward_model, task.dataset) == ("embedded", "vader", None)
+    assert "HF_HUB_OFFLINE" in task.reason

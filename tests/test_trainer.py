@@ -1,0 +1,239 @@
+import json
+import math
+
+import pytest
+import torch
+from conftest import bitwise_equal, policy_snapshot
+
+from trpo_rlhf import RewardError, TRPOConfig
+from trpo_rlhf.toy import TOY_PROMPTS, WordCountReward, build_tiny_lm
+
+REQUIRED_METRICS = (
+    "step reward/mean reward/std kl/ref kl/coef trpo/kl trpo/step_frac trpo/accepted trpo/surrogate_gain "
+    "trpo/expected_gain trpo/cg_residual trpo/line_search_iters value/loss value/explained_variance policy/entropy "
+    "time/generate time/score time/policy_update time/value_update time/step memory/peak_mb"
+).split()
+
+
+def test_accepted_steps_stay_inside_the_trust_region(make_trainer):
+    trainer = make_trainer(max_kl=0.02, kl_tolerance=1.2, cg_damping=1e-3)
+    accepted = 0
+    for _ in range(4):
+        stats = trainer.step()
+        if stats["trpo/accepted"]:
+            accepted += 1
+            assert 0 < stats["trpo/kl"] <= 1.2 * 0.02
+            assert stats["trpo/surrogate_gain"] > 0
+            assert 0 < stats["trpo/step_frac"] <= 1
+        else:
+            assert stats["trpo/kl"] == 0 and stats["trpo/step_frac"] == 0
+    assert accepted >= 3
+
+
+def test_failed_line_search_restores_policy_bitwise(make_trainer):
+    trainer = make_trainer(accept_ratio=1e9, line_search_steps=3)  # no point can realise 1e9 x the predicted gain
+    trainer.step()  # a first step moves the value function; the policy must not move at all
+    before = policy_snapshot(trainer)
+    stats = trainer.step()
+    assert stats["trpo/accepted"] == 0 and stats["trpo/line_search_iters"] == 3
+    assert stats["trpo/kl"] == 0 and stats["trpo/step_frac"] == 0
+    assert bitwise_equal(before, policy_snapshot(trainer))
+
+
+def test_value_update_never_moves_the_policy(make_trainer):
+    trainer = make_trainer(value_epochs=3, value_minibatch_size=2, value_lr=1e-2, lora_dropout=0.1)
+    trainer.step()  # make the value targets non-trivial
+    from trpo_rlhf.rollout import evaluate_rollout, sample_completions
+
+    rollout, _ = sample_completions(trainer.actor_critic.peft_model, trainer.tokenizer, TOY_PROMPTS[:8], 6, 1.0)
+    rollout = evaluate_rollout(trainer.actor_critic, rollout, 1.0)
+    rollout.scores = torch.arange(8, dtype=torch.float32)
+    batch, _ = trainer._advantages(rollout)
+    policy_before = policy_snapshot(trainer)
+    value_before = [p.detach().clone() for p in trainer.actor_critic.value_parameters()]
+    stats = trainer.value_update(batch)
+    assert math.isfinite(stats["value/loss"])
+    assert bitwise_equal(policy_before, policy_snapshot(trainer))
+    assert not bitwise_equal(value_before, [p.detach() for p in trainer.actor_critic.value_parameters()])
+    assert all(p.requires_grad for p in trainer.actor_critic.policy_parameters())  # policy adapter re-activated
+
+
+def test_only_policy_lora_tensors_are_in_the_update(make_trainer):
+    trainer = make_trainer()
+    policy = trainer.actor_critic.policy_parameters()
+    names = [n for n, p in trainer.actor_critic.peft_model.named_parameters() if any(p is q for q in policy)]
+    assert names and all("lora_" in n and ".default." in n for n in names)
+    assert all(("q_proj" in n or "v_proj" in n) for n in names)
+    value_ids = {id(p) for p in trainer.actor_critic.value_parameters()}
+    assert not value_ids & {id(p) for p in policy}
+    base_before = {n: p.detach().clone() for n, p in trainer.actor_critic.peft_model.named_parameters() if "lora_" not in n}
+    trainer.step()
+    for n, p in trainer.actor_critic.peft_model.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, base_before[n]), n
+
+
+def test_metrics_jsonl_has_every_documented_key(make_trainer, tmp_path):
+    trainer = make_trainer(max_steps=2)
+    trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        missing = [k for k in REQUIRED_METRICS if k not in row]
+        assert not missing, missing
+        assert all(isinstance(v, (int, float)) for v in row.values())
+    assert rows[0]["kl/ref"] == pytest.approx(0.0, abs=1e-5)  # LoRA B = 0 at init: policy == reference
+    assert rows[0]["trpo/fvp_count"] == rows[0]["trpo/cg_iters"] + 1
+
+
+def test_save_pretrained_reloads_policy_and_value(make_trainer, tmp_path, word_tokenizer):
+    from peft import PeftModel
+
+    trainer = make_trainer(max_steps=2, value_lr=1e-2)
+    trainer.train()
+    out = tmp_path / "run"
+    assert (out / "adapter_model.safetensors").exists() and (out / "trainer_config.json").exists()
+    assert TRPOConfig.load(out / "trainer_config.json") == trainer.config
+
+    batch = trainer.tokenizer(["the film was", "it was"], return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():
+        expected = trainer.actor_critic.peft_model(**batch).logits
+    reloaded = PeftModel.from_pretrained(build_tiny_lm(word_tokenizer), out)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, expected)
+
+    fresh = make_trainer(model=PeftModel.from_pretrained(build_tiny_lm(word_tokenizer), out), output_dir=str(tmp_path / "again"))
+    fresh.load_value_function(out)
+    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                  position_ids=(batch.attention_mask.cumsum(1) - 1).clamp(min=0), response_length=2)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.actor_critic.values(**inputs), trainer.actor_critic.values(**inputs))
+        assert trainer.actor_critic.values(**inputs).abs().sum() > 0
+
+
+def test_a_given_peft_model_is_used_as_is(make_trainer, word_tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(build_tiny_lm(word_tokenizer), LoraConfig(r=2, target_modules=["k_proj"]), adapter_name="mine")
+    trainer = make_trainer(model=peft_model)
+    names = [n for n, p in trainer.actor_critic.peft_model.named_parameters() if any(p is q for q in trainer.actor_critic.policy_parameters())]
+    assert names and all(".mine." in n and "k_proj" in n for n in names)
+    before = policy_snapshot(trainer)
+    stats = trainer.step()
+    assert stats["trpo/accepted"] == 1
+    assert not bitwise_equal(before, policy_snapshot(trainer))
+
+
+def test_reward_failure_keeps_finished_work(make_trainer, tmp_path):
+    calls = []
+
+    def flaky(prompts, completions):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ZeroDivisionError("scorer crashed")
+        return [1.0] * len(completions)
+
+    trainer = make_trainer(reward_fn=flaky, max_steps=5)
+    with pytest.raises(RewardError, match=r"ZeroDivisionError on batch 1.*scorer crashed"):
+        trainer.train()
+    out = tmp_path / "run"
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    assert (out / "checkpoint-1" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "returned,match",
+    [
+        (lambda n: [0.0] * (n - 1), r"returned 7 scores for 8 completions on batch 0"),
+        (lambda n: [float("nan")] + [0.0] * (n - 1), r"non-finite score.*batch 0.*nan"),
+        (lambda n: [float("inf")] * n, r"8 non-finite score"),
+        (lambda n: "oops", r"returned str on batch 0"),
+    ],
+)
+def test_bad_reward_outputs_raise_clear_errors(make_trainer, returned, match):
+    trainer = make_trainer(reward_fn=lambda prompts, completions: returned(len(completions)))
+    with pytest.raises(RewardError, match=match):
+        trainer.step()
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"max_kl": 0.0}, r"max_kl=0.0 must be a positive"),
+        ({"max_kl": -1.0}, r"max_kl=-1.0"),
+        ({"cg_iters": 0}, r"cg_iters=0 must be >= 1"),
+        ({"backtrack_coef": 1.0}, r"backtrack_coef=1.0 must lie strictly between 0 and 1"),
+        ({"backtrack_coef": 0.0}, r"backtrack_coef=0.0"),
+        ({"batch_size": 0}, r"batch_size=0 must be >= 1"),
+        ({"kl_tolerance": 0.5}, r"kl_tolerance=0.5"),
+        ({"fvp_subsample": 0.0}, r"fvp_subsample=0.0"),
+        ({"temperature": 0.0}, r"temperature=0.0"),
+    ],
+)
+def test_invalid_config_raises(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        TRPOConfig(**overrides)
+
+
+def test_empty_dataset_raises(make_trainer):
+    with pytest.raises(ValueError, match="train_dataset is empty"):
+        make_trainer(train_dataset=[])
+    from datasets import Dataset
+
+    with pytest.raises(ValueError, match="train_dataset is empty"):
+        make_trainer(train_dataset=Dataset.from_dict({"prompt": []}))
+    with pytest.raises(ValueError, match=r"no 'prompt' column \(it has \['text'\]\)"):
+        make_trainer(train_dataset=Dataset.from_dict({"text": ["the film"]}))
+
+
+def test_prompt_longer_than_context_raises(make_trainer):
+    long_prompt = " ".join(["the"] * 125)  # context is 128 tokens
+    with pytest.raises(ValueError, match=r"Prompt 1 is 125 tokens; with max_new_tokens=6 that exceeds the model's context of 128"):
+        make_trainer(train_dataset=["the film", long_prompt])
+
+
+def test_model_without_target_modules_raises(make_trainer):
+    with pytest.raises(ValueError, match=r"lora_target_modules=\['c_attn'\] matches no module of LlamaForCausalLM.*q_proj"):
+        make_trainer(lora_target_modules=["c_attn"])
+
+
+def test_tokenizer_without_pad_token_is_handled(make_trainer, word_tokenizer):
+    word_tokenizer.pad_token = None
+    assert word_tokenizer.pad_token_id is None
+    trainer = make_trainer()
+    assert trainer.tokenizer.pad_token_id == word_tokenizer.eos_token_id
+    assert trainer.step()["trpo/accepted"] in (0.0, 1.0)
+
+
+def test_fvp_subsample_uses_a_fraction_of_sequences(make_trainer):
+    trainer = make_trainer(fvp_subsample=0.25)
+    batch = trainer._fisher_batch(type("B", (), {"__len__": lambda self: 8, "select": lambda self, i: i})())
+    assert len(batch) == 2
+    stats = trainer.step()
+    assert stats["trpo/fvp_count"] >= 1
+
+
+def test_tiny_model_learns_word_count_reward_in_30_steps(tmp_path, word_tokenizer):
+    """A randomly initialised tiny LM learns to say 'good' more often: 30 TRPO steps."""
+    from trpo_rlhf import TRPOTrainer
+
+    config = TRPOConfig(output_dir=str(tmp_path / "learn"), max_steps=30, batch_size=16, max_new_tokens=8, seed=0,
+                        max_kl=0.05, cg_damping=1e-3, lora_target_modules=["q_proj", "v_proj", "lm_head"])
+    trainer = TRPOTrainer(config=config, model=build_tiny_lm(word_tokenizer), tokenizer=word_tokenizer,
+                          reward_fn=WordCountReward("good"), train_dataset=TOY_PROMPTS)
+    eval_prompts = TOY_PROMPTS * 8
+
+    def mean_reward():
+        with torch.random.fork_rng():
+            torch.manual_seed(99)
+            return sum(WordCountReward("good")(eval_prompts, trainer.generate(eval_prompts))) / len(eval_prompts)
+
+    before = mean_reward()
+    history = trainer.train()
+    after = mean_reward()
+    accepted = [h for h in history if h["trpo/accepted"]]
+    assert len(accepted) >= 25
+    assert after > before + 0.5, (before, after)
+    # With a correct Fisher, the measured KL of a step is close to delta * frac^2 (DESIGN §2).
+    ratios = sorted(h["trpo/kl"] / h["trpo/kl_predicted"] for h in accepted)
+    assert 0.7 < ratios[len(ratios) // 2] < 1.3, ratios

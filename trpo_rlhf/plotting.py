@@ -1,0 +1,51 @@
+"""Learning curves from metrics.jsonl.
+
+    >>> from trpo_rlhf.plotting import plot_training_curves
+    >>> plot_training_curves("runs/x/metrics.jsonl", "runs/x/training_curves.png")   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_training_curves(metrics_path: str | Path, output_path: str | Path, title: str | None = None) -> Path:
+    """Reward (mean with a +-1 std band), KL to the reference, and the trust-region KL of each
+    update (measured vs predicted, with the max_kl bound when logged) against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    mean = [r["reward/mean"] for r in rows]
+    std = [r["reward/std"] for r in rows]
+    axes[0].plot(steps, mean, color="tab:blue")
+    axes[0].fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color="tab:blue", alpha=0.2)
+    axes[0].set(xlabel="step", ylabel="reward", title="reward (mean ± std over the batch)")
+    axes[1].plot(steps, [r["kl/ref"] for r in rows], color="tab:red")
+    axes[1].set(xlabel="step", ylabel="nats per completion", title="KL to the reference")
+    if "trpo/kl" in rows[0]:
+        axes[2].plot(steps, [r["trpo/kl"] for r in rows], "o-", label="measured KL(π_old‖π_new)")
+        axes[2].plot(steps, [r["trpo/kl_predicted"] for r in rows], "x--", label="predicted δ·frac²")
+        axes[2].set(xlabel="step", ylabel="nats per token", title="trust-region step")
+        axes[2].legend()
+    else:
+        axes[2].axis("off")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    output_path = Path(output_path)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output_path, dpi=110)
+    plt.close(fig)
+    return output_path

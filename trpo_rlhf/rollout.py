@@ -1,0 +1,189 @@
+"""Rollouts: sample completions, and evaluate them under the policy, the reference and the critic.
+
+A `Rollout` holds one batch of left-padded prompts followed by right-padded responses:
+
+    input_ids  = [pad pad p1 p2 p3 | r1 r2 EOS pad]      (prompt length P, response length T)
+    response_mask          =       [ 1  1  1   0 ]      (valid up to and including the first EOS)
+
+and, per response position t, logp_old (the sampling policy), logp_ref (adapters off), values
+and the entropy of the sampling distribution. Sampling uses softmax(logits / temperature) with
+no other processing, so these log-probs are exactly those of the distribution sampled from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from .models import LoraActorCritic
+
+
+@dataclass
+class Rollout:
+    prompts: list[str]
+    completions: list[str]
+    input_ids: torch.Tensor  # [B, P+T]
+    attention_mask: torch.Tensor  # [B, P+T]
+    response_mask: torch.Tensor  # [B, T], float
+    logp_old: torch.Tensor | None = None  # [B, T]
+    logp_ref: torch.Tensor | None = None  # [B, T]
+    values: torch.Tensor | None = None  # [B, T]
+    entropy: torch.Tensor | None = None  # [B, T]
+    scores: torch.Tensor | None = None  # [B]
+    advantages: torch.Tensor | None = None  # [B, T]
+    returns: torch.Tensor | None = None  # [B, T]
+
+    @property
+    def response_length(self) -> int:
+        return self.response_mask.shape[1]
+
+    @property
+    def response_ids(self) -> torch.Tensor:
+        return self.input_ids[:, -self.response_length :]
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        # Left padding: positions count real tokens only, as generate() numbered them.
+        return (self.attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+    def model_inputs(self) -> dict:
+        return {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "position_ids": self.position_ids,
+            "response_length": self.response_length,
+        }
+
+    def select(self, index: torch.Tensor | list[int]) -> "Rollout":
+        """The sub-batch of the given sequence indices."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        picked = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                picked[f.name] = value[index.to(value.device)]
+            elif isinstance(value, list):
+                picked[f.name] = [value[i] for i in index.tolist()]
+            else:
+                picked[f.name] = value
+        return Rollout(**picked)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def sampling_generation_config(
+    tokenizer: PreTrainedTokenizerBase, max_new_tokens: int, temperature: float, output_scores: bool = False
+) -> GenerationConfig:
+    """Pure ancestral sampling from softmax(logits / temperature).
+
+    Every knob that would reshape the distribution is set to its neutral value explicitly:
+    transformers fills unset fields from the checkpoint's generation_config and then from global
+    defaults, which include top_k=50.
+    """
+    return GenerationConfig(
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        typical_p=1.0,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        num_beams=1,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        use_cache=True,
+        return_dict_in_generate=True,
+        output_scores=output_scores,
+    )
+
+
+@contextlib.contextmanager
+def _checkpoint_generation_defaults_removed(model: torch.nn.Module) -> Iterator[None]:
+    # Fields a checkpoint may set whose "off" value is None (suppress_tokens, bad_words_ids,
+    # min_p, ...) cannot be overridden by passing None; hide the checkpoint's config instead.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = base.generation_config
+    base.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        base.generation_config = saved
+
+
+def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
+    """1 up to and including the first EOS of each row, 0 after it."""
+    if eos_token_id is None:
+        return torch.ones_like(response_ids, dtype=torch.float32)
+    is_eos = (response_ids == eos_token_id).long()
+    eos_before = is_eos.cumsum(dim=1) - is_eos
+    return (eos_before == 0).float()
+
+
+@torch.no_grad()
+def sample_completions(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float,
+    return_scores: bool = False,
+) -> tuple[Rollout, torch.Tensor | None]:
+    """Generate one completion per prompt (batched, left-padded, KV cache, each row stops at EOS).
+
+    Returns a Rollout with ids, masks and decoded completions (no log-probs yet) and, when
+    `return_scores`, the processed logits generate() sampled from: [B, T, V].
+    """
+    device = next(model.parameters()).device
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
+    generation_config = sampling_generation_config(tokenizer, max_new_tokens, temperature, output_scores=return_scores)
+    with _checkpoint_generation_defaults_removed(model):
+        out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], generation_config=generation_config)
+    prompt_length = enc["input_ids"].shape[1]
+    response_ids = out.sequences[:, prompt_length:]
+    response_mask = response_mask_from_ids(response_ids, tokenizer.eos_token_id).to(device)
+    text_ids = [row[: int(m.sum())].tolist() for row, m in zip(response_ids, response_mask)]
+    completions = tokenizer.batch_decode(text_ids, skip_special_tokens=True)
+    rollout = Rollout(
+        prompts=list(prompts),
+        completions=completions,
+        input_ids=out.sequences,
+        attention_mask=torch.cat([enc["attention_mask"], response_mask.long()], dim=1),
+        response_mask=response_mask,
+    )
+    scores = torch.stack(out.scores, dim=1) if return_scores else None
+    return rollout, scores
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token] per position: [B, T, V], [B, T] -> [B, T]."""
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
+@torch.no_grad()
+def evaluate_rollout(actor_critic: LoraActorCritic, rollout: Rollout, temperature: float) -> Rollout:
+    """Fill in logp_old, logp_ref, values and entropy for a sampled rollout (no gradients)."""
+    inputs = rollout.model_inputs()
+    actions = rollout.response_ids
+    policy_logits = actor_critic.policy_logits(**inputs, temperature=temperature)
+    logp_old = token_logprobs(policy_logits, actions)
+    entropy = entropy_from_logits(policy_logits)
+    del policy_logits
+    logp_ref = token_logprobs(actor_critic.reference_logits(**inputs, temperature=temperature), actions)
+    values = actor_critic.values(**inputs).float()
+    mask = rollout.response_mask
+    return dataclasses.replace(
+        rollout, logp_old=logp_old * mask, logp_ref=logp_ref * mask, values=values * mask, entropy=entropy * mask
+    )

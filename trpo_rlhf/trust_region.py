@@ -1,0 +1,175 @@
+"""The trust-region solver: flat-parameter helpers, conjugate gradient, Fisher-vector products,
+the exact categorical KL and the backtracking line search (Schulman et al. 2015, Appendix C).
+
+Everything here works on tensors and parameter lists; nothing knows about language models.
+
+    >>> import torch
+    >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]])
+    >>> b = torch.tensor([1.0, 2.0])
+    >>> x = conjugate_gradient(lambda v: A @ v, b, iters=2)
+    >>> torch.allclose(A @ x, b)
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+Params = Sequence[torch.Tensor]
+
+
+def flat_concat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def flat_grad(
+    output: torch.Tensor, params: Params, *, retain_graph: bool | None = None, create_graph: bool = False
+) -> torch.Tensor:
+    """d output / d params as one flat vector (zeros for parameters the output does not reach).
+    As in `torch.autograd.grad`, the graph is kept when `create_graph` unless told otherwise."""
+    grads = torch.autograd.grad(
+        output, params, retain_graph=retain_graph, create_graph=create_graph, allow_unused=True
+    )
+    return flat_concat([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)])
+
+
+def snapshot(params: Params) -> list[torch.Tensor]:
+    """Copies of the parameter tensors, for an exact (bitwise) restore."""
+    return [p.detach().clone() for p in params]
+
+
+@torch.no_grad()
+def restore(params: Params, saved: Sequence[torch.Tensor]) -> None:
+    for p, s in zip(params, saved):
+        p.copy_(s)
+
+
+@torch.no_grad()
+def set_to_step(params: Params, origin: Sequence[torch.Tensor], flat_step: torch.Tensor, frac: float) -> None:
+    """theta = theta_origin + frac * step, the step being a flat vector laid out like `flat_concat(params)`."""
+    offset = 0
+    for p, o in zip(params, origin):
+        n = p.numel()
+        p.copy_(o + frac * flat_step[offset : offset + n].view_as(p).to(p.dtype))
+        offset += n
+
+
+@dataclass
+class CGResult:
+    x: torch.Tensor
+    residual: float  # squared norm of r = b - A x at exit
+    iterations: int  # number of matrix-vector products used
+
+
+def cg_solve(
+    fvp: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: int, residual_tol: float = 1e-10
+) -> CGResult:
+    """Conjugate gradient for A x = b with A symmetric positive definite, given only v -> A v.
+
+    Starts at x = 0, calls `fvp` once per iteration and stops early once r.r < residual_tol
+    (Schulman et al. 2015, Appendix C; Nocedal & Wright, Algorithm 5.2).
+    """
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = b.clone()
+    r_dot_r = torch.dot(r, r)
+    iterations = 0
+    for _ in range(iters):
+        if r_dot_r.item() < residual_tol:
+            break
+        Ap = fvp(p)
+        iterations += 1
+        alpha = r_dot_r / torch.dot(p, Ap)
+        x += alpha * p
+        r -= alpha * Ap
+        new_r_dot_r = torch.dot(r, r)
+        p = r + (new_r_dot_r / r_dot_r) * p
+        r_dot_r = new_r_dot_r
+    return CGResult(x=x, residual=r_dot_r.item(), iterations=iterations)
+
+
+def conjugate_gradient(
+    fvp: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: int, residual_tol: float = 1e-10
+) -> torch.Tensor:
+    """x ~ A^{-1} b by conjugate gradient; see `cg_solve` for the residual and iteration count."""
+    return cg_solve(fvp, b, iters, residual_tol).x
+
+
+def categorical_kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) = sum_a p(a) (log p(a) - log q(a)) over the last (vocabulary) dimension, exact.
+
+    Takes log-probabilities; returns one KL per position.
+    """
+    return (logp.exp() * (logp - logq)).sum(dim=-1)
+
+
+def fisher_vector_product(
+    mean_kl: torch.Tensor,
+    params: Params,
+    damping: float,
+    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """v -> (F + damping I) v with F the Hessian of the mean KL(pi_old || pi_theta) at theta_old.
+
+    `mean_kl` must be KL(stop_grad(pi_theta) || pi_theta), built with a graph at theta_old: its value
+    and gradient are 0 there and its Hessian is the Fisher information matrix (Schulman et al. 2015,
+    Appendix C.1). The gradient graph is built once here (create_graph) and every product is one more
+    backward through it: F v = d/dtheta (grad KL . v). `reduce` averages across processes.
+    """
+    kl_grad = flat_grad(mean_kl, params, create_graph=True)
+
+    def fvp(v: torch.Tensor) -> torch.Tensor:
+        grad_dot_v = torch.dot(kl_grad, v.to(kl_grad.dtype))
+        product = flat_grad(grad_dot_v, params, retain_graph=True)
+        return reduce(product) + damping * v
+
+    return fvp
+
+
+@dataclass
+class LineSearchResult:
+    accepted: bool
+    step_frac: float  # alpha^j of the accepted point, 0 when rejected
+    kl: float  # measured mean KL(pi_old || pi_new) of the accepted point, 0 when rejected
+    surrogate_gain: float  # L(theta_new) - L(theta_old) of the accepted point, 0 when rejected
+    iterations: int  # points evaluated
+
+
+def backtracking_line_search(
+    params: Params,
+    full_step: torch.Tensor,
+    expected_gain: float,
+    evaluate: Callable[[], tuple[float, float]],
+    *,
+    max_kl: float,
+    kl_tolerance: float,
+    backtrack_coef: float,
+    max_backtracks: int,
+    accept_ratio: float,
+) -> LineSearchResult:
+    """Try theta_old + alpha^j * full_step for j = 0, 1, ...; keep the first point whose measured
+    KL <= kl_tolerance * max_kl and whose surrogate improves by > 0 and by at least
+    accept_ratio * alpha^j * expected_gain (Schulman et al. 2015, Appendix C).
+
+    `evaluate()` is called with the parameters set to the candidate and returns
+    (surrogate gain over theta_old, mean KL from pi_old). If no point is accepted, or anything
+    raises, the parameters are restored bitwise to theta_old.
+    """
+    origin = snapshot(params)
+    accepted = False
+    try:
+        for j in range(max_backtracks):
+            frac = backtrack_coef**j
+            set_to_step(params, origin, full_step, frac)
+            gain, kl = evaluate()
+            finite = torch.isfinite(torch.tensor([gain, kl])).all().item()
+            if finite and kl <= kl_tolerance * max_kl and gain > 0 and gain >= accept_ratio * frac * expected_gain:
+                accepted = True
+                return LineSearchResult(True, frac, kl, gain, j + 1)
+        return LineSearchResult(False, 0.0, 0.0, 0.0, max_backtracks)
+    finally:
+        if not accepted:
+            restore(params, origin)
