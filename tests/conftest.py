@@ -45,3 +45,11 @@ def policy_snapshot(trainer):
 
 def bitwise_equal(before, after):
     return all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def toy_eval_reward(trainer, word="good", repeats=8, seed=99):
+    """Mean word count over the toy prompts, sampled with a fixed seed that leaves the training RNG alone."""
+    prompts = TOY_PROMPTS * repeats
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return sum(WordCountReward(word)(prompts, trainer.generate(prompts))) / len(prompts)

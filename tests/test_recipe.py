@@ -6,29 +6,32 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 from transformers import HfArgumentParser
 
-from trpo_rlhf import TRPOConfig
+from trpo_rlhf import PPOConfig, TRPOConfig
 from trpo_rlhf.models import hub_available
-from trpo_rlhf.sentiment import resolve_sentiment_task
+from trpo_rlhf.sentiment import ScriptArguments, resolve_sentiment_task
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "recipes" / "trpo_gpt2_sentiment.py"
 
 
-def test_recipe_runs_two_steps_on_the_embedded_default(tmp_path):
+@pytest.mark.parametrize("recipe,flags", [
+    ("trpo_gpt2_sentiment.py", ["--cg_iters", "2"]),
+    ("ppo_gpt2_sentiment.py", ["--ppo_epochs", "2", "--learning_rate", "1e-4"]),
+])
+def test_recipe_runs_two_steps_on_the_embedded_default(tmp_path, recipe, flags):
     out = tmp_path / "sentiment"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     accelerate = Path(sys.executable).with_name("accelerate")
-    command = [str(accelerate), "launch", "--num_processes", "1", str(RECIPE)] if accelerate.exists() else [sys.executable, str(RECIPE)]
+    script = str(ROOT / "recipes" / recipe)
+    command = [str(accelerate), "launch", "--num_processes", "1", script] if accelerate.exists() else [sys.executable, script]
     result = subprocess.run(
-        command + ["--max_steps", "2", "--batch_size", "2", "--max_new_tokens", "6", "--cg_iters", "2",
-                   "--value_epochs", "1", "--num_samples_to_show", "2", "--output_dir", str(out)],
+        command + ["--max_steps", "2", "--batch_size", "2", "--max_new_tokens", "6", "--value_epochs", "1",
+                   "--num_samples_to_show", "2", "--output_dir", str(out), *flags],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -36,30 +39,35 @@ def test_recipe_runs_two_steps_on_the_embedded_default(tmp_path):
     assert "| prompt | before | reward | after | reward |" in result.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
-    assert all(r["trpo/kl"] <= 1.5 * 0.02 for r in rows)
+    if recipe.startswith("trpo"):
+        assert all(r["trpo/kl"] <= 1.5 * 0.02 for r in rows)
+    else:
+        # (equal scores on a 2-completion batch give zero advantages, hence a zero update: KL may be 0)
+        assert all(r["ppo/kl"] >= 0 and r["ppo/epochs_run"] == 2 and 0 <= r["ppo/clipfrac"] <= 1 for r in rows)
     for name in ("adapter_model.safetensors", "adapter_config.json", "trainer_config.json", "samples.md", "training_curves.png"):
         assert (out / name).exists(), name
     assert (out / "value" / "value_head.safetensors").exists()
 
 
-def test_every_config_field_is_a_flag():
-    from importlib.util import module_from_spec, spec_from_file_location
-
-    spec = spec_from_file_location("trpo_sentiment_recipe", RECIPE)
-    recipe = module_from_spec(spec)
-    sys.modules[spec.name] = recipe  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(recipe)
-    parser = HfArgumentParser((recipe.ScriptArguments, TRPOConfig))
+@pytest.mark.parametrize("config_class", [TRPOConfig, PPOConfig])
+def test_every_config_field_is_a_flag(config_class):
+    parser = HfArgumentParser((ScriptArguments, config_class))
     args, config = parser.parse_args_into_dataclasses(args=[
-        "--model_name_or_path", "embedded", "--reward_model", "vader", "--max_kl", "0.005", "--cg_iters", "7",
+        "--model_name_or_path", "embedded", "--reward_model", "vader", "--max_new_tokens", "7",
         "--lora_target_modules", "q_proj", "k_proj", "--target_kl_ref", "6", "--whiten_advantages", "false",
     ])
     assert (args.model_name_or_path, args.reward_model) == ("embedded", "vader")
-    assert (config.max_kl, config.cg_iters, config.lora_target_modules) == (0.005, 7, ["q_proj", "k_proj"])
+    assert (config.max_new_tokens, config.lora_target_modules) == (7, ["q_proj", "k_proj"])
     assert config.target_kl_ref == 6.0 and config.whiten_advantages is False
     help_text = parser.format_help()
-    for f in dataclasses.fields(TRPOConfig):
+    for f in dataclasses.fields(config_class):
         assert f"--{f.name}" in help_text, f.name
+
+
+def test_trpo_flags_reach_the_config():
+    _, config = HfArgumentParser((ScriptArguments, TRPOConfig)).parse_args_into_dataclasses(
+        args=["--max_kl", "0.005", "--cg_iters", "7", "--backtrack_coef", "0.5"])
+    assert (config.max_kl, config.cg_iters, config.backtrack_coef) == (0.005, 7, 0.5)
 
 
 def test_explicit_embedded_task_skips_the_probe():
@@ -99,3 +107,29 @@ def test_offline_environment_variable_short_circuits(monkeypatch):
     task = resolve_sentiment_task(None, None, None)
     assert (task.model, task.reward_model, task.dataset) == ("embedded", "vader", None)
     assert "HF_HUB_OFFLINE" in task.reason
+
+
+def test_hub_reachable_chooses_the_classic_task(monkeypatch):
+    import trpo_rlhf.sentiment as sentiment
+
+    monkeypatch.setattr(sentiment, "hub_available", lambda timeout: (True, "hub reachable"))
+    task = resolve_sentiment_task(None, None, str(ROOT / "data" / "movie_review_openings.txt"))
+    assert (task.model, task.reward_model) == ("lvwerra/gpt2-imdb", "lvwerra/distilbert-imdb")
+    assert "classic TRL IMDB task" in task.reason
+
+
+def test_a_lone_cpu_process_uses_every_core(monkeypatch):
+    import torch
+
+    from trpo_rlhf.sentiment import use_all_cpu_cores
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # what `accelerate launch` leaves a CPU-only process with
+        assert use_all_cpu_cores() == len(os.sched_getaffinity(0))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        torch.set_num_threads(1)
+        assert use_all_cpu_cores() == 1  # several processes share the cores: leave them alone
+    finally:
+        torch.set_num_threads(before)

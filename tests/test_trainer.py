@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from conftest import bitwise_equal, policy_snapshot
+from conftest import bitwise_equal, policy_snapshot, toy_eval_reward
 
 from trpo_rlhf import RewardError, TRPOConfig
 from trpo_rlhf.toy import TOY_PROMPTS, WordCountReward, build_tiny_lm
@@ -74,8 +74,10 @@ def test_only_policy_lora_tensors_are_in_the_update(make_trainer):
 
 
 def test_metrics_jsonl_has_every_documented_key(make_trainer, tmp_path):
-    trainer = make_trainer(max_steps=2)
+    trainer = make_trainer(max_steps=2, save_steps=1)
     trainer.train()
+    for checkpoint in ("checkpoint-1", "checkpoint-2"):
+        assert (tmp_path / "run" / checkpoint / "adapter_model.safetensors").exists()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:
@@ -221,19 +223,28 @@ def test_tiny_model_learns_word_count_reward_in_30_steps(tmp_path, word_tokenize
                         max_kl=0.05, cg_damping=1e-3, lora_target_modules=["q_proj", "v_proj", "lm_head"])
     trainer = TRPOTrainer(config=config, model=build_tiny_lm(word_tokenizer), tokenizer=word_tokenizer,
                           reward_fn=WordCountReward("good"), train_dataset=TOY_PROMPTS)
-    eval_prompts = TOY_PROMPTS * 8
-
-    def mean_reward():
-        with torch.random.fork_rng():
-            torch.manual_seed(99)
-            return sum(WordCountReward("good")(eval_prompts, trainer.generate(eval_prompts))) / len(eval_prompts)
-
-    before = mean_reward()
+    before = toy_eval_reward(trainer)
     history = trainer.train()
-    after = mean_reward()
+    after = toy_eval_reward(trainer)
     accepted = [h for h in history if h["trpo/accepted"]]
     assert len(accepted) >= 25
     assert after > before + 0.5, (before, after)
     # With a correct Fisher, the measured KL of a step is close to delta * frac^2 (DESIGN §2).
     ratios = sorted(h["trpo/kl"] / h["trpo/kl_predicted"] for h in accepted)
     assert 0.7 < ratios[len(ratios) // 2] < 1.3, ratios
+
+
+def test_gpt2_architecture_trains(make_trainer, word_tokenizer):
+    """The hub task's policy is a GPT-2: Conv1D attention (c_attn), PEFT's default targets, no pad token."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(word_tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                      bos_token_id=word_tokenizer.eos_token_id, eos_token_id=word_tokenizer.eos_token_id)).eval()
+    trainer = make_trainer(model=gpt2, lora_target_modules=None)
+    names = [n for n, p in trainer.actor_critic.peft_model.named_parameters() if any(p is q for q in trainer.actor_critic.policy_parameters())]
+    assert names and all("c_attn" in n for n in names)
+    before = policy_snapshot(trainer)
+    stats = trainer.step()
+    assert stats["trpo/accepted"] == 1 and 0 < stats["trpo/kl"] <= 1.5 * trainer.config.max_kl
+    assert not bitwise_equal(before, policy_snapshot(trainer))

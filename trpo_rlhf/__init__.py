@@ -7,8 +7,9 @@
 """
 
 from .config import RLConfig, TRPOConfig
+from .ppo import PPOConfig, PPOTrainer
 from .rewards import RewardError
 from .trainer import RLTrainer, TRPOTrainer
 
-__all__ = ["RLConfig", "TRPOConfig", "TRPOTrainer", "RLTrainer", "RewardError"]
+__all__ = ["RLConfig", "TRPOConfig", "TRPOTrainer", "PPOConfig", "PPOTrainer", "RLTrainer", "RewardError"]
 __version__ = "0.1.0"

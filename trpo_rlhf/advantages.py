@@ -56,7 +56,7 @@ def token_rewards(
 ) -> torch.Tensor:
     """Per-token rewards r_t = -beta * (log pi_old(a_t|s_t) - log pi_ref(a_t|s_t)), plus the sequence
     score on the last valid token (Ziegler et al. 2019, eq. 2; Stiennon et al. 2020)."""
-    rewards = -kl_coef * (logp_old - logp_ref) * mask
+    rewards = kl_coef * (logp_ref - logp_old) * mask
     rows = torch.arange(scores.shape[0], device=scores.device)
     rewards[rows, last_token_index(mask)] += scores.to(rewards.dtype)
     return rewards

@@ -232,7 +232,7 @@ class LoraActorCritic(nn.Module):
     the critic either way.
 
         >>> actor_critic = LoraActorCritic.build(model, config)     # doctest: +SKIP
-        >>> logits = actor_critic.policy_logits(input_ids, attention_mask, position_ids, response_length=T)
+        >>> logits = actor_critic.policy_logits(input_ids, attention_mask, position_ids, response_length=T)  # doctest: +SKIP
     """
 
     def __init__(self, peft_model: nn.Module, policy_adapter: str, value_head: ValueHead):
@@ -329,9 +329,6 @@ class LoraActorCritic(nn.Module):
             finally:
                 self.peft_model.eval()
                 self.value_head.eval()
-
-    def generation_model(self) -> nn.Module:
-        return self.peft_model
 
     # ---- saving -------------------------------------------------------------------------------
     def save_pretrained(self, path: str | os.PathLike) -> None:

@@ -14,9 +14,14 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def plot_training_curves(metrics_path: str | Path, output_path: str | Path, title: str | None = None) -> Path:
-    """Reward (mean with a +-1 std band), KL to the reference, and the trust-region KL of each
-    update (measured vs predicted, with the max_kl bound when logged) against the step."""
+def running_mean(values: list[float], window: int) -> list[float]:
+    """Mean of the last `window` values at each point (fewer at the start)."""
+    return [sum(values[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
+
+
+def plot_training_curves(metrics_path: str | Path, output_path: str | Path, title: str | None = None, smooth: int = 5) -> Path:
+    """Reward (batch mean, its running mean over `smooth` steps, and a +-1 std band), KL to the
+    reference, and the trust-region KL of each update (measured vs predicted) against the step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -27,8 +32,10 @@ def plot_training_curves(metrics_path: str | Path, output_path: str | Path, titl
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     mean = [r["reward/mean"] for r in rows]
     std = [r["reward/std"] for r in rows]
-    axes[0].plot(steps, mean, color="tab:blue")
-    axes[0].fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color="tab:blue", alpha=0.2)
+    axes[0].plot(steps, mean, color="tab:blue", alpha=0.5, label="batch mean")
+    axes[0].plot(steps, running_mean(mean, smooth), color="tab:blue", linewidth=2.5, label=f"running mean of {smooth}")
+    axes[0].fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color="tab:blue", alpha=0.15)
+    axes[0].legend()
     axes[0].set(xlabel="step", ylabel="reward", title="reward (mean ± std over the batch)")
     axes[1].plot(steps, [r["kl/ref"] for r in rows], color="tab:red")
     axes[1].set(xlabel="step", ylabel="nats per completion", title="KL to the reference")

@@ -3,7 +3,7 @@
     >>> from trpo_rlhf.rewards import build_reward_fn
     >>> reward_fn = build_reward_fn("vader")
     >>> [round(s, 2) for s in reward_fn(["The film"], [" was wonderful and moving."])]
-    [0.77]
+    [0.57]
 
 `build_reward_fn` accepts such a callable as is, ``"vader"`` for the offline lexicon scorer, or
 the hub id / local path of a `transformers` sequence classifier (scored with its own tokenizer).
@@ -98,8 +98,8 @@ class SequenceClassifierReward:
         return scores
 
 
-def build_reward_fn(reward: RewardFn | str) -> RewardFn:
-    """A callable as given, "vader", or a sequence-classifier hub id / local path."""
+def build_reward_fn(reward: RewardFn | str, device: str | torch.device | None = None) -> RewardFn:
+    """A callable as given, "vader", or a sequence-classifier hub id / local path (put on `device`)."""
     if callable(reward):
         return reward
     if not isinstance(reward, str) or not reward:
@@ -109,7 +109,7 @@ def build_reward_fn(reward: RewardFn | str) -> RewardFn:
         )
     if reward.lower() == VADER:
         return VaderReward()
-    return SequenceClassifierReward(reward)
+    return SequenceClassifierReward(reward, device=device)
 
 
 def score_batch(reward_fn: RewardFn, prompts: list[str], completions: list[str], batch_index: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The sentiment task shared by the recipes: choose model, reward and prompts, and show samples.
+"""The sentiment task shared by the recipes: choose model, reward and prompts, train, show samples.
 
 With a reachable hub it is the classic TRL task (lvwerra/gpt2-imdb policy, lvwerra/distilbert-imdb
 POSITIVE logit as reward, IMDB review openings); without one, the embedded SmolLM2-135M with the
@@ -11,7 +11,9 @@ VADER compound score and the prompts shipped in `data/`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import random
+from dataclasses import dataclass, field
 
 import torch
 
@@ -74,3 +76,62 @@ def format_before_after(before: list[tuple[str, str, float]], after: list[tuple[
     mean1 = sum(r for *_, r in after) / max(len(after), 1)
     lines.append(f"| **mean** | | {mean0:.3f} | | {mean1:.3f} |")
     return "\n".join(lines)
+
+
+def use_all_cpu_cores() -> int:
+    """Give a lone CPU process every core. `accelerate launch` without a config sets
+    OMP_NUM_THREADS=1 on a machine without a GPU, which halves a 2-core step; a single process has
+    nothing to share the cores with. Returns the thread count in use."""
+    alone = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    if alone and not torch.cuda.is_available() and torch.get_num_threads() == 1:
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+    return torch.get_num_threads()
+
+
+@dataclass
+class ScriptArguments:
+    """The recipe flags beside the trainer's config fields."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Policy: hub id, local path or 'embedded'. Default: lvwerra/gpt2-imdb, or 'embedded' offline."}
+    )
+    reward_model: str | None = field(
+        default=None, metadata={"help": "Sequence classifier hub id / path, or 'vader'. Default: lvwerra/distilbert-imdb, or 'vader' offline."}
+    )
+    dataset: str | None = field(
+        default=None, metadata={"help": "Prompts: .txt/.json/.csv file or hub dataset id. Default: stanfordnlp/imdb openings, or data/ offline."}
+    )
+    num_samples_to_show: int = field(default=4, metadata={"help": "Prompts in the before/after table."})
+
+
+def run_sentiment_recipe(trainer_class, config_class, default_output_dir: str, argv: list[str] | None = None):
+    """Parse `ScriptArguments` + `config_class` flags, train `trainer_class` on the sentiment task,
+    and write metrics.jsonl, training_curves.png, samples.md and the adapter to --output_dir."""
+    from transformers import HfArgumentParser
+
+    from .plotting import plot_training_curves
+
+    parser = HfArgumentParser((ScriptArguments, config_class))
+    parser.set_defaults(output_dir=default_output_dir)
+    args, config = parser.parse_args_into_dataclasses(args=argv)
+    use_all_cpu_cores()
+
+    task = resolve_sentiment_task(args.model_name_or_path, args.reward_model, args.dataset, seed=config.seed)
+    trainer = trainer_class(config=config, model=task.model, reward_fn=task.reward_model, train_dataset=task.prompts)
+    if trainer.is_main_process:
+        print(f"Task: policy={task.model}, reward={task.reward_model}, prompts={task.dataset or 'data/movie_review_openings.txt'} "
+              f"({len(task.prompts)}) -- {task.reason}.")
+
+    shown = random.Random(config.seed).sample(task.prompts, min(args.num_samples_to_show, len(task.prompts)))
+    before = sample_table(trainer, shown)
+    trainer.train()
+    after = sample_table(trainer, shown)
+
+    if trainer.is_main_process:
+        table = format_before_after(before, after)
+        print(table)
+        (trainer.output_dir / "samples.md").write_text(table + "\n")
+        curves = plot_training_curves(trainer.output_dir / "metrics.jsonl", trainer.output_dir / "training_curves.png",
+                                      title=f"{trainer.progress_name}, {task.model}, reward {task.reward_model}")
+        print(f"Adapter, metrics and {curves.name} saved in {trainer.output_dir}")
+    return trainer

@@ -106,7 +106,7 @@ class RLTrainer:
 
         self.prompts = self._validate_prompts(train_dataset, model)
         self.actor_critic = LoraActorCritic.build(model, config).to(self.device)
-        self.reward_fn = build_reward_fn(reward_fn)
+        self.reward_fn = build_reward_fn(reward_fn, device=self.device)
         self.kl_ctl = kl_controller(config.init_kl_coef, config.target_kl_ref, config.kl_horizon)
         self.value_optimizer = torch.optim.Adam(self.actor_critic.value_parameters(), lr=config.value_lr)
 
@@ -179,7 +179,7 @@ class RLTrainer:
     def generate(self, prompts: list[str]) -> list[str]:
         """Sample one completion per prompt from the current policy."""
         rollout, _ = sample_completions(
-            self.actor_critic.generation_model(), self.tokenizer, prompts, self.config.max_new_tokens, self.config.temperature
+            self.actor_critic.peft_model, self.tokenizer, prompts, self.config.max_new_tokens, self.config.temperature
         )
         return rollout.completions
 
@@ -193,7 +193,7 @@ class RLTrainer:
             prompts = self._next_prompts()
             with timer("generate"):
                 rollout, _ = sample_completions(
-                    self.actor_critic.generation_model(), self.tokenizer, prompts, cfg.max_new_tokens, cfg.temperature
+                    self.actor_critic.peft_model, self.tokenizer, prompts, cfg.max_new_tokens, cfg.temperature
                 )
             with timer("score"):
                 scores = score_batch(self.reward_fn, rollout.prompts, rollout.completions, self.global_step).to(self.device)
@@ -242,11 +242,11 @@ class RLTrainer:
                 if self.config.save_steps and self.global_step % self.config.save_steps == 0:
                     self.save_pretrained(self.output_dir / f"checkpoint-{self.global_step}")
         except BaseException:
-            if self.global_step > 0:
+            # No barrier here: the other processes may be blocked in a collective of the failed step.
+            if self.global_step > 0 and self.is_main_process:
                 path = self.output_dir / f"checkpoint-{self.global_step}"
-                self.save_pretrained(path)
-                if self.is_main_process:
-                    print(f"Training stopped after step {self.global_step}; its state is saved in {path}.")
+                self._write_checkpoint(path)
+                print(f"Training stopped after step {self.global_step}; its state is saved in {path}.")
             raise
         finally:
             bar.close()
@@ -258,11 +258,13 @@ class RLTrainer:
         (`path/value`, see `load_value_function`), the tokenizer and the config."""
         self.accelerator.wait_for_everyone()
         if self.is_main_process:
-            path = Path(path)
-            self.actor_critic.save_pretrained(path)
-            self.tokenizer.save_pretrained(path)
-            self.config.save(path / "trainer_config.json")
+            self._write_checkpoint(Path(path))
         self.accelerator.wait_for_everyone()
+
+    def _write_checkpoint(self, path: Path) -> None:
+        self.actor_critic.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        self.config.save(path / "trainer_config.json")
 
     def load_value_function(self, path: str | Path) -> None:
         """Restore the critic saved by `save_pretrained(path)`."""
@@ -311,6 +313,21 @@ class RLTrainer:
     def policy_update(self, batch: Rollout) -> dict[str, float]:
         raise NotImplementedError
 
+    def policy_log_probs(self, batch: Rollout) -> torch.Tensor:
+        """log pi_theta(. | s_t) over the vocabulary at every response position: [B, T, V]."""
+        logits = self.actor_critic.policy_logits(**batch.model_inputs(), temperature=self.config.temperature)
+        return torch.log_softmax(logits, dim=-1)
+
+    @torch.no_grad()
+    def measured_policy_kl(self, batch: Rollout, logp_all_old: torch.Tensor, logp_all: torch.Tensor | None = None) -> float:
+        """Mean over valid tokens of the exact KL(pi_old || pi_theta) over the vocabulary, averaged
+        across processes; `logp_all` is pi_theta's (a forward at the current parameters when None).
+        `trpo/kl` and `ppo/kl` both come from here."""
+        if logp_all is None:
+            logp_all = self.policy_log_probs(batch)
+        kl = masked_mean(categorical_kl(logp_all_old, logp_all), batch.response_mask)
+        return self.reduce_mean(kl).item()
+
     def _progress_fields(self, stats: dict[str, float]) -> dict[str, str]:
         return {}
 
@@ -356,7 +373,6 @@ class TRPOTrainer(RLTrainer):
         cfg: TRPOConfig = self.config
         actor_critic = self.actor_critic
         params = actor_critic.policy_parameters()
-        inputs = batch.model_inputs()
         mask, actions, advantages = batch.response_mask, batch.response_ids, batch.advantages
         timer = PhaseTimer()
 
@@ -365,7 +381,7 @@ class TRPOTrainer(RLTrainer):
             return masked_mean(ratio * advantages, mask)
 
         with timer("gradient"):
-            logp_all_old = torch.log_softmax(actor_critic.policy_logits(**inputs, temperature=cfg.temperature), dim=-1)
+            logp_all_old = self.policy_log_probs(batch)
             surrogate = surrogate_of(logp_all_old)
             grad = self.reduce_mean(flat_grad(surrogate, params))
             surrogate_old = self.reduce_mean(surrogate.detach()).item()
@@ -374,9 +390,7 @@ class TRPOTrainer(RLTrainer):
         with timer("fvp_graph"):
             fisher = self._fisher_batch(batch)
             with double_backward_attention(actor_critic.peft_model):
-                logp_fisher = torch.log_softmax(
-                    actor_critic.policy_logits(**fisher.model_inputs(), temperature=cfg.temperature), dim=-1
-                )
+                logp_fisher = self.policy_log_probs(fisher)
             # KL(stop_grad(pi) || pi): zero value and gradient at theta_old, Hessian = Fisher.
             mean_kl = masked_mean(categorical_kl(logp_fisher.detach(), logp_fisher), fisher.response_mask)
             raw_fvp = fisher_vector_product(mean_kl, params, cfg.cg_damping, reduce=self.reduce_mean)
@@ -410,10 +424,9 @@ class TRPOTrainer(RLTrainer):
 
         @torch.no_grad()
         def evaluate() -> tuple[float, float]:
-            logp_all = torch.log_softmax(actor_critic.policy_logits(**inputs, temperature=cfg.temperature), dim=-1)
-            gain = surrogate_of(logp_all) - surrogate_old
-            kl = masked_mean(categorical_kl(logp_all_old, logp_all), mask)
-            return self.reduce_mean(gain).item(), self.reduce_mean(kl).item()
+            logp_all = self.policy_log_probs(batch)
+            gain = self.reduce_mean(surrogate_of(logp_all) - surrogate_old).item()
+            return gain, self.measured_policy_kl(batch, logp_all_old, logp_all)
 
         with timer("line_search"):
             result = backtracking_line_search(

@@ -1,0 +1,13 @@
+"""PPO-clip on the sentiment task, on the same engine, task and flags as trpo_gpt2_sentiment.py.
+
+    accelerate launch recipes/ppo_gpt2_sentiment.py
+    python recipes/ppo_gpt2_sentiment.py --model_name_or_path embedded --reward_model vader --max_steps 20
+
+Every PPOConfig field is a flag (--learning_rate, --ppo_epochs, --clip_range, ...).
+"""
+
+from trpo_rlhf import PPOConfig, PPOTrainer
+from trpo_rlhf.sentiment import run_sentiment_recipe
+
+if __name__ == "__main__":
+    run_sentiment_recipe(PPOTrainer, PPOConfig, default_output_dir="runs/ppo_sentiment")
