@@ -56,6 +56,11 @@ def test_value_update_never_moves_the_policy(make_trainer):
     assert bitwise_equal(policy_before, policy_snapshot(trainer))
     assert not bitwise_equal(value_before, [p.detach() for p in trainer.actor_critic.value_parameters()])
     assert all(p.requires_grad for p in trainer.actor_critic.policy_parameters())  # policy adapter re-activated
+    # Dropout (lora_dropout=0.1 here) acted in the critic update only: the passes the trust region
+    # measures are deterministic again.
+    assert not trainer.actor_critic.peft_model.training
+    first, second = trainer.policy_log_probs(batch), trainer.policy_log_probs(batch)
+    assert torch.equal(first, second)
 
 
 def test_only_policy_lora_tensors_are_in_the_update(make_trainer):

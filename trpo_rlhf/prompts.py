@@ -23,10 +23,12 @@ def read_prompt_file(path) -> list[str]:
 
 
 def data_dir():
-    """The repository's `data/` folder in a source checkout; the same files installed as the
-    `trpo_rlhf.data` package in a wheel."""
-    checkout = Path(__file__).resolve().parents[1] / "data"
-    return checkout if checkout.is_dir() else resources.files("trpo_rlhf.data")
+    """The `trpo_rlhf.data` package of an installed wheel, else the repository's `data/` folder
+    (a source checkout, where `data/` lies beside `trpo_rlhf/`)."""
+    try:
+        return resources.files("trpo_rlhf.data")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[1] / "data"
 
 
 def default_prompts() -> list[str]:
