@@ -46,6 +46,13 @@ def plot_training_curves(metrics_path: str | Path, output_path: str | Path, titl
         axes[2].legend()
     else:
         axes[2].axis("off")
+    return save_figure(fig, axes, output_path, title)
+
+
+def save_figure(fig, axes, output_path: str | Path, title: str | None = None) -> Path:
+    """Grid on every axis, the title, a tight layout; write the PNG and free the figure."""
+    import matplotlib.pyplot as plt
+
     for ax in axes:
         ax.grid(alpha=0.3)
     if title:

@@ -13,7 +13,7 @@ Used by the tests, and by the comparison and benchmark recipes as their `toy` / 
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[EOS]"]
 # 64 ordinary words: more than transformers' default top_k of 50, so a test can tell whether
@@ -67,6 +67,16 @@ def build_tiny_lm(
         attn_implementation=attn_implementation,
     )
     return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def build_tiny_value_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, **kwargs) -> LlamaForSequenceClassification:
+    """A scalar-head model on the same backbone weights as `build_tiny_lm(tokenizer, seed=seed)`:
+    the separate value model TRL's PPO expects."""
+    policy = build_tiny_lm(tokenizer, seed=seed, **kwargs)
+    config = policy.config.__class__.from_dict({**policy.config.to_dict(), "num_labels": 1})
+    value_model = LlamaForSequenceClassification(config).to(policy.dtype)
+    value_model.model.load_state_dict(policy.model.state_dict())
+    return value_model.eval()
 
 
 class WordCountReward:

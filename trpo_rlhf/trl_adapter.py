@@ -1,4 +1,5 @@
-"""Any text reward in the interface TRL's PPOTrainer calls.
+"""TRL's PPO as the external reference: any text reward in the interface TRL's PPOTrainer calls,
+and the PPOTrainer built from our PPOConfig.
 
 TRL's PPO (trl 1.12, `trl.experimental.ppo`) scores a rollout with
 `trl.experimental.utils.get_reward(model, query_responses, pad_token_id, context_length)`, which
@@ -17,12 +18,16 @@ what follows.
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
+from .models import lora_config_from
 from .rewards import RewardFn, score_batch
 
 
@@ -81,3 +86,105 @@ def left_pad(token_ids: list[list[int]], pad_token_id: int, length: int | None =
     if too_long:
         raise ValueError(f"A prompt has {too_long[0]} tokens, more than the padded length {length}.")
     return [[pad_token_id] * (length - len(ids)) + list(ids) for ids in token_ids]
+
+
+# TRL's metric -> our key. ppo/kl is TRL's approximate KL of the update on the sampled tokens.
+TRL_TO_OURS = {
+    "objective/scores": "reward/mean",
+    "objective/kl": "kl/ref",
+    "policy/approxkl_avg": "ppo/kl",
+    "policy/clipfrac_avg": "ppo/clipfrac",
+    "loss/value_avg": "value/loss",
+    "policy/entropy_avg": "policy/entropy",
+    "loss/policy_avg": "ppo/policy_loss",
+}
+
+
+class MetricsJsonl(TrainerCallback):
+    """Append one line per TRL PPO update to metrics.jsonl, under our key names."""
+
+    def __init__(self, path: Path, device: torch.device):
+        self.path, self.device = Path(path), device
+        self.step, self.last = 0, time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.last = time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        from .trainer import peak_memory_mb
+
+        if not logs or "objective/scores" not in logs or not state.is_world_process_zero:
+            return
+        now = time.perf_counter()
+        self.step += 1
+        row = {"step": self.step, **{ours: logs[trl] for trl, ours in TRL_TO_OURS.items() if trl in logs},
+               "time/step": now - self.last, "memory/peak_mb": peak_memory_mb(self.device)}
+        self.last = now
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def build_trl_ppo_trainer(
+    config,
+    policy: PreTrainedModel,
+    value_model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    reward_fn: RewardFn,
+):
+    """`trl.experimental.ppo.PPOTrainer` (trl==1.12.0) with the settings of our `PPOConfig`:
+    the same batch, response length, temperature, epochs, minibatches, learning rate, clip ranges,
+    KL coefficient, GAE and LoRA adapter. TRL keeps its own design where it has one (a full value
+    model trained jointly with vf_coef, a linearly decaying learning rate). Writes metrics.jsonl in
+    config.output_dir."""
+    from datasets import Dataset
+    from trl.experimental.ppo import PPOConfig as TRLPPOConfig
+    from trl.experimental.ppo import PPOTrainer as TRLPPOTrainer
+
+    value_model.config.pad_token_id = tokenizer.pad_token_id
+    # TRL's dataloader drops the last partial batch and loops over it forever: with fewer prompts
+    # than a batch it would spin without ever yielding. Repeat them, as our trainers cycle theirs.
+    prompts = list(prompts) * -(-config.batch_size // len(prompts))
+    prompt_ids = tokenizer(prompts)["input_ids"]
+    prompt_length = max(len(ids) for ids in prompt_ids)
+    dataset = Dataset.from_dict({"input_ids": left_pad(prompt_ids, tokenizer.pad_token_id, prompt_length)})
+    trl_config = TRLPPOConfig(
+        output_dir=config.output_dir,
+        seed=config.seed,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=1,
+        local_rollout_forward_batch_size=config.batch_size,
+        total_episodes=config.max_steps * config.batch_size,
+        response_length=config.max_new_tokens,
+        temperature=config.temperature,
+        stop_token="eos",
+        num_ppo_epochs=config.ppo_epochs,
+        num_mini_batches=config.num_minibatches,
+        learning_rate=config.learning_rate,
+        max_grad_norm=config.max_grad_norm if config.max_grad_norm is not None else 0.0,
+        cliprange=config.clip_range,
+        cliprange_value=config.value_clip_range if config.value_clip_range is not None else 1e9,
+        kl_coef=config.init_kl_coef,
+        gamma=config.gamma,
+        lam=config.gae_lambda,
+        num_sample_generations=0,
+        gradient_checkpointing=False,
+        bf16=False,
+        use_cpu=not torch.cuda.is_available(),
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+    )
+    trainer = TRLPPOTrainer(
+        args=trl_config,
+        processing_class=tokenizer,
+        model=policy,
+        ref_model=None,  # with a PEFT policy TRL uses the base with the adapter disabled, as we do
+        reward_model=TextRewardModel(reward_fn, tokenizer, prompt_length),
+        train_dataset=dataset,
+        value_model=value_model,
+        peft_config=lora_config_from(config),
+    )
+    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    trainer.add_callback(MetricsJsonl(Path(config.output_dir) / "metrics.jsonl", trainer.accelerator.device))
+    return trainer

@@ -1,0 +1,173 @@
+"""Is TRPO better than PPO for this model and reward? Train TRPO, our PPO and TRL's PPO on the same
+prompts, model, reward and number of prompts per step, over several seeds, then write
+DIR/results.json, DIR/compare.png and DIR/compare.md (the table, also printed).
+
+    python recipes/compare_trpo_ppo.py --task toy --steps 30 --seeds 3 --output_dir runs/compare_toy
+    python recipes/compare_trpo_ppo.py --task sentiment --steps 20 --seeds 2 --output_dir runs/compare_sentiment \
+        --model_name_or_path embedded --reward_model vader
+
+`toy`: a tiny random Llama with a word-level tokenizer, rewarded for each "good" it writes (LoRA on
+q_proj, v_proj and lm_head). `sentiment`: the task of the sentiment recipes (embedded SmolLM2 +
+VADER offline). Each (algorithm, seed) runs in its own process, so peak memory and random state
+are its own; its metrics.jsonl and log are in DIR/<algorithm>/seed-<k>/. TRL's PPO runs when the
+trl-ppo extra is installed (pip install -e .[trl-ppo]) and is skipped with a note otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from trpo_rlhf.comparison import ALGORITHMS, LABELS, markdown_table, plot_comparison, summarize_runs
+from trpo_rlhf.plotting import read_metrics
+
+TASK_DEFAULTS = {
+    # toy: LoRA must reach the output layer of a tiny random model; its tensors take large rates.
+    "toy": {"max_new_tokens": 8, "max_kl": 0.05, "learning_rate": 1e-3, "lora_target_modules": ["q_proj", "v_proj", "lm_head"]},
+    "sentiment": {"max_new_tokens": 24, "max_kl": 0.02, "learning_rate": 1e-4, "lora_target_modules": None},
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--task", choices=sorted(TASK_DEFAULTS), default="toy")
+    parser.add_argument("--steps", type=int, default=30, help="Iterations per run.")
+    parser.add_argument("--seeds", type=int, default=3, help="Seeds 0..S-1 for every algorithm.")
+    parser.add_argument("--output_dir", default="runs/compare")
+    parser.add_argument("--algorithms", nargs="+", choices=ALGORITHMS, default=list(ALGORITHMS))
+    parser.add_argument("--batch_size", type=int, default=16, help="Prompts per step, the same for every algorithm.")
+    parser.add_argument("--max_new_tokens", type=int, default=None, help="Default: 8 (toy), 24 (sentiment).")
+    parser.add_argument("--max_kl", type=float, default=None, help="TRPO's delta. Default: 0.05 (toy), 0.02 (sentiment).")
+    parser.add_argument("--learning_rate", type=float, default=None, help="PPO's (ours and TRL's). Default: 1e-3 (toy), 1e-4 (sentiment).")
+    parser.add_argument("--ppo_epochs", type=int, default=4)
+    parser.add_argument("--kl_target", type=float, default=None, help="Count updates whose KL(pi_old||pi_new) exceeds this. Default: max_kl.")
+    parser.add_argument("--model_name_or_path", default=None, help="sentiment: policy (default: the recipes' choice).")
+    parser.add_argument("--reward_model", default=None, help="sentiment: reward (default: the recipes' choice).")
+    parser.add_argument("--dataset", default=None, help="sentiment: prompts (default: the recipes' choice).")
+    parser.add_argument("--worker", choices=ALGORITHMS, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for key, value in TASK_DEFAULTS[args.task].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.kl_target = args.kl_target if args.kl_target is not None else args.max_kl
+    if args.steps < 1 or args.seeds < 1:
+        parser.error(f"--steps ({args.steps}) and --seeds ({args.seeds}) must be >= 1")
+    return args
+
+
+def trl_available() -> bool:
+    try:
+        import trl.experimental.ppo  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_worker(args: argparse.Namespace, output_dir: Path) -> None:
+    """One (algorithm, seed) run, in this process."""
+    from trpo_rlhf import PPOConfig, PPOTrainer, TRPOConfig, TRPOTrainer
+    from trpo_rlhf.sentiment import use_all_cpu_cores
+
+    use_all_cpu_cores()
+    common = dict(output_dir=str(output_dir), max_steps=args.steps, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                  seed=args.seed, lora_target_modules=args.lora_target_modules)
+    if args.task == "toy":
+        from trpo_rlhf.toy import TOY_PROMPTS, WordCountReward, build_tiny_lm, build_tiny_value_model, build_word_tokenizer
+
+        tokenizer = build_word_tokenizer()
+        model, reward_fn, prompts = build_tiny_lm(tokenizer, seed=args.seed), WordCountReward("good"), TOY_PROMPTS
+    else:
+        from trpo_rlhf.sentiment import resolve_sentiment_task
+
+        task = resolve_sentiment_task(args.model_name_or_path, args.reward_model, args.dataset, seed=args.seed)
+        model, tokenizer, reward_fn, prompts = task.model, None, task.reward_model, task.prompts
+
+    if args.worker == "trpo":
+        TRPOTrainer(TRPOConfig(**common, max_kl=args.max_kl), model, tokenizer, reward_fn, prompts).train()
+    elif args.worker == "ppo":
+        config = PPOConfig(**common, learning_rate=args.learning_rate, ppo_epochs=args.ppo_epochs)
+        PPOTrainer(config, model, tokenizer, reward_fn, prompts).train()
+    else:
+        from trpo_rlhf.models import ensure_pad_token
+        from trpo_rlhf.rewards import build_reward_fn
+        from trpo_rlhf.trl_adapter import build_trl_ppo_trainer
+
+        config = PPOConfig(**common, learning_rate=args.learning_rate, ppo_epochs=args.ppo_epochs)
+        if args.task == "toy":
+            value_model = build_tiny_value_model(tokenizer, seed=args.seed)
+        else:
+            import torch
+            from transformers import AutoModelForSequenceClassification
+
+            from trpo_rlhf.models import EMBEDDED, embedded_model_path, load_causal_lm
+
+            model, tokenizer = load_causal_lm(model)
+            path = embedded_model_path() if task.model == EMBEDDED else task.model
+            value_model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+        ensure_pad_token(tokenizer, model)
+        build_trl_ppo_trainer(config, model, value_model, tokenizer, prompts, build_reward_fn(reward_fn)).train()
+
+
+def worker_command(args: argparse.Namespace, algorithm: str, seed: int, output_dir: Path) -> list[str]:
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", algorithm, "--seed", str(seed), "--output_dir", str(output_dir),
+               "--task", args.task, "--steps", str(args.steps), "--batch_size", str(args.batch_size),
+               "--max_new_tokens", str(args.max_new_tokens), "--max_kl", str(args.max_kl),
+               "--learning_rate", str(args.learning_rate), "--ppo_epochs", str(args.ppo_epochs)]
+    for flag in ("model_name_or_path", "reward_model", "dataset"):
+        if getattr(args, flag) is not None:
+            command += [f"--{flag}", getattr(args, flag)]
+    return command
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        run_worker(args, Path(args.output_dir))
+        return 0
+
+    out = Path(args.output_dir)
+    algorithms = list(args.algorithms)
+    if "trl_ppo" in algorithms and not trl_available():
+        print("TRL's PPO is not installed (pip install -e .[trl-ppo], trl==1.12.0): comparing TRPO and our PPO only.")
+        algorithms.remove("trl_ppo")
+    runs: dict[str, list[list[dict]]] = {}
+    failures = []
+    for algorithm in algorithms:
+        for seed in range(args.seeds):
+            run_dir = out / algorithm / f"seed-{seed}"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            start = time.perf_counter()
+            with open(run_dir / "log.txt", "w") as log:
+                code = subprocess.call(worker_command(args, algorithm, seed, run_dir), stdout=log, stderr=subprocess.STDOUT)
+            seconds = time.perf_counter() - start
+            if code != 0:
+                failures.append(f"{algorithm} seed {seed}: exit {code}, see {run_dir / 'log.txt'}")
+                print(f"{LABELS[algorithm]:>15} seed {seed}: FAILED (exit {code}); its log: {run_dir / 'log.txt'}")
+                continue
+            rows = read_metrics(run_dir / "metrics.jsonl")
+            runs.setdefault(algorithm, []).append(rows)
+            print(f"{LABELS[algorithm]:>15} seed {seed}: {len(rows)} steps in {seconds:.0f} s, "
+                  f"final reward {rows[-1]['reward/mean']:.3f}")
+
+    if runs:
+        results = summarize_runs(runs, args.kl_target)
+        settings = {k: v for k, v in vars(args).items() if k not in {"worker", "seed"}}
+        (out / "results.json").write_text(json.dumps({**results, "settings": settings}, indent=2) + "\n")
+        table = markdown_table(results, args.kl_target)
+        (out / "compare.md").write_text(table + "\n")
+        plot_comparison(runs, out / "compare.png", title=f"{args.task}: {args.steps} steps × {args.batch_size} prompts, {args.seeds} seeds")
+        print(table)
+        print(f"Wrote {out / 'results.json'}, {out / 'compare.png'} and {out / 'compare.md'}")
+    for failure in failures:
+        print(f"failed: {failure}")
+    return 1 if failures or not runs else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
