@@ -117,6 +117,11 @@ def load_causal_lm(
     return model, tokenizer
 
 
+def base_model_of(model: nn.Module) -> nn.Module:
+    """The transformers model under a PeftModel (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> None:
     """Give a tokenizer without a pad token one: EOS (the usual choice for decoder-only LMs), else
     UNK, else a new '<pad>' token with the embedding matrix resized to hold it."""
@@ -155,7 +160,7 @@ def double_backward_attention(model: nn.Module) -> Iterator[None]:
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model_of(model)
     original = getattr(base.config, "_attn_implementation", "eager")
     switched = original not in ("eager", "sdpa")
     if switched:

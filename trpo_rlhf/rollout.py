@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from .models import LoraActorCritic
+from .models import LoraActorCritic, base_model_of
 
 
 @dataclass
@@ -109,7 +109,7 @@ def sampling_generation_config(
 def _checkpoint_generation_defaults_removed(model: torch.nn.Module) -> Iterator[None]:
     # Fields a checkpoint may set whose "off" value is None (suppress_tokens, bad_words_ids,
     # min_p, ...) cannot be overridden by passing None; hide the checkpoint's config instead.
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model_of(model)
     saved = base.generation_config
     base.generation_config = GenerationConfig()
     try:

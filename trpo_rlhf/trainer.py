@@ -35,7 +35,7 @@ from .advantages import (
     value_loss,
 )
 from .config import RLConfig, TRPOConfig
-from .models import LoraActorCritic, context_length, double_backward_attention, ensure_pad_token, load_causal_lm
+from .models import LoraActorCritic, base_model_of, context_length, double_backward_attention, ensure_pad_token, load_causal_lm
 from .prompts import prompts_from_dataset
 from .rewards import RewardFn, build_reward_fn, score_batch
 from .rollout import Rollout, evaluate_rollout, sample_completions, token_logprobs
@@ -102,7 +102,7 @@ class RLTrainer:
         if tokenizer is None:
             tokenizer = self._tokenizer_for(model)
         self.tokenizer = tokenizer
-        ensure_pad_token(tokenizer, model.get_base_model() if hasattr(model, "get_base_model") else model)
+        ensure_pad_token(tokenizer, base_model_of(model))
 
         self.prompts = self._validate_prompts(train_dataset, model)
         self.actor_critic = LoraActorCritic.build(model, config).to(self.device)
@@ -121,7 +121,7 @@ class RLTrainer:
     # ------------------------------------------------------------------ setup checks
     @staticmethod
     def _tokenizer_for(model) -> PreTrainedTokenizerBase:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = base_model_of(model)
         name = getattr(base, "name_or_path", "") or getattr(base.config, "_name_or_path", "")
         try:
             return AutoTokenizer.from_pretrained(name)
@@ -145,7 +145,7 @@ class RLTrainer:
         empty = [i for i, n in enumerate(lengths) if n == 0]
         if empty:
             raise ValueError(f"Prompt {empty[0]} ({prompts[empty[0]]!r}) tokenizes to nothing; remove empty prompts from train_dataset.")
-        limit = context_length(model.get_base_model() if hasattr(model, "get_base_model") else model)
+        limit = context_length(base_model_of(model))
         if limit is not None:
             too_long = [i for i, n in enumerate(lengths) if n + self.config.max_new_tokens > limit]
             if too_long:
