@@ -5,7 +5,6 @@ import hashlib
 import json
 import sys
 
-import torch
 import torch.distributed as dist
 
 from trpo_rlhf import TRPOConfig, TRPOTrainer

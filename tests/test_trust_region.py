@@ -136,3 +136,17 @@ def test_set_to_step_lays_out_flat_vector_like_flat_concat():
     step = torch.arange(10, dtype=torch.float32)
     set_to_step(params, snapshot(params), step, 0.5)
     torch.testing.assert_close(flat_concat(params), 0.5 * step)
+
+
+def test_fisher_vector_product_counts_its_calls():
+    from trpo_rlhf.trust_region import fisher_vector_product
+
+    theta = torch.nn.Parameter(torch.tensor([0.3, -0.2]))
+    logits = torch.stack([theta[0], theta[1], torch.tensor(0.0)])
+    logp = torch.log_softmax(logits, dim=-1)
+    fvp = fisher_vector_product(categorical_kl(logp.detach(), logp), [theta], damping=0.0)
+    p = logp.exp().detach()
+    fisher = (torch.diag(p) - torch.outer(p, p))[:2, :2]  # J = [I | 0] for logits in theta
+    for v in (torch.tensor([1.0, 0.0]), torch.tensor([0.5, -2.0])):
+        torch.testing.assert_close(fvp(v), fisher @ v)
+    assert fvp.calls == 2

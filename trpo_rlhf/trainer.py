@@ -17,7 +17,7 @@ import math
 import resource
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -38,7 +38,7 @@ from .config import RLConfig, TRPOConfig
 from .models import LoraActorCritic, base_model_of, context_length, double_backward_attention, ensure_pad_token, load_causal_lm
 from .prompts import prompts_from_dataset
 from .rewards import RewardFn, build_reward_fn, score_batch
-from .rollout import Rollout, evaluate_rollout, sample_completions, token_logprobs
+from .rollout import Rollout, evaluate_rollout, sample_completions
 from .trust_region import backtracking_line_search, categorical_kl, cg_solve, fisher_vector_product, flat_grad
 
 METRICS_FILE = "metrics.jsonl"
@@ -393,20 +393,15 @@ class TRPOTrainer(RLTrainer):
                 logp_fisher = self.policy_log_probs(fisher)
             # KL(stop_grad(pi) || pi): zero value and gradient at theta_old, Hessian = Fisher.
             mean_kl = masked_mean(categorical_kl(logp_fisher.detach(), logp_fisher), fisher.response_mask)
-            raw_fvp = fisher_vector_product(mean_kl, params, cfg.cg_damping, reduce=self.reduce_mean)
-        fvp_calls = 0
-
-        def fvp(v: torch.Tensor) -> torch.Tensor:
-            nonlocal fvp_calls
-            fvp_calls += 1
-            return raw_fvp(v)
+            fvp = fisher_vector_product(mean_kl, params, cfg.cg_damping, reduce=self.reduce_mean)
 
         with timer("cg"):
             # The tolerance is relative: LoRA gradients can be far smaller than any absolute one.
             grad_sq = torch.dot(grad, grad).item()
             cg = cg_solve(fvp, grad, cfg.cg_iters, cfg.cg_residual_tol * grad_sq)
             x_fx = torch.dot(cg.x, fvp(cg.x)).item()
-        del mean_kl, logp_fisher, raw_fvp
+        fvp_calls = fvp.calls
+        del mean_kl, logp_fisher, fvp  # free the double-backward graph before the line search
 
         stats = {
             "trpo/grad_norm": grad.norm().item(),

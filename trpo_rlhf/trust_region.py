@@ -118,14 +118,17 @@ def fisher_vector_product(
     and gradient are 0 there and its Hessian is the Fisher information matrix (Schulman et al. 2015,
     Appendix C.1). The gradient graph is built once here (create_graph) and every product is one more
     backward through it: F v = d/dtheta (grad KL . v). `reduce` averages across processes.
+    The returned function counts its calls in `fvp.calls`.
     """
     kl_grad = flat_grad(mean_kl, params, create_graph=True)
 
     def fvp(v: torch.Tensor) -> torch.Tensor:
+        fvp.calls += 1
         grad_dot_v = torch.dot(kl_grad, v.to(kl_grad.dtype))
         product = flat_grad(grad_dot_v, params, retain_graph=True)
         return reduce(product) + damping * v
 
+    fvp.calls = 0
     return fvp
 
 
