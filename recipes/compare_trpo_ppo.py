@@ -93,23 +93,14 @@ def run_worker(args: argparse.Namespace, output_dir: Path) -> None:
         config = PPOConfig(**common, learning_rate=args.learning_rate, ppo_epochs=args.ppo_epochs)
         PPOTrainer(config, model, tokenizer, reward_fn, prompts).train()
     else:
-        from trpo_rlhf.models import ensure_pad_token
         from trpo_rlhf.rewards import build_reward_fn
-        from trpo_rlhf.trl_adapter import build_trl_ppo_trainer
+        from trpo_rlhf.trl_adapter import build_trl_ppo_trainer, load_policy_and_value_model
 
         config = PPOConfig(**common, learning_rate=args.learning_rate, ppo_epochs=args.ppo_epochs)
         if args.task == "toy":
             value_model = build_tiny_value_model(tokenizer, seed=args.seed)
         else:
-            import torch
-            from transformers import AutoModelForSequenceClassification
-
-            from trpo_rlhf.models import EMBEDDED, embedded_model_path, load_causal_lm
-
-            model, tokenizer = load_causal_lm(model)
-            path = embedded_model_path() if task.model == EMBEDDED else task.model
-            value_model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
-        ensure_pad_token(tokenizer, model)
+            model, value_model, tokenizer = load_policy_and_value_model(model)
         build_trl_ppo_trainer(config, model, value_model, tokenizer, prompts, build_reward_fn(reward_fn)).train()
 
 

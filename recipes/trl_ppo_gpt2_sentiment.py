@@ -13,11 +13,9 @@ policy/entropy, time/step, memory/peak_mb.
 
 from __future__ import annotations
 
-import torch
-from transformers import AutoModelForSequenceClassification, HfArgumentParser
+from transformers import HfArgumentParser
 
 from trpo_rlhf import PPOConfig
-from trpo_rlhf.models import EMBEDDED, embedded_model_path, ensure_pad_token, load_causal_lm
 from trpo_rlhf.rewards import build_reward_fn
 from trpo_rlhf.sentiment import ScriptArguments, resolve_sentiment_task, use_all_cpu_cores
 
@@ -28,7 +26,7 @@ def main(argv: list[str] | None = None):
     args, config = parser.parse_args_into_dataclasses(args=argv)
     use_all_cpu_cores()
     try:
-        from trpo_rlhf.trl_adapter import build_trl_ppo_trainer
+        from trpo_rlhf.trl_adapter import build_trl_ppo_trainer, load_policy_and_value_model
 
         import trl.experimental.ppo  # noqa: F401
     except ImportError as exc:
@@ -36,10 +34,7 @@ def main(argv: list[str] | None = None):
     task = resolve_sentiment_task(args.model_name_or_path, args.reward_model, args.dataset, seed=config.seed)
     print(f"Task: policy={task.model}, reward={task.reward_model}, prompts={task.dataset or 'data/movie_review_openings.txt'} "
           f"({len(task.prompts)}) -- {task.reason}.")
-    policy, tokenizer = load_causal_lm(task.model)
-    ensure_pad_token(tokenizer, policy)
-    value_path = embedded_model_path() if task.model == EMBEDDED else task.model
-    value_model = AutoModelForSequenceClassification.from_pretrained(value_path, num_labels=1, dtype=torch.float32)
+    policy, value_model, tokenizer = load_policy_and_value_model(task.model)
     trainer = build_trl_ppo_trainer(config, policy, value_model, tokenizer, task.prompts, build_reward_fn(task.reward_model))
     trainer.train()
     trainer.save_model(config.output_dir)

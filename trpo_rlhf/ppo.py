@@ -16,7 +16,7 @@ import torch
 
 from .advantages import masked_mean
 from .config import RLConfig, _require
-from .rollout import Rollout
+from .rollout import Rollout, gather_tokens
 from .trainer import PhaseTimer, RLTrainer
 
 
@@ -96,13 +96,11 @@ class PPOTrainer(RLTrainer):
                 order = torch.randperm(len(batch), generator=self.minibatch_generator)
                 for start in range(0, len(batch), minibatch_size):
                     mini = batch.select(order[start : start + minibatch_size])
-                    logp = self.policy_log_probs(mini).gather(-1, mini.response_ids.unsqueeze(-1)).squeeze(-1)
+                    logp = gather_tokens(self.policy_log_probs(mini), mini.response_ids)
                     loss, clip_fraction = clipped_surrogate_loss(logp, mini.logp_old, mini.advantages, mini.response_mask, cfg.clip_range)
                     self.policy_optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                    for p in params:
-                        if p.grad is not None:
-                            p.grad = self.reduce_mean(p.grad)
+                    self.average_gradients(params)
                     if cfg.max_grad_norm is not None:
                         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                     self.policy_optimizer.step()

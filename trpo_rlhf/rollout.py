@@ -162,9 +162,14 @@ def sample_completions(
     return rollout, scores
 
 
+def gather_tokens(logp_all: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The log-prob of each taken token from log-probs over the vocabulary: [B, T, V], [B, T] -> [B, T]."""
+    return logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[token] per position: [B, T, V], [B, T] -> [B, T]."""
-    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return gather_tokens(torch.log_softmax(logits, dim=-1), tokens)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ from .config import RLConfig, TRPOConfig
 from .models import LoraActorCritic, base_model_of, context_length, double_backward_attention, ensure_pad_token, load_causal_lm
 from .prompts import prompts_from_dataset
 from .rewards import RewardFn, build_reward_fn, score_batch
-from .rollout import Rollout, evaluate_rollout, sample_completions
+from .rollout import Rollout, evaluate_rollout, gather_tokens, sample_completions
 from .trust_region import backtracking_line_search, categorical_kl, cg_solve, fisher_vector_product, flat_grad
 
 METRICS_FILE = "metrics.jsonl"
@@ -163,6 +163,12 @@ class RLTrainer:
         if self.accelerator.num_processes == 1:
             return tensor
         return self.accelerator.reduce(tensor.contiguous(), reduction="mean")
+
+    def average_gradients(self, params) -> None:
+        """Replace each gradient by its mean over processes, so every optimizer takes one step."""
+        for p in params:
+            if p.grad is not None:
+                p.grad = self.reduce_mean(p.grad)
 
     @property
     def is_main_process(self) -> bool:
@@ -303,9 +309,7 @@ class RLTrainer:
                     loss = value_loss(values, mini.values, mini.returns, mini.response_mask, cfg.value_clip_range)
                     self.value_optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                    for p in params:
-                        if p.grad is not None:
-                            p.grad = self.reduce_mean(p.grad)
+                    self.average_gradients(params)
                     self.value_optimizer.step()
                     losses.append(loss.item())
         return {"value/loss": sum(losses) / len(losses) if losses else float("nan")}
@@ -377,7 +381,7 @@ class TRPOTrainer(RLTrainer):
         timer = PhaseTimer()
 
         def surrogate_of(logp_all: torch.Tensor) -> torch.Tensor:
-            ratio = torch.exp(logp_all.gather(-1, actions.unsqueeze(-1)).squeeze(-1) - batch.logp_old)
+            ratio = torch.exp(gather_tokens(logp_all, actions) - batch.logp_old)
             return masked_mean(ratio * advantages, mask)
 
         with timer("gradient"):

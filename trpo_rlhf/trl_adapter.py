@@ -124,6 +124,20 @@ class MetricsJsonl(TrainerCallback):
             f.write(json.dumps(row) + "\n")
 
 
+def load_policy_and_value_model(name_or_path: str) -> tuple[PreTrainedModel, PreTrainedModel, PreTrainedTokenizerBase]:
+    """The policy, a value model (the same base with a scalar head, as TRL expects) and the
+    tokenizer (with a pad token) from a hub id, a local path or "embedded"."""
+    from transformers import AutoModelForSequenceClassification
+
+    from .models import EMBEDDED, embedded_model_path, ensure_pad_token, load_causal_lm
+
+    policy, tokenizer = load_causal_lm(name_or_path)
+    ensure_pad_token(tokenizer, policy)
+    path = embedded_model_path() if name_or_path == EMBEDDED else name_or_path
+    value_model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+    return policy, value_model, tokenizer
+
+
 def build_trl_ppo_trainer(
     config,
     policy: PreTrainedModel,
