@@ -40,6 +40,9 @@ def main(output_dir: str) -> None:
     if trainer.is_main_process:
         with open(f"{output_dir}/ranks.json", "w") as f:
             json.dump(reports, f)
+    # Without this, a rank's gloo threads can outlive the interpreter ("terminate called without an
+    # active exception", exit -6) now and then.
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":

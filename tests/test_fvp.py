@@ -1,4 +1,5 @@
-"""The Fisher-vector product by double backprop equals the Fisher computed by brute force."""
+"""Both Fisher-vector products (double backprop through the KL gradient, and the Gauss-Newton
+J^T M J v over one retained graph) equal the Fisher computed by brute force."""
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from trpo_rlhf.config import TRPOConfig
 from trpo_rlhf.models import LoraActorCritic, double_backward_attention
 from trpo_rlhf.rollout import Rollout, response_mask_from_ids
 from trpo_rlhf.toy import build_tiny_lm
-from trpo_rlhf.trust_region import categorical_kl, fisher_vector_product, flat_concat
+from trpo_rlhf.trust_region import categorical_kl, fisher_vector_product, flat_concat, gauss_newton_fvp
 
 TEMPERATURE = 0.8
 
@@ -74,18 +75,23 @@ def brute_force_fisher(actor_critic, batch):
     return fisher / batch.response_mask.sum()
 
 
-def double_backprop_fvp(actor_critic, batch, damping=0.0):
+def build_fvp(actor_critic, batch, damping=0.0, method="kl_hessian"):
     with double_backward_attention(actor_critic.peft_model):
-        logp = torch.log_softmax(actor_critic.policy_logits(**batch.model_inputs(), temperature=TEMPERATURE), dim=-1)
-    mean_kl = masked_mean(categorical_kl(logp.detach(), logp), batch.response_mask)
-    return fisher_vector_product(mean_kl, actor_critic.policy_parameters(), damping)
+        logits = actor_critic.policy_logits(**batch.model_inputs(), temperature=TEMPERATURE)
+    params, mask = actor_critic.policy_parameters(), batch.response_mask
+    if method == "gauss_newton":
+        return gauss_newton_fvp(logits, mask / mask.sum(), params, damping)
+    logp = torch.log_softmax(logits, dim=-1)
+    mean_kl = masked_mean(categorical_kl(logp.detach(), logp), mask)
+    return fisher_vector_product(mean_kl, params, damping)
 
 
+@pytest.mark.parametrize("method", ["kl_hessian", "gauss_newton"])
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
-def test_fvp_matches_brute_force_fisher(word_tokenizer, attn_implementation):
+def test_fvp_matches_brute_force_fisher(word_tokenizer, attn_implementation, method):
     actor_critic = tiny_actor_critic(word_tokenizer, attn_implementation)
     batch = padded_batch(word_tokenizer)
-    fvp = double_backprop_fvp(actor_critic, batch)
+    fvp = build_fvp(actor_critic, batch, method=method)
     with double_backward_attention(actor_critic.peft_model):  # jacrev needs composite attention too
         fisher = brute_force_fisher(actor_critic, batch)
     assert fisher.abs().max() > 1e-6  # a non-trivial matrix
@@ -97,10 +103,11 @@ def test_fvp_matches_brute_force_fisher(word_tokenizer, attn_implementation):
         assert relative_error <= 1e-4, relative_error
 
 
-def test_fvp_adds_damping(word_tokenizer):
+@pytest.mark.parametrize("method", ["kl_hessian", "gauss_newton"])
+def test_fvp_adds_damping(word_tokenizer, method):
     actor_critic = tiny_actor_critic(word_tokenizer, "eager")
     batch = padded_batch(word_tokenizer)
-    plain, damped = double_backprop_fvp(actor_critic, batch, 0.0), double_backprop_fvp(actor_critic, batch, 0.5)
+    plain, damped = build_fvp(actor_critic, batch, 0.0, method), build_fvp(actor_critic, batch, 0.5, method)
     v = torch.randn(sum(p.numel() for p in actor_critic.policy_parameters()), dtype=torch.float32)
     torch.testing.assert_close(damped(v), plain(v) + 0.5 * v)
 
@@ -125,3 +132,30 @@ def test_double_backward_attention_switches_other_implementations_and_restores(w
     with double_backward_attention(model):
         assert model.config._attn_implementation == "sdpa"
     assert model.config._attn_implementation == "flex_attention"
+
+
+def test_gauss_newton_fvp_needs_the_double_backward_path_too(word_tokenizer):
+    """J v differentiates the backward graph, so the Gauss-Newton form also fails on the fused
+    kernel without `double_backward_attention`: the trainer builds both inside it."""
+    actor_critic = tiny_actor_critic(word_tokenizer, "sdpa")
+    batch = padded_batch(word_tokenizer)
+    logits = actor_critic.policy_logits(**batch.model_inputs())
+    fvp = gauss_newton_fvp(logits, batch.response_mask / batch.response_mask.sum(), actor_critic.policy_parameters(), 0.0)
+    with pytest.raises(RuntimeError, match="not implemented"):
+        fvp(torch.ones(sum(p.numel() for p in actor_critic.policy_parameters())))
+
+
+def test_bf16_autocast_fvp_stays_float32_and_close_to_the_float32_fisher(word_tokenizer):
+    """With `bf16=True` the forwards run in bfloat16, but the products CG works with are float32
+    and agree with the float32 Fisher to bfloat16 precision."""
+    actor_critic = tiny_actor_critic(word_tokenizer, "eager")
+    batch = padded_batch(word_tokenizer)
+    v = torch.randn(sum(p.numel() for p in actor_critic.policy_parameters()), generator=torch.Generator().manual_seed(3))
+    exact = build_fvp(actor_critic, batch, method="gauss_newton")(v)
+    actor_critic.autocast_dtype = torch.bfloat16
+    with actor_critic.autocast():
+        assert actor_critic.peft_model(input_ids=batch.input_ids).logits.dtype == torch.bfloat16  # autocast is on
+    mixed = build_fvp(actor_critic, batch, method="gauss_newton")(v)
+    assert mixed.dtype == torch.float32
+    relative_error = ((mixed - exact).norm() / exact.norm()).item()
+    assert 0 < relative_error < 5e-2, relative_error

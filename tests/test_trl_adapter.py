@@ -79,3 +79,24 @@ def test_trl_recipe_runs_two_steps_on_the_embedded_default(tmp_path):
         for key in ("reward/mean", "kl/ref", "ppo/kl", "ppo/clipfrac", "value/loss", "policy/entropy", "time/step", "memory/peak_mb"):
             assert key in row, key
     assert (out / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("schedule,expect_constant", [("constant", True), ("linear", False)])
+def test_trl_trainer_keeps_our_constant_learning_rate_unless_told(word_tokenizer, tmp_path, schedule, expect_constant):
+    # TRL's default linear decay to zero made its PPO a different algorithm on short runs.
+    from trpo_rlhf import PPOConfig
+    from trpo_rlhf.rewards import build_reward_fn
+    from trpo_rlhf.toy import TOY_PROMPTS, build_tiny_lm, build_tiny_value_model
+    from trpo_rlhf.trl_adapter import build_trl_ppo_trainer
+
+    config = PPOConfig(output_dir=str(tmp_path), max_steps=4, batch_size=2, max_new_tokens=4, learning_rate=1e-3,
+                       lora_target_modules=["q_proj", "v_proj"])
+    trainer = build_trl_ppo_trainer(config, build_tiny_lm(word_tokenizer), build_tiny_value_model(word_tokenizer), word_tokenizer,
+                                    TOY_PROMPTS, build_reward_fn(WordCountReward("good")), lr_scheduler_type=schedule)
+    rates = []
+    for _ in range(3):
+        rates.append(trainer.lr_scheduler.get_last_lr()[0])
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    assert rates[0] == pytest.approx(1e-3)
+    assert (rates == [rates[0]] * 3) == expect_constant, rates

@@ -59,6 +59,15 @@ def test_cg_calls_fvp_once_per_iteration_and_stops_at_tolerance():
     assert capped.iterations == 3 == len(calls)
 
 
+@pytest.mark.parametrize("iters", [1, 3, 12])
+def test_cg_reports_x_dot_ax_without_another_product(iters):
+    # TRPO's step size needs x^T A x; CG's residual gives it exactly, converged or not.
+    A = random_spd(25, cond=1e3, seed=4)
+    b = torch.randn(25, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    result = cg_solve(lambda v: A @ v, b, iters=iters, residual_tol=0.0)
+    assert result.x_ax == pytest.approx(torch.dot(result.x, A @ result.x).item(), rel=1e-9)
+
+
 def test_cg_with_zero_rhs_uses_no_products():
     result = cg_solve(lambda v: pytest.fail("fvp must not be called"), torch.zeros(4), iters=10)
     assert result.iterations == 0 and torch.equal(result.x, torch.zeros(4))

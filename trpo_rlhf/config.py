@@ -72,6 +72,12 @@ class RLConfig:
                   "(q_proj,v_proj for Llama; c_attn for GPT-2)."},
     )
     save_steps: int = field(default=0, metadata={"help": "Save a checkpoint-<step> every this many steps (0: only the final save)."})
+    bf16: bool = field(
+        default=False,
+        metadata={"help": "Run the model's forwards (generation, rollout, updates) under bfloat16 autocast, for GPUs. "
+                  "Logits are cast to float32 before any softmax, so log-probs, KLs, gradients, CG vectors and dot "
+                  "products stay float32; the LoRA tensors stay float32."},
+    )
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1: set --batch_size to a positive number of prompts.")
@@ -102,6 +108,9 @@ class RLConfig:
     @classmethod
     def load(cls, path: str | Path):
         return cls(**json.loads(Path(path).read_text()))
+
+
+FVP_METHODS = ("gauss_newton", "kl_hessian")
 
 
 @dataclass
@@ -136,6 +145,9 @@ class TRPOConfig(RLConfig):
     backtrack_coef: float = field(default=0.8, metadata={"help": "Step fraction decay per backtracking attempt, in (0, 1)."})
     accept_ratio: float = field(default=0.1, metadata={"help": "Required ratio of realised to linearly predicted improvement."})
     fvp_subsample: float = field(default=1.0, metadata={"help": "Fraction of the batch's sequences used for Fisher-vector products."})
+    fvp_method: str = field(default="gauss_newton", metadata={
+        "help": "How F v is computed: 'gauss_newton' (J^T M J v, two passes over one retained graph) or "
+                "'kl_hessian' (double backward through the KL gradient). Both are the exact Fisher at theta_old."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -150,3 +162,5 @@ class TRPOConfig(RLConfig):
                  f"backtrack_coef={self.backtrack_coef} must lie strictly between 0 and 1, e.g. --backtrack_coef 0.8 (or 0.5).")
         _require(self.accept_ratio >= 0, f"accept_ratio={self.accept_ratio} must be >= 0 (0 accepts any improvement).")
         _require(0.0 < self.fvp_subsample <= 1.0, f"fvp_subsample={self.fvp_subsample} must be in (0, 1].")
+        _require(self.fvp_method in FVP_METHODS,
+                 f"fvp_method={self.fvp_method!r} is not one of {FVP_METHODS}; use 'gauss_newton' (faster) or 'kl_hessian'.")

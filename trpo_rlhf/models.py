@@ -240,12 +240,20 @@ class LoraActorCritic(nn.Module):
         >>> logits = actor_critic.policy_logits(input_ids, attention_mask, position_ids, response_length=T)  # doctest: +SKIP
     """
 
-    def __init__(self, peft_model: nn.Module, policy_adapter: str, value_head: ValueHead):
+    def __init__(self, peft_model: nn.Module, policy_adapter: str, value_head: ValueHead, autocast_dtype: torch.dtype | None = None):
         super().__init__()
         self.peft_model = peft_model
         self.policy_adapter = policy_adapter
         self.value_head = value_head
+        self.autocast_dtype = autocast_dtype
         self.peft_model.eval()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast to `autocast_dtype` for the model's forwards (no-op when None). Callers cast the
+        outputs to float32 before any softmax, so the trust-region arithmetic stays float32."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(next(self.peft_model.parameters()).device.type, dtype=self.autocast_dtype)
 
     @classmethod
     def build(cls, model: nn.Module, config) -> "LoraActorCritic":
@@ -268,7 +276,7 @@ class LoraActorCritic(nn.Module):
         peft_model.set_adapter(policy_adapter)
         hidden_size = peft_model.get_base_model().config.get_text_config().hidden_size
         head = ValueHead(hidden_size).to(next(peft_model.parameters()).device)
-        return cls(peft_model, policy_adapter, head)
+        return cls(peft_model, policy_adapter, head, torch.bfloat16 if getattr(config, "bf16", False) else None)
 
     # ---- parameters -------------------------------------------------------------------------
     def _adapter_parameters(self, adapter: str) -> list[nn.Parameter]:
@@ -296,13 +304,14 @@ class LoraActorCritic(nn.Module):
     def _logits(self, input_ids, attention_mask, position_ids, response_length: int, temperature: float) -> torch.Tensor:
         # logits_to_keep = T+1 runs the LM head on the response positions only; position P-1+t
         # predicts response token t, so the last kept position (which predicts nothing) is dropped.
-        out = self.peft_model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            logits_to_keep=response_length + 1,
-            use_cache=False,
-        )
+        with self.autocast():
+            out = self.peft_model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                logits_to_keep=response_length + 1,
+                use_cache=False,
+            )
         return out.logits[:, :-1].float() / temperature
 
     def policy_logits(self, input_ids, attention_mask, position_ids, response_length: int, temperature: float = 1.0) -> torch.Tensor:
@@ -317,7 +326,7 @@ class LoraActorCritic(nn.Module):
     def values(self, input_ids, attention_mask, position_ids, response_length: int) -> torch.Tensor:
         """V(s_t) for each response position t (the state before token t is sampled): [B, T]."""
         backbone = self.peft_model.get_base_model().base_model
-        with self._adapter(VALUE_ADAPTER):
+        with self._adapter(VALUE_ADAPTER), self.autocast():
             hidden = backbone(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
             ).last_hidden_state

@@ -16,7 +16,7 @@ import torch
 
 from .advantages import masked_mean
 from .config import RLConfig, _require
-from .rollout import Rollout, gather_tokens
+from .rollout import Rollout, token_logprobs
 from .trainer import PhaseTimer, RLTrainer
 
 
@@ -96,7 +96,7 @@ class PPOTrainer(RLTrainer):
                 order = torch.randperm(len(batch), generator=self.minibatch_generator)
                 for start in range(0, len(batch), minibatch_size):
                     mini = batch.select(order[start : start + minibatch_size])
-                    logp = gather_tokens(self.policy_log_probs(mini), mini.response_ids)
+                    logp = token_logprobs(self.policy_logits(mini), mini.response_ids)
                     loss, clip_fraction = clipped_surrogate_loss(logp, mini.logp_old, mini.advantages, mini.response_mask, cfg.clip_range)
                     self.policy_optimizer.zero_grad(set_to_none=True)
                     loss.backward()

@@ -168,8 +168,9 @@ def gather_tokens(logp_all: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[token] per position: [B, T, V], [B, T] -> [B, T]."""
-    return gather_tokens(torch.log_softmax(logits, dim=-1), tokens)
+    """log softmax(logits)[token] = logits[token] - logsumexp(logits) per position: [B, T, V], [B, T] -> [B, T].
+    No [B, T, V] log-softmax is materialised (nor kept for the backward)."""
+    return gather_tokens(logits, tokens) - torch.logsumexp(logits, dim=-1)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:

@@ -134,4 +134,5 @@ def run_sentiment_recipe(trainer_class, config_class, default_output_dir: str, a
         curves = plot_training_curves(trainer.output_dir / "metrics.jsonl", trainer.output_dir / "training_curves.png",
                                       title=f"{trainer.progress_name}, {task.model}, reward {task.reward_model}")
         print(f"Adapter, metrics and {curves.name} saved in {trainer.output_dir}")
+    trainer.accelerator.end_training()  # tears down the process group of a multi-process launch
     return trainer

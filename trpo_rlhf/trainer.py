@@ -38,10 +38,24 @@ from .config import RLConfig, TRPOConfig
 from .models import LoraActorCritic, base_model_of, context_length, double_backward_attention, ensure_pad_token, load_causal_lm
 from .prompts import prompts_from_dataset
 from .rewards import RewardFn, build_reward_fn, score_batch
-from .rollout import Rollout, evaluate_rollout, gather_tokens, sample_completions
-from .trust_region import backtracking_line_search, categorical_kl, cg_solve, fisher_vector_product, flat_grad
+from .rollout import Rollout, evaluate_rollout, gather_tokens, sample_completions, token_logprobs
+from .trust_region import (
+    backtracking_line_search,
+    categorical_kl,
+    cg_solve,
+    fisher_vector_product,
+    flat_grad,
+    gauss_newton_fvp,
+)
 
 METRICS_FILE = "metrics.jsonl"
+KL_CHUNK_POSITIONS = 64  # positions per chunk of the no-grad KL: [64, V] temporaries, ~12 MB at V = 49k
+
+
+@torch.no_grad()
+def log_softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the last dimension, in place (no graph): logits - logsumexp(logits)."""
+    return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
 
 
 class PhaseTimer:
@@ -184,10 +198,28 @@ class RLTrainer:
     # ------------------------------------------------------------------ public API
     def generate(self, prompts: list[str]) -> list[str]:
         """Sample one completion per prompt from the current policy."""
-        rollout, _ = sample_completions(
-            self.actor_critic.peft_model, self.tokenizer, prompts, self.config.max_new_tokens, self.config.temperature
-        )
+        with self.actor_critic.autocast():
+            rollout, _ = sample_completions(
+                self.actor_critic.peft_model, self.tokenizer, prompts, self.config.max_new_tokens, self.config.temperature
+            )
         return rollout.completions
+
+    def collect_batch(self, timer: PhaseTimer | None = None) -> tuple[Rollout, dict[str, float]]:
+        """Sample completions for the next prompts, score them, run the no-grad rollout forwards
+        (old and reference log-probs, values) and compute rewards and advantages: everything of a
+        step before the updates. `timer` receives the generate/score/rollout_forward phases."""
+        cfg = self.config
+        timer = timer or PhaseTimer()
+        prompts = self._next_prompts()
+        with timer("generate"), self.actor_critic.autocast():
+            rollout, _ = sample_completions(
+                self.actor_critic.peft_model, self.tokenizer, prompts, cfg.max_new_tokens, cfg.temperature
+            )
+        with timer("score"):
+            scores = score_batch(self.reward_fn, rollout.prompts, rollout.completions, self.global_step).to(self.device)
+        with timer("rollout_forward"):
+            rollout = evaluate_rollout(self.actor_critic, rollout, cfg.temperature)
+        return self._advantages(dataclasses.replace(rollout, scores=scores))
 
     def step(self) -> dict[str, float]:
         """One iteration on the next prompt batch; returns (and logs) its metrics."""
@@ -196,23 +228,14 @@ class RLTrainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         with timer("step"):
-            prompts = self._next_prompts()
-            with timer("generate"):
-                rollout, _ = sample_completions(
-                    self.actor_critic.peft_model, self.tokenizer, prompts, cfg.max_new_tokens, cfg.temperature
-                )
-            with timer("score"):
-                scores = score_batch(self.reward_fn, rollout.prompts, rollout.completions, self.global_step).to(self.device)
-            with timer("rollout_forward"):
-                rollout = evaluate_rollout(self.actor_critic, rollout, cfg.temperature)
-            batch, shaping_stats = self._advantages(dataclasses.replace(rollout, scores=scores))
+            batch, shaping_stats = self.collect_batch(timer)
             with timer("policy_update"):
                 policy_stats = self.policy_update(batch)
             with timer("value_update"):
                 value_stats = self.value_update(batch)
             self.kl_ctl.update(shaping_stats["kl/ref"], cfg.batch_size * self.accelerator.num_processes)
 
-        all_scores = self.accelerator.gather(scores)
+        all_scores = self.accelerator.gather(batch.scores)
         stats = {
             "step": self.global_step + 1,
             "reward/mean": all_scores.mean().item(),
@@ -317,10 +340,14 @@ class RLTrainer:
     def policy_update(self, batch: Rollout) -> dict[str, float]:
         raise NotImplementedError
 
+    def policy_logits(self, batch: Rollout) -> torch.Tensor:
+        """Logits / temperature of pi_theta at every response position: [B, T, V], float32."""
+        return self.actor_critic.policy_logits(**batch.model_inputs(), temperature=self.config.temperature)
+
     def policy_log_probs(self, batch: Rollout) -> torch.Tensor:
-        """log pi_theta(. | s_t) over the vocabulary at every response position: [B, T, V]."""
-        logits = self.actor_critic.policy_logits(**batch.model_inputs(), temperature=self.config.temperature)
-        return torch.log_softmax(logits, dim=-1)
+        """log pi_theta(. | s_t) over the vocabulary at every response position: [B, T, V]. Without
+        a graph the log-softmax is taken in place, so the logits are the only [B, T, V] copy."""
+        return log_softmax_(self.policy_logits(batch)) if not torch.is_grad_enabled() else torch.log_softmax(self.policy_logits(batch), dim=-1)
 
     @torch.no_grad()
     def measured_policy_kl(self, batch: Rollout, logp_all_old: torch.Tensor, logp_all: torch.Tensor | None = None) -> float:
@@ -329,7 +356,7 @@ class RLTrainer:
         `trpo/kl` and `ppo/kl` both come from here."""
         if logp_all is None:
             logp_all = self.policy_log_probs(batch)
-        kl = masked_mean(categorical_kl(logp_all_old, logp_all), batch.response_mask)
+        kl = masked_mean(categorical_kl(logp_all_old, logp_all, chunk_size=KL_CHUNK_POSITIONS), batch.response_mask)
         return self.reduce_mean(kl).item()
 
     def _progress_fields(self, stats: dict[str, float]) -> dict[str, str]:
@@ -366,6 +393,22 @@ class TRPOTrainer(RLTrainer):
             return batch
         return batch.select(torch.randperm(len(batch), generator=self.minibatch_generator)[:n])
 
+    def _fisher_vector_product(self, fisher: Rollout, params: list[torch.nn.Parameter]):
+        """v -> (F + cI) v on the sequences of `fisher`, F the Fisher of the mean per-token KL at
+        theta_old; its graph is built here, once, and every CG iteration reuses it. Attention runs
+        on the double-backward-capable path for this forward only (both methods differentiate a
+        gradient)."""
+        cfg: TRPOConfig = self.config
+        mask = fisher.response_mask
+        with double_backward_attention(self.actor_critic.peft_model):
+            logits = self.actor_critic.policy_logits(**fisher.model_inputs(), temperature=cfg.temperature)
+        if cfg.fvp_method == "gauss_newton":
+            return gauss_newton_fvp(logits, mask / mask.sum().clamp(min=1), params, cfg.cg_damping, reduce=self.reduce_mean)
+        logp = torch.log_softmax(logits, dim=-1)
+        # KL(stop_grad(pi) || pi): zero value and gradient at theta_old, Hessian = Fisher.
+        mean_kl = masked_mean(categorical_kl(logp.detach(), logp), mask)
+        return fisher_vector_product(mean_kl, params, cfg.cg_damping, reduce=self.reduce_mean)
+
     def policy_update(self, batch: Rollout) -> dict[str, float]:
         """One TRPO step (DESIGN §2):
 
@@ -380,32 +423,31 @@ class TRPOTrainer(RLTrainer):
         mask, actions, advantages = batch.response_mask, batch.response_ids, batch.advantages
         timer = PhaseTimer()
 
-        def surrogate_of(logp_all: torch.Tensor) -> torch.Tensor:
-            ratio = torch.exp(gather_tokens(logp_all, actions) - batch.logp_old)
-            return masked_mean(ratio * advantages, mask)
+        def surrogate_of(logp: torch.Tensor) -> torch.Tensor:
+            return masked_mean(torch.exp(logp - batch.logp_old) * advantages, mask)
 
         with timer("gradient"):
-            logp_all_old = self.policy_log_probs(batch)
-            surrogate = surrogate_of(logp_all_old)
+            logits = self.policy_logits(batch)
+            surrogate = surrogate_of(token_logprobs(logits, actions))
             grad = self.reduce_mean(flat_grad(surrogate, params))
             surrogate_old = self.reduce_mean(surrogate.detach()).item()
-            logp_all_old = logp_all_old.detach()  # pi_old over the vocabulary, for the line-search KL
+            # pi_old over the vocabulary, for the line-search KL: the gradient's own logits, turned
+            # into log-probs in place once their graph is freed (no second forward, no copy).
+            logp_all_old = log_softmax_(logits.detach())
+            del logits, surrogate
 
         with timer("fvp_graph"):
-            fisher = self._fisher_batch(batch)
-            with double_backward_attention(actor_critic.peft_model):
-                logp_fisher = self.policy_log_probs(fisher)
-            # KL(stop_grad(pi) || pi): zero value and gradient at theta_old, Hessian = Fisher.
-            mean_kl = masked_mean(categorical_kl(logp_fisher.detach(), logp_fisher), fisher.response_mask)
-            fvp = fisher_vector_product(mean_kl, params, cfg.cg_damping, reduce=self.reduce_mean)
+            fvp = self._fisher_vector_product(self._fisher_batch(batch), params)
 
         with timer("cg"):
             # The tolerance is relative: LoRA gradients can be far smaller than any absolute one.
             grad_sq = torch.dot(grad, grad).item()
             cg = cg_solve(fvp, grad, cfg.cg_iters, cfg.cg_residual_tol * grad_sq)
-            x_fx = torch.dot(cg.x, fvp(cg.x)).item()
+            # x^T (F + cI) x = x^T (g - r): CG's own residual saves the product an explicit
+            # x^T F x would cost (one FVP of the eleven at cg_iters=10).
+            x_fx = cg.x_ax
         fvp_calls = fvp.calls
-        del mean_kl, logp_fisher, fvp  # free the double-backward graph before the line search
+        del fvp  # free the Fisher graph before the line search
 
         stats = {
             "trpo/grad_norm": grad.norm().item(),
@@ -424,7 +466,7 @@ class TRPOTrainer(RLTrainer):
         @torch.no_grad()
         def evaluate() -> tuple[float, float]:
             logp_all = self.policy_log_probs(batch)
-            gain = self.reduce_mean(surrogate_of(logp_all) - surrogate_old).item()
+            gain = self.reduce_mean(surrogate_of(gather_tokens(logp_all, actions)) - surrogate_old).item()
             return gain, self.measured_policy_kl(batch, logp_all_old, logp_all)
 
         with timer("line_search"):

@@ -145,12 +145,17 @@ def build_trl_ppo_trainer(
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     reward_fn: RewardFn,
+    lr_scheduler_type: str = "constant",
 ):
     """`trl.experimental.ppo.PPOTrainer` (trl==1.12.0) with the settings of our `PPOConfig`:
     the same batch, response length, temperature, epochs, minibatches, learning rate, clip ranges,
     KL coefficient, GAE and LoRA adapter. TRL keeps its own design where it has one (a full value
-    model trained jointly with vf_coef, a linearly decaying learning rate). Writes metrics.jsonl in
-    config.output_dir."""
+    model trained jointly with vf_coef). Writes metrics.jsonl in config.output_dir.
+
+    The learning rate is constant, as in our PPO, unless `lr_scheduler_type` says otherwise. TRL's
+    own default, "linear", decays it to zero over the run, which on short runs is a different
+    algorithm: on the toy task (30 steps, lr 1e-3, seeds 0 and 1) TRL's PPO reached a reward of
+    0.21/0.23 with the linear decay and 4.38/4.54 with a constant rate (our PPO: 5.10/2.02)."""
     from datasets import Dataset
     from trl.experimental.ppo import PPOConfig as TRLPPOConfig
     from trl.experimental.ppo import PPOTrainer as TRLPPOTrainer
@@ -175,6 +180,7 @@ def build_trl_ppo_trainer(
         num_ppo_epochs=config.ppo_epochs,
         num_mini_batches=config.num_minibatches,
         learning_rate=config.learning_rate,
+        lr_scheduler_type=lr_scheduler_type,
         max_grad_norm=config.max_grad_norm if config.max_grad_norm is not None else 0.0,
         cliprange=config.clip_range,
         cliprange_value=config.value_clip_range if config.value_clip_range is not None else 1e9,

@@ -26,12 +26,18 @@ def flat_concat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def flat_grad(
-    output: torch.Tensor, params: Params, *, retain_graph: bool | None = None, create_graph: bool = False
+    output: torch.Tensor,
+    params: Params,
+    *,
+    grad_outputs: torch.Tensor | None = None,
+    retain_graph: bool | None = None,
+    create_graph: bool = False,
 ) -> torch.Tensor:
-    """d output / d params as one flat vector (zeros for parameters the output does not reach).
-    As in `torch.autograd.grad`, the graph is kept when `create_graph` unless told otherwise."""
+    """d output / d params (or the vector-Jacobian product with `grad_outputs`) as one flat vector,
+    zeros for parameters the output does not reach. As in `torch.autograd.grad`, the graph is kept
+    when `create_graph` unless told otherwise."""
     grads = torch.autograd.grad(
-        output, params, retain_graph=retain_graph, create_graph=create_graph, allow_unused=True
+        output, params, grad_outputs=grad_outputs, retain_graph=retain_graph, create_graph=create_graph, allow_unused=True
     )
     return flat_concat([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)])
 
@@ -62,6 +68,7 @@ class CGResult:
     x: torch.Tensor
     residual: float  # squared norm of r = b - A x at exit
     iterations: int  # number of matrix-vector products used
+    x_ax: float  # x . A x, from the residual CG keeps: x . (b - r), no further product needed
 
 
 def cg_solve(
@@ -88,7 +95,7 @@ def cg_solve(
         new_r_dot_r = torch.dot(r, r)
         p = r + (new_r_dot_r / r_dot_r) * p
         r_dot_r = new_r_dot_r
-    return CGResult(x=x, residual=r_dot_r.item(), iterations=iterations)
+    return CGResult(x=x, residual=r_dot_r.item(), iterations=iterations, x_ax=torch.dot(x, b - r).item())
 
 
 def conjugate_gradient(
@@ -98,12 +105,18 @@ def conjugate_gradient(
     return cg_solve(fvp, b, iters, residual_tol).x
 
 
-def categorical_kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+def categorical_kl(logp: torch.Tensor, logq: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
     """KL(p || q) = sum_a p(a) (log p(a) - log q(a)) over the last (vocabulary) dimension, exact.
 
-    Takes log-probabilities; returns one KL per position.
+    Takes log-probabilities; returns one KL per position. With `chunk_size`, the positions are
+    processed that many at a time, so the temporaries are [chunk_size, V] rather than three copies
+    of the whole [..., V] input (for passes without a graph).
     """
-    return (logp.exp() * (logp - logq)).sum(dim=-1)
+    if chunk_size is None:
+        return (logp.exp() * (logp - logq)).sum(dim=-1)
+    flat_p, flat_q = logp.reshape(-1, logp.shape[-1]), logq.reshape(-1, logq.shape[-1])
+    kl = torch.cat([categorical_kl(a, b) for a, b in zip(flat_p.split(chunk_size), flat_q.split(chunk_size))])
+    return kl.view(logp.shape[:-1])
 
 
 def fisher_vector_product(
@@ -127,6 +140,56 @@ def fisher_vector_product(
         grad_dot_v = torch.dot(kl_grad, v.to(kl_grad.dtype))
         product = flat_grad(grad_dot_v, params, retain_graph=True)
         return reduce(product) + damping * v
+
+    fvp.calls = 0
+    return fvp
+
+
+def split_like(flat: torch.Tensor, params: Params) -> list[torch.Tensor]:
+    """The inverse of `flat_concat`: views of `flat` shaped like each parameter."""
+    return [chunk.view_as(p) for chunk, p in zip(torch.split(flat, [p.numel() for p in params]), params)]
+
+
+def gauss_newton_fvp(
+    logits: torch.Tensor,
+    weights: torch.Tensor,
+    params: Params,
+    damping: float,
+    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """v -> (F + damping I) v with F = J^T M J, the Fisher of the weighted KL(pi_old || pi_theta)
+    at theta_old in its Gauss-Newton form (Martens 2014; Schraudolph 2002).
+
+    `logits` [..., V] are the policy's (temperature-scaled) logits at theta_old with their graph;
+    `weights` [...] weigh each position (1/number of valid tokens for the mean KL, 0 for padding).
+    J = d logits / d theta and M = sum_n w_n (diag(p_n) - p_n p_n^T), the Hessian of the KL in the
+    logits, p = softmax(logits). This is exactly the Hessian of the mean KL at theta_old: the other
+    term of that Hessian, sum (dKL/dlogits) d^2 logits/dtheta^2, vanishes there because
+    dKL/dlogits = p_theta - p_old = 0. The double-backward form (`fisher_vector_product`) still
+    pays for that zero term through every layer; this one does not.
+
+    Each product is two passes over the retained graph: J v by differentiating the linear map
+    u -> J^T u (built once, create_graph) with respect to u, then J^T (M J v) by one backward.
+    The returned function counts its calls in `fvp.calls`.
+    """
+    probs = torch.softmax(logits.detach().float(), dim=-1)
+    weights = weights.to(probs.dtype).unsqueeze(-1)
+    dummy = torch.zeros_like(logits, requires_grad=True)
+    # J^T u as a function of u: linear, so differentiating it in u gives J v for any v.
+    jt_dummy = torch.autograd.grad(logits, params, grad_outputs=dummy, create_graph=True, allow_unused=True)
+    reached = [i for i, g in enumerate(jt_dummy) if g is not None]  # v on unreached tensors: J v ignores it
+
+    def fvp(v: torch.Tensor) -> torch.Tensor:
+        fvp.calls += 1
+        v_parts = split_like(v, params)
+        (jv,) = torch.autograd.grad(
+            [jt_dummy[i] for i in reached], dummy, grad_outputs=[v_parts[i].to(jt_dummy[i].dtype) for i in reached], retain_graph=True
+        )
+        jv = jv.float()
+        # (diag(p) - p p^T) Jv per position, weighted, in float32 whatever the model's dtype.
+        mjv = weights * probs * (jv - (probs * jv).sum(dim=-1, keepdim=True))
+        product = flat_grad(logits, params, grad_outputs=mjv.to(logits.dtype), retain_graph=True)
+        return reduce(product.float()) + damping * v
 
     fvp.calls = 0
     return fvp

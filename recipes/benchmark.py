@@ -1,0 +1,236 @@
+"""Time and memory of one TRPO update against one PPO update on the same rollout, in one process.
+
+    python recipes/benchmark.py --model embedded --batch_size 16 --max_new_tokens 24 --repeats 3
+    python recipes/benchmark.py --model tiny --repeats 5 --fvp_subsample 0.25
+
+One rollout is generated and scored; then, `--repeats` times, the policy parameters are set back to
+the rollout's and each update runs on that same batch (the order alternates between repeats):
+
+- TRPO: surrogate gradient, KL graph for the Fisher-vector products, conjugate gradient (each FVP),
+  line search;
+- PPO: `--ppo_epochs` epochs of `--num_minibatches` minibatches (TRL's defaults: 4 and 1), and the
+  KL measurement after them;
+- one forward+backward of the batch through the policy (`fwd_bwd_s`) and its backward alone (`bwd_s`).
+
+Peak memory is the growth during each update: CUDA max allocated on a GPU, the process's resident
+set size sampled every millisecond on a CPU (trpo_rlhf.profiling). Prints one JSON line of medians
+over the repeats (and appends it to `--output` when given):
+
+    {"trpo_update_s": ..., "ppo_update_s": ..., "trpo_peak_mb": ..., "ppo_peak_mb": ...,
+     "fvp_s": ..., "fwd_bwd_s": ..., "bwd_s": ..., "cg_iters": ..., "device": ..., ...}
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from trpo_rlhf import PPOConfig, PPOTrainer, TRPOConfig, TRPOTrainer
+from trpo_rlhf.advantages import masked_mean
+from trpo_rlhf.models import double_backward_attention
+from trpo_rlhf.profiling import PeakMemory
+from trpo_rlhf.rollout import token_logprobs
+from trpo_rlhf.trust_region import restore, snapshot
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="embedded",
+                        help="'tiny' (a random 2-layer model with a word-level tokenizer), 'embedded' (SmolLM2-135M, "
+                             "offline), or a hub id / local path.")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--max_new_tokens", type=int, default=24)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ppo_epochs", type=int, default=4)
+    parser.add_argument("--num_minibatches", type=int, default=1)
+    parser.add_argument("--cg_iters", type=int, default=TRPOConfig.cg_iters)
+    parser.add_argument("--fvp_subsample", type=float, default=TRPOConfig.fvp_subsample)
+    parser.add_argument("--fvp_method", default=TRPOConfig.fvp_method, choices=["gauss_newton", "kl_hessian"])
+    parser.add_argument("--cg_damping", type=float, default=TRPOConfig.cg_damping)
+    parser.add_argument("--max_kl", type=float, default=TRPOConfig.max_kl)
+    parser.add_argument("--lora_target_modules", nargs="+", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, default=None, help="Append the JSON line to this file.")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: must be >= 1.")
+    return args
+
+
+def build_task(name: str, seed: int):
+    """(model, tokenizer or None, reward, prompts) for `--model`."""
+    if name == "tiny":
+        from trpo_rlhf.toy import TOY_PROMPTS, WordCountReward, build_tiny_lm, build_word_tokenizer
+
+        tokenizer = build_word_tokenizer()
+        return build_tiny_lm(tokenizer, seed=seed), tokenizer, WordCountReward("good"), TOY_PROMPTS
+    from trpo_rlhf.sentiment import resolve_sentiment_task
+
+    task = resolve_sentiment_task(name, None, None, seed=seed)
+    return task.model, None, task.reward_model, task.prompts
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_forward_backward(trainer: TRPOTrainer, batch) -> tuple[float, float]:
+    """(forward+backward, backward) seconds of a policy-gradient loss on the whole batch."""
+    params = trainer.actor_critic.policy_parameters()
+    synchronize(trainer.device)
+    start = time.perf_counter()
+    logp = token_logprobs(trainer.policy_logits(batch), batch.response_ids)
+    loss = masked_mean(logp * batch.advantages, batch.response_mask)
+    synchronize(trainer.device)
+    middle = time.perf_counter()
+    torch.autograd.grad(loss, params)
+    synchronize(trainer.device)
+    end = time.perf_counter()
+    return end - start, end - middle
+
+
+def time_lever_baselines(trainer: TRPOTrainer, batch) -> dict[str, float]:
+    """Seconds of the alternatives each lever replaces, on the same batch:
+
+    - `fvp_rebuild_s`: one FVP that builds its own KL-gradient graph (no reuse across CG iterations);
+    - `fwd_bwd_math_s`: forward+backward with attention forced onto the double-backward-capable
+      math path (what every pass would cost if the FVP's attention were used everywhere);
+    - `forward_s` / `forward_grad_s`: one forward without / with a graph (the cached old
+      log-probs and the no-grad line search each save one of these per update).
+    """
+    params = trainer.actor_critic.policy_parameters()
+    fisher = trainer._fisher_batch(batch)
+    seconds = {}
+    with stopwatch(trainer.device, seconds, "fvp_rebuild_s"):
+        trainer._fisher_vector_product(fisher, params)(torch.ones(sum(p.numel() for p in params), device=trainer.device))
+    with double_backward_attention(trainer.actor_critic.peft_model):
+        seconds["fwd_bwd_math_s"], _ = time_forward_backward(trainer, batch)
+    with stopwatch(trainer.device, seconds, "forward_s"), torch.no_grad():
+        trainer.policy_log_probs(batch)
+    with stopwatch(trainer.device, seconds, "forward_grad_s"):
+        trainer.policy_log_probs(batch)
+    return seconds
+
+
+@contextlib.contextmanager
+def stopwatch(device: torch.device, into: dict, key: str):
+    synchronize(device)
+    start = time.perf_counter()
+    yield
+    synchronize(device)
+    into[key] = time.perf_counter() - start
+
+
+def measure_update(trainer, batch, params, origin) -> tuple[float, float, dict]:
+    """(seconds, peak MB, stats) of one policy update from `origin`, which is restored after."""
+    with PeakMemory(trainer.device) as memory:
+        synchronize(trainer.device)
+        start = time.perf_counter()
+        stats = trainer.policy_update(batch)
+        synchronize(trainer.device)
+        seconds = time.perf_counter() - start
+    restore(params, origin)
+    return seconds, memory.peak_mb, stats
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from trpo_rlhf.sentiment import use_all_cpu_cores
+
+    threads = use_all_cpu_cores()
+    model, tokenizer, reward, prompts = build_task(args.model, args.seed)
+    common = dict(output_dir=tempfile.mkdtemp(prefix="trpo_benchmark_"), seed=args.seed, batch_size=args.batch_size,
+                  max_new_tokens=args.max_new_tokens, lora_target_modules=args.lora_target_modules)
+    trpo = TRPOTrainer(TRPOConfig(**common, cg_iters=args.cg_iters, fvp_subsample=args.fvp_subsample,
+                                  fvp_method=args.fvp_method, cg_damping=args.cg_damping, max_kl=args.max_kl),
+                       model, tokenizer, reward, prompts)
+    # The PPO trainer shares the TRPO trainer's PeftModel: the same policy tensors, the same rollout.
+    ppo_config = PPOConfig(**common, ppo_epochs=args.ppo_epochs, num_minibatches=args.num_minibatches)
+    ppo = PPOTrainer(ppo_config, trpo.actor_critic.peft_model, trpo.tokenizer, reward, prompts)
+    batch, _ = trpo.collect_batch()
+    params = trpo.actor_critic.policy_parameters()
+    origin = snapshot(params)
+
+    time_forward_backward(trpo, batch)  # warm-up: first-call allocations and kernel selection
+    rows = []
+    for repeat in range(args.repeats):
+        row = {}
+        row["fwd_bwd_s"], row["bwd_s"] = time_forward_backward(trpo, batch)
+        row.update(time_lever_baselines(trpo, batch))
+        for name in (("trpo", "ppo") if repeat % 2 == 0 else ("ppo", "trpo")):
+            if name == "ppo":  # a fresh Adam each time: every repeat is the first update from origin
+                ppo.policy_optimizer = torch.optim.Adam(params, lr=ppo_config.learning_rate)
+            trainer = trpo if name == "trpo" else ppo
+            seconds, peak_mb, stats = measure_update(trainer, batch, params, origin)
+            row[f"{name}_update_s"], row[f"{name}_peak_mb"] = seconds, peak_mb
+            row.update({f"{name}:{k}": v for k, v in stats.items()})
+        fvps = row["trpo:trpo/fvp_count"]
+        row["fvp_s"] = row["trpo:time/policy_cg"] / fvps if fvps else float("nan")
+        row["ppo_epoch_s"] = row["ppo:time/policy_epochs"] / row["ppo:ppo/epochs_run"]
+        rows.append(row)
+        print(f"repeat {repeat + 1}/{args.repeats}: TRPO {row['trpo_update_s']:.2f} s, {row['trpo_peak_mb']:.0f} MB; "
+              f"PPO {row['ppo_update_s']:.2f} s, {row['ppo_peak_mb']:.0f} MB", file=sys.stderr)
+
+    def median(key: str) -> float:
+        return statistics.median(row[key] for row in rows if key in row)
+
+    result = {
+        "trpo_update_s": median("trpo_update_s"),
+        "ppo_update_s": median("ppo_update_s"),
+        "trpo_peak_mb": median("trpo_peak_mb"),
+        "ppo_peak_mb": median("ppo_peak_mb"),
+        "fvp_s": median("fvp_s"),
+        "fwd_bwd_s": median("fwd_bwd_s"),
+        "bwd_s": median("bwd_s"),
+        "cg_iters": median("trpo:trpo/cg_iters"),
+        "device": torch.cuda.get_device_name(trpo.device) if trpo.device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {threads} threads)",
+        **{key: median(key) for key in ("fvp_rebuild_s", "fwd_bwd_math_s", "forward_s", "forward_grad_s")},
+        "trpo_gradient_s": median("trpo:time/policy_gradient"),
+        "trpo_fvp_graph_s": median("trpo:time/policy_fvp_graph"),
+        "trpo_cg_s": median("trpo:time/policy_cg"),
+        "trpo_line_search_s": median("trpo:time/policy_line_search"),
+        "trpo_fvp_count": median("trpo:trpo/fvp_count"),
+        "trpo_kl": median("trpo:trpo/kl"),
+        "trpo_accepted": median("trpo:trpo/accepted"),
+        "trpo_line_search_iters": median("trpo:trpo/line_search_iters"),
+        "trpo_step_frac": median("trpo:trpo/step_frac"),
+        "ppo_epoch_s": median("ppo_epoch_s"),
+        "ppo_measure_kl_s": median("ppo:time/policy_measure_kl"),
+        "ppo_kl": median("ppo:ppo/kl"),
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+        "sequence_tokens": int(batch.input_ids.shape[1]),
+        "repeats": args.repeats,
+        "fvp_subsample": args.fvp_subsample,
+        "fvp_method": args.fvp_method,
+        "cg_damping": args.cg_damping,
+        "ppo_epochs": args.ppo_epochs,
+        "num_minibatches": args.num_minibatches,
+        "torch": torch.__version__,
+    }
+    result["update_time_ratio"] = result["trpo_update_s"] / result["ppo_update_s"]
+    result["peak_mb_ratio"] = result["trpo_peak_mb"] / result["ppo_peak_mb"] if result["ppo_peak_mb"] > 0 else float("nan")
+    result["fvp_over_bwd"] = result["fvp_s"] / result["bwd_s"]
+    result["fvp_over_fwd_bwd"] = result["fvp_s"] / result["fwd_bwd_s"]
+    line = json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})
+    print(line)
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.output, "a") as f:
+            f.write(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""recipes/benchmark.py: one JSON line with the documented keys, from a real run on the tiny model."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trpo_rlhf.profiling import PeakMemory
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = ("trpo_update_s", "ppo_update_s", "trpo_peak_mb", "ppo_peak_mb", "fvp_s", "fwd_bwd_s", "cg_iters", "device")
+
+
+def test_benchmark_prints_one_json_line_with_the_documented_keys(tmp_path):
+    output = tmp_path / "bench.jsonl"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "benchmark.py"), "--model", "tiny", "--batch_size", "4",
+         "--max_new_tokens", "4", "--repeats", "2", "--cg_iters", "3", "--output", str(output)],
+        env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1
+    row = json.loads(lines[0])
+    assert output.read_text().strip() == lines[0]
+    for key in KEYS:
+        assert key in row, key
+    assert row["device"].startswith("cpu")
+    assert 1 <= row["cg_iters"] <= 3
+    for key in ("trpo_update_s", "ppo_update_s", "fvp_s", "fwd_bwd_s", "bwd_s", "fvp_rebuild_s"):
+        assert row[key] > 0, key
+    assert row["bwd_s"] < row["fwd_bwd_s"]
+    # The phases are parts of the update they were measured in.
+    assert row["trpo_cg_s"] + row["trpo_gradient_s"] < row["trpo_update_s"]
+    assert row["update_time_ratio"] == pytest.approx(row["trpo_update_s"] / row["ppo_update_s"], rel=1e-2)
+    assert "repeat 2/2" in result.stderr
+
+
+def test_peak_memory_sees_a_short_lived_allocation():
+    # Allocated and freed inside the block: only a sampler running during the block can see it.
+    with PeakMemory(torch.device("cpu")) as memory:
+        block = torch.ones(256, 2**20, dtype=torch.uint8)  # 256 MiB, touched
+        del block
+    assert 200 < memory.peak_mb < 400, memory.peak_mb
+
+
+def test_peak_memory_is_the_growth_not_the_total():
+    held = torch.ones(128, 2**20, dtype=torch.uint8)  # allocated before: not part of the block's peak
+    with PeakMemory(torch.device("cpu")) as memory:
+        small = torch.ones(8, 2**20, dtype=torch.uint8)
+    assert memory.peak_mb < 64, memory.peak_mb
+    del held, small
