@@ -48,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model_name_or_path", default=None, help="sentiment: policy (default: the recipes' choice).")
     parser.add_argument("--reward_model", default=None, help="sentiment: reward (default: the recipes' choice).")
     parser.add_argument("--dataset", default=None, help="sentiment: prompts (default: the recipes' choice).")
+    parser.add_argument("--reuse_finished", action="store_true",
+                        help="Keep every (algorithm, seed) run in output_dir whose metrics.jsonl already has --steps rows; run the rest.")
     parser.add_argument("--worker", choices=ALGORITHMS, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -131,6 +133,12 @@ def main(argv=None) -> int:
     for algorithm in algorithms:
         for seed in range(args.seeds):
             run_dir = out / algorithm / f"seed-{seed}"
+            if args.reuse_finished and (run_dir / "metrics.jsonl").exists():
+                rows = read_metrics(run_dir / "metrics.jsonl")
+                if len(rows) == args.steps:
+                    runs.setdefault(algorithm, []).append(rows)
+                    print(f"{LABELS[algorithm]:>15} seed {seed}: reusing the finished run in {run_dir}")
+                    continue
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
             start = time.perf_counter()
@@ -148,7 +156,7 @@ def main(argv=None) -> int:
 
     if runs:
         results = summarize_runs(runs, args.kl_target)
-        settings = {k: v for k, v in vars(args).items() if k not in {"worker", "seed"}}
+        settings = {k: v for k, v in vars(args).items() if k not in {"worker", "seed", "reuse_finished"}}
         (out / "results.json").write_text(json.dumps({**results, "settings": settings}, indent=2) + "\n")
         table = markdown_table(results, args.kl_target)
         (out / "compare.md").write_text(table + "\n")

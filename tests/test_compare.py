@@ -14,11 +14,9 @@ RESULT_KEYS = {"final_reward_mean", "final_reward_std", "kl_ref_final", "kl_exce
 
 def test_comparison_runs_all_algorithms_with_tiny_settings(tmp_path):
     out = tmp_path / "compare"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "recipes" / "compare_trpo_ppo.py"), "--task", "toy", "--steps", "2", "--seeds", "2",
-         "--batch_size", "4", "--max_new_tokens", "4", "--ppo_epochs", "1", "--output_dir", str(out)],
-        capture_output=True, text=True, timeout=600,
-    )
+    command = [sys.executable, str(ROOT / "recipes" / "compare_trpo_ppo.py"), "--task", "toy", "--steps", "2", "--seeds", "2",
+               "--batch_size", "4", "--max_new_tokens", "4", "--ppo_epochs", "1", "--output_dir", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
     assert set(ALGORITHMS) <= set(results)
@@ -35,6 +33,16 @@ def test_comparison_runs_all_algorithms_with_tiny_settings(tmp_path):
     for algorithm in ALGORITHMS:
         for seed in (0, 1):
             assert len((out / algorithm / f"seed-{seed}" / "metrics.jsonl").read_text().splitlines()) == 2
+
+    # --reuse_finished: runs only what is missing (here one deleted TRPO seed), keeps the rest.
+    kept = (out / "ppo" / "seed-1" / "metrics.jsonl").read_text()
+    (out / "trpo" / "seed-0" / "metrics.jsonl").unlink()
+    again = subprocess.run(command + ["--reuse_finished", "--algorithms", "trpo", "ppo"], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert again.stdout.count("reusing the finished run") == 3
+    assert "TRPO (ours) seed 0: 2 steps" in again.stdout
+    assert (out / "ppo" / "seed-1" / "metrics.jsonl").read_text() == kept
+    assert set(json.loads((out / "results.json").read_text())) == {"trpo", "ppo", "settings"}
 
 
 def test_summary_uses_the_last_tenth_of_steps_and_counts_kl_excess():

@@ -131,18 +131,33 @@ def fisher_vector_product(
     and gradient are 0 there and its Hessian is the Fisher information matrix (Schulman et al. 2015,
     Appendix C.1). The gradient graph is built once here (create_graph) and every product is one more
     backward through it: F v = d/dtheta (grad KL . v). `reduce` averages across processes.
-    The returned function counts its calls in `fvp.calls`.
+    The returned callable counts its calls in `.calls`.
     """
     kl_grad = flat_grad(mean_kl, params, create_graph=True)
 
     def fvp(v: torch.Tensor) -> torch.Tensor:
-        fvp.calls += 1
         grad_dot_v = torch.dot(kl_grad, v.to(kl_grad.dtype))
         product = flat_grad(grad_dot_v, params, retain_graph=True)
         return reduce(product) + damping * v
 
-    fvp.calls = 0
-    return fvp
+    return CountedProduct(fvp)
+
+
+class CountedProduct:
+    """v -> product(v), counting its calls in `calls`.
+
+    A class rather than an attribute on the closure: a closure that refers to itself is a
+    reference cycle, which keeps the graph it holds (gigabytes for an LLM) alive after `del` until
+    Python's cyclic collector happens to run. Measured: +1-2.5 GB of RSS per TRPO step.
+    """
+
+    def __init__(self, product: Callable[[torch.Tensor], torch.Tensor]):
+        self.product = product
+        self.calls = 0
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.product(v)
 
 
 def split_like(flat: torch.Tensor, params: Params) -> list[torch.Tensor]:
@@ -170,7 +185,7 @@ def gauss_newton_fvp(
 
     Each product is two passes over the retained graph: J v by differentiating the linear map
     u -> J^T u (built once, create_graph) with respect to u, then J^T (M J v) by one backward.
-    The returned function counts its calls in `fvp.calls`.
+    The returned callable counts its calls in `.calls`.
     """
     probs = torch.softmax(logits.detach().float(), dim=-1)
     weights = weights.to(probs.dtype).unsqueeze(-1)
@@ -180,7 +195,6 @@ def gauss_newton_fvp(
     reached = [i for i, g in enumerate(jt_dummy) if g is not None]  # v on unreached tensors: J v ignores it
 
     def fvp(v: torch.Tensor) -> torch.Tensor:
-        fvp.calls += 1
         v_parts = split_like(v, params)
         (jv,) = torch.autograd.grad(
             [jt_dummy[i] for i in reached], dummy, grad_outputs=[v_parts[i].to(jt_dummy[i].dtype) for i in reached], retain_graph=True
@@ -191,8 +205,7 @@ def gauss_newton_fvp(
         product = flat_grad(logits, params, grad_outputs=mjv.to(logits.dtype), retain_graph=True)
         return reduce(product.float()) + damping * v
 
-    fvp.calls = 0
-    return fvp
+    return CountedProduct(fvp)
 
 
 @dataclass
