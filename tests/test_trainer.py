@@ -90,6 +90,9 @@ def test_metrics_jsonl_has_every_documented_key(make_trainer, tmp_path):
         assert not missing, missing
         assert all(isinstance(v, (int, float)) for v in row.values())
     assert rows[0]["kl/ref"] == pytest.approx(0.0, abs=1e-5)  # LoRA B = 0 at init: policy == reference
+    # A second run into the same output_dir starts a new metrics file rather than appending.
+    make_trainer(max_steps=2).train()
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
     # One FVP per CG iteration and none more: x^T F x comes from CG's residual.
     assert rows[0]["trpo/fvp_count"] == rows[0]["trpo/cg_iters"]
 

@@ -135,7 +135,7 @@ class TRPOConfig(RLConfig):
     * ``fvp_subsample`` = 1.0: the Fisher is estimated on all sequences. The paper used 10 %. On
       the embedded sentiment task, 0.25 halves the update time and its memory, but the Fisher of 4
       sequences underestimates the curvature along its solution ~4x (the line search halves the
-      step) and the step buys ~2.6x less surrogate gain per nat (README, "A cheap trust-region
+      step) and the step buys ~2.8x less surrogate gain per nat (README, "A cheap trust-region
       update"): lower it when memory, not step quality, is the limit.
     * ``fvp_method`` = "gauss_newton": F v = J^T M J v, one tangent pass and one backward per
       product (2.4 s against 3.5 s for "kl_hessian", the double backward, on that task).

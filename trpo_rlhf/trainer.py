@@ -366,7 +366,8 @@ class RLTrainer:
         if not self.is_main_process:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.output_dir / METRICS_FILE, "a") as f:
+        # Step 1 starts the file: a new run in an old output_dir must not append to its metrics.
+        with open(self.output_dir / METRICS_FILE, "w" if stats["step"] == 1 else "a") as f:
             f.write(json.dumps(stats) + "\n")
 
 
