@@ -133,14 +133,11 @@ def stopwatch(device: torch.device, into: dict, key: str):
 
 def measure_update(trainer, batch, params, origin) -> tuple[float, float, dict]:
     """(seconds, peak MB, stats) of one policy update from `origin`, which is restored after."""
-    with PeakMemory(trainer.device) as memory:
-        synchronize(trainer.device)
-        start = time.perf_counter()
+    seconds = {}
+    with PeakMemory(trainer.device) as memory, stopwatch(trainer.device, seconds, "update"):
         stats = trainer.policy_update(batch)
-        synchronize(trainer.device)
-        seconds = time.perf_counter() - start
     restore(params, origin)
-    return seconds, memory.peak_mb, stats
+    return seconds["update"], memory.peak_mb, stats
 
 
 def main(argv=None) -> int:

@@ -198,11 +198,14 @@ class RLTrainer:
     # ------------------------------------------------------------------ public API
     def generate(self, prompts: list[str]) -> list[str]:
         """Sample one completion per prompt from the current policy."""
+        return self._sample(prompts).completions
+
+    def _sample(self, prompts: list[str]) -> Rollout:
         with self.actor_critic.autocast():
             rollout, _ = sample_completions(
                 self.actor_critic.peft_model, self.tokenizer, prompts, self.config.max_new_tokens, self.config.temperature
             )
-        return rollout.completions
+        return rollout
 
     def collect_batch(self, timer: PhaseTimer | None = None) -> tuple[Rollout, dict[str, float]]:
         """Sample completions for the next prompts, score them, run the no-grad rollout forwards
@@ -211,10 +214,8 @@ class RLTrainer:
         cfg = self.config
         timer = timer or PhaseTimer()
         prompts = self._next_prompts()
-        with timer("generate"), self.actor_critic.autocast():
-            rollout, _ = sample_completions(
-                self.actor_critic.peft_model, self.tokenizer, prompts, cfg.max_new_tokens, cfg.temperature
-            )
+        with timer("generate"):
+            rollout = self._sample(prompts)
         with timer("score"):
             scores = score_batch(self.reward_fn, rollout.prompts, rollout.completions, self.global_step).to(self.device)
         with timer("rollout_forward"):
@@ -347,7 +348,8 @@ class RLTrainer:
     def policy_log_probs(self, batch: Rollout) -> torch.Tensor:
         """log pi_theta(. | s_t) over the vocabulary at every response position: [B, T, V]. Without
         a graph the log-softmax is taken in place, so the logits are the only [B, T, V] copy."""
-        return log_softmax_(self.policy_logits(batch)) if not torch.is_grad_enabled() else torch.log_softmax(self.policy_logits(batch), dim=-1)
+        logits = self.policy_logits(batch)
+        return torch.log_softmax(logits, dim=-1) if torch.is_grad_enabled() else log_softmax_(logits)
 
     @torch.no_grad()
     def measured_policy_kl(self, batch: Rollout, logp_all_old: torch.Tensor, logp_all: torch.Tensor | None = None) -> float:

@@ -25,6 +25,11 @@ def flat_concat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
+def split_like(flat: torch.Tensor, params: Params) -> list[torch.Tensor]:
+    """The inverse of `flat_concat`: views of `flat` shaped like each parameter."""
+    return [chunk.view_as(p) for chunk, p in zip(torch.split(flat, [p.numel() for p in params]), params)]
+
+
 def flat_grad(
     output: torch.Tensor,
     params: Params,
@@ -56,11 +61,8 @@ def restore(params: Params, saved: Sequence[torch.Tensor]) -> None:
 @torch.no_grad()
 def set_to_step(params: Params, origin: Sequence[torch.Tensor], flat_step: torch.Tensor, frac: float) -> None:
     """theta = theta_origin + frac * step, the step being a flat vector laid out like `flat_concat(params)`."""
-    offset = 0
-    for p, o in zip(params, origin):
-        n = p.numel()
-        p.copy_(o + frac * flat_step[offset : offset + n].view_as(p).to(p.dtype))
-        offset += n
+    for p, o, s in zip(params, origin, split_like(flat_step, params)):
+        p.copy_(o + frac * s.to(p.dtype))
 
 
 @dataclass
@@ -135,34 +137,30 @@ def fisher_vector_product(
     """
     kl_grad = flat_grad(mean_kl, params, create_graph=True)
 
-    def fvp(v: torch.Tensor) -> torch.Tensor:
+    def fisher_product(v: torch.Tensor) -> torch.Tensor:
         grad_dot_v = torch.dot(kl_grad, v.to(kl_grad.dtype))
-        product = flat_grad(grad_dot_v, params, retain_graph=True)
-        return reduce(product) + damping * v
+        return flat_grad(grad_dot_v, params, retain_graph=True)
 
-    return CountedProduct(fvp)
+    return DampedFisherProduct(fisher_product, damping, reduce)
 
 
-class CountedProduct:
-    """v -> product(v), counting its calls in `calls`.
+class DampedFisherProduct:
+    """v -> reduce(F v) + damping * v, in float32, counting its calls in `calls`; `F v` is either
+    form's product on this process (`reduce` averages it across processes).
 
     A class rather than an attribute on the closure: a closure that refers to itself is a
     reference cycle, which keeps the graph it holds (gigabytes for an LLM) alive after `del` until
     Python's cyclic collector happens to run. Measured: +1-2.5 GB of RSS per TRPO step.
     """
 
-    def __init__(self, product: Callable[[torch.Tensor], torch.Tensor]):
-        self.product = product
+    def __init__(self, fisher_product: Callable[[torch.Tensor], torch.Tensor], damping: float,
+                 reduce: Callable[[torch.Tensor], torch.Tensor]):
+        self.fisher_product, self.damping, self.reduce = fisher_product, damping, reduce
         self.calls = 0
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        return self.product(v)
-
-
-def split_like(flat: torch.Tensor, params: Params) -> list[torch.Tensor]:
-    """The inverse of `flat_concat`: views of `flat` shaped like each parameter."""
-    return [chunk.view_as(p) for chunk, p in zip(torch.split(flat, [p.numel() for p in params]), params)]
+        return self.reduce(self.fisher_product(v).float()) + self.damping * v
 
 
 def gauss_newton_fvp(
@@ -194,7 +192,7 @@ def gauss_newton_fvp(
     jt_dummy = torch.autograd.grad(logits, params, grad_outputs=dummy, create_graph=True, allow_unused=True)
     reached = [i for i, g in enumerate(jt_dummy) if g is not None]  # v on unreached tensors: J v ignores it
 
-    def fvp(v: torch.Tensor) -> torch.Tensor:
+    def fisher_product(v: torch.Tensor) -> torch.Tensor:
         v_parts = split_like(v, params)
         (jv,) = torch.autograd.grad(
             [jt_dummy[i] for i in reached], dummy, grad_outputs=[v_parts[i].to(jt_dummy[i].dtype) for i in reached], retain_graph=True
@@ -202,10 +200,9 @@ def gauss_newton_fvp(
         jv = jv.float()
         # (diag(p) - p p^T) Jv per position, weighted, in float32 whatever the model's dtype.
         mjv = weights * probs * (jv - (probs * jv).sum(dim=-1, keepdim=True))
-        product = flat_grad(logits, params, grad_outputs=mjv.to(logits.dtype), retain_graph=True)
-        return reduce(product.float()) + damping * v
+        return flat_grad(logits, params, grad_outputs=mjv.to(logits.dtype), retain_graph=True)
 
-    return CountedProduct(fvp)
+    return DampedFisherProduct(fisher_product, damping, reduce)
 
 
 @dataclass
