@@ -6,10 +6,11 @@
 One rollout is generated and scored; then, `--repeats` times, the policy parameters are set back to
 the rollout's and each update runs on that same batch (the order alternates between repeats):
 
-- TRPO: surrogate gradient, KL graph for the Fisher-vector products, conjugate gradient (each FVP),
-  line search;
-- PPO: `--ppo_epochs` epochs of `--num_minibatches` minibatches (TRL's defaults: 4 and 1), and the
-  KL measurement after them;
+- TRPO: surrogate gradient (which, with the Fisher on the whole batch, also builds the graph the
+  Fisher-vector products reuse), the Fisher graph otherwise, conjugate gradient (each FVP), line
+  search;
+- PPO: `--ppo_epochs` epochs of `--num_minibatches` minibatches (TRL's defaults: 4 and 1) at
+  `--ppo_learning_rate`, and the KL and surrogate-gain measurement after them;
 - one forward+backward of the batch through the policy (`fwd_bwd_s`) and its backward alone (`bwd_s`).
 
 Peak memory is the growth during each update: CUDA max allocated on a GPU, the process's resident
@@ -52,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ppo_epochs", type=int, default=4)
     parser.add_argument("--num_minibatches", type=int, default=1)
+    parser.add_argument("--ppo_learning_rate", type=float, default=PPOConfig.learning_rate,
+                        help="PPO's Adam rate (TRL's default 5e-5; LoRA usually wants 1e-4 to 1e-3).")
     parser.add_argument("--cg_iters", type=int, default=TRPOConfig.cg_iters)
     parser.add_argument("--fvp_subsample", type=float, default=TRPOConfig.fvp_subsample)
     parser.add_argument("--fvp_method", default=TRPOConfig.fvp_method, choices=["gauss_newton", "kl_hessian"])
@@ -112,7 +115,8 @@ def time_lever_baselines(trainer: TRPOTrainer, batch) -> dict[str, float]:
     fisher = trainer._fisher_batch(batch)
     seconds = {}
     with stopwatch(trainer.device, seconds, "fvp_rebuild_s"):
-        trainer._fisher_vector_product(fisher, params)(torch.ones(sum(p.numel() for p in params), device=trainer.device))
+        fvp = trainer._fisher_vector_product(trainer._fisher_logits(fisher), fisher.response_mask, params)
+        fvp(torch.ones(sum(p.numel() for p in params), device=trainer.device))
     with double_backward_attention(trainer.actor_critic.peft_model):
         seconds["fwd_bwd_math_s"], _ = time_forward_backward(trainer, batch)
     with stopwatch(trainer.device, seconds, "forward_s"), torch.no_grad():
@@ -152,7 +156,8 @@ def main(argv=None) -> int:
                                   fvp_method=args.fvp_method, cg_damping=args.cg_damping, max_kl=args.max_kl),
                        model, tokenizer, reward, prompts)
     # The PPO trainer shares the TRPO trainer's PeftModel: the same policy tensors, the same rollout.
-    ppo_config = PPOConfig(**common, ppo_epochs=args.ppo_epochs, num_minibatches=args.num_minibatches)
+    ppo_config = PPOConfig(**common, ppo_epochs=args.ppo_epochs, num_minibatches=args.num_minibatches,
+                           learning_rate=args.ppo_learning_rate)
     ppo = PPOTrainer(ppo_config, trpo.actor_critic.peft_model, trpo.tokenizer, reward, prompts)
     batch, _ = trpo.collect_batch()
     params = trpo.actor_critic.policy_parameters()
@@ -201,6 +206,8 @@ def main(argv=None) -> int:
         "trpo_accepted": median("trpo:trpo/accepted"),
         "trpo_line_search_iters": median("trpo:trpo/line_search_iters"),
         "trpo_step_frac": median("trpo:trpo/step_frac"),
+        "trpo_surrogate_gain": median("trpo:trpo/surrogate_gain"),
+        "ppo_surrogate_gain": median("ppo:ppo/surrogate_gain"),
         "ppo_epoch_s": median("ppo_epoch_s"),
         "ppo_measure_kl_s": median("ppo:time/policy_measure_kl"),
         "ppo_kl": median("ppo:ppo/kl"),
@@ -214,13 +221,14 @@ def main(argv=None) -> int:
         "cg_damping": args.cg_damping,
         "ppo_epochs": args.ppo_epochs,
         "num_minibatches": args.num_minibatches,
+        "ppo_learning_rate": args.ppo_learning_rate,
         "torch": torch.__version__,
     }
     result["update_time_ratio"] = result["trpo_update_s"] / result["ppo_update_s"]
     result["peak_mb_ratio"] = result["trpo_peak_mb"] / result["ppo_peak_mb"] if result["ppo_peak_mb"] > 0 else float("nan")
     result["fvp_over_bwd"] = result["fvp_s"] / result["bwd_s"]
     result["fvp_over_fwd_bwd"] = result["fvp_s"] / result["fwd_bwd_s"]
-    line = json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})
+    line = json.dumps({k: float(f"{v:.5g}") if isinstance(v, float) else v for k, v in result.items()})  # 5 significant digits
     print(line)
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ from trpo_rlhf.config import TRPOConfig
 from trpo_rlhf.models import LoraActorCritic, double_backward_attention
 from trpo_rlhf.rollout import Rollout, response_mask_from_ids
 from trpo_rlhf.toy import build_tiny_lm
-from trpo_rlhf.trust_region import categorical_kl, fisher_vector_product, flat_concat, gauss_newton_fvp
+from trpo_rlhf.trust_region import LinearizedLogits, categorical_kl, fisher_vector_product, flat_concat, flat_grad, gauss_newton_fvp
 
 TEMPERATURE = 0.8
 
@@ -43,11 +43,12 @@ def padded_batch(tokenizer):
     )
 
 
-def brute_force_fisher(actor_critic, batch):
-    """F = mean over valid tokens of J_t^T (diag p_t - p_t p_t^T) J_t, with J_t = d logits_t / d theta
-    from explicit Jacobians (the Gauss-Newton form of the KL Hessian, DESIGN §2)."""
+def jacobian_of_logits(actor_critic, batch):
+    """J = d logits / d theta of the policy's response logits, explicitly: [B, T, V, n], with theta
+    the flat policy LoRA tensors in `policy_parameters()` order."""
     named = [(n, p) for n, p in actor_critic.peft_model.named_parameters() if any(p is q for q in actor_critic.policy_parameters())]
     names, tensors = zip(*named)
+    assert all(a is b for a, b in zip(tensors, actor_critic.policy_parameters()))
     shapes = [t.shape for t in tensors]
     theta0 = flat_concat(tensors).detach()
     inputs = batch.model_inputs()
@@ -62,11 +63,17 @@ def brute_force_fisher(actor_critic, batch):
         out = functional_call(actor_critic.peft_model, params, kwargs=dict(inputs, logits_to_keep=T + 1, use_cache=False))
         return out.logits[:, :-1] / TEMPERATURE
 
-    jac = jacrev(logits_of)(theta0)  # [B, T, V, n]
-    probs = torch.softmax(logits_of(theta0), dim=-1)
-    fisher = torch.zeros(theta0.numel(), theta0.numel(), dtype=torch.float32)
+    return jacrev(logits_of)(theta0), logits_of(theta0)
+
+
+def brute_force_fisher(actor_critic, batch):
+    """F = mean over valid tokens of J_t^T (diag p_t - p_t p_t^T) J_t, with J_t = d logits_t / d theta
+    from explicit Jacobians (the Gauss-Newton form of the KL Hessian, DESIGN §2)."""
+    jac, logits = jacobian_of_logits(actor_critic, batch)
+    probs = torch.softmax(logits, dim=-1)
+    fisher = torch.zeros(jac.shape[-1], jac.shape[-1], dtype=torch.float32)
     for b in range(jac.shape[0]):
-        for t in range(T):
+        for t in range(jac.shape[1]):
             if batch.response_mask[b, t] > 0:
                 p = probs[b, t]
                 M = torch.diag(p) - torch.outer(p, p)
@@ -80,7 +87,7 @@ def build_fvp(actor_critic, batch, damping=0.0, method="kl_hessian"):
         logits = actor_critic.policy_logits(**batch.model_inputs(), temperature=TEMPERATURE)
     params, mask = actor_critic.policy_parameters(), batch.response_mask
     if method == "gauss_newton":
-        return gauss_newton_fvp(logits, mask / mask.sum(), params, damping)
+        return gauss_newton_fvp(LinearizedLogits(logits, params), mask / mask.sum(), damping)
     logp = torch.log_softmax(logits, dim=-1)
     mean_kl = masked_mean(categorical_kl(logp.detach(), logp), mask)
     return fisher_vector_product(mean_kl, params, damping)
@@ -101,6 +108,31 @@ def test_fvp_matches_brute_force_fisher(word_tokenizer, attn_implementation, met
         expected = fisher @ v
         relative_error = ((fvp(v) - expected).norm() / expected.norm()).item()
         assert relative_error <= 1e-4, relative_error
+
+
+def test_linearized_logits_products_and_the_gradient_from_its_build(word_tokenizer):
+    """J v and J^T w against explicit Jacobians, and the value of the build at u = dL/dlogits is
+    dL/dtheta itself: the trainer takes TRPO's gradient from the Fisher's graph this way."""
+    actor_critic = tiny_actor_critic(word_tokenizer, "sdpa")
+    batch = padded_batch(word_tokenizer)
+    params = actor_critic.policy_parameters()
+    with double_backward_attention(actor_critic.peft_model):
+        logits = actor_critic.policy_logits(**batch.model_inputs(), temperature=TEMPERATURE)
+    advantages = torch.randn(batch.response_mask.shape, generator=torch.Generator().manual_seed(1))
+    loss = masked_mean(torch.log_softmax(logits, -1).gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1) * advantages,
+                       batch.response_mask)
+    expected_grad = flat_grad(loss, params, retain_graph=True)
+    (loss_logits_grad,) = torch.autograd.grad(loss, logits)
+    jacobian = LinearizedLogits(logits, params, at=loss_logits_grad)
+    assert expected_grad.norm() > 0
+    torch.testing.assert_close(jacobian.vjp_at, expected_grad, rtol=1e-5, atol=1e-8)
+
+    with double_backward_attention(actor_critic.peft_model):
+        jac, _ = jacobian_of_logits(actor_critic, batch)  # [B, T, V, n]
+    g = torch.Generator().manual_seed(2)
+    v, w = torch.randn(jac.shape[-1], generator=g), torch.randn(logits.shape, generator=g)
+    torch.testing.assert_close(jacobian.jvp(v), jac @ v, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(jacobian.vjp(w), torch.einsum("btvn,btv->n", jac, w), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["kl_hessian", "gauss_newton"])
@@ -140,7 +172,7 @@ def test_gauss_newton_fvp_needs_the_double_backward_path_too(word_tokenizer):
     actor_critic = tiny_actor_critic(word_tokenizer, "sdpa")
     batch = padded_batch(word_tokenizer)
     logits = actor_critic.policy_logits(**batch.model_inputs())
-    fvp = gauss_newton_fvp(logits, batch.response_mask / batch.response_mask.sum(), actor_critic.policy_parameters(), 0.0)
+    fvp = gauss_newton_fvp(LinearizedLogits(logits, actor_critic.policy_parameters()), batch.response_mask / batch.response_mask.sum(), 0.0)
     with pytest.raises(RuntimeError, match="not implemented"):
         fvp(torch.ones(sum(p.numel() for p in actor_critic.policy_parameters())))
 

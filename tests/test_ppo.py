@@ -4,6 +4,7 @@ from conftest import bitwise_equal, policy_snapshot, toy_eval_reward
 
 from trpo_rlhf import PPOConfig, PPOTrainer, TRPOConfig, TRPOTrainer
 from trpo_rlhf.ppo import clipped_surrogate_loss
+from trpo_rlhf.rollout import token_logprobs
 from trpo_rlhf.toy import TOY_PROMPTS, WordCountReward, build_tiny_lm
 
 SHARED = dict(max_steps=3, batch_size=8, max_new_tokens=6, seed=0, lora_target_modules=["q_proj", "v_proj", "lm_head"],
@@ -54,12 +55,31 @@ def test_ppo_metrics_and_critic_isolation(tmp_path, word_tokenizer):
     policy_before = policy_snapshot(trainer)
     trainer.config.value_epochs = 0  # isolate the policy update
     stats = trainer.step()
-    for key in ("ppo/kl", "ppo/clipfrac", "ppo/epochs_run", "reward/mean", "kl/ref", "kl/coef", "value/loss",
+    for key in ("ppo/kl", "ppo/surrogate_gain", "ppo/clipfrac", "ppo/epochs_run", "reward/mean", "kl/ref", "kl/coef", "value/loss",
                 "policy/entropy", "time/policy_update", "memory/peak_mb"):
         assert key in stats, key
     assert stats["ppo/kl"] > 0 and 0 <= stats["ppo/clipfrac"] <= 1 and stats["ppo/epochs_run"] == 4
     assert not bitwise_equal(policy_before, policy_snapshot(trainer))
     assert bitwise_equal(value_before, [p.detach() for p in trainer.actor_critic.value_parameters()])
+
+
+def test_ppo_surrogate_gain_is_trpos_surrogate_measured_by_hand(tmp_path, word_tokenizer):
+    """`ppo/surrogate_gain` is L(theta_new) - L(theta_old) of TRPO's surrogate on the batch, so the
+    benchmark can set the two updates' gains side by side."""
+    trainer = make_ppo(tmp_path, word_tokenizer, learning_rate=1e-2)
+    batch, _ = trainer.collect_batch()
+
+    def surrogate_now() -> float:
+        with torch.no_grad():
+            logp = token_logprobs(trainer.policy_logits(batch), batch.response_ids)
+        ratio_times_advantage = torch.exp(logp - batch.logp_old) * batch.advantages
+        return ((ratio_times_advantage * batch.response_mask).sum() / batch.response_mask.sum()).item()
+
+    before = surrogate_now()
+    stats = trainer.policy_update(batch)
+    gain = surrogate_now() - before
+    assert abs(gain) > 1e-4  # the policy moved
+    assert stats["ppo/surrogate_gain"] == pytest.approx(gain, rel=1e-4, abs=1e-7)
 
 
 def test_target_kl_stops_the_epochs_early(tmp_path, word_tokenizer):

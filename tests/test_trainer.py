@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 
@@ -223,6 +224,28 @@ def test_fvp_subsample_uses_a_fraction_of_sequences(make_trainer):
     assert len(batch) == 2
     stats = trainer.step()
     assert stats["trpo/fvp_count"] >= 1
+
+
+def test_gradient_from_the_fishers_graph_equals_the_gradient_of_its_own_pass(make_trainer):
+    """With the whole batch's Fisher, g is the value of the Fisher's graph built at dL/dlogits
+    (both FVP forms share that forward); with a subsampled Fisher, g has its own forward and
+    backward. The same vector either way, on the whole batch."""
+    trainer = make_trainer()
+    batch, _ = trainer.collect_batch()
+    params = trainer.actor_critic.policy_parameters()
+    origin = [p.detach().clone() for p in params]
+    stats = {}
+    for setting in ({"fvp_method": "gauss_newton"}, {"fvp_method": "kl_hessian"}, {"fvp_subsample": 0.5}):
+        trainer.config = TRPOConfig(**(dataclasses.asdict(trainer.config) | setting))
+        stats[str(setting)] = trainer.policy_update(batch)
+        with torch.no_grad():
+            for p, o in zip(params, origin):
+                p.copy_(o)
+    norms = [s["trpo/grad_norm"] for s in stats.values()]
+    surrogates = [s["trpo/surrogate_old"] for s in stats.values()]
+    assert norms[0] > 0
+    assert norms == pytest.approx([norms[0]] * 3, rel=1e-5)
+    assert surrogates == pytest.approx([surrogates[0]] * 3, rel=1e-4, abs=1e-7)
 
 
 def test_tiny_model_learns_word_count_reward_in_30_steps(tmp_path, word_tokenizer):

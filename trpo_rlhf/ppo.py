@@ -89,7 +89,7 @@ class PPOTrainer(RLTrainer):
         timer = PhaseTimer()
         with torch.no_grad():
             logp_all_old = self.policy_log_probs(batch)  # pi_old over the vocabulary, for ppo/kl
-        losses, clip_fractions, epochs_run, kl = [], [], 0, 0.0
+        losses, clip_fractions, epochs_run = [], [], 0
         minibatch_size = -(-len(batch) // cfg.num_minibatches)
         for _ in range(cfg.ppo_epochs):
             with timer("epochs"):
@@ -108,14 +108,16 @@ class PPOTrainer(RLTrainer):
                     clip_fractions.append(clip_fraction.item())
             epochs_run += 1
             if cfg.target_kl is not None:
-                kl = self.measured_policy_kl(batch, logp_all_old)
+                gain, kl = self.measure_policy_change(batch, logp_all_old)
                 if kl > cfg.target_kl:
                     break
         if cfg.target_kl is None:
             with timer("measure_kl"):
-                kl = self.measured_policy_kl(batch, logp_all_old)
+                gain, kl = self.measure_policy_change(batch, logp_all_old)
         return {
             "ppo/kl": kl,
+            # L(theta_new) - L(theta_old) of TRPO's surrogate, measured as TRPO measures its step.
+            "ppo/surrogate_gain": gain,
             "ppo/clipfrac": sum(clip_fractions) / len(clip_fractions),
             "ppo/epochs_run": float(epochs_run),
             "ppo/policy_loss": sum(losses) / len(losses),

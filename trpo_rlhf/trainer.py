@@ -40,6 +40,8 @@ from .prompts import prompts_from_dataset
 from .rewards import RewardFn, build_reward_fn, score_batch
 from .rollout import Rollout, evaluate_rollout, gather_tokens, sample_completions, token_logprobs
 from .trust_region import (
+    DampedFisherProduct,
+    LinearizedLogits,
     backtracking_line_search,
     categorical_kl,
     cg_solve,
@@ -351,15 +353,30 @@ class RLTrainer:
         logits = self.policy_logits(batch)
         return torch.log_softmax(logits, dim=-1) if torch.is_grad_enabled() else log_softmax_(logits)
 
+    @staticmethod
+    def surrogate(batch: Rollout, logp: torch.Tensor) -> torch.Tensor:
+        """L = mean over valid tokens of exp(logp_theta - logp_old) * A_t (DESIGN §2), `logp` the
+        log-probs of the taken tokens."""
+        return masked_mean(torch.exp(logp - batch.logp_old) * batch.advantages, batch.response_mask)
+
     @torch.no_grad()
     def measured_policy_kl(self, batch: Rollout, logp_all_old: torch.Tensor, logp_all: torch.Tensor | None = None) -> float:
         """Mean over valid tokens of the exact KL(pi_old || pi_theta) over the vocabulary, averaged
-        across processes; `logp_all` is pi_theta's (a forward at the current parameters when None).
-        `trpo/kl` and `ppo/kl` both come from here."""
+        across processes; `logp_all` is pi_theta's (a forward at the current parameters when None)."""
         if logp_all is None:
             logp_all = self.policy_log_probs(batch)
         kl = masked_mean(categorical_kl(logp_all_old, logp_all, chunk_size=KL_CHUNK_POSITIONS), batch.response_mask)
         return self.reduce_mean(kl).item()
+
+    @torch.no_grad()
+    def measure_policy_change(self, batch: Rollout, logp_all_old: torch.Tensor) -> tuple[float, float]:
+        """(L(theta) - L(theta_old), mean KL(pi_old || pi_theta)) on `batch`, from one forward at the
+        current parameters, averaged across processes. TRPO's line search and PPO's `ppo/kl` and
+        `ppo/surrogate_gain` all come from here, so the two updates are measured alike."""
+        logp_all = self.policy_log_probs(batch)
+        actions = batch.response_ids
+        gain = self.surrogate(batch, gather_tokens(logp_all, actions)) - self.surrogate(batch, gather_tokens(logp_all_old, actions))
+        return self.reduce_mean(gain).item(), self.measured_policy_kl(batch, logp_all_old, logp_all)
 
     def _progress_fields(self, stats: dict[str, float]) -> dict[str, str]:
         return {}
@@ -396,17 +413,21 @@ class TRPOTrainer(RLTrainer):
             return batch
         return batch.select(torch.randperm(len(batch), generator=self.minibatch_generator)[:n])
 
-    def _fisher_vector_product(self, fisher: Rollout, params: list[torch.nn.Parameter]):
-        """v -> (F + cI) v on the sequences of `fisher`, F the Fisher of the mean per-token KL at
-        theta_old; its graph is built here, once, and every CG iteration reuses it. Attention runs
-        on the double-backward-capable path for this forward only (both methods differentiate a
-        gradient)."""
-        cfg: TRPOConfig = self.config
-        mask = fisher.response_mask
+    def _fisher_logits(self, batch: Rollout) -> torch.Tensor:
+        """The policy's logits with a graph, attention on the double-backward-capable path (both
+        Fisher forms differentiate a gradient; the fused kernels cannot)."""
         with double_backward_attention(self.actor_critic.peft_model):
-            logits = self.actor_critic.policy_logits(**fisher.model_inputs(), temperature=cfg.temperature)
+            return self.policy_logits(batch)
+
+    def _fisher_vector_product(self, logits: torch.Tensor, mask: torch.Tensor, params: list[torch.nn.Parameter],
+                               jacobian: LinearizedLogits | None = None) -> DampedFisherProduct:
+        """v -> (F + cI) v, F the Fisher of the mean per-token KL at theta_old over the sequences
+        whose `logits` (from `_fisher_logits`) are given; its graph is built here, once, and every CG
+        iteration reuses it. A `jacobian` already built on these logits is reused."""
+        cfg: TRPOConfig = self.config
         if cfg.fvp_method == "gauss_newton":
-            return gauss_newton_fvp(logits, mask / mask.sum().clamp(min=1), params, cfg.cg_damping, reduce=self.reduce_mean)
+            jacobian = jacobian or LinearizedLogits(logits, params)
+            return gauss_newton_fvp(jacobian, mask / mask.sum().clamp(min=1), cfg.cg_damping, reduce=self.reduce_mean)
         logp = torch.log_softmax(logits, dim=-1)
         # KL(stop_grad(pi) || pi): zero value and gradient at theta_old, Hessian = Fisher.
         mean_kl = masked_mean(categorical_kl(logp.detach(), logp), mask)
@@ -416,31 +437,45 @@ class TRPOTrainer(RLTrainer):
         """One TRPO step (DESIGN §2):
 
         1. g = grad L(theta_old), L = mean_t exp(logp_theta - logp_old) * A_t;
-        2. x ~ (F + cI)^-1 g by CG, F v by double backprop through one KL graph built once;
+        2. x ~ (F + cI)^-1 g by CG, F v = J^T M J v (or by double backprop) over one graph built
+           once: the very forward g came from when the Fisher uses the whole batch;
         3. full step s = sqrt(2 delta / x^T F x) x, so that 1/2 s^T F s = delta;
         4. backtracking on the measured exact KL and the surrogate; exact restore on failure.
         """
         cfg: TRPOConfig = self.config
         actor_critic = self.actor_critic
         params = actor_critic.policy_parameters()
-        mask, actions, advantages = batch.response_mask, batch.response_ids, batch.advantages
         timer = PhaseTimer()
 
-        def surrogate_of(logp: torch.Tensor) -> torch.Tensor:
-            return masked_mean(torch.exp(logp - batch.logp_old) * advantages, mask)
-
+        fisher_batch = self._fisher_batch(batch)
+        # With the Fisher on the whole batch, one forward serves g and F: g = J^T dL/dlogits is a
+        # backward over the very graph the products reuse, and the Gauss-Newton form builds its
+        # graph at u = dL/dlogits, so g is the value of that build (a forward and a backward fewer).
+        shared_forward = fisher_batch is batch
+        jacobian = None
         with timer("gradient"):
-            logits = self.policy_logits(batch)
-            surrogate = surrogate_of(token_logprobs(logits, actions))
-            grad = self.reduce_mean(flat_grad(surrogate, params))
+            logits = self._fisher_logits(batch) if shared_forward else self.policy_logits(batch)
+            surrogate = self.surrogate(batch, token_logprobs(logits, batch.response_ids))
             surrogate_old = self.reduce_mean(surrogate.detach()).item()
-            # pi_old over the vocabulary, for the line-search KL: the gradient's own logits, turned
-            # into log-probs in place once their graph is freed (no second forward, no copy).
-            logp_all_old = log_softmax_(logits.detach())
-            del logits, surrogate
+            if shared_forward and cfg.fvp_method == "gauss_newton":
+                (surrogate_logits_grad,) = torch.autograd.grad(surrogate, logits)
+                jacobian = LinearizedLogits(logits, params, at=surrogate_logits_grad)
+                grad = jacobian.vjp_at
+                del surrogate_logits_grad
+            else:
+                grad = flat_grad(surrogate, params, retain_graph=shared_forward)
+            grad = self.reduce_mean(grad)
+            del surrogate
 
         with timer("fvp_graph"):
-            fvp = self._fisher_vector_product(self._fisher_batch(batch), params)
+            fisher_logits = logits if shared_forward else self._fisher_logits(fisher_batch)
+            fvp = self._fisher_vector_product(fisher_logits, fisher_batch.response_mask, params, jacobian)
+            del fisher_logits, jacobian
+            # pi_old over the vocabulary, for the line-search KL: the gradient's own logits, turned
+            # into log-probs in place once the Fisher has taken its probabilities from them (no
+            # second forward, no copy; nothing left in any graph reads these values).
+            logp_all_old = log_softmax_(logits.detach())
+            del logits
 
         with timer("cg"):
             # The tolerance is relative: LoRA gradients can be far smaller than any absolute one.
@@ -466,18 +501,12 @@ class TRPOTrainer(RLTrainer):
         full_step = math.sqrt(2 * cfg.max_kl / x_fx) * cg.x
         expected_gain = torch.dot(grad, full_step).item()
 
-        @torch.no_grad()
-        def evaluate() -> tuple[float, float]:
-            logp_all = self.policy_log_probs(batch)
-            gain = self.reduce_mean(surrogate_of(gather_tokens(logp_all, actions)) - surrogate_old).item()
-            return gain, self.measured_policy_kl(batch, logp_all_old, logp_all)
-
         with timer("line_search"):
             result = backtracking_line_search(
                 params,
                 full_step,
                 expected_gain,
-                evaluate,
+                lambda: self.measure_policy_change(batch, logp_all_old),
                 max_kl=cfg.max_kl,
                 kl_tolerance=cfg.kl_tolerance,
                 backtrack_coef=cfg.backtrack_coef,

@@ -163,44 +163,68 @@ class DampedFisherProduct:
         return self.reduce(self.fisher_product(v).float()) + self.damping * v
 
 
+class LinearizedLogits:
+    """The Jacobian J = d logits / d theta at theta_old, applied by passes over retained graphs:
+    `jvp(v)` = J v and `vjp(w)` = J^T w, both flat over `params`.
+
+    J v is the derivative in u of the linear map u -> J^T u, whose graph is built once here (one
+    backward with create_graph) at u = `at` (zeros by default) and then reused by every `jvp`. Its
+    value there, `vjp_at` = J^T at, comes with the build: given at = dL/dlogits it is the gradient
+    of L, so an update that needs both g and the Fisher pays one backward for the two.
+
+        >>> theta = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> logits = torch.stack([theta[0] * theta[1], 3 * theta[1]])     # J = [[2, 1], [0, 3]]
+        >>> jac = LinearizedLogits(logits, [theta], at=torch.tensor([1.0, 1.0]))
+        >>> jac.jvp(torch.tensor([1.0, 0.0])).tolist(), jac.vjp_at.tolist()
+        ([2.0, 0.0], [2.0, 4.0])
+    """
+
+    def __init__(self, logits: torch.Tensor, params: Params, at: torch.Tensor | None = None):
+        self.logits, self.params = logits, list(params)
+        self._u = (torch.zeros_like(logits) if at is None else at.detach().to(logits.dtype)).requires_grad_()
+        jt_u = torch.autograd.grad(logits, self.params, grad_outputs=self._u, create_graph=True, allow_unused=True)
+        self._reached = [i for i, g in enumerate(jt_u) if g is not None]  # J v ignores v on unreached tensors
+        self._jt_u = [jt_u[i] for i in self._reached]
+        self.vjp_at = flat_concat([torch.zeros_like(p) if g is None else g.detach() for g, p in zip(jt_u, self.params)])
+
+    def jvp(self, v: torch.Tensor) -> torch.Tensor:
+        """J v, shaped like the logits."""
+        v_parts = split_like(v, self.params)
+        (jv,) = torch.autograd.grad(
+            self._jt_u, self._u, grad_outputs=[v_parts[i].to(g.dtype) for i, g in zip(self._reached, self._jt_u)], retain_graph=True
+        )
+        return jv
+
+    def vjp(self, w: torch.Tensor) -> torch.Tensor:
+        """J^T w, flat; `w` is shaped like the logits."""
+        return flat_grad(self.logits, self.params, grad_outputs=w.to(self.logits.dtype), retain_graph=True)
+
+
 def gauss_newton_fvp(
-    logits: torch.Tensor,
+    jacobian: LinearizedLogits,
     weights: torch.Tensor,
-    params: Params,
     damping: float,
     reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """v -> (F + damping I) v with F = J^T M J, the Fisher of the weighted KL(pi_old || pi_theta)
     at theta_old in its Gauss-Newton form (Martens 2014; Schraudolph 2002).
 
-    `logits` [..., V] are the policy's (temperature-scaled) logits at theta_old with their graph;
+    `jacobian` linearizes the policy's (temperature-scaled) logits [..., V] at theta_old;
     `weights` [...] weigh each position (1/number of valid tokens for the mean KL, 0 for padding).
-    J = d logits / d theta and M = sum_n w_n (diag(p_n) - p_n p_n^T), the Hessian of the KL in the
-    logits, p = softmax(logits). This is exactly the Hessian of the mean KL at theta_old: the other
-    term of that Hessian, sum (dKL/dlogits) d^2 logits/dtheta^2, vanishes there because
-    dKL/dlogits = p_theta - p_old = 0. The double-backward form (`fisher_vector_product`) still
-    pays for that zero term through every layer; this one does not.
-
-    Each product is two passes over the retained graph: J v by differentiating the linear map
-    u -> J^T u (built once, create_graph) with respect to u, then J^T (M J v) by one backward.
-    The returned callable counts its calls in `.calls`.
+    M = sum_n w_n (diag(p_n) - p_n p_n^T) is the Hessian of the KL in the logits, p = softmax(logits).
+    This is exactly the Hessian of the mean KL at theta_old: the other term of that Hessian,
+    sum (dKL/dlogits) d^2 logits/dtheta^2, vanishes there because dKL/dlogits = p_theta - p_old = 0.
+    The double-backward form (`fisher_vector_product`) still pays for that zero term through every
+    layer; this one does not. Each product is two passes over the retained graphs: J v, then
+    J^T (M J v). The returned callable counts its calls in `.calls`.
     """
-    probs = torch.softmax(logits.detach().float(), dim=-1)
+    probs = torch.softmax(jacobian.logits.detach().float(), dim=-1)
     weights = weights.to(probs.dtype).unsqueeze(-1)
-    dummy = torch.zeros_like(logits, requires_grad=True)
-    # J^T u as a function of u: linear, so differentiating it in u gives J v for any v.
-    jt_dummy = torch.autograd.grad(logits, params, grad_outputs=dummy, create_graph=True, allow_unused=True)
-    reached = [i for i, g in enumerate(jt_dummy) if g is not None]  # v on unreached tensors: J v ignores it
 
     def fisher_product(v: torch.Tensor) -> torch.Tensor:
-        v_parts = split_like(v, params)
-        (jv,) = torch.autograd.grad(
-            [jt_dummy[i] for i in reached], dummy, grad_outputs=[v_parts[i].to(jt_dummy[i].dtype) for i in reached], retain_graph=True
-        )
-        jv = jv.float()
+        jv = jacobian.jvp(v).float()
         # (diag(p) - p p^T) Jv per position, weighted, in float32 whatever the model's dtype.
-        mjv = weights * probs * (jv - (probs * jv).sum(dim=-1, keepdim=True))
-        return flat_grad(logits, params, grad_outputs=mjv.to(logits.dtype), retain_graph=True)
+        return jacobian.vjp(weights * probs * (jv - (probs * jv).sum(dim=-1, keepdim=True)))
 
     return DampedFisherProduct(fisher_product, damping, reduce)
 

@@ -1,0 +1,153 @@
+"""What does a cheaper trust-region update cost in step quality? The same TRPO update, with fewer
+conjugate-gradient iterations or a subsampled Fisher, on the batches of one real training run.
+
+    python recipes/step_quality.py --model embedded --probe_steps 1 4 8 \\
+        --cg_iters 1 2 3 4 6 15 --fvp_subsample 0.5 0.25 --output recipes/results/step_quality_cpu
+    python recipes/step_quality.py --model tiny --probe_steps 1 2 --cg_iters 1 3    # a quick look
+
+TRPO trains with its defaults (`TRPOConfig`) for max(--probe_steps) steps. On each probe step,
+before the run's own update, every variant runs its policy update on that step's batch from the
+same parameters: `cg_iters` = each of --cg_iters with the whole batch's Fisher, and
+`fvp_subsample` = each of --fvp_subsample at the default cg_iters; the default itself is always
+probed. The parameters and the minibatch generator are restored bitwise after each, so the run is
+the one an unprobed run would be.
+
+What a step buys is the surrogate gain L(theta_new) - L(theta_old) at a measured KL inside the
+trust region: for the same KL, a better solve of (F + cI) x = g buys more. Writes probes.jsonl (one
+line per variant and step) and summary.md (per variant: median update seconds, mean surrogate gain
+and its mean ratio to the default's on the same batch, median measured KL and line-search points).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmark import build_task  # recipes/ is on sys.path when this file runs as a script
+
+from trpo_rlhf import TRPOConfig, TRPOTrainer
+from trpo_rlhf.trust_region import restore, snapshot
+
+DEFAULT = TRPOConfig()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="embedded", help="'tiny', 'embedded' (SmolLM2-135M, offline), or a hub id / local path.")
+    parser.add_argument("--batch_size", type=int, default=DEFAULT.batch_size)
+    parser.add_argument("--max_new_tokens", type=int, default=DEFAULT.max_new_tokens)
+    parser.add_argument("--probe_steps", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--cg_iters", type=int, nargs="*", default=[1, 2, 3, 4, 6, 15])
+    parser.add_argument("--fvp_subsample", type=float, nargs="*", default=[0.5, 0.25])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, required=True, help="Directory for probes.jsonl and summary.md.")
+    args = parser.parse_args(argv)
+    if min(args.probe_steps) < 1:
+        parser.error(f"--probe_steps {args.probe_steps}: steps count from 1.")
+    return args
+
+
+def variants(cg_iters: list[int], fvp_subsample: list[float]) -> list[dict]:
+    """The default first, then each cheaper (or dearer) setting, one field changed at a time."""
+    chosen = [{"cg_iters": DEFAULT.cg_iters, "fvp_subsample": DEFAULT.fvp_subsample}]
+    chosen += [{"cg_iters": k, "fvp_subsample": DEFAULT.fvp_subsample} for k in cg_iters]
+    chosen += [{"cg_iters": DEFAULT.cg_iters, "fvp_subsample": s} for s in fvp_subsample]
+    unique = []
+    for v in chosen:
+        if v not in unique:
+            unique.append(v)
+    return unique
+
+
+class ProbingTRPOTrainer(TRPOTrainer):
+    """A TRPO trainer that, on `probe_steps`, first runs each variant's update on the step's batch
+    and undoes it, then takes its own (default) update."""
+
+    def __init__(self, *args, probe_steps: set[int], probe_variants: list[dict], record, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.probe_steps, self.probe_variants, self.record = probe_steps, probe_variants, record
+
+    def policy_update(self, batch):
+        step = self.global_step + 1
+        if step in self.probe_steps:
+            params, own_config = self.actor_critic.policy_parameters(), self.config
+            origin, generator_state = snapshot(params), self.minibatch_generator.get_state()
+            try:
+                for variant in self.probe_variants:
+                    self.config = dataclasses.replace(own_config, **variant)
+                    start = time.perf_counter()
+                    stats = super().policy_update(batch)
+                    seconds = time.perf_counter() - start
+                    restore(params, origin)
+                    self.minibatch_generator.set_state(generator_state)
+                    self.record({"step": step, **variant, "update_s": seconds,
+                                 **{k: v for k, v in stats.items() if k.startswith("trpo/")}})
+            finally:
+                self.config = own_config
+        return super().policy_update(batch)
+
+
+def summarize(rows: list[dict]) -> str:
+    """A markdown table, one row per variant, the gain relative to the default on the same batch."""
+    key = lambda r: (r["cg_iters"], r["fvp_subsample"])  # noqa: E731
+    default_gain = {r["step"]: r["trpo/surrogate_gain"] for r in rows
+                    if key(r) == (DEFAULT.cg_iters, DEFAULT.fvp_subsample)}
+    lines = ["| cg_iters | fvp_subsample | update s (median) | surrogate gain (mean) | gain / default's (mean) "
+             "| measured KL (median) | accepted | line-search points (median) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for variant in dict.fromkeys(key(r) for r in rows):
+        group = [r for r in rows if key(r) == variant]
+        ratios = [r["trpo/surrogate_gain"] / default_gain[r["step"]] for r in group if default_gain.get(r["step"])]
+        cells = [
+            str(variant[0]),
+            str(variant[1]),
+            f"{statistics.median(r['update_s'] for r in group):.2f}",
+            f"{statistics.mean(r['trpo/surrogate_gain'] for r in group):.3f}",
+            f"{statistics.mean(ratios):.2f}" if ratios else "n/a",
+            f"{statistics.median(r['trpo/kl'] for r in group):.4f}",
+            f"{sum(r['trpo/accepted'] for r in group):.0f}/{len(group)}",
+            f"{statistics.median(r['trpo/line_search_iters'] for r in group):.0f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from trpo_rlhf.sentiment import use_all_cpu_cores
+
+    use_all_cpu_cores()
+    args.output.mkdir(parents=True, exist_ok=True)
+    probes_path = args.output / "probes.jsonl"
+    rows: list[dict] = []
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        with open(probes_path, "w" if len(rows) == 1 else "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"step {row['step']} cg_iters={row['cg_iters']} fvp_subsample={row['fvp_subsample']}: "
+              f"{row['update_s']:.1f} s, KL {row['trpo/kl']:.4f}, gain {row['trpo/surrogate_gain']:.4f}", file=sys.stderr)
+
+    model, tokenizer, reward, prompts = build_task(args.model, args.seed)
+    config = TRPOConfig(output_dir=tempfile.mkdtemp(prefix="trpo_step_quality_"), seed=args.seed, batch_size=args.batch_size,
+                        max_new_tokens=args.max_new_tokens, max_steps=max(args.probe_steps))
+    trainer = ProbingTRPOTrainer(config, model, tokenizer, reward, prompts, probe_steps=set(args.probe_steps),
+                                 probe_variants=variants(args.cg_iters, args.fvp_subsample), record=record)
+    while trainer.global_step < config.max_steps:
+        trainer.step()
+    table = summarize(rows)
+    (args.output / "summary.md").write_text(
+        f"Model {args.model}, batch {args.batch_size}, {args.max_new_tokens} new tokens, seed {args.seed}, "
+        f"probe steps {sorted(set(args.probe_steps))}; every other setting at the TRPOConfig default.\n\n{table}\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
