@@ -42,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=16, help="Prompts per step, the same for every algorithm.")
     parser.add_argument("--max_new_tokens", type=int, default=None, help="Default: 8 (toy), 24 (sentiment).")
     parser.add_argument("--max_kl", type=float, default=None, help="TRPO's delta. Default: 0.05 (toy), 0.02 (sentiment).")
+    parser.add_argument("--cg_iters", type=int, default=None,
+                        help="TRPO's conjugate-gradient iterations. Default: TRPOConfig's (10); 3 makes its update cost what PPO's does.")
     parser.add_argument("--learning_rate", type=float, default=None, help="PPO's (ours and TRL's). Default: 1e-3 (toy), 1e-4 (sentiment).")
     parser.add_argument("--ppo_epochs", type=int, default=4)
     parser.add_argument("--kl_target", type=float, default=None, help="Count updates whose KL(pi_old||pi_new) exceeds this. Default: max_kl.")
@@ -90,7 +92,8 @@ def run_worker(args: argparse.Namespace, output_dir: Path) -> None:
         model, tokenizer, reward_fn, prompts = task.model, None, task.reward_model, task.prompts
 
     if args.worker == "trpo":
-        TRPOTrainer(TRPOConfig(**common, max_kl=args.max_kl), model, tokenizer, reward_fn, prompts).train()
+        cg_iters = {} if args.cg_iters is None else {"cg_iters": args.cg_iters}
+        TRPOTrainer(TRPOConfig(**common, max_kl=args.max_kl, **cg_iters), model, tokenizer, reward_fn, prompts).train()
     elif args.worker == "ppo":
         config = PPOConfig(**common, learning_rate=args.learning_rate, ppo_epochs=args.ppo_epochs)
         PPOTrainer(config, model, tokenizer, reward_fn, prompts).train()
@@ -111,9 +114,9 @@ def worker_command(args: argparse.Namespace, algorithm: str, seed: int, output_d
                "--task", args.task, "--steps", str(args.steps), "--batch_size", str(args.batch_size),
                "--max_new_tokens", str(args.max_new_tokens), "--max_kl", str(args.max_kl),
                "--learning_rate", str(args.learning_rate), "--ppo_epochs", str(args.ppo_epochs)]
-    for flag in ("model_name_or_path", "reward_model", "dataset"):
+    for flag in ("model_name_or_path", "reward_model", "dataset", "cg_iters"):
         if getattr(args, flag) is not None:
-            command += [f"--{flag}", getattr(args, flag)]
+            command += [f"--{flag}", str(getattr(args, flag))]
     return command
 
 

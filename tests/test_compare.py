@@ -15,7 +15,7 @@ RESULT_KEYS = {"final_reward_mean", "final_reward_std", "kl_ref_final", "kl_exce
 def test_comparison_runs_all_algorithms_with_tiny_settings(tmp_path):
     out = tmp_path / "compare"
     command = [sys.executable, str(ROOT / "recipes" / "compare_trpo_ppo.py"), "--task", "toy", "--steps", "2", "--seeds", "2",
-               "--batch_size", "4", "--max_new_tokens", "4", "--ppo_epochs", "1", "--output_dir", str(out)]
+               "--batch_size", "4", "--max_new_tokens", "4", "--ppo_epochs", "1", "--cg_iters", "2", "--output_dir", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
@@ -26,7 +26,9 @@ def test_comparison_runs_all_algorithms_with_tiny_settings(tmp_path):
         assert 0 <= results[algorithm]["kl_exceed_fraction"] <= 1
     assert results["trl_ppo"]["policy_update_seconds_per_step"] is None  # TRL does not time it apart
     assert results["trpo"]["policy_update_seconds_per_step"] > 0
-    assert results["settings"]["task"] == "toy"
+    assert results["settings"]["task"] == "toy" and results["settings"]["cg_iters"] == 2
+    trpo_rows = [json.loads(line) for line in (out / "trpo" / "seed-0" / "metrics.jsonl").read_text().splitlines()]
+    assert all(1 <= row["trpo/fvp_count"] <= 2 for row in trpo_rows)  # --cg_iters reached TRPO's config
     assert (out / "compare.png").stat().st_size > 10_000
     table = (out / "compare.md").read_text()
     assert table in result.stdout and "| TRPO (ours) |" in table and "| PPO (TRL 1.12) |" in table
