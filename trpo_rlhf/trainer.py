@@ -360,23 +360,16 @@ class RLTrainer:
         return masked_mean(torch.exp(logp - batch.logp_old) * batch.advantages, batch.response_mask)
 
     @torch.no_grad()
-    def measured_policy_kl(self, batch: Rollout, logp_all_old: torch.Tensor, logp_all: torch.Tensor | None = None) -> float:
-        """Mean over valid tokens of the exact KL(pi_old || pi_theta) over the vocabulary, averaged
-        across processes; `logp_all` is pi_theta's (a forward at the current parameters when None)."""
-        if logp_all is None:
-            logp_all = self.policy_log_probs(batch)
-        kl = masked_mean(categorical_kl(logp_all_old, logp_all, chunk_size=KL_CHUNK_POSITIONS), batch.response_mask)
-        return self.reduce_mean(kl).item()
-
-    @torch.no_grad()
     def measure_policy_change(self, batch: Rollout, logp_all_old: torch.Tensor) -> tuple[float, float]:
-        """(L(theta) - L(theta_old), mean KL(pi_old || pi_theta)) on `batch`, from one forward at the
-        current parameters, averaged across processes. TRPO's line search and PPO's `ppo/kl` and
+        """(L(theta) - L(theta_old), mean over valid tokens of the exact KL(pi_old || pi_theta) over
+        the vocabulary) on `batch`, from one forward at the current parameters, averaged across
+        processes. TRPO's line search (`trpo/kl`, `trpo/surrogate_gain`) and PPO's `ppo/kl` and
         `ppo/surrogate_gain` all come from here, so the two updates are measured alike."""
         logp_all = self.policy_log_probs(batch)
         actions = batch.response_ids
         gain = self.surrogate(batch, gather_tokens(logp_all, actions)) - self.surrogate(batch, gather_tokens(logp_all_old, actions))
-        return self.reduce_mean(gain).item(), self.measured_policy_kl(batch, logp_all_old, logp_all)
+        kl = masked_mean(categorical_kl(logp_all_old, logp_all, chunk_size=KL_CHUNK_POSITIONS), batch.response_mask)
+        return self.reduce_mean(gain).item(), self.reduce_mean(kl).item()
 
     def _progress_fields(self, stats: dict[str, float]) -> dict[str, str]:
         return {}

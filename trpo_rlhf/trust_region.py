@@ -44,6 +44,12 @@ def flat_grad(
     grads = torch.autograd.grad(
         output, params, grad_outputs=grad_outputs, retain_graph=retain_graph, create_graph=create_graph, allow_unused=True
     )
+    return flat_grads_or_zeros(grads, params)
+
+
+def flat_grads_or_zeros(grads: Sequence[torch.Tensor | None], params: Params) -> torch.Tensor:
+    """`torch.autograd.grad(..., allow_unused=True)`'s result as one flat vector, zeros for the
+    parameters it did not reach (None)."""
     return flat_concat([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)])
 
 
@@ -185,7 +191,7 @@ class LinearizedLogits:
         jt_u = torch.autograd.grad(logits, self.params, grad_outputs=self._u, create_graph=True, allow_unused=True)
         self._reached = [i for i, g in enumerate(jt_u) if g is not None]  # J v ignores v on unreached tensors
         self._jt_u = [jt_u[i] for i in self._reached]
-        self.vjp_at = flat_concat([torch.zeros_like(p) if g is None else g.detach() for g, p in zip(jt_u, self.params)])
+        self.vjp_at = flat_grads_or_zeros(jt_u, self.params).detach()
 
     def jvp(self, v: torch.Tensor) -> torch.Tensor:
         """J v, shaped like the logits."""
