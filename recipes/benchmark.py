@@ -72,10 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build_task(name: str, seed: int):
     """(model, tokenizer or None, reward, prompts) for `--model`."""
     if name == "tiny":
-        from trpo_rlhf.toy import TOY_PROMPTS, WordCountReward, build_tiny_lm, build_word_tokenizer
+        from trpo_rlhf.toy import TOY_PROMPTS, WordScoreReward, build_tiny_lm, build_word_tokenizer
 
         tokenizer = build_word_tokenizer()
-        return build_tiny_lm(tokenizer, seed=seed), tokenizer, WordCountReward("good"), TOY_PROMPTS
+        return build_tiny_lm(tokenizer, seed=seed), tokenizer, WordScoreReward(), TOY_PROMPTS
     from trpo_rlhf.sentiment import resolve_sentiment_task
 
     task = resolve_sentiment_task(name, None, None, seed=seed)
@@ -183,8 +183,10 @@ def main(argv=None) -> int:
         print(f"repeat {repeat + 1}/{args.repeats}: TRPO {row['trpo_update_s']:.2f} s, {row['trpo_peak_mb']:.0f} MB; "
               f"PPO {row['ppo_update_s']:.2f} s, {row['ppo_peak_mb']:.0f} MB", file=sys.stderr)
 
-    def median(key: str) -> float:
-        return statistics.median(row[key] for row in rows if key in row)
+    def median(key: str) -> float | None:
+        # None where no repeat measured it (e.g. no line search ran: the update found no direction).
+        values = [row[key] for row in rows if key in row]
+        return statistics.median(values) if values else None
 
     result = {
         "trpo_update_s": median("trpo_update_s"),

@@ -78,7 +78,8 @@ def run_worker(args: argparse.Namespace, output_dir: Path) -> None:
     from trpo_rlhf.sentiment import use_all_cpu_cores
 
     use_all_cpu_cores()
-    common = dict(output_dir=str(output_dir), max_steps=args.steps, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+    # The main process chose to (re)run this folder: a previous run's files in it are replaced.
+    common = dict(output_dir=str(output_dir), overwrite_output_dir=True, max_steps=args.steps, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                   seed=args.seed, lora_target_modules=args.lora_target_modules)
     if args.task == "toy":
         from trpo_rlhf.toy import TOY_PROMPTS, WordCountReward, build_tiny_lm, build_tiny_value_model, build_word_tokenizer

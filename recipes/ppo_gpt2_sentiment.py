@@ -2,6 +2,7 @@
 
     accelerate launch recipes/ppo_gpt2_sentiment.py
     python recipes/ppo_gpt2_sentiment.py --model_name_or_path embedded --reward_model vader --max_steps 20
+    accelerate launch recipes/ppo_gpt2_sentiment.py --save_steps 10 --resume_from_checkpoint latest   # continue a stopped run
 
 Every PPOConfig field is a flag (--learning_rate, --ppo_epochs, --clip_range, ...).
 """

@@ -17,7 +17,7 @@ from transformers import HfArgumentParser
 
 from trpo_rlhf import PPOConfig
 from trpo_rlhf.rewards import build_reward_fn
-from trpo_rlhf.sentiment import ScriptArguments, resolve_sentiment_task, use_all_cpu_cores
+from trpo_rlhf.sentiment import ScriptArguments, parse_resume, resolve_sentiment_task, use_all_cpu_cores
 
 
 def main(argv: list[str] | None = None):
@@ -25,6 +25,10 @@ def main(argv: list[str] | None = None):
     parser.set_defaults(output_dir="runs/trl_ppo_sentiment")
     args, config = parser.parse_args_into_dataclasses(args=argv)
     use_all_cpu_cores()
+    if parse_resume(args.resume_from_checkpoint) is not None:
+        raise SystemExit("--resume_from_checkpoint: TRL 1.12's PPOTrainer cannot resume (its train() takes no checkpoint and "
+                         "its checkpoints hold no rollout state); start a new run, or use recipes/ppo_gpt2_sentiment.py, "
+                         "whose PPO resumes exactly.")
     try:
         from trpo_rlhf.trl_adapter import build_trl_ppo_trainer, load_policy_and_value_model
 

@@ -2,6 +2,7 @@
 
     accelerate launch recipes/trpo_gpt2_sentiment.py
     python recipes/trpo_gpt2_sentiment.py --model_name_or_path embedded --reward_model vader --max_steps 20
+    accelerate launch recipes/trpo_gpt2_sentiment.py --save_steps 10 --resume_from_checkpoint latest   # continue a stopped run
 
 With a reachable Hugging Face Hub this is the classic TRL task (lvwerra/gpt2-imdb, rewarded by
 lvwerra/distilbert-imdb's POSITIVE logit, on IMDB review openings). Without one (found out within

@@ -6,7 +6,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from trpo_rlhf.toy import TOY_PROMPTS, WordCountReward, build_tiny_lm, build_word_tokenizer  # noqa: E402
+from trpo_rlhf.toy import TOY_PROMPTS, WordCountReward, WordScoreReward, build_tiny_lm, build_word_tokenizer  # noqa: E402
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def make_trainer(tmp_path, word_tokenizer):
             config=TRPOConfig(**settings),
             model=model if model is not None else build_tiny_lm(word_tokenizer),
             tokenizer=word_tokenizer,
-            reward_fn=reward_fn or WordCountReward("good"),
+            reward_fn=reward_fn or WordScoreReward(),
             train_dataset=train_dataset if train_dataset is not None else TOY_PROMPTS,
         )
 

@@ -5,7 +5,7 @@ from conftest import bitwise_equal, policy_snapshot, toy_eval_reward
 from trpo_rlhf import PPOConfig, PPOTrainer, TRPOConfig, TRPOTrainer
 from trpo_rlhf.ppo import clipped_surrogate_loss
 from trpo_rlhf.rollout import token_logprobs
-from trpo_rlhf.toy import TOY_PROMPTS, WordCountReward, build_tiny_lm
+from trpo_rlhf.toy import TOY_PROMPTS, WordCountReward, WordScoreReward, build_tiny_lm
 
 SHARED = dict(max_steps=3, batch_size=8, max_new_tokens=6, seed=0, lora_target_modules=["q_proj", "v_proj", "lm_head"],
               value_epochs=1, value_minibatch_size=4)
@@ -14,7 +14,7 @@ SHARED = dict(max_steps=3, batch_size=8, max_new_tokens=6, seed=0, lora_target_m
 def make_ppo(tmp_path, tokenizer, reward_fn=None, **overrides):
     config = PPOConfig(output_dir=str(tmp_path / "ppo"), **(SHARED | overrides))
     return PPOTrainer(config=config, model=build_tiny_lm(tokenizer), tokenizer=tokenizer,
-                      reward_fn=reward_fn or WordCountReward("good"), train_dataset=TOY_PROMPTS)
+                      reward_fn=reward_fn or WordScoreReward(), train_dataset=TOY_PROMPTS)
 
 
 def test_clipped_surrogate_by_hand():
@@ -33,7 +33,7 @@ def test_ppo_and_trpo_share_the_engine_and_see_identical_first_rollouts(tmp_path
     def recorder(name):
         def reward(prompts, completions):
             seen.setdefault(name, (list(prompts), list(completions)))
-            return WordCountReward("good")(prompts, completions)
+            return WordScoreReward()(prompts, completions)
         return reward
 
     # Sampling draws on torch's global RNG, which each trainer seeds when it is built.
@@ -97,7 +97,8 @@ def test_invalid_ppo_config(overrides, match):
 
 def test_ppo_learns_the_toy_task(tmp_path, word_tokenizer):
     # TRL's default rate (5e-5) is a full-model rate; LoRA tensors of a tiny random model need ~1e-3.
-    trainer = make_ppo(tmp_path, word_tokenizer, max_steps=30, batch_size=16, max_new_tokens=8, value_epochs=4, learning_rate=1e-3)
+    trainer = make_ppo(tmp_path, word_tokenizer, reward_fn=WordCountReward("good"), max_steps=30, batch_size=16, max_new_tokens=8,
+                       value_epochs=4, learning_rate=1e-3)
     before = toy_eval_reward(trainer)
     trainer.train()
     after = toy_eval_reward(trainer)

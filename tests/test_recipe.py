@@ -124,6 +124,7 @@ def test_a_lone_cpu_process_uses_every_core(monkeypatch):
     from trpo_rlhf.sentiment import use_all_cpu_cores
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the rule is for CPU-only machines
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)  # what `accelerate launch` leaves a CPU-only process with

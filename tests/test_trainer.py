@@ -91,9 +91,6 @@ def test_metrics_jsonl_has_every_documented_key(make_trainer, tmp_path):
         assert not missing, missing
         assert all(isinstance(v, (int, float)) for v in row.values())
     assert rows[0]["kl/ref"] == pytest.approx(0.0, abs=1e-5)  # LoRA B = 0 at init: policy == reference
-    # A second run into the same output_dir starts a new metrics file rather than appending.
-    make_trainer(max_steps=2).train()
-    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
     # One FVP per CG iteration and none more: x^T F x comes from CG's residual.
     assert rows[0]["trpo/fvp_count"] == rows[0]["trpo/cg_iters"]
 
@@ -107,10 +104,10 @@ def test_save_pretrained_reloads_policy_and_value(make_trainer, tmp_path, word_t
     assert (out / "adapter_model.safetensors").exists() and (out / "trainer_config.json").exists()
     assert TRPOConfig.load(out / "trainer_config.json") == trainer.config
 
-    batch = trainer.tokenizer(["the film was", "it was"], return_tensors="pt", padding=True, padding_side="left")
+    batch = trainer.tokenizer(["the film was", "it was"], return_tensors="pt", padding=True, padding_side="left").to(trainer.device)
     with torch.no_grad():
         expected = trainer.actor_critic.peft_model(**batch).logits
-    reloaded = PeftModel.from_pretrained(build_tiny_lm(word_tokenizer), out)
+    reloaded = PeftModel.from_pretrained(build_tiny_lm(word_tokenizer), out).to(trainer.device)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, expected)
 
@@ -157,9 +154,10 @@ def test_reward_failure_keeps_finished_work(make_trainer, tmp_path):
     "returned,match",
     [
         (lambda n: [0.0] * (n - 1), r"returned 7 scores for 8 completions on batch 0"),
-        (lambda n: [float("nan")] + [0.0] * (n - 1), r"non-finite score.*batch 0.*nan"),
-        (lambda n: [float("inf")] * n, r"8 non-finite score"),
         (lambda n: "oops", r"returned str on batch 0"),
+        (lambda n: "1" * n, r"returned str on batch 0"),  # one string, as long as the batch: not one score per character
+        (lambda n: ["1.0"] * n, r"returned str '1.0' for completion 0 on batch 0; each score must be a number"),
+        (lambda n: {"score": 1.0}, r"returned dict on batch 0"),
     ],
 )
 def test_bad_reward_outputs_raise_clear_errors(make_trainer, returned, match):
@@ -206,8 +204,11 @@ def test_prompt_longer_than_context_raises(make_trainer):
 
 
 def test_model_without_target_modules_raises(make_trainer):
-    with pytest.raises(ValueError, match=r"lora_target_modules=\['c_attn'\] matches no module of LlamaForCausalLM.*q_proj"):
+    with pytest.raises(ValueError, match=r"lora_target_modules=\['c_attn'\]: \['c_attn'\] match no module of LlamaForCausalLM.*q_proj"):
         make_trainer(lora_target_modules=["c_attn"])
+    # PEFT would adapt q_proj and silently ignore the typo.
+    with pytest.raises(ValueError, match=r"\['nope'\] match no module of LlamaForCausalLM"):
+        make_trainer(lora_target_modules=["q_proj", "nope"])
 
 
 def test_tokenizer_without_pad_token_is_handled(make_trainer, word_tokenizer):
@@ -306,3 +307,178 @@ def test_bf16_autocast_trains_with_float32_trust_region(make_trainer):
     assert stats["trpo/accepted"] == 1.0
     assert stats["trpo/kl"] <= trainer.config.kl_tolerance * trainer.config.max_kl
     assert all(p.dtype == torch.float32 for p in trainer.actor_critic.policy_parameters())
+
+
+def fixed_value_batch(trainer):
+    """A batch with spread-out returns, sampled with a fixed seed."""
+    from trpo_rlhf.rollout import evaluate_rollout, sample_completions
+
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        rollout, _ = sample_completions(trainer.actor_critic.peft_model, trainer.tokenizer, TOY_PROMPTS[:8], 6, 1.0)
+    rollout = evaluate_rollout(trainer.actor_critic, rollout, 1.0)
+    rollout.scores = torch.arange(8, dtype=torch.float32, device=trainer.device)
+    batch, _ = trainer._advantages(rollout)
+    return batch
+
+
+def test_the_critic_trains_its_lora_adapter_and_fits_better_than_its_head_alone(make_trainer):
+    trainer = make_trainer(value_epochs=2, value_lr=1e-2)
+    value_lora = {n: p.detach().clone() for n, p in trainer.actor_critic.trainable_tensors().items() if ".value." in n}
+    assert value_lora and all("lora_" in n for n in value_lora)
+    trainer.step()
+    moved = {n: p for n, p in trainer.actor_critic.trainable_tensors().items() if n in value_lora}
+    assert all(not torch.equal(value_lora[n], moved[n]) for n in value_lora), "a critic LoRA tensor did not move"
+    assert all(moved[n].abs().sum() > 0 for n in value_lora if "lora_B" in n)  # B starts at zero
+
+    final_loss = {}
+    for head_only in (False, True):
+        critic = make_trainer(value_epochs=1, value_lr=1e-2, value_clip_range=None)
+        if head_only:  # what the critic was when its adapter never received gradients
+            critic.value_optimizer = torch.optim.Adam(critic.actor_critic.value_head.parameters(), lr=1e-2)
+        batch = fixed_value_batch(critic)
+        losses = [critic.value_update(batch)["value/loss"] for _ in range(30)]
+        final_loss[head_only] = losses[-1]
+    assert final_loss[False] < 0.5 * final_loss[True], final_loss
+
+
+def strict_rows(path):
+    def reject(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    return [json.loads(line, parse_constant=reject) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_reward_rejects_the_step_and_restores_the_trainer(make_trainer, tmp_path, bad):
+    from trpo_rlhf.toy import WordScoreReward
+
+    score, calls = WordScoreReward(), []
+
+    def reward(prompts, completions):
+        calls.append(1)
+        scores = score(prompts, completions)
+        return [bad] + scores[1:] if len(calls) == 2 else scores
+
+    trainer = make_trainer(reward_fn=reward, max_steps=3)
+    trainer.step()
+    after_step_1 = {n: p.detach().clone() for n, p in trainer.actor_critic.trainable_tensors().items()}
+    with pytest.warns(UserWarning, match=r"Step 2: non-finite reward; the step's updates are rejected"):
+        stats = trainer.step()
+    assert stats["update/nonfinite"] == 1.0 and "trpo/kl" not in stats
+    now = trainer.actor_critic.trainable_tensors()
+    assert all(torch.equal(after_step_1[n], now[n]) for n in now)
+    assert trainer.step()["update/nonfinite"] == 0.0  # the run goes on
+    rows = strict_rows(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[1]["reward/mean"] is None  # the non-finite mean, as JSON null
+
+
+def test_consecutive_non_finite_steps_stop_the_run_and_nothing_non_finite_is_saved(make_trainer, tmp_path):
+    from trpo_rlhf import NonFiniteError
+    from trpo_rlhf.toy import WordScoreReward
+
+    score, calls = WordScoreReward(), []
+
+    def reward(prompts, completions):
+        calls.append(1)
+        return score(prompts, completions) if len(calls) == 1 else [float("nan")] * len(completions)
+
+    trainer = make_trainer(reward_fn=reward, max_steps=10, max_nonfinite_steps=3, save_steps=1)
+    with pytest.warns(UserWarning, match="non-finite reward"), pytest.raises(NonFiniteError, match=r"Step 4: .*3 such step"):
+        trainer.train()
+    from safetensors.torch import load_file
+
+    def saved(step):
+        checkpoint = tmp_path / "run" / f"checkpoint-{step}"
+        return load_file(checkpoint / "adapter_model.safetensors") | load_file(checkpoint / "value" / "value_head.safetensors")
+
+    # Steps 2 and 3 were rejected: their checkpoints hold step 1's tensors, all finite; step 4 stopped the run.
+    assert all(torch.isfinite(t).all() for t in saved(3).values())
+    assert all(torch.equal(saved(1)[k], saved(3)[k]) for k in saved(1))
+    assert not (tmp_path / "run" / "checkpoint-4").exists()
+    assert [r["step"] for r in strict_rows(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_huge_rewards_keep_advantages_finite():
+    from trpo_rlhf.advantages import masked_whiten
+
+    mask = torch.ones(2, 3)
+    values = torch.tensor([[1e30, 0.0, 0.0], [0.0, -1e30, 0.0]])  # squares overflow float32
+    whitened = masked_whiten(values, mask)
+    assert torch.isfinite(whitened).all() and whitened.dtype == torch.float32
+    assert whitened[0, 0] > 1 and whitened[1, 1] < -1
+
+
+@pytest.mark.parametrize("algorithm", ["trpo", "ppo"])
+def test_a_non_finite_policy_gradient_is_caught_before_any_parameter_moves(make_trainer, tmp_path, word_tokenizer, algorithm):
+    from trpo_rlhf import PPOConfig, PPOTrainer
+    from trpo_rlhf.trainer import NonFiniteUpdate
+
+    if algorithm == "trpo":
+        trainer = make_trainer()
+    else:
+        trainer = PPOTrainer(config=PPOConfig(output_dir=str(tmp_path / "ppo"), batch_size=8, max_new_tokens=6,
+                                              lora_target_modules=["q_proj", "v_proj"]),
+                             model=build_tiny_lm(word_tokenizer), tokenizer=word_tokenizer, reward_fn=WordCountReward(), train_dataset=TOY_PROMPTS)
+    batch, _ = trainer.collect_batch()
+    batch.advantages[0, 0] = float("nan")
+    before = policy_snapshot(trainer)
+    with pytest.raises(NonFiniteUpdate, match="policy gradient"):
+        trainer.policy_update(batch)
+    assert bitwise_equal(before, policy_snapshot(trainer))
+
+
+@pytest.mark.parametrize(
+    "dataset,match",
+    [
+        (["the film", None], r"train_dataset\[1\] is a NoneType, None; every prompt must be a string"),
+        ([{"prompt": "the film"}], r"train_dataset\[0\] is a dict.*\[row\['prompt'\] for row in rows\]"),
+        (["the film", 3], r"train_dataset\[1\] is a int, 3"),
+    ],
+)
+def test_prompts_that_are_not_strings_are_refused(make_trainer, dataset, match):
+    with pytest.raises(TypeError, match=match):
+        make_trainer(train_dataset=dataset)
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(make_trainer, word_tokenizer):
+    from trpo_rlhf.toy import build_word_tokenizer
+
+    small_model = build_tiny_lm(build_word_tokenizer(words=["the", "film"]))
+    with pytest.raises(ValueError, match=rf"tokenizer has {len(word_tokenizer)} tokens but the model's embedding has 5 rows.*resize_token_embeddings"):
+        make_trainer(model=small_model)
+
+
+def test_an_unusable_output_dir_fails_at_construction(make_trainer, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(NotADirectoryError, match=r"output_dir=.*a_file' is a file"):
+        make_trainer(output_dir=str(a_file))
+    with pytest.raises(PermissionError, match=r"output_dir=.*a_file/run' is not writable"):
+        make_trainer(output_dir=str(a_file / "run"))
+
+
+@pytest.mark.parametrize("path", ["/no/such/model", "./no_such_model", "runs/no/such/model"])
+def test_a_missing_local_model_path_is_named(make_trainer, tmp_path, path):
+    with pytest.raises(FileNotFoundError, match=r"model path .* does not exist"):
+        make_trainer(model=path)
+    with pytest.raises(FileNotFoundError, match=r"holds no config.json"):
+        make_trainer(model=str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"max_kl": "0.01"}, r"max_kl='0.01' must be float, not str"),
+        ({"temperature": float("inf")}, r"temperature=inf must be a finite number"),
+        ({"value_lr": float("inf")}, r"value_lr=inf must be a finite number"),
+        ({"lora_alpha": 0}, r"lora_alpha=0 must be > 0"),
+        ({"batch_size": 2.5}, r"batch_size=2.5 must be int, not float"),
+        ({"save_total_limit": 0}, r"save_total_limit=0 must be >= 1"),
+        ({"max_nonfinite_steps": 0}, r"max_nonfinite_steps=0 must be >= 1"),
+    ],
+)
+def test_wrong_types_and_non_finite_settings_are_refused(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        TRPOConfig(**overrides)

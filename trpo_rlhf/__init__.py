@@ -6,10 +6,12 @@
     ...                       train_dataset=["This movie"])     # doctest: +SKIP
 """
 
+from .checkpointing import TrainingInterrupted
 from .config import RLConfig, TRPOConfig
 from .ppo import PPOConfig, PPOTrainer
 from .rewards import RewardError
-from .trainer import RLTrainer, TRPOTrainer
+from .trainer import NonFiniteError, RLTrainer, TRPOTrainer
 
-__all__ = ["RLConfig", "TRPOConfig", "TRPOTrainer", "PPOConfig", "PPOTrainer", "RLTrainer", "RewardError"]
+__all__ = ["RLConfig", "TRPOConfig", "TRPOTrainer", "PPOConfig", "PPOTrainer", "RLTrainer", "RewardError", "NonFiniteError",
+           "TrainingInterrupted"]
 __version__ = "0.1.0"

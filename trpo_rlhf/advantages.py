@@ -36,10 +36,13 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the valid positions; invalid positions come back as 0."""
-    mean = masked_mean(values, mask)
-    whitened = (values - mean) * torch.rsqrt(masked_var(values, mask) + eps)
-    return whitened * mask
+    """(x - mean) / std over the valid positions; invalid positions come back as 0. The moments are
+    taken in float64: squared float32 values overflow from |x| ~ 1.8e19 (a reward of 1e30 would
+    turn every advantage into NaN), squared float64 ones only past 1e154."""
+    wide, wide_mask = values.double(), mask.double()
+    mean = masked_mean(wide, wide_mask)
+    whitened = (wide - mean) * torch.rsqrt(masked_var(wide, wide_mask) + eps)
+    return (whitened * wide_mask).to(values.dtype)
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
@@ -57,8 +60,8 @@ def token_rewards(
     """Per-token rewards r_t = -beta * (log pi_old(a_t|s_t) - log pi_ref(a_t|s_t)), plus the sequence
     score on the last valid token (Ziegler et al. 2019, eq. 2; Stiennon et al. 2020)."""
     rewards = kl_coef * (logp_ref - logp_old) * mask
-    rows = torch.arange(scores.shape[0], device=scores.device)
-    rewards[rows, last_token_index(mask)] += scores.to(rewards.dtype)
+    rows = torch.arange(scores.shape[0], device=rewards.device)
+    rewards[rows, last_token_index(mask)] += scores.to(device=rewards.device, dtype=rewards.dtype)
     return rewards
 
 
@@ -111,6 +114,7 @@ def value_loss(
 
 def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
     """1 - Var[target - predicted] / Var[target] over valid positions (1 is perfect, <= 0 is useless)."""
+    predicted, target, mask = predicted.double(), target.double(), mask.double()  # float64, as in masked_whiten
     target_var = masked_var(target, mask)
     if target_var.item() == 0:
         return float("nan")

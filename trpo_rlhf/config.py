@@ -15,6 +15,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
+import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +26,42 @@ from pathlib import Path
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
+
+
+def _matches(value, hint) -> bool:
+    """Whether `value` is of the annotated type (int for a float field is fine, bool for a number is not)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        return isinstance(value, (list, tuple)) and all(_matches(v, typing.get_args(hint)[0]) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True
+
+
+def _type_name(hint) -> str:
+    return str(hint).replace("typing.", "").replace("NoneType", "None") if not isinstance(hint, type) else hint.__name__
+
+
+def check_field_types(config) -> None:
+    """Every field of the dataclass `config` has its annotated type and every number is finite,
+    so that a wrong value fails here, naming the field, rather than as a TypeError deep in a step."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value, hint = getattr(config, f.name), hints[f.name]
+        _require(_matches(value, hint), f"{f.name}={value!r} must be {_type_name(hint)}, not {type(value).__name__} "
+                 f"(e.g. {f.name}={f.default!r}).")
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            _require(math.isfinite(value), f"{f.name}={value} must be a finite number.")
 
 
 @dataclass
@@ -71,7 +111,22 @@ class RLConfig:
         metadata={"help": "Module names to adapt, e.g. q_proj v_proj. None: PEFT's default for the architecture "
                   "(q_proj,v_proj for Llama; c_attn for GPT-2)."},
     )
-    save_steps: int = field(default=0, metadata={"help": "Save a checkpoint-<step> every this many steps (0: only the final save)."})
+    save_steps: int = field(
+        default=0,
+        metadata={"help": "Save a resumable checkpoint-<step> every this many steps (0: none besides the final save and the "
+                  "checkpoint written when a run is interrupted)."},
+    )
+    save_total_limit: int | None = field(default=None, metadata={"help": "Keep only the newest this many checkpoint-<step> folders (None: all)."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start a new run in an output_dir that holds a previous run's metrics or checkpoints, deleting them. "
+                  "Without it such a run stops with an error (use --resume_from_checkpoint to continue the previous run)."},
+    )
+    max_nonfinite_steps: int = field(
+        default=3,
+        metadata={"help": "Stop the run with an error after this many consecutive steps whose rewards, advantages, gradients, "
+                  "CG solution or step were not finite (each such step is rejected and the policy and critic restored)."},
+    )
     bf16: bool = field(
         default=False,
         metadata={"help": "Run the model's forwards (generation, rollout, updates) under bfloat16 autocast, for GPUs. "
@@ -80,6 +135,11 @@ class RLConfig:
     )
 
     def __post_init__(self) -> None:
+        if isinstance(self.output_dir, os.PathLike):
+            self.output_dir = os.fspath(self.output_dir)
+        if isinstance(self.lora_target_modules, tuple):
+            self.lora_target_modules = list(self.lora_target_modules)
+        check_field_types(self)
         _require(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1: set --batch_size to a positive number of prompts.")
         _require(self.max_steps >= 1, f"max_steps={self.max_steps} must be >= 1.")
         _require(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens} must be >= 1.")
@@ -96,8 +156,15 @@ class RLConfig:
         _require(self.value_clip_range is None or self.value_clip_range > 0,
                  f"value_clip_range={self.value_clip_range} must be > 0, or None for an unclipped value loss.")
         _require(self.lora_r >= 1, f"lora_r={self.lora_r} must be >= 1.")
+        _require(self.lora_alpha > 0, f"lora_alpha={self.lora_alpha} must be > 0: the LoRA update is scaled by lora_alpha / lora_r, "
+                 "so 0 would freeze the policy (e.g. --lora_alpha 16).")
+        _require(not self.lora_target_modules or all(self.lora_target_modules),
+                 f"lora_target_modules={self.lora_target_modules} holds an empty name; pass module names such as q_proj v_proj.")
         _require(0.0 <= self.lora_dropout < 1.0, f"lora_dropout={self.lora_dropout} must be in [0, 1).")
         _require(self.save_steps >= 0, f"save_steps={self.save_steps} must be >= 0 (0 disables intermediate checkpoints).")
+        _require(self.save_total_limit is None or self.save_total_limit >= 1,
+                 f"save_total_limit={self.save_total_limit} must be >= 1, or None to keep every checkpoint.")
+        _require(self.max_nonfinite_steps >= 1, f"max_nonfinite_steps={self.max_nonfinite_steps} must be >= 1.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

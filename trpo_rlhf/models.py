@@ -104,11 +104,27 @@ def embedded_model_path() -> Path:
     return cache
 
 
+def check_local_model_path(name_or_path: str | os.PathLike) -> None:
+    """Fail clearly for a local model path that does not exist or holds no model; hub ids
+    ("org/name") pass. Without this, transformers reports a missing folder as a malformed repo id."""
+    name = os.fspath(name_or_path)
+    path = Path(name).expanduser()
+    looks_local = path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"The model folder {name!r} holds no config.json: pass a folder written by "
+                                    "save_pretrained (config.json and weights), a hub id, or 'embedded'.")
+    elif looks_local:
+        raise FileNotFoundError(f"The model path {name!r} does not exist: pass an existing folder (with config.json), "
+                                "a hub id such as 'org/name', or 'embedded' for the shipped SmolLM2-135M.")
+
+
 def load_causal_lm(
     name_or_path: str, dtype: torch.dtype | None = None, attn_implementation: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A causal LM and its tokenizer from a hub id, a local path, or ``"embedded"``."""
     path = embedded_model_path() if name_or_path == EMBEDDED else name_or_path
+    check_local_model_path(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     kwargs = {"dtype": dtype or torch.float32}
     if attn_implementation is not None:
@@ -194,12 +210,29 @@ def _linear_module_suffixes(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
+def unmatched_target_modules(model: nn.Module, targets: list[str] | str | None) -> list[str]:
+    """The names in `targets` that match no module of `model` (PEFT matches a name to a module whose
+    dotted path is that name or ends with it). A regex string or None (PEFT's default) is not checked."""
+    if targets is None or isinstance(targets, str):
+        return []
+    names = [name for name, _ in model.named_modules()]
+    return [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+
+
 def _add_lora(model, config, adapter_name: str):
     """Wrap `model` (or extend a PeftModel) with a LoRA adapter, turning PEFT's terse error about
     missing target modules into one that lists the modules the model has."""
     from peft import PeftModel, get_peft_model
 
     lora = lora_config_from(config)
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    unmatched = unmatched_target_modules(base, config.lora_target_modules)
+    if unmatched:
+        # PEFT adapts the names that match and ignores the rest: a typo would silently shrink the adapter.
+        raise ValueError(
+            f"lora_target_modules={config.lora_target_modules}: {unmatched} match no module of {type(base).__name__}. "
+            f"Its linear layers are named {_linear_module_suffixes(base)}; pass some of them, e.g. --lora_target_modules q_proj v_proj."
+        )
     try:
         if isinstance(model, PeftModel):
             model.add_adapter(adapter_name, lora)
@@ -289,16 +322,32 @@ class LoraActorCritic(nn.Module):
     def value_parameters(self) -> list[nn.Parameter]:
         return self._adapter_parameters(VALUE_ADAPTER) + list(self.value_head.parameters())
 
+    def trainable_tensors(self) -> dict[str, nn.Parameter]:
+        """Every tensor training moves (the policy and critic LoRA tensors, the value head), by name."""
+        moved = {id(p) for p in self.policy_parameters() + self.value_parameters()}
+        return {name: p for name, p in self.named_parameters() if id(p) in moved}
+
     # ---- adapters -----------------------------------------------------------------------------
     @contextlib.contextmanager
     def _adapter(self, name: str) -> Iterator[None]:
         # PEFT's set_adapter makes the active adapter trainable and freezes the others, which is
-        # exactly the isolation we need: critic passes cannot reach the policy tensors.
+        # exactly the isolation we need: critic passes cannot reach the policy tensors. Inside an
+        # outer context of the same adapter nothing is switched: switching back on exit would freeze
+        # the critic's LoRA tensors between its forward and its backward, and autograd skips a leaf
+        # that no longer requires grad (the critic would silently be a head on the frozen base).
+        if self.active_adapter == name:
+            yield
+            return
         self.peft_model.set_adapter(name)
         try:
             yield
         finally:
             self.peft_model.set_adapter(self.policy_adapter)
+
+    @property
+    def active_adapter(self) -> str:
+        active = self.peft_model.active_adapter
+        return active[0] if isinstance(active, list) else active
 
     # ---- forward passes -----------------------------------------------------------------------
     def _logits(self, input_ids, attention_mask, position_ids, response_length: int, temperature: float) -> torch.Tensor:
@@ -351,6 +400,9 @@ class LoraActorCritic(nn.Module):
         from safetensors.torch import save_file
 
         path = Path(path)
+        broken = [name for name, tensor in self.trainable_tensors().items() if not torch.isfinite(tensor).all()]
+        if broken:
+            raise ValueError(f"Refusing to save non-finite tensors ({len(broken)}, e.g. {broken[0]}) to {path}.")
         path.mkdir(parents=True, exist_ok=True)
         # The base weights never change, so adapted embedding/LM-head layers need not be copied.
         self.peft_model.save_pretrained(path, selected_adapters=[self.policy_adapter], save_embedding_layers=False)
@@ -363,6 +415,14 @@ class LoraActorCritic(nn.Module):
         value_dir = path / VALUE_ADAPTER
         self.peft_model.save_pretrained(value_dir, selected_adapters=[VALUE_ADAPTER], save_embedding_layers=False)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}, value_dir / "value_head.safetensors")
+
+    def load_policy_adapter(self, path: str | os.PathLike) -> None:
+        """Load the policy adapter written by `save_pretrained(path)` into the policy's LoRA tensors."""
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        state = load_file(Path(path) / "adapter_model.safetensors")
+        set_peft_model_state_dict(self.peft_model, state, adapter_name=self.policy_adapter)
 
     def load_value_function(self, path: str | os.PathLike) -> None:
         """Load a critic written by `save_pretrained(path)`."""

@@ -7,11 +7,14 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of a metrics.jsonl, JSON nulls (non-finite values when logged) read back as NaN."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [{k: math.nan if v is None else v for k, v in row.items()} for row in rows]
 
 
 def running_mean(values: list[float], window: int) -> list[float]:
@@ -39,9 +42,10 @@ def plot_training_curves(metrics_path: str | Path, output_path: str | Path, titl
     axes[0].set(xlabel="step", ylabel="reward", title="reward (mean ± std over the batch)")
     axes[1].plot(steps, [r["kl/ref"] for r in rows], color="tab:red")
     axes[1].set(xlabel="step", ylabel="nats per completion", title="KL to the reference")
-    if "trpo/kl" in rows[0]:
-        axes[2].plot(steps, [r["trpo/kl"] for r in rows], "o-", label="measured KL(π_old‖π_new)")
-        axes[2].plot(steps, [r["trpo/kl_predicted"] for r in rows], "x--", label="predicted δ·frac²")
+    if any("trpo/kl" in r for r in rows):
+        # A step rejected for a non-finite value has no trust-region keys: a gap in the curve.
+        axes[2].plot(steps, [r.get("trpo/kl", math.nan) for r in rows], "o-", label="measured KL(π_old‖π_new)")
+        axes[2].plot(steps, [r.get("trpo/kl_predicted", math.nan) for r in rows], "x--", label="predicted δ·frac²")
         axes[2].set(xlabel="step", ylabel="nats per token", title="trust-region step")
         axes[2].legend()
     else:

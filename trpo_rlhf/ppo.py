@@ -17,7 +17,7 @@ import torch
 from .advantages import masked_mean
 from .config import RLConfig, _require
 from .rollout import Rollout, token_logprobs
-from .trainer import PhaseTimer, RLTrainer
+from .trainer import PhaseTimer, RLTrainer, require_finite
 
 
 @dataclass
@@ -83,6 +83,9 @@ class PPOTrainer(RLTrainer):
         super().__init__(config, *args, **kwargs)
         self.policy_optimizer = torch.optim.Adam(self.actor_critic.policy_parameters(), lr=config.learning_rate)
 
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return super().optimizers() | {"policy": self.policy_optimizer}
+
     def policy_update(self, batch: Rollout) -> dict[str, float]:
         cfg: PPOConfig = self.config
         params = self.actor_critic.policy_parameters()
@@ -101,6 +104,7 @@ class PPOTrainer(RLTrainer):
                     self.policy_optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     self.average_gradients(params)
+                    require_finite("policy gradient", *(p.grad for p in params))
                     if cfg.max_grad_norm is not None:
                         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                     self.policy_optimizer.step()
@@ -125,4 +129,6 @@ class PPOTrainer(RLTrainer):
         }
 
     def _progress_fields(self, stats: dict[str, float]) -> dict[str, str]:
+        if "ppo/kl" not in stats:  # a step rejected for a non-finite value
+            return {"nonfinite": "rejected"}
         return {"ppo_kl": f"{stats['ppo/kl']:.4f}", "clip": f"{stats['ppo/clipfrac']:.2f}"}

@@ -36,6 +36,15 @@ def default_prompts() -> list[str]:
     return read_prompt_file(data_dir() / DEFAULT_PROMPT_FILE)
 
 
+def check_prompt_strings(prompts: Sequence, source: str) -> None:
+    """Raise a TypeError naming the first prompt that is not a string (a None, a number or a whole
+    row would otherwise be str()-ed into a prompt such as 'None')."""
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            hint = " (a row: pass [row['prompt'] for row in rows])" if isinstance(prompt, dict) else ""
+            raise TypeError(f"{source}[{i}] is a {type(prompt).__name__}, {prompt!r}{hint}; every prompt must be a string.")
+
+
 def prompts_from_dataset(dataset, column: str = "prompt") -> list[str]:
     """The `column` of a `datasets.Dataset` as a list of strings."""
     if column not in dataset.column_names:
@@ -43,7 +52,9 @@ def prompts_from_dataset(dataset, column: str = "prompt") -> list[str]:
             f"The dataset has no '{column}' column (it has {dataset.column_names}); "
             f"rename the prompt column, e.g. dataset.rename_column('text', '{column}')."
         )
-    return [str(p) for p in dataset[column]]
+    prompts = list(dataset[column])
+    check_prompt_strings(prompts, f"the dataset's '{column}' column")
+    return prompts
 
 
 def review_openings(texts: Sequence[str], min_words: int = 2, max_words: int = 8, seed: int = 0) -> list[str]:

@@ -12,6 +12,7 @@ the hub id / local path of a `transformers` sequence classifier (scored with its
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Sequence
 
 import torch
@@ -113,9 +114,10 @@ def build_reward_fn(reward: RewardFn | str, device: str | torch.device | None = 
 
 
 def score_batch(reward_fn: RewardFn, prompts: list[str], completions: list[str], batch_index: int) -> torch.Tensor:
-    """Call the reward function and check its answer: one finite float per completion.
+    """Call the reward function and check its answer: one number per completion.
 
-    Raises `RewardError` naming the batch (and the offending entries) otherwise.
+    Raises `RewardError` naming the batch (and the offending entry) otherwise. Non-finite numbers
+    pass through: the trainer rejects that step's update and says so (see `RLTrainer.step`).
     """
     try:
         raw = reward_fn(prompts, completions)
@@ -124,22 +126,34 @@ def score_batch(reward_fn: RewardFn, prompts: list[str], completions: list[str],
             f"The reward function raised {type(exc).__name__} on batch {batch_index} "
             f"(first prompt {prompts[0]!r}, first completion {completions[0]!r}): {exc}"
         ) from exc
-    try:
-        scores = [float(s) for s in (raw.tolist() if isinstance(raw, torch.Tensor) else raw)]
-    except (TypeError, ValueError) as exc:
+    if hasattr(raw, "tolist") and not isinstance(raw, (list, tuple)):  # a tensor or an array
+        raw = raw.tolist()
+    # A string or a mapping is iterable too, but its characters or keys are not scores.
+    if isinstance(raw, (str, bytes, dict)) or not isinstance(raw, (list, tuple)):
         raise RewardError(
             f"The reward function returned {type(raw).__name__} on batch {batch_index}; it must return a list of floats, one per completion."
-        ) from exc
-    if len(scores) != len(completions):
+        )
+    not_numbers = [(i, s) for i, s in enumerate(raw) if not isinstance(s, numbers.Real)]
+    if not_numbers:
+        i, s = not_numbers[0]
         raise RewardError(
-            f"The reward function returned {len(scores)} scores for {len(completions)} completions on batch {batch_index}; "
+            f"The reward function returned {type(s).__name__} {s!r} for completion {i} on batch {batch_index}; "
+            "each score must be a number (int, float or a 0-d tensor's .item())."
+        )
+    if len(raw) != len(completions):
+        raise RewardError(
+            f"The reward function returned {len(raw)} scores for {len(completions)} completions on batch {batch_index}; "
             "it must return exactly one float per completion."
         )
-    bad = [(i, s) for i, s in enumerate(scores) if not math.isfinite(s)]
+    return torch.tensor([float(s) for s in raw], dtype=torch.float32)
+
+
+def check_finite_scores(scores: torch.Tensor, prompts: list[str], completions: list[str], batch_index: int) -> None:
+    """Raise `RewardError` naming the first non-finite score (for trainers without a non-finite guard)."""
+    bad = [(i, s) for i, s in enumerate(scores.tolist()) if not math.isfinite(s)]
     if bad:
         i, s = bad[0]
         raise RewardError(
             f"The reward function returned {len(bad)} non-finite score(s) on batch {batch_index}, e.g. {s} for completion {i} "
             f"({completions[i]!r} after prompt {prompts[i]!r}); return finite floats (clip or replace NaN/inf)."
         )
-    return torch.tensor(scores, dtype=torch.float32)

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from dataclasses import dataclass, field
 
 import torch
 
+from .checkpointing import TrainingInterrupted
 from .models import EMBEDDED, hub_available
 from .prompts import load_prompts
 from .rewards import VADER
@@ -56,7 +58,9 @@ def resolve_sentiment_task(
 def sample_table(trainer, prompts: list[str], seed: int = 1234) -> list[tuple[str, str, float]]:
     """(prompt, completion, reward) for each prompt, sampled with a fixed seed that leaves the
     training RNG untouched, so tables before and after training are comparable."""
-    with torch.random.fork_rng(devices=[]):
+    # Every device's generator is forked (sampling on a GPU draws from the CUDA one), so showing
+    # samples changes nothing in training, and a resumed run stays exact.
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
         torch.manual_seed(seed)
         completions = trainer.generate(prompts)
     rewards = trainer.reward_fn(prompts, completions)
@@ -102,6 +106,18 @@ class ScriptArguments:
         default=None, metadata={"help": "Prompts: .txt/.json/.csv file or hub dataset id. Default: stanfordnlp/imdb openings, or data/ offline."}
     )
     num_samples_to_show: int = field(default=4, metadata={"help": "Prompts in the before/after table."})
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={"help": "Continue an interrupted run: 'latest' (the newest checkpoint-<step> in --output_dir) or a "
+                  "checkpoint folder. The run continues exactly as if it had not stopped."},
+    )
+
+
+def parse_resume(value: str | None) -> bool | str | None:
+    """--resume_from_checkpoint's value as `train(resume_from_checkpoint=...)` takes it."""
+    if value is None or value.lower() in {"", "false", "no", "none"}:
+        return None
+    return True if value.lower() in {"latest", "true", "yes"} else value
 
 
 def run_sentiment_recipe(trainer_class, config_class, default_output_dir: str, argv: list[str] | None = None):
@@ -118,13 +134,19 @@ def run_sentiment_recipe(trainer_class, config_class, default_output_dir: str, a
 
     task = resolve_sentiment_task(args.model_name_or_path, args.reward_model, args.dataset, seed=config.seed)
     trainer = trainer_class(config=config, model=task.model, reward_fn=task.reward_model, train_dataset=task.prompts)
+    checkpoint = trainer.resolve_checkpoint(parse_resume(args.resume_from_checkpoint))  # fails before any compute
     if trainer.is_main_process:
         print(f"Task: policy={task.model}, reward={task.reward_model}, prompts={task.dataset or 'data/movie_review_openings.txt'} "
-              f"({len(task.prompts)}) -- {task.reason}.")
+              f"({len(task.prompts)}) -- {task.reason}." + (f" Resuming from {checkpoint}." if checkpoint else ""))
 
     shown = random.Random(config.seed).sample(task.prompts, min(args.num_samples_to_show, len(task.prompts)))
     before = sample_table(trainer, shown)
-    trainer.train()
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    except TrainingInterrupted as stop:
+        trainer.accelerator.end_training()
+        print(f"{stop}. Continue with --resume_from_checkpoint {stop.checkpoint}", file=sys.stderr)
+        raise SystemExit(stop.exit_code) from None
     after = sample_table(trainer, shown)
 
     if trainer.is_main_process:

@@ -79,6 +79,25 @@ def build_tiny_value_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, **
     return value_model.eval()
 
 
+class WordScoreReward:
+    """The sum over the completion's words of a fixed score per word, the vocabulary's scores spread
+    evenly over [-1, 1] in an order set by `seed`. Dense: a random policy's completions score all
+    alike with negligible probability, so every batch carries signal whatever the device's random
+    stream (a single target word can be absent from a whole batch).
+
+        >>> reward = WordScoreReward()
+        >>> len(set(reward(["the film"] * 3, ["good", "bad", "dull"])))
+        3
+    """
+
+    def __init__(self, seed: int = 0):
+        order = torch.randperm(len(WORDS), generator=torch.Generator().manual_seed(seed)).tolist()
+        self.scores = {WORDS[i]: -1.0 + 2.0 * rank / (len(WORDS) - 1) for rank, i in enumerate(order)}
+
+    def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
+        return [sum(self.scores.get(word, 0.0) for word in c.split()) for c in completions]
+
+
 class WordCountReward:
     """Number of times `word` occurs in the completion (whitespace-separated)."""
 

@@ -11,11 +11,17 @@ shaping, GAE, critic, logging, checkpoints); `TRPOTrainer` adds only its policy 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
+import os
 import resource
+import shutil
+import signal
+import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -34,9 +40,24 @@ from .advantages import (
     token_rewards,
     value_loss,
 )
+from .checkpointing import (
+    CHECKPOINT_PREFIX,
+    StopRequest,
+    TrainingInterrupted,
+    capture_rng_state,
+    latest_checkpoint,
+    list_checkpoints,
+    prepare_staging,
+    publish_entries,
+    publish_staging,
+    remove_stale_staging,
+    restore_rng_state,
+    rotate_checkpoints,
+    staging_path,
+)
 from .config import RLConfig, TRPOConfig
 from .models import LoraActorCritic, base_model_of, context_length, double_backward_attention, ensure_pad_token, load_causal_lm
-from .prompts import prompts_from_dataset
+from .prompts import check_prompt_strings, prompts_from_dataset
 from .rewards import RewardFn, build_reward_fn, score_batch
 from .rollout import Rollout, evaluate_rollout, gather_tokens, sample_completions, token_logprobs
 from .trust_region import (
@@ -51,6 +72,11 @@ from .trust_region import (
 )
 
 METRICS_FILE = "metrics.jsonl"
+TRAINER_STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+FINAL_STAGING = ".final.tmp"
+# Settings a resumed run may change without changing what its steps compute.
+RESUME_MAY_CHANGE = {"output_dir", "max_steps", "save_steps", "save_total_limit", "overwrite_output_dir", "max_nonfinite_steps"}
 KL_CHUNK_POSITIONS = 64  # positions per chunk of the no-grad KL: [64, V] temporaries, ~12 MB at V = 49k
 
 
@@ -82,9 +108,66 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+class NonFiniteUpdate(Exception):
+    """Raised inside a step when a quantity of its update is not finite; the step is then rejected."""
+
+    def __init__(self, quantity: str):
+        super().__init__(quantity)
+        self.quantity = quantity
+
+
+class NonFiniteError(RuntimeError):
+    """The run stopped: `max_nonfinite_steps` consecutive steps had non-finite updates."""
+
+
+def require_finite(quantity: str, *tensors: torch.Tensor | None) -> None:
+    """Raise `NonFiniteUpdate(quantity)` unless every given tensor is finite."""
+    if not all(t is None or bool(torch.isfinite(t).all()) for t in tensors):
+        raise NonFiniteUpdate(quantity)
+
+
+def json_safe(stats: dict) -> dict:
+    """NaN and infinities become None (JSON null), so metrics.jsonl stays strict JSON."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in stats.items()}
+
+
+@dataclasses.dataclass
+class TrainingState:
+    """Everything the next step depends on, at a step boundary. `tensors` (the trainable tensors)
+    is None for a state read from a checkpoint, whose adapters are loaded from their own files."""
+
+    global_step: int
+    kl_coef: float
+    nonfinite_streak: int
+    prompt_order: list[int]
+    prompt_generator: torch.Tensor
+    minibatch_generator: torch.Tensor
+    rng: dict
+    optimizers: dict[str, dict]
+    tensors: dict[str, torch.Tensor] | None = None
+
+
+def use_cpu_accelerator() -> bool:
+    """Whether this process runs on the CPU: no CUDA device, or more processes on this node than
+    GPUs (NCCL needs a GPU of its own per process: the run then uses gloo on the CPU)."""
+    if not torch.cuda.is_available():
+        return True
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local_processes > torch.cuda.device_count():
+        warnings.warn(
+            f"{local_processes} processes on this node share {torch.cuda.device_count()} GPU(s); NCCL needs one GPU per "
+            f"process, so this run uses the CPU (gloo). Launch at most {torch.cuda.device_count()} processes per node "
+            "(accelerate launch --num_processes N) to train on the GPUs.",
+            stacklevel=2,
+        )
+        return True
+    return False
+
+
 class RLTrainer:
     """Shared engine: prompts -> rollout -> scores -> token rewards -> GAE -> policy update
-    (subclass) -> critic update -> metrics. Subclasses implement `policy_update(batch)`.
+    (subclass) -> critic update -> metrics, with exact resume and atomic checkpoints. Subclasses
+    implement `policy_update(batch)`.
 
     Args:
         config: an `RLConfig` subclass.
@@ -108,7 +191,9 @@ class RLTrainer:
         train_dataset: Sequence[str] | object = (),
     ):
         self.config = config
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.output_dir = Path(config.output_dir)
+        self._check_output_dir_writable()
+        self.accelerator = Accelerator(cpu=use_cpu_accelerator())
         self.device = self.accelerator.device
         set_seed(config.seed)  # identical LoRA initialisation on every process
 
@@ -119,6 +204,7 @@ class RLTrainer:
             tokenizer = self._tokenizer_for(model)
         self.tokenizer = tokenizer
         ensure_pad_token(tokenizer, base_model_of(model))
+        self._check_vocabulary(model)
 
         self.prompts = self._validate_prompts(train_dataset, model)
         self.actor_critic = LoraActorCritic.build(model, config).to(self.device)
@@ -132,9 +218,34 @@ class RLTrainer:
         torch.manual_seed(config.seed + self.accelerator.process_index)
         self._prompt_order: list[int] = []
         self.global_step = 0
-        self.output_dir = Path(config.output_dir)
+        self.nonfinite_streak = 0
+        # The state at the end of the last completed step: a failed or non-finite step rolls back to it.
+        self._completed_state: TrainingState | None = None
 
     # ------------------------------------------------------------------ setup checks
+    def _check_output_dir_writable(self) -> None:
+        out = self.output_dir
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(f"output_dir={str(out)!r} is a file; pass a folder for metrics, checkpoints and the adapter.")
+        probe = out / f".write-test-{os.getpid()}"
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise PermissionError(f"output_dir={str(out)!r} is not writable ({exc.strerror or exc}); pass a folder you can write to "
+                                  "with --output_dir.") from exc
+
+    def _check_vocabulary(self, model) -> None:
+        embedding = base_model_of(model).get_input_embeddings()
+        rows = getattr(embedding, "num_embeddings", None)
+        if rows is not None and len(self.tokenizer) > rows:
+            raise ValueError(
+                f"The tokenizer has {len(self.tokenizer)} tokens but the model's embedding has {rows} rows, so token ids >= {rows} "
+                "would index past it. Pass the tokenizer the model was trained with, or resize the model first: "
+                "model.resize_token_embeddings(len(tokenizer))."
+            )
+
     @staticmethod
     def _tokenizer_for(model) -> PreTrainedTokenizerBase:
         base = base_model_of(model)
@@ -154,7 +265,8 @@ class RLTrainer:
             raise TypeError("train_dataset must be a list of prompts or a datasets.Dataset, not a string; "
                             "load a file with trpo_rlhf.prompts.load_prompts(path).")
         else:
-            prompts = [str(p) for p in train_dataset]
+            prompts = list(train_dataset)
+        check_prompt_strings(prompts, "train_dataset")
         if not prompts:
             raise ValueError("train_dataset is empty: pass at least one prompt (a list of strings or a Dataset with a 'prompt' column).")
         lengths = [len(ids) for ids in self.tokenizer(prompts)["input_ids"]]
@@ -185,6 +297,12 @@ class RLTrainer:
         for p in params:
             if p.grad is not None:
                 p.grad = self.reduce_mean(p.grad)
+
+    def any_process(self, flag: bool) -> bool:
+        """True on every process if `flag` is true on any, so all of them take the same branch."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        return self.accelerator.reduce(torch.tensor(float(flag), device=self.device), reduction="sum").item() > 0
 
     @property
     def is_main_process(self) -> bool:
@@ -225,18 +343,33 @@ class RLTrainer:
         return self._advantages(dataclasses.replace(rollout, scores=scores))
 
     def step(self) -> dict[str, float]:
-        """One iteration on the next prompt batch; returns (and logs) its metrics."""
+        """One iteration on the next prompt batch; returns (and logs) its metrics.
+
+        If a reward, advantage, gradient, CG solution or step is not finite, the step's updates are
+        rejected: the policy and critic are restored bitwise to the previous step's, a warning
+        names the quantity, and `max_nonfinite_steps` such steps in a row raise `NonFiniteError`.
+        """
         cfg = self.config
+        if self._completed_state is None:
+            self._completed_state = self.capture_state()
         timer = PhaseTimer()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         with timer("step"):
             batch, shaping_stats = self.collect_batch(timer)
-            with timer("policy_update"):
-                policy_stats = self.policy_update(batch)
-            with timer("value_update"):
-                value_stats = self.value_update(batch)
-            self.kl_ctl.update(shaping_stats["kl/ref"], cfg.batch_size * self.accelerator.num_processes)
+            try:
+                self._require_finite_batch(batch)
+                with timer("policy_update"):
+                    policy_stats = self.policy_update(batch)
+                with timer("value_update"):
+                    value_stats = self.value_update(batch)
+                require_finite("trainable tensors after the update", *self.actor_critic.trainable_tensors().values())
+                self.nonfinite_streak = 0
+            except NonFiniteUpdate as exc:
+                self._reject_nonfinite_step(exc.quantity)
+                policy_stats, value_stats = {}, {}
+            if math.isfinite(shaping_stats["kl/ref"]):
+                self.kl_ctl.update(shaping_stats["kl/ref"], cfg.batch_size * self.accelerator.num_processes)
 
         all_scores = self.accelerator.gather(batch.scores)
         stats = {
@@ -246,57 +379,297 @@ class RLTrainer:
             **shaping_stats,
             **policy_stats,
             **value_stats,
+            "update/nonfinite": float(self.nonfinite_streak > 0),
             "policy/entropy": self.reduce_mean(masked_mean(batch.entropy, batch.response_mask)).item(),
             "response/length_mean": self.reduce_mean(batch.response_mask.sum(1).mean()).item(),
             **{f"time/{k}": v for k, v in timer.seconds.items()},
             "memory/peak_mb": peak_memory_mb(self.device),
         }
         self.global_step += 1
+        self._completed_state = self.capture_state()
         self._log(stats)
         return stats
 
-    def train(self) -> list[dict[str, float]]:
-        """Run `config.max_steps` iterations with a progress bar, then save to `output_dir`.
+    def _require_finite_batch(self, batch: Rollout) -> None:
+        local = {"reward": batch.scores, "advantage": batch.advantages, "return": batch.returns}
+        broken = [name for name, tensor in local.items() if not bool(torch.isfinite(tensor).all())]
+        # Each process checks its own shard; all must agree to reject, or the collectives diverge.
+        if self.any_process(bool(broken)):
+            raise NonFiniteUpdate(broken[0] if broken else "reward, advantage or return on another process")
 
-        If anything fails (a reward error, Ctrl-C), the last completed state is saved to
-        `output_dir/checkpoint-<step>` before the exception propagates; metrics.jsonl has every
-        finished step.
+    def _reject_nonfinite_step(self, quantity: str) -> None:
+        self.restore_state(self._completed_state, rng=False)
+        self.nonfinite_streak += 1
+        step, limit = self.global_step + 1, self.config.max_nonfinite_steps
+        message = (f"Step {step}: non-finite {quantity}; the step's updates are rejected and the policy and critic restored "
+                   f"to step {self.global_step} ({self.nonfinite_streak} such step(s) in a row, the run stops at {limit}).")
+        if self.nonfinite_streak >= limit:
+            raise NonFiniteError(f"{message} Stopping: check the reward's scale and finiteness, or lower the learning rates.")
+        warnings.warn(message, stacklevel=3)
+
+    def train(self, resume_from_checkpoint: bool | str | os.PathLike | None = None) -> list[dict[str, float]]:
+        """Run up to `config.max_steps` iterations with a progress bar, then save to `output_dir`.
+
+        `resume_from_checkpoint`: None starts a new run (an `output_dir` holding a previous run's
+        metrics or checkpoints is an error unless `overwrite_output_dir`); True resumes from the
+        latest `output_dir/checkpoint-<step>`; a path resumes from that checkpoint. A resumed run
+        continues exactly as if it had never stopped, appending to metrics.jsonl.
+
+        SIGTERM or SIGINT ends the run after the step in progress, saving `checkpoint-<step>` and
+        raising `TrainingInterrupted`. Any other failure (a reward error, a second Ctrl-C) saves
+        the last completed step's state, rolled back from a half-finished step, before the
+        exception propagates.
+
+            >>> trainer.train(resume_from_checkpoint=True)     # doctest: +SKIP
         """
+        checkpoint = self.resolve_checkpoint(resume_from_checkpoint)
+        if checkpoint is not None:
+            self.load_checkpoint(checkpoint)
+        self._completed_state = self.capture_state()
         history = []
+        stop = StopRequest()
         bar = tqdm(total=self.config.max_steps, initial=self.global_step, desc=self.progress_name,
                    disable=not self.is_main_process, dynamic_ncols=True)
         try:
-            while self.global_step < self.config.max_steps:
-                stats = self.step()
-                history.append(stats)
-                bar.update(1)
-                bar.set_postfix(reward=f"{stats['reward/mean']:.3f}", kl_ref=f"{stats['kl/ref']:.3f}", **self._progress_fields(stats))
-                if self.config.save_steps and self.global_step % self.config.save_steps == 0:
-                    self.save_pretrained(self.output_dir / f"checkpoint-{self.global_step}")
+            with stop.installed():
+                while self.global_step < self.config.max_steps:
+                    stats = self.step()
+                    history.append(stats)
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{stats['reward/mean']:.3f}", kl_ref=f"{stats['kl/ref']:.3f}", **self._progress_fields(stats))
+                    if self.any_process(stop.requested):
+                        path = self.save_checkpoint()
+                        raise TrainingInterrupted(stop.signum or signal.SIGTERM, path)
+                    if self.config.save_steps and self.global_step % self.config.save_steps == 0:
+                        self.save_checkpoint()
+                self.save_pretrained(self.output_dir)
+        except TrainingInterrupted:
+            raise
         except BaseException:
             # No barrier here: the other processes may be blocked in a collective of the failed step.
             if self.global_step > 0 and self.is_main_process:
-                path = self.output_dir / f"checkpoint-{self.global_step}"
-                self._write_checkpoint(path)
-                print(f"Training stopped after step {self.global_step}; its state is saved in {path}.")
+                try:
+                    self._emergency_checkpoint()
+                except Exception as save_error:  # the original failure is the one to report
+                    print(f"The checkpoint after the failure could not be written either: {save_error!r}", file=sys.stderr)
             raise
         finally:
             bar.close()
-        self.save_pretrained(self.output_dir)
         return history
+
+    # ------------------------------------------------------------------ state, checkpoints, resume
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The optimizers whose state a checkpoint keeps, by name."""
+        return {"value": self.value_optimizer}
+
+    def capture_state(self) -> TrainingState:
+        """A copy of everything the next step depends on (see `TrainingState`)."""
+        return TrainingState(
+            global_step=self.global_step,
+            kl_coef=self.kl_ctl.value,
+            nonfinite_streak=self.nonfinite_streak,
+            prompt_order=list(self._prompt_order),
+            prompt_generator=self.prompt_generator.get_state(),
+            minibatch_generator=self.minibatch_generator.get_state(),
+            rng=capture_rng_state(),
+            optimizers={name: copy.deepcopy(opt.state_dict()) for name, opt in self.optimizers().items()},
+            tensors={name: t.detach().clone() for name, t in self.actor_critic.trainable_tensors().items()},
+        )
+
+    def restore_state(self, state: TrainingState, rng: bool = True) -> None:
+        """Put the trainer back into `state`, bitwise; `rng=False` restores only the parameters
+        and optimizers (a rejected step moves on to the next batch)."""
+        if state.tensors is not None:
+            with torch.no_grad():
+                for name, tensor in self.actor_critic.trainable_tensors().items():
+                    tensor.copy_(state.tensors[name])
+        for name, optimizer in self.optimizers().items():
+            # A deep copy: load_state_dict keeps the given tensors, and Adam updates them in place.
+            optimizer.load_state_dict(copy.deepcopy(state.optimizers[name]))
+        if not rng:
+            return
+        self.global_step = state.global_step
+        self.kl_ctl.value = state.kl_coef
+        self.nonfinite_streak = state.nonfinite_streak
+        self._prompt_order = list(state.prompt_order)
+        self.prompt_generator.set_state(state.prompt_generator)
+        self.minibatch_generator.set_state(state.minibatch_generator)
+        restore_rng_state(state.rng)
+
+    def resolve_checkpoint(self, resume_from_checkpoint: bool | str | os.PathLike | None) -> Path | None:
+        """The checkpoint to resume from (None for a new run), after checking that a new run does
+        not mix with a previous one in `output_dir`. Call it before any compute to fail fast."""
+        if resume_from_checkpoint is None or resume_from_checkpoint is False:
+            self._claim_output_dir()
+            return None
+        if resume_from_checkpoint is True:
+            path = latest_checkpoint(self.output_dir)
+            if path is None:
+                raise FileNotFoundError(
+                    f"resume_from_checkpoint=True, but {self.output_dir} holds no checkpoint-<step> folder. Start a new run "
+                    "without it, or pass the path of a checkpoint (runs save them every --save_steps steps and when interrupted)."
+                )
+        else:
+            path = Path(resume_from_checkpoint)
+        missing = [name for name in (TRAINER_STATE_FILE, OPTIMIZER_FILE, "adapter_model.safetensors") if not (path / name).exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"{path} is not a resumable checkpoint (missing {', '.join(missing)}): pass a checkpoint-<step> folder written "
+                "by train(), or True for the latest one in output_dir."
+            )
+        return path
+
+    def _claim_output_dir(self) -> None:
+        out = self.output_dir
+        previous = [p.name for p in (out / METRICS_FILE, out / "adapter_model.safetensors") if p.exists()]
+        previous += [p.name for p in list_checkpoints(out)]
+        if previous and not self.config.overwrite_output_dir:
+            raise FileExistsError(
+                f"output_dir {str(out)!r} holds a previous run ({', '.join(previous[:4])}{', ...' if len(previous) > 4 else ''}). "
+                "Continue it with --resume_from_checkpoint (train(resume_from_checkpoint=True)), start over in it with "
+                "--overwrite_output_dir (deleting its metrics and checkpoints), or pick another --output_dir."
+            )
+        self.accelerator.wait_for_everyone()
+        if previous and self.is_main_process:
+            (out / METRICS_FILE).unlink(missing_ok=True)
+            for path in list_checkpoints(out):
+                shutil.rmtree(path)
+        if self.is_main_process:
+            remove_stale_staging(out)
+        self.accelerator.wait_for_everyone()
+
+    def save_checkpoint(self) -> Path:
+        """Write `output_dir/checkpoint-<step>` atomically (all processes call it): the model files
+        of `save_pretrained` plus the optimizers, random states, prompt order, KL coefficient and
+        step counter, so that `train(resume_from_checkpoint=path)` continues exactly."""
+        path = self.output_dir / f"{CHECKPOINT_PREFIX}{self.global_step}"
+        state = self.capture_state()
+        self.accelerator.wait_for_everyone()
+        if self.is_main_process:
+            prepare_staging(path)
+        self.accelerator.wait_for_everyone()
+        self._write_rng_state(staging_path(path), state)
+        self.accelerator.wait_for_everyone()
+        if self.is_main_process:
+            self._write_checkpoint(path, state)
+            rotate_checkpoints(self.output_dir, self.config.save_total_limit)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def _emergency_checkpoint(self) -> None:
+        """After a failure: roll back to the last completed step and save it, unless saved already.
+        Only this process's random state is written (the others may be stuck in a collective)."""
+        state = self._completed_state
+        if state is None or state.global_step == 0:
+            return
+        path = self.output_dir / f"{CHECKPOINT_PREFIX}{state.global_step}"
+        if not path.exists():
+            self.restore_state(state)
+            prepare_staging(path)
+            self._write_rng_state(staging_path(path), state)
+            self._write_checkpoint(path, state)
+        print(f"Training stopped after step {state.global_step}; its state is saved in {path} "
+              f"(resume with --resume_from_checkpoint {path}).", file=sys.stderr)
+
+    def _write_rng_state(self, folder: Path, state: TrainingState) -> None:
+        torch.save({"rng": state.rng, "prompt_generator": state.prompt_generator, "minibatch_generator": state.minibatch_generator},
+                   folder / f"rng_state_{self.accelerator.process_index}.pth")
+
+    def _write_checkpoint(self, path: Path, state: TrainingState) -> None:
+        staging = staging_path(path)
+        try:
+            self._write_checkpoint_files(staging, state)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # a checkpoint is complete or absent
+            raise
+        publish_staging(path)
+
+    def _write_checkpoint_files(self, staging: Path, state: TrainingState) -> None:
+        self._write_model_files(staging)
+        torch.save(state.optimizers, staging / OPTIMIZER_FILE)
+        trainer_state = {
+            "trainer": type(self).__name__,
+            "global_step": state.global_step,
+            "kl_coef": state.kl_coef,
+            "nonfinite_streak": state.nonfinite_streak,
+            "prompt_order": state.prompt_order,
+            "num_processes": self.accelerator.num_processes,
+        }
+        (staging / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state) + "\n")
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Restore the state saved by `save_checkpoint` (called by `train(resume_from_checkpoint=...)`)."""
+        path = Path(path)
+        saved = json.loads((path / TRAINER_STATE_FILE).read_text())
+        if saved["trainer"] != type(self).__name__:
+            raise ValueError(f"{path} was written by {saved['trainer']}; resume it with that trainer, not {type(self).__name__}.")
+        self._warn_on_config_change(path)
+        rank = self.accelerator.process_index
+        rng_file = path / f"rng_state_{rank}.pth"
+        if rng_file.exists():
+            random_state = torch.load(rng_file, weights_only=True)
+        else:
+            random_state = {"rng": capture_rng_state(), "prompt_generator": self.prompt_generator.get_state(),
+                            "minibatch_generator": self.minibatch_generator.get_state()}
+        if not rng_file.exists() or saved["num_processes"] != self.accelerator.num_processes:
+            warnings.warn(f"{path} was saved by {saved['num_processes']} process(es) and holds no random state for process {rank} "
+                          f"of {self.accelerator.num_processes}: the resumed run continues, but not bitwise as the original would have.")
+        self.actor_critic.load_policy_adapter(path)
+        self.actor_critic.load_value_function(path)
+        self.restore_state(TrainingState(
+            global_step=saved["global_step"],
+            kl_coef=saved["kl_coef"],
+            nonfinite_streak=saved["nonfinite_streak"],
+            prompt_order=saved["prompt_order"],
+            prompt_generator=random_state["prompt_generator"],
+            minibatch_generator=random_state["minibatch_generator"],
+            rng=random_state["rng"],
+            optimizers=torch.load(path / OPTIMIZER_FILE, weights_only=True),
+        ))
+        if self.is_main_process:
+            self._truncate_metrics(self.global_step)
+        self.accelerator.wait_for_everyone()
+
+    def _warn_on_config_change(self, path: Path) -> None:
+        config_file = path / "trainer_config.json"
+        if not config_file.exists():
+            return
+        saved = json.loads(config_file.read_text())
+        current = json.loads(json.dumps(self.config.to_dict()))
+        changed = [k for k in current if k not in RESUME_MAY_CHANGE and saved.get(k) != current[k]]
+        if changed:
+            warnings.warn(f"Resuming {path} with changed settings {changed}: the run continues with the new values, so it "
+                          "differs from the one that was interrupted.")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Keep the metrics of steps <= `step` (a killed run may have logged steps after its last
+        checkpoint); the resumed run appends from step + 1."""
+        metrics = self.output_dir / METRICS_FILE
+        if not metrics.exists():
+            return
+        kept = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        staged = metrics.with_name(f".{METRICS_FILE}.tmp")
+        staged.write_text("".join(line + "\n" for line in kept))
+        os.replace(staged, metrics)
 
     def save_pretrained(self, path: str | Path) -> None:
         """The policy adapter (loadable with `PeftModel.from_pretrained(base, path)`), the critic
-        (`path/value`, see `load_value_function`), the tokenizer and the config."""
+        (`path/value`, see `load_value_function`), the tokenizer and the config. The files are
+        written into a staging folder and flushed before they replace those in `path`."""
+        path = Path(path)
         self.accelerator.wait_for_everyone()
         if self.is_main_process:
-            self._write_checkpoint(Path(path))
+            staging = path / FINAL_STAGING
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            self._write_model_files(staging)
+            publish_entries(staging, path, last="trainer_config.json")
         self.accelerator.wait_for_everyone()
 
-    def _write_checkpoint(self, path: Path) -> None:
-        self.actor_critic.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
-        self.config.save(path / "trainer_config.json")
+    def _write_model_files(self, folder: Path) -> None:
+        self.actor_critic.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        self.config.save(folder / "trainer_config.json")
 
     def load_value_function(self, path: str | Path) -> None:
         """Restore the critic saved by `save_pretrained(path)`."""
@@ -336,6 +709,7 @@ class RLTrainer:
                     self.value_optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     self.average_gradients(params)
+                    require_finite("value gradient", *(p.grad for p in params))
                     self.value_optimizer.step()
                     losses.append(loss.item())
         return {"value/loss": sum(losses) / len(losses) if losses else float("nan")}
@@ -378,9 +752,8 @@ class RLTrainer:
         if not self.is_main_process:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        # Step 1 starts the file: a new run in an old output_dir must not append to its metrics.
-        with open(self.output_dir / METRICS_FILE, "w" if stats["step"] == 1 else "a") as f:
-            f.write(json.dumps(stats) + "\n")
+        with open(self.output_dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps(json_safe(stats), allow_nan=False) + "\n")
 
 
 class TRPOTrainer(RLTrainer):
@@ -459,6 +832,7 @@ class TRPOTrainer(RLTrainer):
                 grad = flat_grad(surrogate, params, retain_graph=shared_forward)
             grad = self.reduce_mean(grad)
             del surrogate
+        require_finite("policy gradient", grad)
 
         with timer("fvp_graph"):
             fisher_logits = logits if shared_forward else self._fisher_logits(fisher_batch)
@@ -477,6 +851,7 @@ class TRPOTrainer(RLTrainer):
             # x^T (F + cI) x = x^T (g - r): CG's own residual saves the product an explicit
             # x^T F x would cost (one FVP of the eleven at cg_iters=10).
             x_fx = cg.x_ax
+        require_finite("CG solution", cg.x, torch.tensor(x_fx))
         fvp_calls = fvp.calls
         del fvp  # free the Fisher graph before the line search
 
@@ -487,11 +862,12 @@ class TRPOTrainer(RLTrainer):
             "trpo/fvp_count": float(fvp_calls),
             "trpo/surrogate_old": surrogate_old,
         }
-        if not (math.isfinite(x_fx) and x_fx > 0):
-            # g = 0 (e.g. all advantages equal) or a numerically broken solve: no direction to take.
+        if not x_fx > 0:
+            # g = 0 (e.g. all advantages equal): no direction to take.
             return stats | self._rejected_stats(timer, expected_gain=0.0, line_search_iters=0)
 
         full_step = math.sqrt(2 * cfg.max_kl / x_fx) * cg.x
+        require_finite("step", full_step)
         expected_gain = torch.dot(grad, full_step).item()
 
         with timer("line_search"):
@@ -535,4 +911,6 @@ class TRPOTrainer(RLTrainer):
         }
 
     def _progress_fields(self, stats: dict[str, float]) -> dict[str, str]:
+        if "trpo/kl" not in stats:  # a step rejected for a non-finite value
+            return {"nonfinite": "rejected"}
         return {"trpo_kl": f"{stats['trpo/kl']:.4f}", "acc": f"{int(stats['trpo/accepted'])}"}

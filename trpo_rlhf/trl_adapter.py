@@ -28,7 +28,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
 from .models import lora_config_from
-from .rewards import RewardFn, score_batch
+from .rewards import RewardFn, check_finite_scores, score_batch
 
 
 class _TextScorer(nn.Module):
@@ -57,7 +57,9 @@ class _TextScorer(nn.Module):
                 "left-padded to prompt_length (see recipes/trl_ppo_gpt2_sentiment.py)."
             )
         prompts, responses = self.decode(input_ids, attention_mask)
-        scores = score_batch(self.reward_fn, prompts, responses, self.calls).to(input_ids.device)
+        scores = score_batch(self.reward_fn, prompts, responses, self.calls)
+        check_finite_scores(scores, prompts, responses, self.calls)  # TRL's PPO has no guard of its own
+        scores = scores.to(input_ids.device)
         self.calls += 1
         # The same score at every position: get_reward reads the one at the last response token.
         per_position = scores[:, None, None].expand(input_ids.shape[0], input_ids.shape[1], 1)

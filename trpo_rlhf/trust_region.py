@@ -84,8 +84,9 @@ def cg_solve(
 ) -> CGResult:
     """Conjugate gradient for A x = b with A symmetric positive definite, given only v -> A v.
 
-    Starts at x = 0, calls `fvp` once per iteration and stops early once r.r < residual_tol
-    (Schulman et al. 2015, Appendix C; Nocedal & Wright, Algorithm 5.2).
+    Starts at x = 0, calls `fvp` once per iteration and stops early once r.r <= residual_tol, so
+    at once for b = 0, whose solution is x = 0 (Schulman et al. 2015, Appendix C; Nocedal & Wright,
+    Algorithm 5.2).
     """
     x = torch.zeros_like(b)
     r = b.clone()
@@ -93,7 +94,7 @@ def cg_solve(
     r_dot_r = torch.dot(r, r)
     iterations = 0
     for _ in range(iters):
-        if r_dot_r.item() < residual_tol:
+        if r_dot_r.item() <= residual_tol:
             break
         Ap = fvp(p)
         iterations += 1

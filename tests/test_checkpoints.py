@@ -1,0 +1,205 @@
+"""Resume, atomic checkpoints, interruptions and the output_dir rules."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from trpo_rlhf import PPOConfig, PPOTrainer, TRPOConfig, TRPOTrainer, TrainingInterrupted
+from trpo_rlhf.checkpointing import StopRequest, latest_checkpoint, list_checkpoints, staging_path
+from trpo_rlhf.toy import TOY_PROMPTS, WordScoreReward, build_tiny_lm
+
+WORKER = Path(__file__).with_name("resume_worker.py")
+ALGORITHMS = {"trpo": (TRPOTrainer, TRPOConfig, {}), "ppo": (PPOTrainer, PPOConfig, {"learning_rate": 1e-3})}
+
+
+def make(algorithm, tokenizer, output_dir, reward_fn=None, **overrides):
+    trainer_class, config_class, extra = ALGORITHMS[algorithm]
+    settings = dict(output_dir=str(output_dir), max_steps=4, batch_size=8, max_new_tokens=6, seed=0, value_epochs=1,
+                    value_minibatch_size=4, lora_target_modules=["q_proj", "v_proj", "lm_head"], lora_dropout=0.1) | extra | overrides
+    return trainer_class(config=config_class(**settings), model=build_tiny_lm(tokenizer), tokenizer=tokenizer,
+                         reward_fn=reward_fn or WordScoreReward(), train_dataset=TOY_PROMPTS)
+
+
+def without_timings(rows):
+    return [{k: v for k, v in row.items() if not k.startswith(("time/", "memory/"))} for row in rows]
+
+
+def read_rows(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def tensors(trainer):
+    return {name: t.detach().clone() for name, t in trainer.actor_critic.trainable_tensors().items()}
+
+
+def assert_same_tensors(a, b):
+    assert a.keys() == b.keys()
+    different = [name for name in a if not torch.equal(a[name], b[name])]
+    assert not different, different[:3]
+
+
+@pytest.mark.parametrize("algorithm", ["trpo", "ppo"])
+def test_two_steps_and_a_resume_equal_four_straight_steps_bitwise(algorithm, tmp_path, word_tokenizer):
+    straight = make(algorithm, word_tokenizer, tmp_path / "straight")
+    straight_history = straight.train()
+
+    first = make(algorithm, word_tokenizer, tmp_path / "split", max_steps=2, save_steps=2)
+    first.train()
+    checkpoint = tmp_path / "split" / "checkpoint-2"
+    for name in ("trainer_state.json", "optimizer.pt", "rng_state_0.pth", "adapter_model.safetensors", "trainer_config.json"):
+        assert (checkpoint / name).exists(), name
+    # A fresh trainer (as in a new process), resumed from the latest checkpoint.
+    resumed = make(algorithm, word_tokenizer, tmp_path / "split")
+    resumed_history = resumed.train(resume_from_checkpoint=True)
+
+    assert [row["step"] for row in resumed_history] == [3, 4]
+    assert without_timings(straight_history[2:]) == without_timings(resumed_history)
+    assert without_timings(read_rows(tmp_path / "straight" / "metrics.jsonl")) == without_timings(read_rows(tmp_path / "split" / "metrics.jsonl"))
+    assert_same_tensors(tensors(straight), tensors(resumed))
+    for name, optimizer in straight.optimizers().items():
+        for a, b in zip(optimizer.state.values(), resumed.optimizers()[name].state.values()):
+            assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_resume_rejects_a_missing_or_foreign_checkpoint(tmp_path, word_tokenizer):
+    trainer = make("trpo", word_tokenizer, tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match=r"holds no checkpoint-<step> folder"):
+        trainer.train(resume_from_checkpoint=True)
+    with pytest.raises(FileNotFoundError, match=r"is not a resumable checkpoint \(missing trainer_state.json"):
+        trainer.train(resume_from_checkpoint=tmp_path)
+    make("ppo", word_tokenizer, tmp_path / "ppo", max_steps=1, save_steps=1).train()
+    with pytest.raises(ValueError, match="written by PPOTrainer; resume it with that trainer, not TRPOTrainer"):
+        trainer.train(resume_from_checkpoint=tmp_path / "ppo" / "checkpoint-1")
+
+
+def test_a_new_run_never_mixes_with_a_previous_one(tmp_path, word_tokenizer):
+    make("trpo", word_tokenizer, tmp_path / "run", max_steps=2, save_steps=1).train()
+    again = make("trpo", word_tokenizer, tmp_path / "run", max_steps=1)
+    with pytest.raises(FileExistsError, match=r"holds a previous run \(metrics.jsonl.*--resume_from_checkpoint.*--overwrite_output_dir"):
+        again.train()
+    assert len(read_rows(tmp_path / "run" / "metrics.jsonl")) == 2  # untouched
+    make("trpo", word_tokenizer, tmp_path / "run", max_steps=1, overwrite_output_dir=True).train()
+    assert [row["step"] for row in read_rows(tmp_path / "run" / "metrics.jsonl")] == [1]
+    assert list_checkpoints(tmp_path / "run") == []  # the previous run's checkpoints are gone
+
+
+def test_save_total_limit_keeps_the_newest(tmp_path, word_tokenizer):
+    make("trpo", word_tokenizer, tmp_path / "run", max_steps=4, save_steps=1, save_total_limit=2).train()
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-3", "checkpoint-4"]
+
+
+def test_a_failed_save_leaves_no_partial_checkpoint(tmp_path, word_tokenizer, monkeypatch):
+    trainer = make("trpo", word_tokenizer, tmp_path / "run", max_steps=1)
+    trainer.train()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(trainer.tokenizer, "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.save_checkpoint()
+    assert not (tmp_path / "run" / "checkpoint-1").exists()
+    assert not staging_path(tmp_path / "run" / "checkpoint-1").exists()
+
+
+def test_an_interrupt_in_the_middle_of_a_step_saves_the_last_completed_step(tmp_path, word_tokenizer):
+    """Ctrl-C pressed twice during step 3's critic update, after its policy update: the checkpoint
+    is step 2's state (policy and critic), and resuming it equals an uninterrupted run."""
+    straight = make("trpo", word_tokenizer, tmp_path / "straight")
+    straight.train()
+
+    trainer = make("trpo", word_tokenizer, tmp_path / "run")
+    value_update = trainer.value_update
+
+    def interrupted_value_update(batch):
+        if trainer.global_step == 2:
+            raise KeyboardInterrupt
+        return value_update(batch)
+
+    trainer.value_update = interrupted_value_update
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert latest_checkpoint(tmp_path / "run").name == "checkpoint-2"
+    assert len(read_rows(tmp_path / "run" / "metrics.jsonl")) == 2
+    resumed = make("trpo", word_tokenizer, tmp_path / "run")
+    resumed.train(resume_from_checkpoint=True)
+    assert_same_tensors(tensors(straight), tensors(resumed))
+
+
+def test_sigint_stops_after_the_step_in_progress(tmp_path, word_tokenizer):
+    calls = []
+    score = WordScoreReward()
+
+    def reward(prompts, completions):
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C while step 2 is being scored
+        return score(prompts, completions)
+
+    trainer = make("trpo", word_tokenizer, tmp_path / "run", reward_fn=reward)
+    handler_before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(TrainingInterrupted) as stop:
+        trainer.train()
+    assert stop.value.signum == signal.SIGINT and stop.value.exit_code == 130
+    assert stop.value.checkpoint == tmp_path / "run" / "checkpoint-2"
+    assert json.loads((stop.value.checkpoint / "trainer_state.json").read_text())["global_step"] == 2
+    assert [row["step"] for row in read_rows(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+    assert signal.getsignal(signal.SIGINT) == handler_before  # the caller's handler is back
+
+
+def test_a_second_signal_interrupts_at_once():
+    stop = StopRequest()
+    with stop.installed():
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM received twice"):
+            signal.raise_signal(signal.SIGTERM)
+
+
+def run_worker(output_dir, max_steps, sleep_seconds, *extra):
+    command = [sys.executable, str(WORKER), str(output_dir), str(max_steps), str(sleep_seconds), *extra]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_killed_and_terminated_runs_resume_to_the_uninterrupted_result(tmp_path):
+    """SIGKILL in the middle of a run, then SIGTERM in the resumed one, then a last resume: the
+    final tensors and every metric equal those of a run that was never interrupted."""
+    straight = run_worker(tmp_path / "straight", 6, 0.0)
+    assert straight.wait(timeout=300) == 0, straight.communicate()[1][-3000:]
+
+    run = tmp_path / "run"
+    killed = run_worker(run, 6, 0.3)
+    wait_for(run / "checkpoint-2", killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=60)
+    assert [p.name for p in list_checkpoints(run)][-1] in ("checkpoint-2", "checkpoint-3")
+
+    terminated = run_worker(run, 6, 0.3, "latest")
+    wait_for(run / "checkpoint-4", terminated)
+    terminated.send_signal(signal.SIGTERM)
+    assert terminated.wait(timeout=120) == 128 + signal.SIGTERM, terminated.communicate()[1][-3000:]
+    last = latest_checkpoint(run)
+    steps_done = json.loads((last / "trainer_state.json").read_text())["global_step"]
+    assert steps_done == int(last.name.split("-")[1]) == len(read_rows(run / "metrics.jsonl"))
+
+    finished = run_worker(run, 6, 0.0, "latest")
+    assert finished.wait(timeout=300) == 0, finished.communicate()[1][-3000:]
+    assert json.loads((run / "final_digest.json").read_text()) == json.loads((tmp_path / "straight" / "final_digest.json").read_text())
+    assert without_timings(read_rows(run / "metrics.jsonl")) == without_timings(read_rows(tmp_path / "straight" / "metrics.jsonl"))
