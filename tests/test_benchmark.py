@@ -29,7 +29,7 @@ def test_benchmark_prints_one_json_line_with_the_documented_keys(tmp_path):
     assert output.read_text().strip() == lines[0]
     for key in KEYS:
         assert key in row, key
-    assert row["device"].startswith("cpu")
+    assert row["device"] == torch.cuda.get_device_name() if torch.cuda.is_available() else row["device"].startswith("cpu")
     assert 1 <= row["cg_iters"] <= 3
     for key in ("trpo_update_s", "ppo_update_s", "fvp_s", "fwd_bwd_s", "bwd_s", "fvp_rebuild_s"):
         assert row[key] > 0, key

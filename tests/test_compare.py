@@ -28,7 +28,8 @@ def test_comparison_runs_all_algorithms_with_tiny_settings(tmp_path):
     assert results["trpo"]["policy_update_seconds_per_step"] > 0
     assert results["settings"]["task"] == "toy" and results["settings"]["cg_iters"] == 2
     trpo_rows = [json.loads(line) for line in (out / "trpo" / "seed-0" / "metrics.jsonl").read_text().splitlines()]
-    assert all(1 <= row["trpo/fvp_count"] <= 2 for row in trpo_rows)  # --cg_iters reached TRPO's config
+    assert json.loads((out / "trpo" / "seed-0" / "trainer_config.json").read_text())["cg_iters"] == 2  # --cg_iters reached TRPO
+    assert all(row["trpo/fvp_count"] <= 2 for row in trpo_rows)
     assert (out / "compare.png").stat().st_size > 10_000
     table = (out / "compare.md").read_text()
     assert table in result.stdout and "| TRPO (ours) |" in table and "| PPO (TRL 1.12) |" in table

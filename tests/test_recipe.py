@@ -31,7 +31,7 @@ def test_recipe_runs_two_steps_on_the_embedded_default(tmp_path, recipe, flags):
     command = [str(accelerate), "launch", "--num_processes", "1", script] if accelerate.exists() else [sys.executable, script]
     result = subprocess.run(
         command + ["--max_steps", "2", "--batch_size", "2", "--max_new_tokens", "6", "--value_epochs", "1",
-                   "--num_samples_to_show", "2", "--output_dir", str(out), *flags],
+                   "--num_samples_to_show", "2", "--save_steps", "1", "--output_dir", str(out), *flags],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -47,6 +47,19 @@ def test_recipe_runs_two_steps_on_the_embedded_default(tmp_path, recipe, flags):
     for name in ("adapter_model.safetensors", "adapter_config.json", "trainer_config.json", "samples.md", "training_curves.png"):
         assert (out / name).exists(), name
     assert (out / "value" / "value_head.safetensors").exists()
+    if not recipe.startswith("trpo"):
+        return
+    # A second run into the same folder stops before any compute and names both ways out ...
+    again = subprocess.run(command + ["--max_steps", "3", "--output_dir", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode != 0 and "--resume_from_checkpoint" in again.stderr and "--overwrite_output_dir" in again.stderr
+    assert "| prompt | before |" not in again.stdout
+    # ... and --resume_from_checkpoint continues it from its newest checkpoint, appending to its metrics.
+    resumed = subprocess.run(command + ["--max_steps", "3", "--batch_size", "2", "--max_new_tokens", "6", "--value_epochs", "1",
+                                        "--num_samples_to_show", "2", "--output_dir", str(out), *flags, "--resume_from_checkpoint", "latest"],
+                             env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming from {out / 'checkpoint-2'}" in resumed.stdout
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
 @pytest.mark.parametrize("config_class", [TRPOConfig, PPOConfig])
@@ -134,3 +147,21 @@ def test_a_lone_cpu_process_uses_every_core(monkeypatch):
         assert use_all_cpu_cores() == 1  # several processes share the cores: leave them alone
     finally:
         torch.set_num_threads(before)
+
+
+def test_resume_flag_values():
+    from trpo_rlhf.sentiment import parse_resume
+
+    assert parse_resume(None) is None and parse_resume("false") is None
+    assert parse_resume("latest") is True and parse_resume("True") is True
+    assert parse_resume("runs/x/checkpoint-4") == "runs/x/checkpoint-4"
+
+
+def test_trl_recipe_refuses_to_resume():
+    sys.path.insert(0, str(ROOT / "recipes"))
+    try:
+        from trl_ppo_gpt2_sentiment import main
+    finally:
+        sys.path.remove(str(ROOT / "recipes"))
+    with pytest.raises(SystemExit, match="TRL 1.12's PPOTrainer cannot resume"):
+        main(["--resume_from_checkpoint", "latest", "--model_name_or_path", "embedded", "--reward_model", "vader"])

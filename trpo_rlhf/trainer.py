@@ -304,6 +304,17 @@ class RLTrainer:
             return flag
         return self.accelerator.reduce(torch.tensor(float(flag), device=self.device), reduction="sum").item() > 0
 
+    def wait_for_everyone(self) -> None:
+        """A barrier across processes. On the CPU it is gloo's plain barrier: accelerate's names a
+        device index, which on a machine that has fewer GPUs than processes (the CPU fallback of
+        `use_cpu_accelerator`) points at a GPU that does not exist."""
+        if self.accelerator.num_processes == 1:
+            return
+        if self.device.type == "cpu":
+            torch.distributed.barrier()
+        else:
+            self.accelerator.wait_for_everyone()
+
     @property
     def is_main_process(self) -> bool:
         return self.accelerator.is_main_process
@@ -529,14 +540,14 @@ class RLTrainer:
                 "Continue it with --resume_from_checkpoint (train(resume_from_checkpoint=True)), start over in it with "
                 "--overwrite_output_dir (deleting its metrics and checkpoints), or pick another --output_dir."
             )
-        self.accelerator.wait_for_everyone()
+        self.wait_for_everyone()
         if previous and self.is_main_process:
             (out / METRICS_FILE).unlink(missing_ok=True)
             for path in list_checkpoints(out):
                 shutil.rmtree(path)
         if self.is_main_process:
             remove_stale_staging(out)
-        self.accelerator.wait_for_everyone()
+        self.wait_for_everyone()
 
     def save_checkpoint(self) -> Path:
         """Write `output_dir/checkpoint-<step>` atomically (all processes call it): the model files
@@ -544,16 +555,16 @@ class RLTrainer:
         step counter, so that `train(resume_from_checkpoint=path)` continues exactly."""
         path = self.output_dir / f"{CHECKPOINT_PREFIX}{self.global_step}"
         state = self.capture_state()
-        self.accelerator.wait_for_everyone()
+        self.wait_for_everyone()
         if self.is_main_process:
             prepare_staging(path)
-        self.accelerator.wait_for_everyone()
+        self.wait_for_everyone()
         self._write_rng_state(staging_path(path), state)
-        self.accelerator.wait_for_everyone()
+        self.wait_for_everyone()
         if self.is_main_process:
             self._write_checkpoint(path, state)
             rotate_checkpoints(self.output_dir, self.config.save_total_limit)
-        self.accelerator.wait_for_everyone()
+        self.wait_for_everyone()
         return path
 
     def _emergency_checkpoint(self) -> None:
@@ -628,7 +639,7 @@ class RLTrainer:
         ))
         if self.is_main_process:
             self._truncate_metrics(self.global_step)
-        self.accelerator.wait_for_everyone()
+        self.wait_for_everyone()
 
     def _warn_on_config_change(self, path: Path) -> None:
         config_file = path / "trainer_config.json"
@@ -657,14 +668,14 @@ class RLTrainer:
         (`path/value`, see `load_value_function`), the tokenizer and the config. The files are
         written into a staging folder and flushed before they replace those in `path`."""
         path = Path(path)
-        self.accelerator.wait_for_everyone()
+        self.wait_for_everyone()
         if self.is_main_process:
             staging = path / FINAL_STAGING
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
             self._write_model_files(staging)
             publish_entries(staging, path, last="trainer_config.json")
-        self.accelerator.wait_for_everyone()
+        self.wait_for_everyone()
 
     def _write_model_files(self, folder: Path) -> None:
         self.actor_critic.save_pretrained(folder)
