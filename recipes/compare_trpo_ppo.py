@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from trpo_rlhf.checkpointing import latest_checkpoint
 from trpo_rlhf.comparison import ALGORITHMS, LABELS, markdown_table, plot_comparison, summarize_runs
 from trpo_rlhf.plotting import read_metrics
 
@@ -52,7 +53,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dataset", default=None, help="sentiment: prompts (default: the recipes' choice).")
     parser.add_argument("--reuse_finished", action="store_true",
                         help="Keep every (algorithm, seed) run in output_dir whose metrics.jsonl already has --steps rows; run the rest.")
+    parser.add_argument("--save_steps", type=int, default=0,
+                        help="TRPO and our PPO save a resumable checkpoint every this many steps (0: none).")
+    parser.add_argument("--resume_from_checkpoint", action="store_true",
+                        help="Continue each unfinished TRPO / PPO run from its newest checkpoint instead of starting it over "
+                             "(TRL's PPO cannot resume and starts over).")
     parser.add_argument("--worker", choices=ALGORITHMS, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--resume_worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for key, value in TASK_DEFAULTS[args.task].items():
@@ -78,8 +85,9 @@ def run_worker(args: argparse.Namespace, output_dir: Path) -> None:
     from trpo_rlhf.sentiment import use_all_cpu_cores
 
     use_all_cpu_cores()
-    # The main process chose to (re)run this folder: a previous run's files in it are replaced.
-    common = dict(output_dir=str(output_dir), overwrite_output_dir=True, max_steps=args.steps, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+    # The main process chose to (re)run this folder: a previous run's files in it are replaced,
+    # unless it asked for the run to be resumed.
+    common = dict(output_dir=str(output_dir), overwrite_output_dir=not args.resume_worker, save_steps=args.save_steps, max_steps=args.steps, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                   seed=args.seed, lora_target_modules=args.lora_target_modules)
     if args.task == "toy":
         from trpo_rlhf.toy import TOY_PROMPTS, WordCountReward, build_tiny_lm, build_tiny_value_model, build_word_tokenizer
@@ -94,11 +102,13 @@ def run_worker(args: argparse.Namespace, output_dir: Path) -> None:
 
     if args.worker == "trpo":
         cg_iters = {} if args.cg_iters is None else {"cg_iters": args.cg_iters}
-        TRPOTrainer(TRPOConfig(**common, max_kl=args.max_kl, **cg_iters), model, tokenizer, reward_fn, prompts).train()
+        trainer = TRPOTrainer(TRPOConfig(**common, max_kl=args.max_kl, **cg_iters), model, tokenizer, reward_fn, prompts)
+        trainer.train(resume_from_checkpoint=True if args.resume_worker else None)
     elif args.worker == "ppo":
         config = PPOConfig(**common, learning_rate=args.learning_rate, ppo_epochs=args.ppo_epochs)
-        PPOTrainer(config, model, tokenizer, reward_fn, prompts).train()
+        PPOTrainer(config, model, tokenizer, reward_fn, prompts).train(resume_from_checkpoint=True if args.resume_worker else None)
     else:
+        common.pop("save_steps")
         from trpo_rlhf.rewards import build_reward_fn
         from trpo_rlhf.trl_adapter import build_trl_ppo_trainer, load_policy_and_value_model
 
@@ -114,7 +124,7 @@ def worker_command(args: argparse.Namespace, algorithm: str, seed: int, output_d
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", algorithm, "--seed", str(seed), "--output_dir", str(output_dir),
                "--task", args.task, "--steps", str(args.steps), "--batch_size", str(args.batch_size),
                "--max_new_tokens", str(args.max_new_tokens), "--max_kl", str(args.max_kl),
-               "--learning_rate", str(args.learning_rate), "--ppo_epochs", str(args.ppo_epochs)]
+               "--learning_rate", str(args.learning_rate), "--ppo_epochs", str(args.ppo_epochs), "--save_steps", str(args.save_steps)]
     for flag in ("model_name_or_path", "reward_model", "dataset", "cg_iters"):
         if getattr(args, flag) is not None:
             command += [f"--{flag}", str(getattr(args, flag))]
@@ -144,10 +154,16 @@ def main(argv=None) -> int:
                     print(f"{LABELS[algorithm]:>15} seed {seed}: reusing the finished run in {run_dir}")
                     continue
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            command = worker_command(args, algorithm, seed, run_dir)
+            checkpoint = latest_checkpoint(run_dir) if args.resume_from_checkpoint and algorithm != "trl_ppo" else None
+            if checkpoint is not None:
+                print(f"{LABELS[algorithm]:>15} seed {seed}: resuming from {checkpoint}")
+                command.append("--resume_worker")
+            else:
+                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
             start = time.perf_counter()
-            with open(run_dir / "log.txt", "w") as log:
-                code = subprocess.call(worker_command(args, algorithm, seed, run_dir), stdout=log, stderr=subprocess.STDOUT)
+            with open(run_dir / "log.txt", "a" if checkpoint else "w") as log:
+                code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
             seconds = time.perf_counter() - start
             if code != 0:
                 failures.append(f"{algorithm} seed {seed}: exit {code}, see {run_dir / 'log.txt'}")
@@ -160,7 +176,7 @@ def main(argv=None) -> int:
 
     if runs:
         results = summarize_runs(runs, args.kl_target)
-        settings = {k: v for k, v in vars(args).items() if k not in {"worker", "seed", "reuse_finished"}}
+        settings = {k: v for k, v in vars(args).items() if k not in {"worker", "seed", "reuse_finished", "resume_from_checkpoint", "resume_worker"}}
         (out / "results.json").write_text(json.dumps({**results, "settings": settings}, indent=2) + "\n")
         table = markdown_table(results, args.kl_target)
         (out / "compare.md").write_text(table + "\n")

@@ -1,6 +1,7 @@
 """The comparison recipe with tiny settings writes results.json, compare.png and compare.md."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,8 @@ RESULT_KEYS = {"final_reward_mean", "final_reward_std", "kl_ref_final", "kl_exce
 def test_comparison_runs_all_algorithms_with_tiny_settings(tmp_path):
     out = tmp_path / "compare"
     command = [sys.executable, str(ROOT / "recipes" / "compare_trpo_ppo.py"), "--task", "toy", "--steps", "2", "--seeds", "2",
-               "--batch_size", "4", "--max_new_tokens", "4", "--ppo_epochs", "1", "--cg_iters", "2", "--output_dir", str(out)]
+               "--batch_size", "4", "--max_new_tokens", "4", "--ppo_epochs", "1", "--cg_iters", "2", "--save_steps", "1",
+               "--output_dir", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
@@ -46,6 +48,21 @@ def test_comparison_runs_all_algorithms_with_tiny_settings(tmp_path):
     assert "TRPO (ours) seed 0: 2 steps" in again.stdout
     assert (out / "ppo" / "seed-1" / "metrics.jsonl").read_text() == kept
     assert set(json.loads((out / "results.json").read_text())) == {"trpo", "ppo", "settings"}
+
+    # --resume_from_checkpoint: a run stopped after step 1 continues from checkpoint-1 to the same rows.
+    run = out / "ppo" / "seed-0"
+    finished = (run / "metrics.jsonl").read_text().splitlines()
+    shutil.rmtree(run / "checkpoint-2")
+    (run / "metrics.jsonl").write_text(finished[0] + "\n")
+    resumed = subprocess.run(command + ["--reuse_finished", "--resume_from_checkpoint", "--algorithms", "ppo"],
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert f"resuming from {run / 'checkpoint-1'}" in resumed.stdout
+
+    def without_timings(lines):
+        return [{k: v for k, v in json.loads(line).items() if not k.startswith(("time/", "memory/"))} for line in lines]
+
+    assert without_timings((run / "metrics.jsonl").read_text().splitlines()) == without_timings(finished)
 
 
 def test_summary_uses_the_last_tenth_of_steps_and_counts_kl_excess():

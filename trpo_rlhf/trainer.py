@@ -448,11 +448,12 @@ class RLTrainer:
                     history.append(stats)
                     bar.update(1)
                     bar.set_postfix(reward=f"{stats['reward/mean']:.3f}", kl_ref=f"{stats['kl/ref']:.3f}", **self._progress_fields(stats))
-                    if self.any_process(stop.requested):
-                        path = self.save_checkpoint()
-                        raise TrainingInterrupted(stop.signum or signal.SIGTERM, path)
+                    saved = None
                     if self.config.save_steps and self.global_step % self.config.save_steps == 0:
-                        self.save_checkpoint()
+                        saved = self.save_checkpoint()
+                    # Checked after the periodic save, so a signal that arrives during it stops the run here.
+                    if self.any_process(stop.requested):
+                        raise TrainingInterrupted(stop.signum or signal.SIGTERM, saved or self.save_checkpoint())
                 self.save_pretrained(self.output_dir)
         except TrainingInterrupted:
             raise
