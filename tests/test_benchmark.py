@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("trpo_update_s", "ppo_update_s", "trpo_peak_mb", "ppo_peak_mb", "fvp_s", "fwd_bwd_s", "cg_iters", "device")
 
 
+@pytest.mark.slow
 def test_benchmark_prints_one_json_line_with_the_documented_keys(tmp_path):
     output = tmp_path / "bench.jsonl"
     result = subprocess.run(

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from trpo_rlhf.comparison import ALGORITHMS, summarize_runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -13,6 +15,7 @@ RESULT_KEYS = {"final_reward_mean", "final_reward_std", "kl_ref_final", "kl_exce
                "policy_update_seconds_per_step", "peak_memory_mb", "seeds", "steps"}
 
 
+@pytest.mark.slow
 def test_comparison_runs_all_algorithms_with_tiny_settings(tmp_path):
     out = tmp_path / "compare"
     command = [sys.executable, str(ROOT / "recipes" / "compare_trpo_ppo.py"), "--task", "toy", "--steps", "2", "--seeds", "2",

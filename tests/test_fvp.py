@@ -68,7 +68,8 @@ def jacobian_of_logits(actor_critic, batch):
 
 def brute_force_fisher(actor_critic, batch):
     """F = mean over valid tokens of J_t^T (diag p_t - p_t p_t^T) J_t, with J_t = d logits_t / d theta
-    from explicit Jacobians (the Gauss-Newton form of the KL Hessian, DESIGN §2)."""
+    from explicit Jacobians: the Gauss-Newton form of the KL Hessian (Martens, "New insights and
+    perspectives on the natural gradient method", JMLR 2020)."""
     jac, logits = jacobian_of_logits(actor_critic, batch)
     probs = torch.softmax(logits, dim=-1)
     fisher = torch.zeros(jac.shape[-1], jac.shape[-1], dtype=torch.float32)
@@ -145,8 +146,8 @@ def test_fvp_adds_damping(word_tokenizer, method):
 
 
 def test_fused_sdpa_has_no_double_backward_so_the_fallback_is_exercised(word_tokenizer):
-    """Without `double_backward_attention`, the same FVP fails on the fused CPU SDPA kernel
-    (DESIGN §4): the sdpa case above passes only because of the fallback."""
+    """Without `double_backward_attention`, the same FVP fails on the fused CPU SDPA kernel, which
+    has no double backward: the sdpa case above passes only because of the fallback."""
     actor_critic = tiny_actor_critic(word_tokenizer, "sdpa")
     batch = padded_batch(word_tokenizer)
     logp = torch.log_softmax(actor_critic.policy_logits(**batch.model_inputs()), dim=-1)

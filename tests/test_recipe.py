@@ -19,6 +19,7 @@ from trpo_rlhf.sentiment import ScriptArguments, resolve_sentiment_task
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe,flags", [
     ("trpo_gpt2_sentiment.py", ["--cg_iters", "2"]),
     ("ppo_gpt2_sentiment.py", ["--ppo_epochs", "2", "--learning_rate", "1e-4"]),

@@ -43,6 +43,7 @@ def test_probing_leaves_the_training_run_bitwise_as_an_unprobed_run():
     assert default_probe["trpo/surrogate_gain"] == pytest.approx(plain[0]["trpo/surrogate_gain"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_step_quality_writes_probes_and_summary(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "recipes" / "step_quality.py"), "--model", "tiny", "--batch_size", "4",

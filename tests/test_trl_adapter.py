@@ -65,6 +65,7 @@ def test_adapter_validates_rewards_and_layout(word_tokenizer):
         left_pad([[1, 2]], 0, length=1)
 
 
+@pytest.mark.slow
 def test_trl_recipe_runs_two_steps_on_the_embedded_default(tmp_path):
     out = tmp_path / "trl"
     result = subprocess.run(

@@ -50,9 +50,13 @@ def test_cg_calls_fvp_once_per_iteration_and_stops_at_tolerance():
     assert loose.residual < 1e-2
     residual = b - A @ loose.x
     assert torch.dot(residual, residual).item() == pytest.approx(loose.residual, rel=1e-6, abs=1e-12)
+    # It stopped at the first iteration whose residual met the tolerance: one fewer had not.
+    assert 1 < loose.iterations < 100
+    assert cg_solve(A.__matmul__, b, iters=loose.iterations - 1, residual_tol=1e-2).residual > 1e-2
     calls.clear()
     tight = cg_solve(fvp, b, iters=100, residual_tol=1e-18)
-    assert tight.iterations > loose.iterations == len(calls) - tight.iterations + loose.iterations
+    assert tight.iterations == len(calls)
+    assert tight.iterations > loose.iterations
     # capped iterations: exactly `iters` products, even when not converged
     calls.clear()
     capped = cg_solve(fvp, b, iters=3, residual_tol=0.0)

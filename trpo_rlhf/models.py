@@ -1,6 +1,6 @@
 """Loading models and the LoRA actor-critic.
 
-One frozen base model serves three roles (DESIGN §2):
+One frozen base model serves three roles:
 
 * the policy: base + the policy LoRA adapter (the only tensors TRPO moves),
 * the reference: base with adapters disabled (no second copy of the weights),
@@ -37,7 +37,7 @@ def hub_available(timeout: float = 5.0, endpoint: str | None = None) -> tuple[bo
     """Whether the Hugging Face Hub (`endpoint`, default $HF_ENDPOINT or huggingface.co) answers
     within `timeout` seconds, and why not.
 
-    A missing hub otherwise costs ~48 s of retries inside `from_pretrained` (DESIGN §4).
+    Without the probe, a missing hub costs tens of seconds of retries inside `from_pretrained`.
     """
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}:
         return False, "HF_HUB_OFFLINE is set"
@@ -88,7 +88,7 @@ def embedded_model_path() -> Path:
     gguf_file = gguf_files[0].name
     tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf_file)
     model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_file, dtype=torch.float32)
-    # A dequantized GGUF model keeps its quantizer, which refuses save_pretrained (DESIGN §4).
+    # A dequantized GGUF model keeps its quantizer, which refuses save_pretrained.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -169,7 +169,7 @@ def double_backward_attention(model: nn.Module) -> Iterator[None]:
     """Run attention through a path that supports a second backward.
 
     Fused SDPA kernels (flash/efficient on GPU, the flash kernel on CPU) and FlashAttention have no
-    double backward (DESIGN §4), but the Fisher-vector product differentiates a gradient. Inside
+    double backward, but the Fisher-vector product differentiates a gradient. Inside
     this context SDPA is restricted to its MATH backend, and any other non-eager implementation is
     switched to SDPA (math) and back on exit. Outside it, generation and single-backward passes keep
     the fast kernels.

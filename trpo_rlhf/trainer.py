@@ -741,7 +741,7 @@ class RLTrainer:
 
     @staticmethod
     def surrogate(batch: Rollout, logp: torch.Tensor) -> torch.Tensor:
-        """L = mean over valid tokens of exp(logp_theta - logp_old) * A_t (DESIGN §2), `logp` the
+        """L = mean over valid tokens of exp(logp_theta - logp_old) * A_t (Schulman et al. 2015, eq. 14), `logp` the
         log-probs of the taken tokens."""
         return masked_mean(torch.exp(logp - batch.logp_old) * batch.advantages, batch.response_mask)
 
@@ -812,7 +812,7 @@ class TRPOTrainer(RLTrainer):
         return fisher_vector_product(mean_kl, params, cfg.cg_damping, reduce=self.reduce_mean)
 
     def policy_update(self, batch: Rollout) -> dict[str, float]:
-        """One TRPO step (DESIGN §2):
+        """One TRPO step (Schulman et al. 2015, Appendix C):
 
         1. g = grad L(theta_old), L = mean_t exp(logp_theta - logp_old) * A_t;
         2. x ~ (F + cI)^-1 g by CG, F v = J^T M J v (or by double backprop) over one graph built
@@ -899,7 +899,7 @@ class TRPOTrainer(RLTrainer):
         return stats | {
             "trpo/accepted": 1.0,
             "trpo/kl": result.kl,
-            # With a correct Fisher, measured KL ~ delta * frac^2 for small delta (DESIGN §2).
+            # KL(pi_old || pi_old + a s) ~ a^2 * 1/2 s^T F s = a^2 * delta to second order, so a correct Fisher predicts it.
             "trpo/kl_predicted": cfg.max_kl * result.step_frac**2,
             "trpo/step_frac": result.step_frac,
             "trpo/surrogate_gain": result.surrogate_gain,
