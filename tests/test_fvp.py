@@ -6,7 +6,7 @@ import torch
 from torch.func import functional_call, jacrev
 
 from trpo_rlhf.advantages import masked_mean
-from trpo_rlhf.config import TRPOConfig
+from trpo_rlhf import TRPOConfig
 from trpo_rlhf.models import LoraActorCritic, double_backward_attention
 from trpo_rlhf.rollout import Rollout, response_mask_from_ids
 from trpo_rlhf.toy import build_tiny_lm

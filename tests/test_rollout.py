@@ -1,7 +1,7 @@
 import torch
 from transformers import GenerationConfig
 
-from trpo_rlhf.config import TRPOConfig
+from trpo_rlhf import TRPOConfig
 from trpo_rlhf.models import LoraActorCritic
 from trpo_rlhf.rollout import evaluate_rollout, response_mask_from_ids, sample_completions, token_logprobs
 from trpo_rlhf.toy import TOY_PROMPTS, build_tiny_lm

@@ -423,7 +423,7 @@ def test_huge_rewards_keep_advantages_finite():
 @pytest.mark.parametrize("algorithm", ["trpo", "ppo"])
 def test_a_non_finite_policy_gradient_is_caught_before_any_parameter_moves(make_trainer, tmp_path, word_tokenizer, algorithm):
     from trpo_rlhf import PPOConfig, PPOTrainer
-    from trpo_rlhf.trainer import NonFiniteUpdate
+    from trpo_rlhf.engine import NonFiniteUpdate
 
     if algorithm == "trpo":
         trainer = make_trainer()

@@ -7,10 +7,11 @@
 """
 
 from .checkpointing import TrainingInterrupted
-from .config import RLConfig, TRPOConfig
+from .config import RLConfig
+from .engine import NonFiniteError, RLTrainer
 from .ppo import PPOConfig, PPOTrainer
 from .rewards import RewardError
-from .trainer import NonFiniteError, RLTrainer, TRPOTrainer
+from .trpo import TRPOConfig, TRPOTrainer
 
 __all__ = ["RLConfig", "TRPOConfig", "TRPOTrainer", "PPOConfig", "PPOTrainer", "RLTrainer", "RewardError", "NonFiniteError",
            "TrainingInterrupted"]

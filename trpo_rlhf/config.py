@@ -1,13 +1,11 @@
-"""Configuration dataclasses.
+"""The settings every on-policy RLHF trainer in this package shares (`RLConfig`: rollout, reward
+shaping, GAE, value function, LoRA, checkpoints). Each algorithm's config extends it in its own
+module (`trpo.TRPOConfig`, `ppo.PPOConfig`). They are plain dataclasses, so recipes expose every
+field as a command-line flag through `HfArgumentParser`:
 
-`RLConfig` holds the settings every on-policy RLHF trainer in this package shares (rollout, reward
-shaping, GAE, value function, LoRA); `TRPOConfig` adds the trust-region solver. Both are plain
-dataclasses, so recipes expose every field as a command-line flag through `HfArgumentParser`:
-
-    >>> from trpo_rlhf import TRPOConfig
-    >>> config = TRPOConfig(output_dir="runs/x", max_steps=50, max_kl=0.01)
-    >>> config.cg_iters
-    10
+    >>> from trpo_rlhf import RLConfig
+    >>> RLConfig(output_dir="runs/x", max_steps=50).value_epochs
+    4
 """
 
 from __future__ import annotations
@@ -175,68 +173,3 @@ class RLConfig:
     @classmethod
     def load(cls, path: str | Path):
         return cls(**json.loads(Path(path).read_text()))
-
-
-FVP_METHODS = ("gauss_newton", "kl_hessian")
-
-
-@dataclass
-class TRPOConfig(RLConfig):
-    """TRPO settings (Schulman et al. 2015, "Trust Region Policy Optimization", Appendix C).
-
-    The update maximises the surrogate L(theta) = mean_t[ratio_t * A_t] subject to
-    mean_t KL(pi_old || pi_theta) <= max_kl, over the policy LoRA tensors only:
-
-    * ``max_kl`` (delta): 0.02 nats per token. The sentiment task moves visibly in 20 steps at
-      this size while the measured KL stays within ``kl_tolerance * max_kl``.
-    * ``cg_iters`` = 10 (the original TRPO code, SB3-contrib). Each iteration is one FVP, about a
-      PPO epoch's cost, and buys more surrogate gain per step: on the embedded sentiment task 3
-      iterations (an update as fast as TRL-default PPO's) buy 49 % of 10's gain, 15 buy 127 %
-      (README, "A cheap trust-region update"; recipes/step_quality.py).
-    * ``cg_damping`` = 1e-3, not the classic 0.1: the Fisher of LoRA tensors is tiny (on
-      SmolLM2-135M, v^T F v / v^T v is ~1.5e-4 in a random direction, ~3 at the top eigenvalue),
-      so c = 0.1 dominates F and the step realises only ~20 % of max_kl (~40 % at 1e-2). At 1e-3 the measured KL of a full step is 0.7-1.4 x max_kl,
-      the quadratic model holding. The damping also keeps the system definite in the LoRA A-block,
-      whose Fisher is zero at init (B = 0).
-    * ``backtrack_coef`` = 0.8 (SB3-contrib) rather than the paper's 0.5: finer steps lose less of
-      a good direction when the quadratic model overestimates.
-    * ``accept_ratio`` = 0.1: a step must realise at least 10 % of the improvement predicted by
-      the linear model (Schulman's ``linesearch``), as well as any improvement at all.
-    * ``fvp_subsample`` = 1.0: the Fisher is estimated on all sequences, on the very forward that
-      gives the gradient. The paper used 10 %. On the embedded sentiment task, 0.25 takes the
-      update's memory below PPO's, but the Fisher of 4 sequences underestimates the curvature along
-      its own solution ~4x (the line search cuts the step back) and the step buys 44 % of the
-      default's surrogate gain in 58 % of its time, less than fewer CG iterations buy in that time
-      (README, "A cheap trust-region update"): lower it when memory, not step quality, is the limit.
-    * ``fvp_method`` = "gauss_newton": F v = J^T M J v, one tangent pass and one backward per
-      product (2.4 s against 3.5 s for "kl_hessian", the double backward, on that task).
-    """
-
-    max_kl: float = field(default=0.02, metadata={"help": "delta: bound on the mean per-token KL(pi_old || pi_new) of one update."})
-    kl_tolerance: float = field(default=1.5, metadata={"help": "Accept a line-search point only if measured KL <= kl_tolerance * max_kl."})
-    cg_iters: int = field(default=10, metadata={"help": "Conjugate-gradient iterations (Fisher-vector products) per update."})
-    cg_damping: float = field(default=1e-3, metadata={"help": "Damping c added to the Fisher: (F + c I) x = g."})
-    cg_residual_tol: float = field(default=1e-10, metadata={"help": "Stop CG once r.r < cg_residual_tol * g.g (relative squared residual)."})
-    line_search_steps: int = field(default=10, metadata={"help": "Backtracking attempts before the step is rejected."})
-    backtrack_coef: float = field(default=0.8, metadata={"help": "Step fraction decay per backtracking attempt, in (0, 1)."})
-    accept_ratio: float = field(default=0.1, metadata={"help": "Required ratio of realised to linearly predicted improvement."})
-    fvp_subsample: float = field(default=1.0, metadata={"help": "Fraction of the batch's sequences used for Fisher-vector products."})
-    fvp_method: str = field(default="gauss_newton", metadata={
-        "help": "How F v is computed: 'gauss_newton' (J^T M J v, two passes over one retained graph) or "
-                "'kl_hessian' (double backward through the KL gradient). Both are the exact Fisher at theta_old."})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _require(self.max_kl > 0 and math.isfinite(self.max_kl),
-                 f"max_kl={self.max_kl} must be a positive number of nats per token, e.g. --max_kl 0.01.")
-        _require(self.kl_tolerance >= 1.0, f"kl_tolerance={self.kl_tolerance} must be >= 1 (1.5 allows the usual quadratic-model error).")
-        _require(self.cg_iters >= 1, f"cg_iters={self.cg_iters} must be >= 1: conjugate gradient needs at least one iteration, e.g. --cg_iters 10.")
-        _require(self.cg_damping >= 0, f"cg_damping={self.cg_damping} must be >= 0.")
-        _require(self.cg_residual_tol >= 0, f"cg_residual_tol={self.cg_residual_tol} must be >= 0.")
-        _require(self.line_search_steps >= 1, f"line_search_steps={self.line_search_steps} must be >= 1.")
-        _require(0.0 < self.backtrack_coef < 1.0,
-                 f"backtrack_coef={self.backtrack_coef} must lie strictly between 0 and 1, e.g. --backtrack_coef 0.8 (or 0.5).")
-        _require(self.accept_ratio >= 0, f"accept_ratio={self.accept_ratio} must be >= 0 (0 accepts any improvement).")
-        _require(0.0 < self.fvp_subsample <= 1.0, f"fvp_subsample={self.fvp_subsample} must be in (0, 1].")
-        _require(self.fvp_method in FVP_METHODS,
-                 f"fvp_method={self.fvp_method!r} is not one of {FVP_METHODS}; use 'gauss_newton' (faster) or 'kl_hessian'.")

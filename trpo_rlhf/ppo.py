@@ -16,8 +16,9 @@ import torch
 
 from .advantages import masked_mean
 from .config import RLConfig, _require
+from .engine import RLTrainer, require_finite
+from .profiling import PhaseTimer
 from .rollout import Rollout, token_logprobs
-from .trainer import PhaseTimer, RLTrainer, require_finite
 
 
 @dataclass

@@ -14,10 +14,14 @@ would hide the next phase's growth; `release_freed_memory` hands it back to the 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import os
+import resource
 import threading
+import time
+from typing import Iterator
 
 import torch
 
@@ -80,3 +84,25 @@ class PeakMemory:
         self._thread.join()
         self._max_mb = max(self._max_mb, resident_mb())
         self.peak_mb = self._max_mb - self._start_mb
+
+
+class PhaseTimer:
+    """Wall-clock seconds per named phase, for the `time/*` metrics."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA max allocated on a GPU, else the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

@@ -193,3 +193,9 @@ def evaluate_rollout(actor_critic: LoraActorCritic, rollout: Rollout, temperatur
     return dataclasses.replace(
         rollout, logp_old=logp_old * mask, logp_ref=logp_ref * mask, values=values * mask, entropy=entropy * mask
     )
+
+
+@torch.no_grad()
+def log_softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the last dimension, in place (no graph): logits - logsumexp(logits)."""
+    return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))

@@ -113,7 +113,7 @@ class MetricsJsonl(TrainerCallback):
         self.last = time.perf_counter()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        from .trainer import peak_memory_mb
+        from .profiling import peak_memory_mb
 
         if not logs or "objective/scores" not in logs or not state.is_world_process_zero:
             return

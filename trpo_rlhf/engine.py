@@ -1,5 +1,6 @@
-"""The training loop. `RLTrainer` is the engine every on-policy trainer here shares (rollout, reward
-shaping, GAE, critic, logging, checkpoints); `TRPOTrainer` adds only its policy update.
+"""The engine every on-policy trainer here shares: `RLTrainer` runs the rollout, reward shaping,
+GAE, the critic, logging, checkpoints and exact resume; a subclass adds only its `policy_update`
+(`trpo.TRPOTrainer`, `ppo.PPOTrainer`).
 
     >>> from trpo_rlhf import TRPOConfig, TRPOTrainer
     >>> config = TRPOConfig(output_dir="runs/x", max_steps=50, batch_size=16, max_new_tokens=24)
@@ -10,20 +11,17 @@ shaping, GAE, critic, logging, checkpoints); `TRPOTrainer` adds only its policy 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
 import math
 import os
-import resource
 import shutil
 import signal
 import sys
-import time
 import warnings
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from accelerate import Accelerator
@@ -55,21 +53,13 @@ from .checkpointing import (
     rotate_checkpoints,
     staging_path,
 )
-from .config import RLConfig, TRPOConfig
-from .models import LoraActorCritic, base_model_of, context_length, double_backward_attention, ensure_pad_token, load_causal_lm
+from .config import RLConfig
+from .models import LoraActorCritic, base_model_of, context_length, ensure_pad_token, load_causal_lm
 from .prompts import check_prompt_strings, prompts_from_dataset
 from .rewards import RewardFn, build_reward_fn, score_batch
-from .rollout import Rollout, evaluate_rollout, gather_tokens, sample_completions, token_logprobs
-from .trust_region import (
-    DampedFisherProduct,
-    LinearizedLogits,
-    backtracking_line_search,
-    categorical_kl,
-    cg_solve,
-    fisher_vector_product,
-    flat_grad,
-    gauss_newton_fvp,
-)
+from .profiling import PhaseTimer, peak_memory_mb
+from .rollout import Rollout, evaluate_rollout, gather_tokens, log_softmax_, sample_completions
+from .trust_region import categorical_kl
 
 METRICS_FILE = "metrics.jsonl"
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -78,34 +68,6 @@ FINAL_STAGING = ".final.tmp"
 # Settings a resumed run may change without changing what its steps compute.
 RESUME_MAY_CHANGE = {"output_dir", "max_steps", "save_steps", "save_total_limit", "overwrite_output_dir", "max_nonfinite_steps"}
 KL_CHUNK_POSITIONS = 64  # positions per chunk of the no-grad KL: [64, V] temporaries, ~12 MB at V = 49k
-
-
-@torch.no_grad()
-def log_softmax_(logits: torch.Tensor) -> torch.Tensor:
-    """log_softmax over the last dimension, in place (no graph): logits - logsumexp(logits)."""
-    return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
-
-
-class PhaseTimer:
-    """Wall-clock seconds per named phase, for the `time/*` metrics."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """CUDA max allocated on a GPU, else the process's peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 class NonFiniteUpdate(Exception):
@@ -766,163 +728,3 @@ class RLTrainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with open(self.output_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(json_safe(stats), allow_nan=False) + "\n")
-
-
-class TRPOTrainer(RLTrainer):
-    """TRPO over the policy LoRA tensors (Schulman et al. 2015), see `policy_update`.
-
-        >>> trainer = TRPOTrainer(config=TRPOConfig(max_steps=50), model="embedded",
-        ...                       reward_fn="vader", train_dataset=default_prompts())    # doctest: +SKIP
-        >>> stats = trainer.step()                                                        # doctest: +SKIP
-        >>> stats["trpo/kl"] <= config.kl_tolerance * config.max_kl                     # doctest: +SKIP
-        True
-    """
-
-    progress_name = "TRPO"
-
-    def __init__(self, config: TRPOConfig, *args, **kwargs):
-        if not isinstance(config, TRPOConfig):
-            raise TypeError(f"TRPOTrainer needs a TRPOConfig, got {type(config).__name__}.")
-        super().__init__(config, *args, **kwargs)
-
-    def _fisher_batch(self, batch: Rollout) -> Rollout:
-        n = max(1, round(self.config.fvp_subsample * len(batch)))
-        if n == len(batch):
-            return batch
-        return batch.select(torch.randperm(len(batch), generator=self.minibatch_generator)[:n])
-
-    def _fisher_logits(self, batch: Rollout) -> torch.Tensor:
-        """The policy's logits with a graph, attention on the double-backward-capable path (both
-        Fisher forms differentiate a gradient; the fused kernels cannot)."""
-        with double_backward_attention(self.actor_critic.peft_model):
-            return self.policy_logits(batch)
-
-    def _fisher_vector_product(self, logits: torch.Tensor, mask: torch.Tensor, params: list[torch.nn.Parameter],
-                               jacobian: LinearizedLogits | None = None) -> DampedFisherProduct:
-        """v -> (F + cI) v, F the Fisher of the mean per-token KL at theta_old over the sequences
-        whose `logits` (from `_fisher_logits`) are given; its graph is built here, once, and every CG
-        iteration reuses it. A `jacobian` already built on these logits is reused."""
-        cfg: TRPOConfig = self.config
-        if cfg.fvp_method == "gauss_newton":
-            jacobian = jacobian or LinearizedLogits(logits, params)
-            return gauss_newton_fvp(jacobian, mask / mask.sum().clamp(min=1), cfg.cg_damping, reduce=self.reduce_mean)
-        logp = torch.log_softmax(logits, dim=-1)
-        # KL(stop_grad(pi) || pi): zero value and gradient at theta_old, Hessian = Fisher.
-        mean_kl = masked_mean(categorical_kl(logp.detach(), logp), mask)
-        return fisher_vector_product(mean_kl, params, cfg.cg_damping, reduce=self.reduce_mean)
-
-    def policy_update(self, batch: Rollout) -> dict[str, float]:
-        """One TRPO step (Schulman et al. 2015, Appendix C):
-
-        1. g = grad L(theta_old), L = mean_t exp(logp_theta - logp_old) * A_t;
-        2. x ~ (F + cI)^-1 g by CG, F v = J^T M J v (or by double backprop) over one graph built
-           once: the very forward g came from when the Fisher uses the whole batch;
-        3. full step s = sqrt(2 delta / x^T F x) x, so that 1/2 s^T F s = delta;
-        4. backtracking on the measured exact KL and the surrogate; exact restore on failure.
-        """
-        cfg: TRPOConfig = self.config
-        actor_critic = self.actor_critic
-        params = actor_critic.policy_parameters()
-        timer = PhaseTimer()
-
-        fisher_batch = self._fisher_batch(batch)
-        # With the Fisher on the whole batch, one forward serves g and F: g = J^T dL/dlogits is a
-        # backward over the very graph the products reuse, and the Gauss-Newton form builds its
-        # graph at u = dL/dlogits, so g is the value of that build (a forward and a backward fewer).
-        shared_forward = fisher_batch is batch
-        jacobian = None
-        with timer("gradient"):
-            logits = self._fisher_logits(batch) if shared_forward else self.policy_logits(batch)
-            surrogate = self.surrogate(batch, token_logprobs(logits, batch.response_ids))
-            surrogate_old = self.reduce_mean(surrogate.detach()).item()
-            if shared_forward and cfg.fvp_method == "gauss_newton":
-                (surrogate_logits_grad,) = torch.autograd.grad(surrogate, logits)
-                jacobian = LinearizedLogits(logits, params, at=surrogate_logits_grad)
-                grad = jacobian.vjp_at
-                del surrogate_logits_grad
-            else:
-                grad = flat_grad(surrogate, params, retain_graph=shared_forward)
-            grad = self.reduce_mean(grad)
-            del surrogate
-        require_finite("policy gradient", grad)
-
-        with timer("fvp_graph"):
-            fisher_logits = logits if shared_forward else self._fisher_logits(fisher_batch)
-            fvp = self._fisher_vector_product(fisher_logits, fisher_batch.response_mask, params, jacobian)
-            del fisher_logits, jacobian
-            # pi_old over the vocabulary, for the line-search KL: the gradient's own logits, turned
-            # into log-probs in place once the Fisher has taken its probabilities from them (no
-            # second forward, no copy; nothing left in any graph reads these values).
-            logp_all_old = log_softmax_(logits.detach())
-            del logits
-
-        with timer("cg"):
-            # The tolerance is relative: LoRA gradients can be far smaller than any absolute one.
-            grad_sq = torch.dot(grad, grad).item()
-            cg = cg_solve(fvp, grad, cfg.cg_iters, cfg.cg_residual_tol * grad_sq)
-            # x^T (F + cI) x = x^T (g - r): CG's own residual saves the product an explicit
-            # x^T F x would cost (one FVP of the eleven at cg_iters=10).
-            x_fx = cg.x_ax
-        require_finite("CG solution", cg.x, torch.tensor(x_fx))
-        fvp_calls = fvp.calls
-        del fvp  # free the Fisher graph before the line search
-
-        stats = {
-            "trpo/grad_norm": grad.norm().item(),
-            "trpo/cg_residual": cg.residual / grad_sq if grad_sq > 0 else 0.0,
-            "trpo/cg_iters": float(cg.iterations),
-            "trpo/fvp_count": float(fvp_calls),
-            "trpo/surrogate_old": surrogate_old,
-        }
-        if not x_fx > 0:
-            # g = 0 (e.g. all advantages equal): no direction to take.
-            return stats | self._rejected_stats(timer, expected_gain=0.0, line_search_iters=0)
-
-        full_step = math.sqrt(2 * cfg.max_kl / x_fx) * cg.x
-        require_finite("step", full_step)
-        expected_gain = torch.dot(grad, full_step).item()
-
-        with timer("line_search"):
-            result = backtracking_line_search(
-                params,
-                full_step,
-                expected_gain,
-                lambda: self.measure_policy_change(batch, logp_all_old),
-                max_kl=cfg.max_kl,
-                kl_tolerance=cfg.kl_tolerance,
-                backtrack_coef=cfg.backtrack_coef,
-                max_backtracks=cfg.line_search_steps,
-                accept_ratio=cfg.accept_ratio,
-            )
-        if not result.accepted:
-            return stats | self._rejected_stats(timer, expected_gain, result.iterations)
-        return stats | {
-            "trpo/accepted": 1.0,
-            "trpo/kl": result.kl,
-            # KL(pi_old || pi_old + a s) ~ a^2 * 1/2 s^T F s = a^2 * delta to second order, so a correct Fisher predicts it.
-            "trpo/kl_predicted": cfg.max_kl * result.step_frac**2,
-            "trpo/step_frac": result.step_frac,
-            "trpo/surrogate_gain": result.surrogate_gain,
-            "trpo/expected_gain": expected_gain * result.step_frac,
-            "trpo/line_search_iters": float(result.iterations),
-            "trpo/step_norm": (full_step.norm() * result.step_frac).item(),
-            **{f"time/policy_{k}": v for k, v in timer.seconds.items()},
-        }
-
-    def _rejected_stats(self, timer: PhaseTimer, expected_gain: float, line_search_iters: int) -> dict[str, float]:
-        return {
-            "trpo/accepted": 0.0,
-            "trpo/kl": 0.0,
-            "trpo/kl_predicted": 0.0,
-            "trpo/step_frac": 0.0,
-            "trpo/surrogate_gain": 0.0,
-            "trpo/expected_gain": expected_gain,
-            "trpo/line_search_iters": float(line_search_iters),
-            "trpo/step_norm": 0.0,
-            **{f"time/policy_{k}": v for k, v in timer.seconds.items()},
-        }
-
-    def _progress_fields(self, stats: dict[str, float]) -> dict[str, str]:
-        if "trpo/kl" not in stats:  # a step rejected for a non-finite value
-            return {"nonfinite": "rejected"}
-        return {"trpo_kl": f"{stats['trpo/kl']:.4f}", "acc": f"{int(stats['trpo/accepted'])}"}
