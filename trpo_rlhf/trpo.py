@@ -39,38 +39,30 @@ class TRPOConfig(RLConfig):
     """TRPO settings (Schulman et al. 2015, "Trust Region Policy Optimization", Appendix C).
 
     The update maximises the surrogate L(theta) = mean_t[ratio_t * A_t] subject to
-    mean_t KL(pi_old || pi_theta) <= max_kl, over the policy LoRA tensors only:
+    mean_t KL(pi_old || pi_theta) <= max_kl, over the policy LoRA tensors only. Where a default
+    departs from the paper's, the reason is the scale of a LoRA Fisher; the measurements behind
+    each choice are in the README ("Configuration" and "A cheap trust-region update"):
 
-    * ``max_kl`` (delta): 0.02 nats per token. The sentiment task moves visibly in 20 steps at
-      this size while the measured KL stays within ``kl_tolerance * max_kl``.
-    * ``cg_iters`` = 10 (the original TRPO code, SB3-contrib). Each iteration is one FVP, about a
-      PPO epoch's cost, and buys more surrogate gain per step: on the embedded sentiment task 3
-      iterations (an update as fast as TRL-default PPO's) buy 49 % of 10's gain, 15 buy 127 %
-      (README, "A cheap trust-region update"; recipes/step_quality.py).
-    * ``cg_damping`` = 1e-3, not the classic 0.1: the Fisher of LoRA tensors is tiny (on
-      SmolLM2-135M, v^T F v / v^T v is ~1.5e-4 in a random direction, ~3 at the top eigenvalue),
-      so c = 0.1 dominates F and the step realises only ~20 % of max_kl (~40 % at 1e-2). At 1e-3 the measured KL of a full step is 0.7-1.4 x max_kl,
-      the quadratic model holding. The damping also keeps the system definite in the LoRA A-block,
-      whose Fisher is zero at init (B = 0).
+    * ``cg_iters`` = 10, as in the original TRPO code and SB3-contrib: each iteration is one
+      Fisher-vector product, and more iterations buy more surrogate gain per step.
+    * ``cg_damping`` = 1e-3, not the classic 0.1: the Fisher of LoRA tensors is small, so a damping
+      of 0.1 would dominate it and the step would realise a fraction of max_kl. The damping also
+      keeps the system definite in the LoRA A-block, whose Fisher is zero at init (B = 0).
     * ``backtrack_coef`` = 0.8 (SB3-contrib) rather than the paper's 0.5: finer steps lose less of
       a good direction when the quadratic model overestimates.
     * ``accept_ratio`` = 0.1: a step must realise at least 10 % of the improvement predicted by
       the linear model (Schulman's ``linesearch``), as well as any improvement at all.
-    * ``fvp_subsample`` = 1.0: the Fisher is estimated on all sequences, on the very forward that
-      gives the gradient. The paper used 10 %. On the embedded sentiment task, 0.25 takes the
-      update's memory below PPO's, but the Fisher of 4 sequences underestimates the curvature along
-      its own solution ~4x (the line search cuts the step back) and the step buys 44 % of the
-      default's surrogate gain in 58 % of its time, less than fewer CG iterations buy in that time
-      (README, "A cheap trust-region update"): lower it when memory, not step quality, is the limit.
+    * ``fvp_subsample`` = 1.0 (the paper used 10 %): the Fisher on the whole batch comes from the
+      very forward that gives the gradient; lower it when memory, not step quality, is the limit.
     * ``fvp_method`` = "gauss_newton": F v = J^T M J v, one tangent pass and one backward per
-      product (2.4 s against 3.5 s for "kl_hessian", the double backward, on that task).
+      product, cheaper than the double backward of "kl_hessian" and the same matrix.
     """
 
     max_kl: float = field(default=0.02, metadata={"help": "delta: bound on the mean per-token KL(pi_old || pi_new) of one update."})
     kl_tolerance: float = field(default=1.5, metadata={"help": "Accept a line-search point only if measured KL <= kl_tolerance * max_kl."})
     cg_iters: int = field(default=10, metadata={"help": "Conjugate-gradient iterations (Fisher-vector products) per update."})
     cg_damping: float = field(default=1e-3, metadata={"help": "Damping c added to the Fisher: (F + c I) x = g."})
-    cg_residual_tol: float = field(default=1e-10, metadata={"help": "Stop CG once r.r < cg_residual_tol * g.g (relative squared residual)."})
+    cg_residual_tol: float = field(default=1e-10, metadata={"help": "Stop CG once r.r <= cg_residual_tol * g.g (relative squared residual)."})
     line_search_steps: int = field(default=10, metadata={"help": "Backtracking attempts before the step is rejected."})
     backtrack_coef: float = field(default=0.8, metadata={"help": "Step fraction decay per backtracking attempt, in (0, 1)."})
     accept_ratio: float = field(default=0.1, metadata={"help": "Required ratio of realised to linearly predicted improvement."})

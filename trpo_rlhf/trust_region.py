@@ -157,7 +157,7 @@ class DampedFisherProduct:
 
     A class rather than an attribute on the closure: a closure that refers to itself is a
     reference cycle, which keeps the graph it holds (gigabytes for an LLM) alive after `del` until
-    Python's cyclic collector happens to run. Measured: +1-2.5 GB of RSS per TRPO step.
+    Python's cyclic collector happens to run.
     """
 
     def __init__(self, fisher_product: Callable[[torch.Tensor], torch.Tensor], damping: float,
