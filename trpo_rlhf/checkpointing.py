@@ -86,10 +86,11 @@ def publish_staging(target: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield a staging folder; on success it becomes `target`, on any error it is removed."""
+def atomic_directory(target: Path, prepared: bool = False) -> Iterator[Path]:
+    """Yield a staging folder; on success it becomes `target`, on any error it is removed.
+    `prepared`: `prepare_staging(target)` already ran (other processes may have written into it)."""
     target = Path(target)
-    staging = prepare_staging(target)
+    staging = staging_path(target) if prepared else prepare_staging(target)
     try:
         yield staging
     except BaseException:

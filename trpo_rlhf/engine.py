@@ -42,12 +42,12 @@ from .checkpointing import (
     CHECKPOINT_PREFIX,
     StopRequest,
     TrainingInterrupted,
+    atomic_directory,
     capture_rng_state,
     latest_checkpoint,
     list_checkpoints,
     prepare_staging,
     publish_entries,
-    publish_staging,
     remove_stale_staging,
     restore_rng_state,
     rotate_checkpoints,
@@ -550,17 +550,8 @@ class RLTrainer:
                    folder / f"rng_state_{self.accelerator.process_index}.pth")
 
     def _write_checkpoint(self, path: Path, state: TrainingState) -> None:
-        staging = staging_path(path)
-        try:
-            self._write_checkpoint_files(staging, state)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)  # a checkpoint is complete or absent
-            raise
-        publish_staging(path)
-
-    def _write_checkpoint_files(self, staging: Path, state: TrainingState) -> None:
-        self._write_model_files(staging)
-        torch.save(state.optimizers, staging / OPTIMIZER_FILE)
+        """Everything but the random states (written by each process into the prepared staging
+        folder first), then publish: the checkpoint is complete or absent."""
         trainer_state = {
             "trainer": type(self).__name__,
             "global_step": state.global_step,
@@ -569,7 +560,10 @@ class RLTrainer:
             "prompt_order": state.prompt_order,
             "num_processes": self.accelerator.num_processes,
         }
-        (staging / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state) + "\n")
+        with atomic_directory(path, prepared=True) as staging:
+            self._write_model_files(staging)
+            torch.save(state.optimizers, staging / OPTIMIZER_FILE)
+            (staging / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state) + "\n")
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore the state saved by `save_checkpoint` (called by `train(resume_from_checkpoint=...)`)."""
@@ -586,8 +580,9 @@ class RLTrainer:
             random_state = {"rng": capture_rng_state(), "prompt_generator": self.prompt_generator.get_state(),
                             "minibatch_generator": self.minibatch_generator.get_state()}
         if not rng_file.exists() or saved["num_processes"] != self.accelerator.num_processes:
-            warnings.warn(f"{path} was saved by {saved['num_processes']} process(es) and holds no random state for process {rank} "
-                          f"of {self.accelerator.num_processes}: the resumed run continues, but not bitwise as the original would have.")
+            why = "holds no random state for" if not rng_file.exists() else "was saved by a different number of processes than"
+            warnings.warn(f"{path} ({saved['num_processes']} process(es)) {why} process {rank} of {self.accelerator.num_processes}: "
+                          "the resumed run continues, but not bitwise as the original would have.")
         self.actor_critic.load_policy_adapter(path)
         self.actor_critic.load_value_function(path)
         self.restore_state(TrainingState(

@@ -73,7 +73,7 @@ class TRPOConfig(RLConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(self.max_kl > 0 and math.isfinite(self.max_kl),
+        _require(self.max_kl > 0,
                  f"max_kl={self.max_kl} must be a positive number of nats per token, e.g. --max_kl 0.01.")
         _require(self.kl_tolerance >= 1.0, f"kl_tolerance={self.kl_tolerance} must be >= 1 (1.5 allows the usual quadratic-model error).")
         _require(self.cg_iters >= 1, f"cg_iters={self.cg_iters} must be >= 1: conjugate gradient needs at least one iteration, e.g. --cg_iters 10.")
