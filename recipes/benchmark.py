@@ -112,10 +112,10 @@ def time_lever_baselines(trainer: TRPOTrainer, batch) -> dict[str, float]:
       log-probs and the no-grad line search each save one of these per update).
     """
     params = trainer.actor_critic.policy_parameters()
-    fisher = trainer._fisher_batch(batch)
+    fisher = trainer.fisher_batch(batch)
     seconds = {}
     with stopwatch(trainer.device, seconds, "fvp_rebuild_s"):
-        fvp = trainer._fisher_vector_product(trainer._fisher_logits(fisher), fisher.response_mask, params)
+        fvp = trainer.fisher_product(fisher)
         fvp(torch.ones(sum(p.numel() for p in params), device=trainer.device))
     with double_backward_attention(trainer.actor_critic.peft_model):
         seconds["fwd_bwd_math_s"], _ = time_forward_backward(trainer, batch)

@@ -32,6 +32,9 @@ TASK_DEFAULTS = {
     "sentiment": {"max_new_tokens": 24, "max_kl": 0.02, "learning_rate": 1e-4, "lora_target_modules": None},
 }
 
+# TRPOConfig fields the comparison can set; unset ones keep TRPOConfig's defaults.
+TRPO_SOLVER_FLAGS = ("cg_iters", "cg_damping", "logit_damping")
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -45,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max_kl", type=float, default=None, help="TRPO's delta. Default: 0.05 (toy), 0.02 (sentiment).")
     parser.add_argument("--cg_iters", type=int, default=None,
                         help="TRPO's conjugate-gradient iterations. Default: TRPOConfig's (10); 3 makes its update cost what PPO's does.")
+    parser.add_argument("--cg_damping", type=float, default=None, help="TRPO's damping c in (F + cI) x = g. Default: TRPOConfig's.")
+    parser.add_argument("--logit_damping", type=float, default=None, help="TRPO's logit-space damping. Default: TRPOConfig's.")
     parser.add_argument("--learning_rate", type=float, default=None, help="PPO's (ours and TRL's). Default: 1e-3 (toy), 1e-4 (sentiment).")
     parser.add_argument("--ppo_epochs", type=int, default=4)
     parser.add_argument("--kl_target", type=float, default=None, help="Count updates whose KL(pi_old||pi_new) exceeds this. Default: max_kl.")
@@ -101,8 +106,8 @@ def run_worker(args: argparse.Namespace, output_dir: Path) -> None:
         model, tokenizer, reward_fn, prompts = task.model, None, task.reward_model, task.prompts
 
     if args.worker == "trpo":
-        cg_iters = {} if args.cg_iters is None else {"cg_iters": args.cg_iters}
-        trainer = TRPOTrainer(TRPOConfig(**common, max_kl=args.max_kl, **cg_iters), model, tokenizer, reward_fn, prompts)
+        solver = {key: getattr(args, key) for key in TRPO_SOLVER_FLAGS if getattr(args, key) is not None}
+        trainer = TRPOTrainer(TRPOConfig(**common, max_kl=args.max_kl, **solver), model, tokenizer, reward_fn, prompts)
         trainer.train(resume_from_checkpoint=True if args.resume_worker else None)
     elif args.worker == "ppo":
         config = PPOConfig(**common, learning_rate=args.learning_rate, ppo_epochs=args.ppo_epochs)
@@ -125,7 +130,7 @@ def worker_command(args: argparse.Namespace, algorithm: str, seed: int, output_d
                "--task", args.task, "--steps", str(args.steps), "--batch_size", str(args.batch_size),
                "--max_new_tokens", str(args.max_new_tokens), "--max_kl", str(args.max_kl),
                "--learning_rate", str(args.learning_rate), "--ppo_epochs", str(args.ppo_epochs), "--save_steps", str(args.save_steps)]
-    for flag in ("model_name_or_path", "reward_model", "dataset", "cg_iters"):
+    for flag in ("model_name_or_path", "reward_model", "dataset", *TRPO_SOLVER_FLAGS):
         if getattr(args, flag) is not None:
             command += [f"--{flag}", str(getattr(args, flag))]
     return command

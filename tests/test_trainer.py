@@ -178,6 +178,8 @@ def test_bad_reward_outputs_raise_clear_errors(make_trainer, returned, match):
         ({"kl_tolerance": 0.5}, r"kl_tolerance=0.5"),
         ({"fvp_subsample": 0.0}, r"fvp_subsample=0.0"),
         ({"fvp_method": "exact"}, r"fvp_method='exact' is not one of"),
+        ({"logit_damping": -0.1}, r"logit_damping=-0.1 must be >= 0"),
+        ({"logit_damping": 0.1, "fvp_method": "kl_hessian"}, r"logit_damping=0.1 needs fvp_method='gauss_newton'"),
         ({"temperature": 0.0}, r"temperature=0.0"),
     ],
 )
@@ -224,13 +226,13 @@ def test_tokenizer_without_pad_token_is_handled(make_trainer, word_tokenizer):
 def test_fvp_subsample_uses_a_fraction_of_sequences(make_trainer):
     trainer = make_trainer(fvp_subsample=0.25)  # 2 of the batch's 8 sequences
     fisher_batch_sizes = []
-    fisher_logits = trainer._fisher_logits
+    fisher_logits = trainer.fisher_logits
 
     def recording_fisher_logits(batch):
         fisher_batch_sizes.append(len(batch))
         return fisher_logits(batch)
 
-    trainer._fisher_logits = recording_fisher_logits
+    trainer.fisher_logits = recording_fisher_logits
     stats = trainer.step()
     assert fisher_batch_sizes == [2]  # the Fisher's one forward saw 2 sequences ...
     assert stats["trpo/fvp_count"] == stats["trpo/cg_iters"] >= 1  # ... and every product reused it
@@ -308,6 +310,26 @@ def test_both_fvp_methods_take_the_same_step(make_trainer):
     # float32 rounding differs between the two products and CG amplifies it a little over 10 steps
     assert gn_stats["trpo/kl"] == pytest.approx(kh_stats["trpo/kl"], rel=2e-2)
     assert ((gn_theta - kh_theta).norm() / kh_theta.norm()).item() < 1e-2
+
+
+def test_logit_damping_changes_the_direction_not_the_trust_region(make_trainer):
+    """A strong logit damping gives another direction, yet the step is still sized by the Fisher
+    alone: the measured KL of the accepted point is the quadratic model's prediction, as without
+    damping (sized by the damped system, it would fall far short of it). A low temperature makes
+    the tiny model's distributions peaked: near uniform ones have M ~ C/V, and the two metrics agree."""
+    thetas, stats = {}, {}
+    settings = dict(max_kl=0.01, cg_damping=0.0, temperature=0.05)
+    for logit_damping in (0.0, 1.0):
+        trainer = make_trainer(logit_damping=logit_damping, **settings)
+        batch, _ = trainer.collect_batch()
+        stats[logit_damping] = trainer.policy_update(batch)
+        thetas[logit_damping] = torch.cat([p.detach().reshape(-1) for p in trainer.actor_critic.policy_parameters()])
+    for s in stats.values():
+        assert s["trpo/accepted"] == 1.0
+        assert 0.8 < s["trpo/kl"] / s["trpo/kl_predicted"] < 1.25
+    origin = torch.cat([p.detach().reshape(-1) for p in make_trainer(**settings).actor_critic.policy_parameters()])
+    natural, damped = thetas[0.0] - origin, thetas[1.0] - origin
+    assert torch.nn.functional.cosine_similarity(natural, damped, dim=0) < 0.97
 
 
 def test_bf16_autocast_trains_with_float32_trust_region(make_trainer):

@@ -14,24 +14,24 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .advantages import masked_mean
 from .config import RLConfig, _require
 from .engine import RLTrainer, require_finite
 from .models import double_backward_attention
 from .profiling import PhaseTimer
 from .rollout import Rollout, log_softmax_, token_logprobs
 from .trust_region import (
+    FVP_METHODS,
     DampedFisherProduct,
     LinearizedLogits,
+    LineSearchResult,
     backtracking_line_search,
-    categorical_kl,
     cg_solve,
-    fisher_vector_product,
-    flat_grad,
-    gauss_newton_fvp,
+    kl_fisher_product,
+    surrogate_gradient,
 )
 
-FVP_METHODS = ("gauss_newton", "kl_hessian")
+# No line search ran: g = 0 left no direction.
+NO_STEP = LineSearchResult(accepted=False, step_frac=0.0, kl=0.0, surrogate_gain=0.0, iterations=0)
 
 
 @dataclass
@@ -67,6 +67,10 @@ class TRPOConfig(RLConfig):
     backtrack_coef: float = field(default=0.8, metadata={"help": "Step fraction decay per backtracking attempt, in (0, 1)."})
     accept_ratio: float = field(default=0.1, metadata={"help": "Required ratio of realised to linearly predicted improvement."})
     fvp_subsample: float = field(default=1.0, metadata={"help": "Fraction of the batch's sequences used for Fisher-vector products."})
+    logit_damping: float = field(default=0.0, metadata={
+        "help": "lambda of the logit-space damping in the CG system (F + lambda J^T C J + cI) x = g (Gauss-Newton form only): "
+                "a sampled token of probability p moves by about A/(p + lambda) in the logits instead of A/p. The step's "
+                "length still comes from the Fisher alone. 0 is the exact natural gradient."})
     fvp_method: str = field(default="gauss_newton", metadata={
         "help": "How F v is computed: 'gauss_newton' (J^T M J v, two passes over one retained graph) or "
                 "'kl_hessian' (double backward through the KL gradient). Both are the exact Fisher at theta_old."})
@@ -86,6 +90,9 @@ class TRPOConfig(RLConfig):
         _require(0.0 < self.fvp_subsample <= 1.0, f"fvp_subsample={self.fvp_subsample} must be in (0, 1].")
         _require(self.fvp_method in FVP_METHODS,
                  f"fvp_method={self.fvp_method!r} is not one of {FVP_METHODS}; use 'gauss_newton' (faster) or 'kl_hessian'.")
+        _require(self.logit_damping >= 0, f"logit_damping={self.logit_damping} must be >= 0 (0: the exact natural gradient).")
+        _require(self.logit_damping == 0 or self.fvp_method == "gauss_newton",
+                 f"logit_damping={self.logit_damping} needs fvp_method='gauss_newton' (got {self.fvp_method!r}).")
 
 
 class TRPOTrainer(RLTrainer):
@@ -105,31 +112,29 @@ class TRPOTrainer(RLTrainer):
             raise TypeError(f"TRPOTrainer needs a TRPOConfig, got {type(config).__name__}.")
         super().__init__(config, *args, **kwargs)
 
-    def _fisher_batch(self, batch: Rollout) -> Rollout:
+    def fisher_batch(self, batch: Rollout) -> Rollout:
+        """The sequences the Fisher is estimated on: `fvp_subsample` of the batch, drawn from the
+        minibatch generator (the whole batch itself at 1.0)."""
         n = max(1, round(self.config.fvp_subsample * len(batch)))
         if n == len(batch):
             return batch
         return batch.select(torch.randperm(len(batch), generator=self.minibatch_generator)[:n])
 
-    def _fisher_logits(self, batch: Rollout) -> torch.Tensor:
+    def fisher_logits(self, batch: Rollout) -> torch.Tensor:
         """The policy's logits with a graph, attention on the double-backward-capable path (both
         Fisher forms differentiate a gradient; the fused kernels cannot)."""
         with double_backward_attention(self.actor_critic.peft_model):
             return self.policy_logits(batch)
 
-    def _fisher_vector_product(self, logits: torch.Tensor, mask: torch.Tensor, params: list[torch.nn.Parameter],
-                               jacobian: LinearizedLogits | None = None) -> DampedFisherProduct:
-        """v -> (F + cI) v, F the Fisher of the mean per-token KL at theta_old over the sequences
-        whose `logits` (from `_fisher_logits`) are given; its graph is built here, once, and every CG
-        iteration reuses it. A `jacobian` already built on these logits is reused."""
+    def fisher_product(self, batch: Rollout, logits: torch.Tensor | None = None,
+                       jacobian: LinearizedLogits | None = None) -> DampedFisherProduct:
+        """v -> (F + cI) v over the policy LoRA tensors, F the Fisher of the mean per-token KL at
+        theta_old on `batch` (`logits` from `fisher_logits(batch)` when already computed, and a
+        `jacobian` already built on them are reused), averaged across processes."""
         cfg: TRPOConfig = self.config
-        if cfg.fvp_method == "gauss_newton":
-            jacobian = jacobian or LinearizedLogits(logits, params)
-            return gauss_newton_fvp(jacobian, mask / mask.sum().clamp(min=1), cfg.cg_damping, reduce=self.reduce_mean)
-        logp = torch.log_softmax(logits, dim=-1)
-        # KL(stop_grad(pi) || pi): zero value and gradient at theta_old, Hessian = Fisher.
-        mean_kl = masked_mean(categorical_kl(logp.detach(), logp), mask)
-        return fisher_vector_product(mean_kl, params, cfg.cg_damping, reduce=self.reduce_mean)
+        logits = self.fisher_logits(batch) if logits is None else logits
+        return kl_fisher_product(logits, batch.response_mask, self.actor_critic.policy_parameters(), method=cfg.fvp_method,
+                                 damping=cfg.cg_damping, logit_damping=cfg.logit_damping, reduce=self.reduce_mean, jacobian=jacobian)
 
     def policy_update(self, batch: Rollout) -> dict[str, float]:
         """One TRPO step (Schulman et al. 2015, Appendix C):
@@ -141,35 +146,25 @@ class TRPOTrainer(RLTrainer):
         4. backtracking on the measured exact KL and the surrogate; exact restore on failure.
         """
         cfg: TRPOConfig = self.config
-        actor_critic = self.actor_critic
-        params = actor_critic.policy_parameters()
+        params = self.actor_critic.policy_parameters()
         timer = PhaseTimer()
 
-        fisher_batch = self._fisher_batch(batch)
-        # With the Fisher on the whole batch, one forward serves g and F: g = J^T dL/dlogits is a
-        # backward over the very graph the products reuse, and the Gauss-Newton form builds its
-        # graph at u = dL/dlogits, so g is the value of that build (a forward and a backward fewer).
+        fisher_batch = self.fisher_batch(batch)
+        # With the Fisher on the whole batch, one forward serves g and F (`surrogate_gradient`).
         shared_forward = fisher_batch is batch
-        jacobian = None
         with timer("gradient"):
-            logits = self._fisher_logits(batch) if shared_forward else self.policy_logits(batch)
+            logits = self.fisher_logits(batch) if shared_forward else self.policy_logits(batch)
             surrogate = self.surrogate(batch, token_logprobs(logits, batch.response_ids))
             surrogate_old = self.reduce_mean(surrogate.detach()).item()
-            if shared_forward and cfg.fvp_method == "gauss_newton":
-                (surrogate_logits_grad,) = torch.autograd.grad(surrogate, logits)
-                jacobian = LinearizedLogits(logits, params, at=surrogate_logits_grad)
-                grad = jacobian.vjp_at
-                del surrogate_logits_grad
-            else:
-                grad = flat_grad(surrogate, params, retain_graph=shared_forward)
+            grad, jacobian = surrogate_gradient(surrogate, logits, params, linearize=shared_forward and cfg.fvp_method == "gauss_newton",
+                                                retain_graph=shared_forward)
             grad = self.reduce_mean(grad)
             del surrogate
         require_finite("policy gradient", grad)
 
         with timer("fvp_graph"):
-            fisher_logits = logits if shared_forward else self._fisher_logits(fisher_batch)
-            fvp = self._fisher_vector_product(fisher_logits, fisher_batch.response_mask, params, jacobian)
-            del fisher_logits, jacobian
+            fvp = self.fisher_product(fisher_batch, logits if shared_forward else None, jacobian)
+            del jacobian
             # pi_old over the vocabulary, for the line-search KL: the gradient's own logits, turned
             # into log-probs in place once the Fisher has taken its probabilities from them (no
             # second forward, no copy; nothing left in any graph reads these values).
@@ -180,9 +175,10 @@ class TRPOTrainer(RLTrainer):
             # The tolerance is relative: LoRA gradients can be far smaller than any absolute one.
             grad_sq = torch.dot(grad, grad).item()
             cg = cg_solve(fvp, grad, cfg.cg_iters, cfg.cg_residual_tol * grad_sq)
-            # x^T (F + cI) x = x^T (g - r): CG's own residual saves the product an explicit
-            # x^T F x would cost (one FVP of the eleven at cg_iters=10).
-            x_fx = cg.x_ax
+            # x^T (F + cI) x = x^T (g - r): CG's own residual saves the product an explicit x^T F x
+            # would cost; a logit damping's share is taken out (one J x pass), since the step's
+            # length is set by the KL alone.
+            x_fx = cg.x_ax - fvp.logit_quadratic(cg.x)
         require_finite("CG solution", cg.x, torch.tensor(x_fx))
         fvp_calls = fvp.calls
         del fvp  # free the Fisher graph before the line search
@@ -196,7 +192,7 @@ class TRPOTrainer(RLTrainer):
         }
         if not x_fx > 0:
             # g = 0 (e.g. all advantages equal): no direction to take.
-            return stats | self._rejected_stats(timer, expected_gain=0.0, line_search_iters=0)
+            return stats | self._step_stats(timer, NO_STEP, expected_gain=0.0, full_step_norm=torch.zeros(()))
 
         full_step = math.sqrt(2 * cfg.max_kl / x_fx) * cg.x
         require_finite("step", full_step)
@@ -214,31 +210,21 @@ class TRPOTrainer(RLTrainer):
                 max_backtracks=cfg.line_search_steps,
                 accept_ratio=cfg.accept_ratio,
             )
-        if not result.accepted:
-            return stats | self._rejected_stats(timer, expected_gain, result.iterations)
-        return stats | {
-            "trpo/accepted": 1.0,
+        return stats | self._step_stats(timer, result, expected_gain, full_step.norm())
+
+    def _step_stats(self, timer: PhaseTimer, result: LineSearchResult, expected_gain: float, full_step_norm: torch.Tensor) -> dict[str, float]:
+        """The line search's outcome; a rejected step reports zeros and the full step's expected gain."""
+        frac = result.step_frac if result.accepted else 1.0
+        return {
+            "trpo/accepted": float(result.accepted),
             "trpo/kl": result.kl,
             # KL(pi_old || pi_old + a s) ~ a^2 * 1/2 s^T F s = a^2 * delta to second order, so a correct Fisher predicts it.
-            "trpo/kl_predicted": cfg.max_kl * result.step_frac**2,
+            "trpo/kl_predicted": self.config.max_kl * result.step_frac**2,
             "trpo/step_frac": result.step_frac,
             "trpo/surrogate_gain": result.surrogate_gain,
-            "trpo/expected_gain": expected_gain * result.step_frac,
+            "trpo/expected_gain": expected_gain * frac,
             "trpo/line_search_iters": float(result.iterations),
-            "trpo/step_norm": (full_step.norm() * result.step_frac).item(),
-            **{f"time/policy_{k}": v for k, v in timer.seconds.items()},
-        }
-
-    def _rejected_stats(self, timer: PhaseTimer, expected_gain: float, line_search_iters: int) -> dict[str, float]:
-        return {
-            "trpo/accepted": 0.0,
-            "trpo/kl": 0.0,
-            "trpo/kl_predicted": 0.0,
-            "trpo/step_frac": 0.0,
-            "trpo/surrogate_gain": 0.0,
-            "trpo/expected_gain": expected_gain,
-            "trpo/line_search_iters": float(line_search_iters),
-            "trpo/step_norm": 0.0,
+            "trpo/step_norm": (full_step_norm * result.step_frac).item(),
             **{f"time/policy_{k}": v for k, v in timer.seconds.items()},
         }
 

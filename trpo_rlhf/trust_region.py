@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import torch
 
 Params = Sequence[torch.Tensor]
+FVP_METHODS = ("gauss_newton", "kl_hessian")
 
 
 def flat_concat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -153,7 +154,9 @@ def fisher_vector_product(
 
 class DampedFisherProduct:
     """v -> reduce(F v) + damping * v, in float32, counting its calls in `calls`; `F v` is either
-    form's product on this process (`reduce` averages it across processes).
+    form's product on this process (`reduce` averages it across processes). Where the product also
+    carries a logit-space damping term (`gauss_newton_fvp(..., logit_damping=)`), `logit_quadratic(x)`
+    gives that term's x^T D x, so the step can be sized on the Fisher alone.
 
     A class rather than an attribute on the closure: a closure that refers to itself is a
     reference cycle, which keeps the graph it holds (gigabytes for an LLM) alive after `del` until
@@ -161,13 +164,21 @@ class DampedFisherProduct:
     """
 
     def __init__(self, fisher_product: Callable[[torch.Tensor], torch.Tensor], damping: float,
-                 reduce: Callable[[torch.Tensor], torch.Tensor]):
+                 reduce: Callable[[torch.Tensor], torch.Tensor],
+                 logit_quadratic: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.fisher_product, self.damping, self.reduce = fisher_product, damping, reduce
+        self._logit_quadratic = logit_quadratic
         self.calls = 0
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         return self.reduce(self.fisher_product(v).float()) + self.damping * v
+
+    def logit_quadratic(self, x: torch.Tensor) -> float:
+        """x^T D x of the logit-space damping inside this product (0 without one); one J x pass."""
+        if self._logit_quadratic is None:
+            return 0.0
+        return self.reduce(self._logit_quadratic(x).float()).item()
 
 
 class LinearizedLogits:
@@ -212,9 +223,10 @@ def gauss_newton_fvp(
     weights: torch.Tensor,
     damping: float,
     reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """v -> (F + damping I) v with F = J^T M J, the Fisher of the weighted KL(pi_old || pi_theta)
-    at theta_old in its Gauss-Newton form (Martens 2014; Schraudolph 2002).
+    logit_damping: float = 0.0,
+) -> DampedFisherProduct:
+    """v -> (F + logit_damping D + damping I) v with F = J^T M J, the Fisher of the weighted
+    KL(pi_old || pi_theta) at theta_old in its Gauss-Newton form (Martens 2014; Schraudolph 2002).
 
     `jacobian` linearizes the policy's (temperature-scaled) logits [..., V] at theta_old;
     `weights` [...] weigh each position (1/number of valid tokens for the mean KL, 0 for padding).
@@ -223,7 +235,14 @@ def gauss_newton_fvp(
     sum (dKL/dlogits) d^2 logits/dtheta^2, vanishes there because dKL/dlogits = p_theta - p_old = 0.
     The double-backward form (`fisher_vector_product`) still pays for that zero term through every
     layer; this one does not. Each product is two passes over the retained graphs: J v, then
-    J^T (M J v). The returned callable counts its calls in `.calls`.
+    J^T (M J v).
+
+    D = J^T W C J, C = I - 11^T/V, is the weighted squared change of the centred logits (centred:
+    a shift of all logits leaves the policy alone). In the logits, M's curvature along a token of
+    probability p is about p, so the natural gradient moves a sampled rare token's logit by A/p;
+    with D it moves it by about A/(p + logit_damping) (Levenberg-Marquardt damping placed in the
+    output space, as Martens & Sutskever 2011 place structural damping in the hidden states).
+    The returned callable counts its calls in `.calls`.
     """
     probs = torch.softmax(jacobian.logits.detach().float(), dim=-1)
     weights = weights.to(probs.dtype).unsqueeze(-1)
@@ -231,9 +250,65 @@ def gauss_newton_fvp(
     def fisher_product(v: torch.Tensor) -> torch.Tensor:
         jv = jacobian.jvp(v).float()
         # (diag(p) - p p^T) Jv per position, weighted, in float32 whatever the model's dtype.
-        return jacobian.vjp(weights * probs * (jv - (probs * jv).sum(dim=-1, keepdim=True)))
+        m_jv = weights * probs * (jv - (probs * jv).sum(dim=-1, keepdim=True))
+        if logit_damping:
+            m_jv = m_jv + logit_damping * weights * (jv - jv.mean(dim=-1, keepdim=True))
+        return jacobian.vjp(m_jv)
 
-    return DampedFisherProduct(fisher_product, damping, reduce)
+    def logit_quadratic(x: torch.Tensor) -> torch.Tensor:
+        jx = jacobian.jvp(x).float()
+        return logit_damping * (weights * (jx - jx.mean(dim=-1, keepdim=True)).square()).sum()
+
+    return DampedFisherProduct(fisher_product, damping, reduce, logit_quadratic if logit_damping else None)
+
+
+def kl_fisher_product(
+    logits: torch.Tensor,
+    mask: torch.Tensor,
+    params: Params,
+    *,
+    method: str,
+    damping: float,
+    logit_damping: float = 0.0,
+    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    jacobian: LinearizedLogits | None = None,
+) -> DampedFisherProduct:
+    """v -> (F + damping I) v, F the Fisher of the mean over `mask`ed positions of
+    KL(pi_old || pi_theta) at theta_old, for the policy whose `logits` (with their graph) are given.
+    Its graph is built here, once, and every product reuses it.
+
+    `method` "gauss_newton" (`gauss_newton_fvp`, reusing a `jacobian` already built on these logits)
+    or "kl_hessian" (`fisher_vector_product`, double backward through the KL gradient): the same
+    matrix. Logit damping exists in the Gauss-Newton form only.
+    """
+    if method not in FVP_METHODS:
+        raise ValueError(f"method={method!r} is not one of {FVP_METHODS}.")
+    if method == "gauss_newton":
+        jacobian = jacobian or LinearizedLogits(logits, params)
+        return gauss_newton_fvp(jacobian, mask / mask.sum().clamp(min=1), damping, reduce=reduce, logit_damping=logit_damping)
+    if logit_damping:
+        raise ValueError(f"logit_damping={logit_damping} needs method='gauss_newton'.")
+    logp = torch.log_softmax(logits, dim=-1)
+    # KL(stop_grad(pi) || pi): zero value and gradient at theta_old, Hessian = Fisher.
+    kl = categorical_kl(logp.detach(), logp)
+    mean_kl = (kl * mask).sum() / mask.sum().clamp(min=1)
+    return fisher_vector_product(mean_kl, params, damping, reduce=reduce)
+
+
+def surrogate_gradient(
+    surrogate: torch.Tensor, logits: torch.Tensor, params: Params, *, linearize: bool, retain_graph: bool = False
+) -> tuple[torch.Tensor, LinearizedLogits | None]:
+    """g = d surrogate / d params, with the `logits` the surrogate was computed from.
+
+    With `linearize`, g comes as the value of the Gauss-Newton Fisher's graph built at
+    u = d surrogate / d logits (`LinearizedLogits(..., at=u)`), returned for `kl_fisher_product` to
+    reuse: one backward serves the gradient and the Fisher. Otherwise a plain backward, keeping the
+    graph when `retain_graph` (a double-backward Fisher on the same forward)."""
+    if linearize:
+        (surrogate_logits_grad,) = torch.autograd.grad(surrogate, logits)
+        jacobian = LinearizedLogits(logits, params, at=surrogate_logits_grad)
+        return jacobian.vjp_at, jacobian
+    return flat_grad(surrogate, params, retain_graph=retain_graph), None
 
 
 @dataclass
