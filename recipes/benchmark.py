@@ -36,8 +36,9 @@ from pathlib import Path
 import torch
 
 from trpo_rlhf import PPOConfig, PPOTrainer, TRPOConfig, TRPOTrainer
+from trpo_rlhf.actor_critic import double_backward_attention
 from trpo_rlhf.advantages import masked_mean
-from trpo_rlhf.models import double_backward_attention
+from trpo_rlhf.experiments import task_for_model
 from trpo_rlhf.profiling import PeakMemory
 from trpo_rlhf.rollout import token_logprobs
 from trpo_rlhf.trust_region import restore, snapshot
@@ -45,16 +46,23 @@ from trpo_rlhf.trust_region import restore, snapshot
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="embedded",
-                        help="'tiny' (a random 2-layer model with a word-level tokenizer), 'embedded' (SmolLM2-135M, "
-                             "offline), or a hub id / local path.")
+    parser.add_argument(
+        "--model",
+        default="embedded",
+        help="'tiny' (a random 2-layer model with a word-level tokenizer), 'embedded' (SmolLM2-135M, "
+        "offline), or a hub id / local path.",
+    )
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--max_new_tokens", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ppo_epochs", type=int, default=4)
     parser.add_argument("--num_minibatches", type=int, default=1)
-    parser.add_argument("--ppo_learning_rate", type=float, default=PPOConfig.learning_rate,
-                        help="PPO's Adam rate (TRL's default 5e-5; LoRA usually wants 1e-4 to 1e-3).")
+    parser.add_argument(
+        "--ppo_learning_rate",
+        type=float,
+        default=PPOConfig.learning_rate,
+        help="PPO's Adam rate (TRL's default 5e-5; LoRA usually wants 1e-4 to 1e-3).",
+    )
     parser.add_argument("--cg_iters", type=int, default=TRPOConfig.cg_iters)
     parser.add_argument("--fvp_subsample", type=float, default=TRPOConfig.fvp_subsample)
     parser.add_argument("--fvp_method", default=TRPOConfig.fvp_method, choices=["gauss_newton", "kl_hessian"])
@@ -67,19 +75,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.repeats < 1:
         parser.error(f"--repeats {args.repeats}: must be >= 1.")
     return args
-
-
-def build_task(name: str, seed: int):
-    """(model, tokenizer or None, reward, prompts) for `--model`."""
-    if name == "tiny":
-        from trpo_rlhf.toy import TOY_PROMPTS, WordScoreReward, build_tiny_lm, build_word_tokenizer
-
-        tokenizer = build_word_tokenizer()
-        return build_tiny_lm(tokenizer, seed=seed), tokenizer, WordScoreReward(), TOY_PROMPTS
-    from trpo_rlhf.sentiment import resolve_sentiment_task
-
-    task = resolve_sentiment_task(name, None, None, seed=seed)
-    return task.model, None, task.reward_model, task.prompts
 
 
 def synchronize(device: torch.device) -> None:
@@ -146,19 +141,36 @@ def measure_update(trainer, batch, params, origin) -> tuple[float, float, dict]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from trpo_rlhf.sentiment import use_all_cpu_cores
+    from trpo_rlhf.experiments.sentiment import use_all_cpu_cores
 
     threads = use_all_cpu_cores()
-    model, tokenizer, reward, prompts = build_task(args.model, args.seed)
-    common = dict(output_dir=tempfile.mkdtemp(prefix="trpo_benchmark_"), seed=args.seed, batch_size=args.batch_size,
-                  max_new_tokens=args.max_new_tokens, lora_target_modules=args.lora_target_modules)
-    trpo = TRPOTrainer(TRPOConfig(**common, cg_iters=args.cg_iters, fvp_subsample=args.fvp_subsample,
-                                  fvp_method=args.fvp_method, cg_damping=args.cg_damping, max_kl=args.max_kl),
-                       model, tokenizer, reward, prompts)
+    task = task_for_model(args.model, args.seed)
+    common = dict(
+        output_dir=tempfile.mkdtemp(prefix="trpo_benchmark_"),
+        seed=args.seed,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        lora_target_modules=args.lora_target_modules or task.lora_target_modules,
+    )
+    trpo = TRPOTrainer(
+        TRPOConfig(
+            **common,
+            cg_iters=args.cg_iters,
+            fvp_subsample=args.fvp_subsample,
+            fvp_method=args.fvp_method,
+            cg_damping=args.cg_damping,
+            max_kl=args.max_kl,
+        ),
+        task.model,
+        task.tokenizer,
+        task.reward_model,
+        task.prompts,
+    )
     # The PPO trainer shares the TRPO trainer's PeftModel: the same policy tensors, the same rollout.
-    ppo_config = PPOConfig(**common, ppo_epochs=args.ppo_epochs, num_minibatches=args.num_minibatches,
-                           learning_rate=args.ppo_learning_rate)
-    ppo = PPOTrainer(ppo_config, trpo.actor_critic.peft_model, trpo.tokenizer, reward, prompts)
+    ppo_config = PPOConfig(
+        **common, ppo_epochs=args.ppo_epochs, num_minibatches=args.num_minibatches, learning_rate=args.ppo_learning_rate
+    )
+    ppo = PPOTrainer(ppo_config, trpo.actor_critic.peft_model, trpo.tokenizer, task.reward_model, task.prompts)
     batch, _ = trpo.collect_batch()
     params = trpo.actor_critic.policy_parameters()
     origin = snapshot(params)
@@ -169,7 +181,7 @@ def main(argv=None) -> int:
         row = {}
         row["fwd_bwd_s"], row["bwd_s"] = time_forward_backward(trpo, batch)
         row.update(time_lever_baselines(trpo, batch))
-        for name in (("trpo", "ppo") if repeat % 2 == 0 else ("ppo", "trpo")):
+        for name in ("trpo", "ppo") if repeat % 2 == 0 else ("ppo", "trpo"):
             if name == "ppo":  # a fresh Adam each time: every repeat is the first update from origin
                 ppo.policy_optimizer = torch.optim.Adam(params, lr=ppo_config.learning_rate)
             trainer = trpo if name == "trpo" else ppo
@@ -180,8 +192,11 @@ def main(argv=None) -> int:
         row["fvp_s"] = row["trpo:time/policy_cg"] / fvps if fvps else float("nan")
         row["ppo_epoch_s"] = row["ppo:time/policy_epochs"] / row["ppo:ppo/epochs_run"]
         rows.append(row)
-        print(f"repeat {repeat + 1}/{args.repeats}: TRPO {row['trpo_update_s']:.2f} s, {row['trpo_peak_mb']:.0f} MB; "
-              f"PPO {row['ppo_update_s']:.2f} s, {row['ppo_peak_mb']:.0f} MB", file=sys.stderr)
+        print(
+            f"repeat {repeat + 1}/{args.repeats}: TRPO {row['trpo_update_s']:.2f} s, {row['trpo_peak_mb']:.0f} MB; "
+            f"PPO {row['ppo_update_s']:.2f} s, {row['ppo_peak_mb']:.0f} MB",
+            file=sys.stderr,
+        )
 
     def median(key: str) -> float | None:
         # None where no repeat measured it (e.g. no line search ran: the update found no direction).
@@ -197,7 +212,9 @@ def main(argv=None) -> int:
         "fwd_bwd_s": median("fwd_bwd_s"),
         "bwd_s": median("bwd_s"),
         "cg_iters": median("trpo:trpo/cg_iters"),
-        "device": torch.cuda.get_device_name(trpo.device) if trpo.device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {threads} threads)",
+        "device": torch.cuda.get_device_name(trpo.device)
+        if trpo.device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()}, {threads} threads)",
         **{key: median(key) for key in ("fvp_rebuild_s", "fwd_bwd_math_s", "forward_s", "forward_grad_s")},
         "trpo_gradient_s": median("trpo:time/policy_gradient"),
         "trpo_fvp_graph_s": median("trpo:time/policy_fvp_graph"),
@@ -227,10 +244,14 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
     }
     result["update_time_ratio"] = result["trpo_update_s"] / result["ppo_update_s"]
-    result["peak_mb_ratio"] = result["trpo_peak_mb"] / result["ppo_peak_mb"] if result["ppo_peak_mb"] > 0 else float("nan")
+    result["peak_mb_ratio"] = (
+        result["trpo_peak_mb"] / result["ppo_peak_mb"] if result["ppo_peak_mb"] > 0 else float("nan")
+    )
     result["fvp_over_bwd"] = result["fvp_s"] / result["bwd_s"]
     result["fvp_over_fwd_bwd"] = result["fvp_s"] / result["fwd_bwd_s"]
-    line = json.dumps({k: float(f"{v:.5g}") if isinstance(v, float) else v for k, v in result.items()})  # 5 significant digits
+    line = json.dumps(
+        {k: float(f"{v:.5g}") if isinstance(v, float) else v for k, v in result.items()}
+    )  # 5 significant digits
     print(line)
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)

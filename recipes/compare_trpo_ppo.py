@@ -23,13 +23,13 @@ import time
 from pathlib import Path
 
 from trpo_rlhf.checkpointing import latest_checkpoint
-from trpo_rlhf.comparison import ALGORITHMS, LABELS, markdown_table, plot_comparison, summarize_runs
-from trpo_rlhf.plotting import read_metrics
+from trpo_rlhf.experiments.comparison import ALGORITHMS, LABELS, markdown_table, plot_comparison, summarize_runs
+from trpo_rlhf.experiments.plotting import read_metrics
 
 TASK_DEFAULTS = {
-    # toy: LoRA must reach the output layer of a tiny random model; its tensors take large rates.
-    "toy": {"max_new_tokens": 8, "max_kl": 0.05, "learning_rate": 1e-3, "lora_target_modules": ["q_proj", "v_proj", "lm_head"]},
-    "sentiment": {"max_new_tokens": 24, "max_kl": 0.02, "learning_rate": 1e-4, "lora_target_modules": None},
+    # toy: the tiny random model's LoRA tensors take large rates.
+    "toy": {"max_new_tokens": 8, "max_kl": 0.05, "learning_rate": 1e-3},
+    "sentiment": {"max_new_tokens": 24, "max_kl": 0.02, "learning_rate": 1e-4},
 }
 
 # TRPOConfig fields the comparison can set; unset ones keep TRPOConfig's defaults.
@@ -37,7 +37,9 @@ TRPO_SOLVER_FLAGS = ("cg_iters", "cg_damping", "logit_damping")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     parser.add_argument("--task", choices=sorted(TASK_DEFAULTS), default="toy")
     parser.add_argument("--steps", type=int, default=30, help="Iterations per run.")
     parser.add_argument("--seeds", type=int, default=3, help="Seeds 0..S-1 for every algorithm.")
@@ -45,24 +47,54 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--algorithms", nargs="+", choices=ALGORITHMS, default=list(ALGORITHMS))
     parser.add_argument("--batch_size", type=int, default=16, help="Prompts per step, the same for every algorithm.")
     parser.add_argument("--max_new_tokens", type=int, default=None, help="Default: 8 (toy), 24 (sentiment).")
-    parser.add_argument("--max_kl", type=float, default=None, help="TRPO's delta. Default: 0.05 (toy), 0.02 (sentiment).")
-    parser.add_argument("--cg_iters", type=int, default=None,
-                        help="TRPO's conjugate-gradient iterations. Default: TRPOConfig's (10); 3 makes its update cost what PPO's does.")
-    parser.add_argument("--cg_damping", type=float, default=None, help="TRPO's damping c in (F + cI) x = g. Default: TRPOConfig's.")
-    parser.add_argument("--logit_damping", type=float, default=None, help="TRPO's logit-space damping. Default: TRPOConfig's.")
-    parser.add_argument("--learning_rate", type=float, default=None, help="PPO's (ours and TRL's). Default: 1e-3 (toy), 1e-4 (sentiment).")
+    parser.add_argument(
+        "--max_kl", type=float, default=None, help="TRPO's delta. Default: 0.05 (toy), 0.02 (sentiment)."
+    )
+    parser.add_argument(
+        "--cg_iters",
+        type=int,
+        default=None,
+        help="TRPO's conjugate-gradient iterations. Default: TRPOConfig's (10); 3 makes its update cost what PPO's does.",
+    )
+    parser.add_argument(
+        "--cg_damping", type=float, default=None, help="TRPO's damping c in (F + cI) x = g. Default: TRPOConfig's."
+    )
+    parser.add_argument(
+        "--logit_damping", type=float, default=None, help="TRPO's logit-space damping. Default: TRPOConfig's."
+    )
+    parser.add_argument(
+        "--learning_rate",
+        type=float,
+        default=None,
+        help="PPO's (ours and TRL's). Default: 1e-3 (toy), 1e-4 (sentiment).",
+    )
     parser.add_argument("--ppo_epochs", type=int, default=4)
-    parser.add_argument("--kl_target", type=float, default=None, help="Count updates whose KL(pi_old||pi_new) exceeds this. Default: max_kl.")
+    parser.add_argument(
+        "--kl_target",
+        type=float,
+        default=None,
+        help="Count updates whose KL(pi_old||pi_new) exceeds this. Default: max_kl.",
+    )
     parser.add_argument("--model_name_or_path", default=None, help="sentiment: policy (default: the recipes' choice).")
     parser.add_argument("--reward_model", default=None, help="sentiment: reward (default: the recipes' choice).")
     parser.add_argument("--dataset", default=None, help="sentiment: prompts (default: the recipes' choice).")
-    parser.add_argument("--reuse_finished", action="store_true",
-                        help="Keep every (algorithm, seed) run in output_dir whose metrics.jsonl already has --steps rows; run the rest.")
-    parser.add_argument("--save_steps", type=int, default=0,
-                        help="TRPO and our PPO save a resumable checkpoint every this many steps (0: none).")
-    parser.add_argument("--resume_from_checkpoint", action="store_true",
-                        help="Continue each unfinished TRPO / PPO run from its newest checkpoint instead of starting it over "
-                             "(TRL's PPO cannot resume and starts over).")
+    parser.add_argument(
+        "--reuse_finished",
+        action="store_true",
+        help="Keep every (algorithm, seed) run in output_dir whose metrics.jsonl already has --steps rows; run the rest.",
+    )
+    parser.add_argument(
+        "--save_steps",
+        type=int,
+        default=0,
+        help="TRPO and our PPO save a resumable checkpoint every this many steps (0: none).",
+    )
+    parser.add_argument(
+        "--resume_from_checkpoint",
+        action="store_true",
+        help="Continue each unfinished TRPO / PPO run from its newest checkpoint instead of starting it over "
+        "(TRL's PPO cannot resume and starts over).",
+    )
     parser.add_argument("--worker", choices=ALGORITHMS, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--resume_worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -87,49 +119,88 @@ def trl_available() -> bool:
 def run_worker(args: argparse.Namespace, output_dir: Path) -> None:
     """One (algorithm, seed) run, in this process."""
     from trpo_rlhf import PPOConfig, PPOTrainer, TRPOConfig, TRPOTrainer
-    from trpo_rlhf.sentiment import use_all_cpu_cores
+    from trpo_rlhf.experiments import build_task
+    from trpo_rlhf.experiments.sentiment import use_all_cpu_cores
 
     use_all_cpu_cores()
+    task_inputs = (
+        {}
+        if args.task == "toy"
+        else dict(model=args.model_name_or_path, reward_model=args.reward_model, dataset=args.dataset)
+    )
+    task = build_task(args.task, seed=args.seed, **task_inputs)
     # The main process chose to (re)run this folder: a previous run's files in it are replaced,
     # unless it asked for the run to be resumed.
-    common = dict(output_dir=str(output_dir), overwrite_output_dir=not args.resume_worker, save_steps=args.save_steps, max_steps=args.steps, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                  seed=args.seed, lora_target_modules=args.lora_target_modules)
-    if args.task == "toy":
-        from trpo_rlhf.toy import TOY_PROMPTS, WordCountReward, build_tiny_lm, build_tiny_value_model, build_word_tokenizer
-
-        tokenizer = build_word_tokenizer()
-        model, reward_fn, prompts = build_tiny_lm(tokenizer, seed=args.seed), WordCountReward("good"), TOY_PROMPTS
-    else:
-        from trpo_rlhf.sentiment import resolve_sentiment_task
-
-        task = resolve_sentiment_task(args.model_name_or_path, args.reward_model, args.dataset, seed=args.seed)
-        model, tokenizer, reward_fn, prompts = task.model, None, task.reward_model, task.prompts
+    common = dict(
+        output_dir=str(output_dir),
+        overwrite_output_dir=not args.resume_worker,
+        save_steps=args.save_steps,
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        lora_target_modules=task.lora_target_modules,
+    )
+    resume = True if args.resume_worker else None
 
     if args.worker == "trpo":
         solver = {key: getattr(args, key) for key in TRPO_SOLVER_FLAGS if getattr(args, key) is not None}
-        trainer = TRPOTrainer(TRPOConfig(**common, max_kl=args.max_kl, **solver), model, tokenizer, reward_fn, prompts)
-        trainer.train(resume_from_checkpoint=True if args.resume_worker else None)
+        config = TRPOConfig(**common, max_kl=args.max_kl, **solver)
+        TRPOTrainer(config, task.model, task.tokenizer, task.reward_model, task.prompts).train(
+            resume_from_checkpoint=resume
+        )
     elif args.worker == "ppo":
         config = PPOConfig(**common, learning_rate=args.learning_rate, ppo_epochs=args.ppo_epochs)
-        PPOTrainer(config, model, tokenizer, reward_fn, prompts).train(resume_from_checkpoint=True if args.resume_worker else None)
+        PPOTrainer(config, task.model, task.tokenizer, task.reward_model, task.prompts).train(
+            resume_from_checkpoint=resume
+        )
     else:
         common.pop("save_steps")
+        from trpo_rlhf.experiments.toy import build_tiny_value_model
+        from trpo_rlhf.experiments.trl_adapter import build_trl_ppo_trainer, load_policy_and_value_model
         from trpo_rlhf.rewards import build_reward_fn
-        from trpo_rlhf.trl_adapter import build_trl_ppo_trainer, load_policy_and_value_model
 
         config = PPOConfig(**common, learning_rate=args.learning_rate, ppo_epochs=args.ppo_epochs)
-        if args.task == "toy":
-            value_model = build_tiny_value_model(tokenizer, seed=args.seed)
+        if args.task == "toy":  # TRL's PPO wants a separate value model: the toy backbone with a scalar head
+            model, value_model, tokenizer = (
+                task.model,
+                build_tiny_value_model(task.tokenizer, seed=args.seed),
+                task.tokenizer,
+            )
         else:
-            model, value_model, tokenizer = load_policy_and_value_model(model)
-        build_trl_ppo_trainer(config, model, value_model, tokenizer, prompts, build_reward_fn(reward_fn)).train()
+            model, value_model, tokenizer = load_policy_and_value_model(task.model)
+        build_trl_ppo_trainer(
+            config, model, value_model, tokenizer, task.prompts, build_reward_fn(task.reward_model)
+        ).train()
 
 
 def worker_command(args: argparse.Namespace, algorithm: str, seed: int, output_dir: Path) -> list[str]:
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", algorithm, "--seed", str(seed), "--output_dir", str(output_dir),
-               "--task", args.task, "--steps", str(args.steps), "--batch_size", str(args.batch_size),
-               "--max_new_tokens", str(args.max_new_tokens), "--max_kl", str(args.max_kl),
-               "--learning_rate", str(args.learning_rate), "--ppo_epochs", str(args.ppo_epochs), "--save_steps", str(args.save_steps)]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        algorithm,
+        "--seed",
+        str(seed),
+        "--output_dir",
+        str(output_dir),
+        "--task",
+        args.task,
+        "--steps",
+        str(args.steps),
+        "--batch_size",
+        str(args.batch_size),
+        "--max_new_tokens",
+        str(args.max_new_tokens),
+        "--max_kl",
+        str(args.max_kl),
+        "--learning_rate",
+        str(args.learning_rate),
+        "--ppo_epochs",
+        str(args.ppo_epochs),
+        "--save_steps",
+        str(args.save_steps),
+    ]
     for flag in ("model_name_or_path", "reward_model", "dataset", *TRPO_SOLVER_FLAGS):
         if getattr(args, flag) is not None:
             command += [f"--{flag}", str(getattr(args, flag))]
@@ -176,16 +247,26 @@ def main(argv=None) -> int:
                 continue
             rows = read_metrics(run_dir / "metrics.jsonl")
             runs.setdefault(algorithm, []).append(rows)
-            print(f"{LABELS[algorithm]:>15} seed {seed}: {len(rows)} steps in {seconds:.0f} s, "
-                  f"final reward {rows[-1]['reward/mean']:.3f}")
+            print(
+                f"{LABELS[algorithm]:>15} seed {seed}: {len(rows)} steps in {seconds:.0f} s, "
+                f"final reward {rows[-1]['reward/mean']:.3f}"
+            )
 
     if runs:
         results = summarize_runs(runs, args.kl_target)
-        settings = {k: v for k, v in vars(args).items() if k not in {"worker", "seed", "reuse_finished", "resume_from_checkpoint", "resume_worker"}}
+        settings = {
+            k: v
+            for k, v in vars(args).items()
+            if k not in {"worker", "seed", "reuse_finished", "resume_from_checkpoint", "resume_worker"}
+        }
         (out / "results.json").write_text(json.dumps({**results, "settings": settings}, indent=2) + "\n")
         table = markdown_table(results, args.kl_target)
         (out / "compare.md").write_text(table + "\n")
-        plot_comparison(runs, out / "compare.png", title=f"{args.task}: {args.steps} steps × {args.batch_size} prompts, {args.seeds} seeds")
+        plot_comparison(
+            runs,
+            out / "compare.png",
+            title=f"{args.task}: {args.steps} steps × {args.batch_size} prompts, {args.seeds} seeds",
+        )
         print(table)
         print(f"Wrote {out / 'results.json'}, {out / 'compare.png'} and {out / 'compare.md'}")
     for failure in failures:

@@ -29,9 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmark import build_task  # recipes/ is on sys.path when this file runs as a script
-
 from trpo_rlhf import TRPOConfig, TRPOTrainer
+from trpo_rlhf.experiments import task_for_model
 from trpo_rlhf.trust_region import restore, snapshot
 
 DEFAULT = TRPOConfig()
@@ -39,7 +38,9 @@ DEFAULT = TRPOConfig()
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="embedded", help="'tiny', 'embedded' (SmolLM2-135M, offline), or a hub id / local path.")
+    parser.add_argument(
+        "--model", default="embedded", help="'tiny', 'embedded' (SmolLM2-135M, offline), or a hub id / local path."
+    )
     parser.add_argument("--batch_size", type=int, default=DEFAULT.batch_size)
     parser.add_argument("--max_new_tokens", type=int, default=DEFAULT.max_new_tokens)
     parser.add_argument("--probe_steps", type=int, nargs="+", default=[1, 4, 8])
@@ -73,34 +74,39 @@ class ProbingTRPOTrainer(TRPOTrainer):
         super().__init__(*args, **kwargs)
         self.probe_steps, self.probe_variants, self.record = probe_steps, probe_variants, record
 
-    def policy_update(self, batch):
+    def policy_update(self, batch, config=None):
         step = self.global_step + 1
         if step in self.probe_steps:
-            params, own_config = self.actor_critic.policy_parameters(), self.config
+            params = self.actor_critic.policy_parameters()
             origin, generator_state = snapshot(params), self.minibatch_generator.get_state()
-            try:
-                for variant in self.probe_variants:
-                    self.config = dataclasses.replace(own_config, **variant)
-                    start = time.perf_counter()
-                    stats = super().policy_update(batch)
-                    seconds = time.perf_counter() - start
-                    restore(params, origin)
-                    self.minibatch_generator.set_state(generator_state)
-                    self.record({"step": step, **variant, "update_s": seconds,
-                                 **{k: v for k, v in stats.items() if k.startswith("trpo/")}})
-            finally:
-                self.config = own_config
-        return super().policy_update(batch)
+            for variant in self.probe_variants:
+                start = time.perf_counter()
+                stats = super().policy_update(batch, config=dataclasses.replace(self.config, **variant))
+                seconds = time.perf_counter() - start
+                restore(params, origin)
+                self.minibatch_generator.set_state(generator_state)
+                self.record(
+                    {
+                        "step": step,
+                        **variant,
+                        "update_s": seconds,
+                        **{k: v for k, v in stats.items() if k.startswith("trpo/")},
+                    }
+                )
+        return super().policy_update(batch, config)
 
 
 def summarize(rows: list[dict]) -> str:
     """A markdown table, one row per variant, the gain relative to the default on the same batch."""
     key = lambda r: (r["cg_iters"], r["fvp_subsample"])  # noqa: E731
-    default_gain = {r["step"]: r["trpo/surrogate_gain"] for r in rows
-                    if key(r) == (DEFAULT.cg_iters, DEFAULT.fvp_subsample)}
-    lines = ["| cg_iters | fvp_subsample | update s (median) | surrogate gain (mean) | gain / default's (mean) "
-             "| measured KL (median) | accepted | line-search points (median) |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    default_gain = {
+        r["step"]: r["trpo/surrogate_gain"] for r in rows if key(r) == (DEFAULT.cg_iters, DEFAULT.fvp_subsample)
+    }
+    lines = [
+        "| cg_iters | fvp_subsample | update s (median) | surrogate gain (mean) | gain / default's (mean) "
+        "| measured KL (median) | accepted | line-search points (median) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for variant in dict.fromkeys(key(r) for r in rows):
         group = [r for r in rows if key(r) == variant]
         ratios = [r["trpo/surrogate_gain"] / default_gain[r["step"]] for r in group if default_gain.get(r["step"])]
@@ -120,7 +126,7 @@ def summarize(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from trpo_rlhf.sentiment import use_all_cpu_cores
+    from trpo_rlhf.experiments.sentiment import use_all_cpu_cores
 
     use_all_cpu_cores()
     args.output.mkdir(parents=True, exist_ok=True)
@@ -131,20 +137,38 @@ def main(argv=None) -> int:
         rows.append(row)
         with open(probes_path, "w" if len(rows) == 1 else "a") as f:
             f.write(json.dumps(row) + "\n")
-        print(f"step {row['step']} cg_iters={row['cg_iters']} fvp_subsample={row['fvp_subsample']}: "
-              f"{row['update_s']:.1f} s, KL {row['trpo/kl']:.4f}, gain {row['trpo/surrogate_gain']:.4f}", file=sys.stderr)
+        print(
+            f"step {row['step']} cg_iters={row['cg_iters']} fvp_subsample={row['fvp_subsample']}: "
+            f"{row['update_s']:.1f} s, KL {row['trpo/kl']:.4f}, gain {row['trpo/surrogate_gain']:.4f}",
+            file=sys.stderr,
+        )
 
-    model, tokenizer, reward, prompts = build_task(args.model, args.seed)
-    config = TRPOConfig(output_dir=tempfile.mkdtemp(prefix="trpo_step_quality_"), seed=args.seed, batch_size=args.batch_size,
-                        max_new_tokens=args.max_new_tokens, max_steps=max(args.probe_steps))
-    trainer = ProbingTRPOTrainer(config, model, tokenizer, reward, prompts, probe_steps=set(args.probe_steps),
-                                 probe_variants=variants(args.cg_iters, args.fvp_subsample), record=record)
+    task = task_for_model(args.model, args.seed)
+    config = TRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="trpo_step_quality_"),
+        seed=args.seed,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        max_steps=max(args.probe_steps),
+        lora_target_modules=task.lora_target_modules,
+    )
+    trainer = ProbingTRPOTrainer(
+        config,
+        task.model,
+        task.tokenizer,
+        task.reward_model,
+        task.prompts,
+        probe_steps=set(args.probe_steps),
+        probe_variants=variants(args.cg_iters, args.fvp_subsample),
+        record=record,
+    )
     while trainer.global_step < config.max_steps:
         trainer.step()
     table = summarize(rows)
     (args.output / "summary.md").write_text(
         f"Model {args.model}, batch {args.batch_size}, {args.max_new_tokens} new tokens, seed {args.seed}, "
-        f"probe steps {sorted(set(args.probe_steps))}; every other setting at the TRPOConfig default.\n\n{table}\n")
+        f"probe steps {sorted(set(args.probe_steps))}; every other setting at the TRPOConfig default.\n\n{table}\n"
+    )
     print(table)
     return 0
 

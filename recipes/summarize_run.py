@@ -10,7 +10,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from trpo_rlhf.plotting import plot_training_curves, read_metrics
+from trpo_rlhf.experiments.plotting import plot_training_curves, read_metrics
 
 PHASES = [
     ("time/generate", "generate"),

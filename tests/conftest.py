@@ -6,7 +6,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from trpo_rlhf.toy import TOY_PROMPTS, WordCountReward, WordScoreReward, build_tiny_lm, build_word_tokenizer  # noqa: E402
+from trpo_rlhf.experiments.toy import TOY_PROMPTS, WordCountReward, WordScoreReward, build_tiny_lm, build_word_tokenizer  # noqa: E402
 
 
 @pytest.fixture
@@ -25,8 +25,16 @@ def make_trainer(tmp_path, word_tokenizer):
     from trpo_rlhf import TRPOConfig, TRPOTrainer
 
     def make(model=None, reward_fn=None, train_dataset=None, **overrides):
-        settings = dict(output_dir=str(tmp_path / "run"), max_steps=3, batch_size=8, max_new_tokens=6, seed=0,
-                        lora_target_modules=["q_proj", "v_proj"], value_epochs=1, value_minibatch_size=4)
+        settings = dict(
+            output_dir=str(tmp_path / "run"),
+            max_steps=3,
+            batch_size=8,
+            max_new_tokens=6,
+            seed=0,
+            lora_target_modules=["q_proj", "v_proj"],
+            value_epochs=1,
+            value_minibatch_size=4,
+        )
         settings.update(overrides)
         return TRPOTrainer(
             config=TRPOConfig(**settings),

@@ -8,7 +8,7 @@ import sys
 import torch.distributed as dist
 
 from trpo_rlhf import TRPOConfig, TRPOTrainer
-from trpo_rlhf.toy import TOY_PROMPTS, WordScoreReward, build_tiny_lm, build_word_tokenizer
+from trpo_rlhf.experiments.toy import TOY_PROMPTS, WordScoreReward, build_tiny_lm, build_word_tokenizer
 
 
 def digest(tensors):
@@ -20,10 +20,23 @@ def digest(tensors):
 
 def main(output_dir: str) -> None:
     tokenizer = build_word_tokenizer()
-    config = TRPOConfig(output_dir=output_dir, max_steps=2, batch_size=4, max_new_tokens=6, seed=0,
-                        lora_target_modules=["q_proj", "v_proj", "lm_head"], value_epochs=1, value_minibatch_size=2)
-    trainer = TRPOTrainer(config=config, model=build_tiny_lm(tokenizer), tokenizer=tokenizer,
-                          reward_fn=WordScoreReward(), train_dataset=TOY_PROMPTS)
+    config = TRPOConfig(
+        output_dir=output_dir,
+        max_steps=2,
+        batch_size=4,
+        max_new_tokens=6,
+        seed=0,
+        lora_target_modules=["q_proj", "v_proj", "lm_head"],
+        value_epochs=1,
+        value_minibatch_size=2,
+    )
+    trainer = TRPOTrainer(
+        config=config,
+        model=build_tiny_lm(tokenizer),
+        tokenizer=tokenizer,
+        reward_fn=WordScoreReward(),
+        train_dataset=TOY_PROMPTS,
+    )
     first_prompts = trainer._next_prompts()
     trainer._prompt_order = [trainer.prompts.index(p) for p in first_prompts] + trainer._prompt_order  # put them back
     history = trainer.train()

@@ -10,8 +10,8 @@ import json
 import sys
 import time
 
-from trpo_rlhf import TRPOConfig, TRPOTrainer, TrainingInterrupted
-from trpo_rlhf.toy import TOY_PROMPTS, WordScoreReward, build_tiny_lm, build_word_tokenizer
+from trpo_rlhf import TrainingInterrupted, TRPOConfig, TRPOTrainer
+from trpo_rlhf.experiments.toy import TOY_PROMPTS, WordScoreReward, build_tiny_lm, build_word_tokenizer
 
 
 def main(output_dir: str, max_steps: int, sleep_seconds: float, resume: str | None = None) -> int:
@@ -22,10 +22,24 @@ def main(output_dir: str, max_steps: int, sleep_seconds: float, resume: str | No
         time.sleep(sleep_seconds)
         return score(prompts, completions)
 
-    config = TRPOConfig(output_dir=output_dir, max_steps=max_steps, batch_size=8, max_new_tokens=6, seed=0, save_steps=1,
-                        lora_target_modules=["q_proj", "v_proj", "lm_head"], value_epochs=1, value_minibatch_size=4)
-    trainer = TRPOTrainer(config=config, model=build_tiny_lm(tokenizer), tokenizer=tokenizer, reward_fn=slow_reward,
-                          train_dataset=TOY_PROMPTS)
+    config = TRPOConfig(
+        output_dir=output_dir,
+        max_steps=max_steps,
+        batch_size=8,
+        max_new_tokens=6,
+        seed=0,
+        save_steps=1,
+        lora_target_modules=["q_proj", "v_proj", "lm_head"],
+        value_epochs=1,
+        value_minibatch_size=4,
+    )
+    trainer = TRPOTrainer(
+        config=config,
+        model=build_tiny_lm(tokenizer),
+        tokenizer=tokenizer,
+        reward_fn=slow_reward,
+        train_dataset=TOY_PROMPTS,
+    )
     try:
         trainer.train(resume_from_checkpoint=True if resume == "latest" else None)
     except TrainingInterrupted as stop:

@@ -23,11 +23,13 @@ SCORES = torch.tensor([3.0, -1.0])
 
 def test_token_rewards_by_hand():
     rewards = token_rewards(SCORES, LOGP_OLD, LOGP_REF, MASK, kl_coef=0.1)
-    expected = torch.tensor([
-        # -0.1 * (old - ref); the score lands on the EOS token; padding gets nothing
-        [-0.1 * 0.5, -0.1 * -1.0, 0.0 + 3.0, 0.0, 0.0],
-        [0.0, -0.1 * 1.0, 0.0, -0.1 * -0.5, 0.0 - 1.0],
-    ])
+    expected = torch.tensor(
+        [
+            # -0.1 * (old - ref); the score lands on the EOS token; padding gets nothing
+            [-0.1 * 0.5, -0.1 * -1.0, 0.0 + 3.0, 0.0, 0.0],
+            [0.0, -0.1 * 1.0, 0.0, -0.1 * -0.5, 0.0 - 1.0],
+        ]
+    )
     torch.testing.assert_close(rewards, expected)
     torch.testing.assert_close(sequence_kl(LOGP_OLD, LOGP_REF, MASK), torch.tensor([-0.5, 0.5]))
 

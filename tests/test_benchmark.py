@@ -19,9 +19,26 @@ KEYS = ("trpo_update_s", "ppo_update_s", "trpo_peak_mb", "ppo_peak_mb", "fvp_s",
 def test_benchmark_prints_one_json_line_with_the_documented_keys(tmp_path):
     output = tmp_path / "bench.jsonl"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "recipes" / "benchmark.py"), "--model", "tiny", "--batch_size", "4",
-         "--max_new_tokens", "4", "--repeats", "2", "--cg_iters", "3", "--output", str(output)],
-        env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(ROOT / "recipes" / "benchmark.py"),
+            "--model",
+            "tiny",
+            "--batch_size",
+            "4",
+            "--max_new_tokens",
+            "4",
+            "--repeats",
+            "2",
+            "--cg_iters",
+            "3",
+            "--output",
+            str(output),
+        ],
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.strip()]
@@ -30,7 +47,9 @@ def test_benchmark_prints_one_json_line_with_the_documented_keys(tmp_path):
     assert output.read_text().strip() == lines[0]
     for key in KEYS:
         assert key in row, key
-    assert row["device"] == torch.cuda.get_device_name() if torch.cuda.is_available() else row["device"].startswith("cpu")
+    assert (
+        row["device"] == torch.cuda.get_device_name() if torch.cuda.is_available() else row["device"].startswith("cpu")
+    )
     assert 1 <= row["cg_iters"] <= 3
     for key in ("trpo_update_s", "ppo_update_s", "fvp_s", "fwd_bwd_s", "bwd_s", "fvp_rebuild_s"):
         assert row[key] > 0, key

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from trpo_rlhf import PPOConfig, PPOTrainer, TRPOConfig, TRPOTrainer, TrainingInterrupted
+from trpo_rlhf import PPOConfig, PPOTrainer, TrainingInterrupted, TRPOConfig, TRPOTrainer
 from trpo_rlhf.checkpointing import StopRequest, latest_checkpoint, list_checkpoints, staging_path
-from trpo_rlhf.toy import TOY_PROMPTS, WordScoreReward, build_tiny_lm
+from trpo_rlhf.experiments.toy import TOY_PROMPTS, WordScoreReward, build_tiny_lm
 
 WORKER = Path(__file__).with_name("resume_worker.py")
 ALGORITHMS = {"trpo": (TRPOTrainer, TRPOConfig, {}), "ppo": (PPOTrainer, PPOConfig, {"learning_rate": 1e-3})}
@@ -21,10 +21,28 @@ ALGORITHMS = {"trpo": (TRPOTrainer, TRPOConfig, {}), "ppo": (PPOTrainer, PPOConf
 
 def make(algorithm, tokenizer, output_dir, reward_fn=None, **overrides):
     trainer_class, config_class, extra = ALGORITHMS[algorithm]
-    settings = dict(output_dir=str(output_dir), max_steps=4, batch_size=8, max_new_tokens=6, seed=0, value_epochs=1,
-                    value_minibatch_size=4, lora_target_modules=["q_proj", "v_proj", "lm_head"], lora_dropout=0.1) | extra | overrides
-    return trainer_class(config=config_class(**settings), model=build_tiny_lm(tokenizer), tokenizer=tokenizer,
-                         reward_fn=reward_fn or WordScoreReward(), train_dataset=TOY_PROMPTS)
+    settings = (
+        dict(
+            output_dir=str(output_dir),
+            max_steps=4,
+            batch_size=8,
+            max_new_tokens=6,
+            seed=0,
+            value_epochs=1,
+            value_minibatch_size=4,
+            lora_target_modules=["q_proj", "v_proj", "lm_head"],
+            lora_dropout=0.1,
+        )
+        | extra
+        | overrides
+    )
+    return trainer_class(
+        config=config_class(**settings),
+        model=build_tiny_lm(tokenizer),
+        tokenizer=tokenizer,
+        reward_fn=reward_fn or WordScoreReward(),
+        train_dataset=TOY_PROMPTS,
+    )
 
 
 def without_timings(rows):
@@ -53,7 +71,13 @@ def test_two_steps_and_a_resume_equal_four_straight_steps_bitwise(algorithm, tmp
     first = make(algorithm, word_tokenizer, tmp_path / "split", max_steps=2, save_steps=2)
     first.train()
     checkpoint = tmp_path / "split" / "checkpoint-2"
-    for name in ("trainer_state.json", "optimizer.pt", "rng_state_0.pth", "adapter_model.safetensors", "trainer_config.json"):
+    for name in (
+        "trainer_state.json",
+        "optimizer.pt",
+        "rng_state_0.pth",
+        "adapter_model.safetensors",
+        "trainer_config.json",
+    ):
         assert (checkpoint / name).exists(), name
     # A fresh trainer (as in a new process), resumed from the latest checkpoint.
     resumed = make(algorithm, word_tokenizer, tmp_path / "split")
@@ -61,7 +85,9 @@ def test_two_steps_and_a_resume_equal_four_straight_steps_bitwise(algorithm, tmp
 
     assert [row["step"] for row in resumed_history] == [3, 4]
     assert without_timings(straight_history[2:]) == without_timings(resumed_history)
-    assert without_timings(read_rows(tmp_path / "straight" / "metrics.jsonl")) == without_timings(read_rows(tmp_path / "split" / "metrics.jsonl"))
+    assert without_timings(read_rows(tmp_path / "straight" / "metrics.jsonl")) == without_timings(
+        read_rows(tmp_path / "split" / "metrics.jsonl")
+    )
     assert_same_tensors(tensors(straight), tensors(resumed))
     for name, optimizer in straight.optimizers().items():
         for a, b in zip(optimizer.state.values(), resumed.optimizers()[name].state.values()):
@@ -82,7 +108,9 @@ def test_resume_rejects_a_missing_or_foreign_checkpoint(tmp_path, word_tokenizer
 def test_a_new_run_never_mixes_with_a_previous_one(tmp_path, word_tokenizer):
     make("trpo", word_tokenizer, tmp_path / "run", max_steps=2, save_steps=1).train()
     again = make("trpo", word_tokenizer, tmp_path / "run", max_steps=1)
-    with pytest.raises(FileExistsError, match=r"holds a previous run \(metrics.jsonl.*--resume_from_checkpoint.*--overwrite_output_dir"):
+    with pytest.raises(
+        FileExistsError, match=r"holds a previous run \(metrics.jsonl.*--resume_from_checkpoint.*--overwrite_output_dir"
+    ):
         again.train()
     assert len(read_rows(tmp_path / "run" / "metrics.jsonl")) == 2  # untouched
     make("trpo", word_tokenizer, tmp_path / "run", max_steps=1, overwrite_output_dir=True).train()
@@ -201,5 +229,9 @@ def test_killed_and_terminated_runs_resume_to_the_uninterrupted_result(tmp_path)
 
     finished = run_worker(run, 6, 0.0, "latest")
     assert finished.wait(timeout=300) == 0, finished.communicate()[1][-3000:]
-    assert json.loads((run / "final_digest.json").read_text()) == json.loads((tmp_path / "straight" / "final_digest.json").read_text())
-    assert without_timings(read_rows(run / "metrics.jsonl")) == without_timings(read_rows(tmp_path / "straight" / "metrics.jsonl"))
+    assert json.loads((run / "final_digest.json").read_text()) == json.loads(
+        (tmp_path / "straight" / "final_digest.json").read_text()
+    )
+    assert without_timings(read_rows(run / "metrics.jsonl")) == without_timings(
+        read_rows(tmp_path / "straight" / "metrics.jsonl")
+    )

@@ -5,11 +5,11 @@ import pytest
 import torch
 from torch.func import functional_call, jacrev
 
-from trpo_rlhf.advantages import masked_mean
 from trpo_rlhf import TRPOConfig
-from trpo_rlhf.models import LoraActorCritic, double_backward_attention
+from trpo_rlhf.actor_critic import LoraActorCritic, double_backward_attention
+from trpo_rlhf.advantages import masked_mean
+from trpo_rlhf.experiments.toy import build_tiny_lm
 from trpo_rlhf.rollout import Rollout, response_mask_from_ids
-from trpo_rlhf.toy import build_tiny_lm
 from trpo_rlhf.trust_region import (
     LinearizedLogits,
     categorical_kl,
@@ -41,10 +41,13 @@ def padded_batch(tokenizer):
     prompts = tokenizer(["the film was", "I felt"], return_tensors="pt", padding=True, padding_side="left")
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     words = tokenizer.convert_tokens_to_ids
-    responses = torch.tensor([[words("good"), eos, pad, pad], [words("very"), words("sad"), words("and"), words("long")]])
+    responses = torch.tensor(
+        [[words("good"), eos, pad, pad], [words("very"), words("sad"), words("and"), words("long")]]
+    )
     mask = response_mask_from_ids(responses, eos)
     return Rollout(
-        prompts=[], completions=[],
+        prompts=[],
+        completions=[],
         input_ids=torch.cat([prompts.input_ids, responses], 1),
         attention_mask=torch.cat([prompts.attention_mask, mask.long()], 1),
         response_mask=mask,
@@ -54,7 +57,11 @@ def padded_batch(tokenizer):
 def jacobian_of_logits(actor_critic, batch):
     """J = d logits / d theta of the policy's response logits, explicitly: [B, T, V, n], with theta
     the flat policy LoRA tensors in `policy_parameters()` order."""
-    named = [(n, p) for n, p in actor_critic.peft_model.named_parameters() if any(p is q for q in actor_critic.policy_parameters())]
+    named = [
+        (n, p)
+        for n, p in actor_critic.peft_model.named_parameters()
+        if any(p is q for q in actor_critic.policy_parameters())
+    ]
     names, tensors = zip(*named)
     assert all(a is b for a, b in zip(tensors, actor_critic.policy_parameters()))
     shapes = [t.shape for t in tensors]
@@ -68,7 +75,9 @@ def jacobian_of_logits(actor_critic, batch):
             n = shape.numel()
             params[name] = theta[offset : offset + n].view(shape)
             offset += n
-        out = functional_call(actor_critic.peft_model, params, kwargs=dict(inputs, logits_to_keep=T + 1, use_cache=False))
+        out = functional_call(
+            actor_critic.peft_model, params, kwargs=dict(inputs, logits_to_keep=T + 1, use_cache=False)
+        )
         return out.logits[:, :-1] / TEMPERATURE
 
     return jacrev(logits_of)(theta0), logits_of(theta0)
@@ -97,8 +106,14 @@ def brute_force_fisher(actor_critic, batch, logit_damping=0.0):
 def build_fvp(actor_critic, batch, damping=0.0, method="kl_hessian", logit_damping=0.0):
     with double_backward_attention(actor_critic.peft_model):
         logits = actor_critic.policy_logits(**batch.model_inputs(), temperature=TEMPERATURE)
-    return kl_fisher_product(logits, batch.response_mask, actor_critic.policy_parameters(), method=method, damping=damping,
-                             logit_damping=logit_damping)
+    return kl_fisher_product(
+        logits,
+        batch.response_mask,
+        actor_critic.policy_parameters(),
+        method=method,
+        damping=damping,
+        logit_damping=logit_damping,
+    )
 
 
 @pytest.mark.parametrize("method", ["kl_hessian", "gauss_newton"])
@@ -146,8 +161,10 @@ def test_linearized_logits_products_and_the_gradient_from_its_build(word_tokeniz
     with double_backward_attention(actor_critic.peft_model):
         logits = actor_critic.policy_logits(**batch.model_inputs(), temperature=TEMPERATURE)
     advantages = torch.randn(batch.response_mask.shape, generator=torch.Generator().manual_seed(1))
-    loss = masked_mean(torch.log_softmax(logits, -1).gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1) * advantages,
-                       batch.response_mask)
+    loss = masked_mean(
+        torch.log_softmax(logits, -1).gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1) * advantages,
+        batch.response_mask,
+    )
     expected_grad = flat_grad(loss, params, retain_graph=True)
     (loss_logits_grad,) = torch.autograd.grad(loss, logits)
     jacobian = LinearizedLogits(logits, params, at=loss_logits_grad)
@@ -199,7 +216,9 @@ def test_gauss_newton_fvp_needs_the_double_backward_path_too(word_tokenizer):
     actor_critic = tiny_actor_critic(word_tokenizer, "sdpa")
     batch = padded_batch(word_tokenizer)
     logits = actor_critic.policy_logits(**batch.model_inputs())
-    fvp = gauss_newton_fvp(LinearizedLogits(logits, actor_critic.policy_parameters()), batch.response_mask / batch.response_mask.sum(), 0.0)
+    fvp = gauss_newton_fvp(
+        LinearizedLogits(logits, actor_critic.policy_parameters()), batch.response_mask / batch.response_mask.sum(), 0.0
+    )
     with pytest.raises(RuntimeError, match="not implemented"):
         fvp(torch.ones(sum(p.numel() for p in actor_critic.policy_parameters())))
 
@@ -209,7 +228,9 @@ def test_bf16_autocast_fvp_stays_float32_and_close_to_the_float32_fisher(word_to
     and agree with the float32 Fisher to bfloat16 precision."""
     actor_critic = tiny_actor_critic(word_tokenizer, "eager")
     batch = padded_batch(word_tokenizer)
-    v = torch.randn(sum(p.numel() for p in actor_critic.policy_parameters()), generator=torch.Generator().manual_seed(3))
+    v = torch.randn(
+        sum(p.numel() for p in actor_critic.policy_parameters()), generator=torch.Generator().manual_seed(3)
+    )
     exact = build_fvp(actor_critic, batch, method="gauss_newton")(v)
     actor_critic.autocast_dtype = torch.bfloat16
     with actor_critic.autocast():

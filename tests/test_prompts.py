@@ -32,8 +32,13 @@ def test_load_prompts_from_files(tmp_path):
     assert load_prompts(str(jsonl)) == ["A", "B"]
     csv = tmp_path / "p.csv"
     csv.write_text("text\nthis movie was long and slow\n")
-    assert load_prompts(str(csv), seed=0)[0] in {"this movie", "this movie was", "this movie was long", "this movie was long and",
-                                                 "this movie was long and slow"}
+    assert load_prompts(str(csv), seed=0)[0] in {
+        "this movie",
+        "this movie was",
+        "this movie was long",
+        "this movie was long and",
+        "this movie was long and slow",
+    }
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "x"}) + "\n")
     with pytest.raises(ValueError, match="neither a 'prompt' nor a 'text' column"):

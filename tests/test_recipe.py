@@ -13,27 +13,51 @@ import pytest
 from transformers import HfArgumentParser
 
 from trpo_rlhf import PPOConfig, TRPOConfig
-from trpo_rlhf.models import hub_available
-from trpo_rlhf.sentiment import ScriptArguments, resolve_sentiment_task
+from trpo_rlhf.experiments.sentiment import ScriptArguments, resolve_sentiment_task
+from trpo_rlhf.loading import hub_available
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe,flags", [
-    ("trpo_gpt2_sentiment.py", ["--cg_iters", "2"]),
-    ("ppo_gpt2_sentiment.py", ["--ppo_epochs", "2", "--learning_rate", "1e-4"]),
-])
+@pytest.mark.parametrize(
+    "recipe,flags",
+    [
+        ("trpo_gpt2_sentiment.py", ["--cg_iters", "2"]),
+        ("ppo_gpt2_sentiment.py", ["--ppo_epochs", "2", "--learning_rate", "1e-4"]),
+    ],
+)
 def test_recipe_runs_two_steps_on_the_embedded_default(tmp_path, recipe, flags):
     out = tmp_path / "sentiment"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     accelerate = Path(sys.executable).with_name("accelerate")
     script = str(ROOT / "recipes" / recipe)
-    command = [str(accelerate), "launch", "--num_processes", "1", script] if accelerate.exists() else [sys.executable, script]
+    command = (
+        [str(accelerate), "launch", "--num_processes", "1", script] if accelerate.exists() else [sys.executable, script]
+    )
     result = subprocess.run(
-        command + ["--max_steps", "2", "--batch_size", "2", "--max_new_tokens", "6", "--value_epochs", "1",
-                   "--num_samples_to_show", "2", "--save_steps", "1", "--output_dir", str(out), *flags],
-        env=env, capture_output=True, text=True, timeout=600,
+        command
+        + [
+            "--max_steps",
+            "2",
+            "--batch_size",
+            "2",
+            "--max_new_tokens",
+            "6",
+            "--value_epochs",
+            "1",
+            "--num_samples_to_show",
+            "2",
+            "--save_steps",
+            "1",
+            "--output_dir",
+            str(out),
+            *flags,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "policy=embedded, reward=vader" in result.stdout and "because HF_HUB_OFFLINE is set" in result.stdout
@@ -45,19 +69,52 @@ def test_recipe_runs_two_steps_on_the_embedded_default(tmp_path, recipe, flags):
     else:
         # (equal scores on a 2-completion batch give zero advantages, hence a zero update: KL may be 0)
         assert all(r["ppo/kl"] >= 0 and r["ppo/epochs_run"] == 2 and 0 <= r["ppo/clipfrac"] <= 1 for r in rows)
-    for name in ("adapter_model.safetensors", "adapter_config.json", "trainer_config.json", "samples.md", "training_curves.png"):
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "trainer_config.json",
+        "samples.md",
+        "training_curves.png",
+    ):
         assert (out / name).exists(), name
     assert (out / "value" / "value_head.safetensors").exists()
     if not recipe.startswith("trpo"):
         return
     # A second run into the same folder stops before any compute and names both ways out ...
-    again = subprocess.run(command + ["--max_steps", "3", "--output_dir", str(out)], env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode != 0 and "--resume_from_checkpoint" in again.stderr and "--overwrite_output_dir" in again.stderr
+    again = subprocess.run(
+        command + ["--max_steps", "3", "--output_dir", str(out)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert (
+        again.returncode != 0
+        and "--resume_from_checkpoint" in again.stderr
+        and "--overwrite_output_dir" in again.stderr
+    )
     assert "| prompt | before |" not in again.stdout
     # ... and --resume_from_checkpoint continues it from its newest checkpoint, appending to its metrics.
-    resumed = subprocess.run(command + ["--max_steps", "3", "--batch_size", "2", "--max_new_tokens", "6", "--value_epochs", "1",
-                                        "--num_samples_to_show", "2", "--output_dir", str(out), *flags, "--resume_from_checkpoint", "latest"],
-                             env=env, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        command
+        + [
+            "--max_steps",
+            "3",
+            "--batch_size",
+            "2",
+            "--max_new_tokens",
+            "6",
+            "--value_epochs",
+            "1",
+            "--num_samples_to_show",
+            "2",
+            "--output_dir",
+            str(out),
+            *flags,
+            "--resume_from_checkpoint",
+            "latest",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resuming from {out / 'checkpoint-2'}" in resumed.stdout
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
@@ -66,10 +123,23 @@ def test_recipe_runs_two_steps_on_the_embedded_default(tmp_path, recipe, flags):
 @pytest.mark.parametrize("config_class", [TRPOConfig, PPOConfig])
 def test_every_config_field_is_a_flag(config_class):
     parser = HfArgumentParser((ScriptArguments, config_class))
-    args, config = parser.parse_args_into_dataclasses(args=[
-        "--model_name_or_path", "embedded", "--reward_model", "vader", "--max_new_tokens", "7",
-        "--lora_target_modules", "q_proj", "k_proj", "--target_kl_ref", "6", "--whiten_advantages", "false",
-    ])
+    args, config = parser.parse_args_into_dataclasses(
+        args=[
+            "--model_name_or_path",
+            "embedded",
+            "--reward_model",
+            "vader",
+            "--max_new_tokens",
+            "7",
+            "--lora_target_modules",
+            "q_proj",
+            "k_proj",
+            "--target_kl_ref",
+            "6",
+            "--whiten_advantages",
+            "false",
+        ]
+    )
     assert (args.model_name_or_path, args.reward_model) == ("embedded", "vader")
     assert (config.max_new_tokens, config.lora_target_modules) == (7, ["q_proj", "k_proj"])
     assert config.target_kl_ref == 6.0 and config.whiten_advantages is False
@@ -80,7 +150,8 @@ def test_every_config_field_is_a_flag(config_class):
 
 def test_trpo_flags_reach_the_config():
     _, config = HfArgumentParser((ScriptArguments, TRPOConfig)).parse_args_into_dataclasses(
-        args=["--max_kl", "0.005", "--cg_iters", "7", "--backtrack_coef", "0.5"])
+        args=["--max_kl", "0.005", "--cg_iters", "7", "--backtrack_coef", "0.5"]
+    )
     assert (config.max_kl, config.cg_iters, config.backtrack_coef) == (0.005, 7, 0.5)
 
 
@@ -124,7 +195,7 @@ def test_offline_environment_variable_short_circuits(monkeypatch):
 
 
 def test_hub_reachable_chooses_the_classic_task(monkeypatch):
-    import trpo_rlhf.sentiment as sentiment
+    import trpo_rlhf.experiments.sentiment as sentiment
 
     monkeypatch.setattr(sentiment, "hub_available", lambda timeout: (True, "hub reachable"))
     task = resolve_sentiment_task(None, None, str(ROOT / "data" / "movie_review_openings.txt"))
@@ -135,7 +206,7 @@ def test_hub_reachable_chooses_the_classic_task(monkeypatch):
 def test_a_lone_cpu_process_uses_every_core(monkeypatch):
     import torch
 
-    from trpo_rlhf.sentiment import use_all_cpu_cores
+    from trpo_rlhf.experiments.sentiment import use_all_cpu_cores
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the rule is for CPU-only machines
@@ -151,7 +222,7 @@ def test_a_lone_cpu_process_uses_every_core(monkeypatch):
 
 
 def test_resume_flag_values():
-    from trpo_rlhf.sentiment import parse_resume
+    from trpo_rlhf.experiments.sentiment import parse_resume
 
     assert parse_resume(None) is None and parse_resume("false") is None
     assert parse_resume("latest") is True and parse_resume("True") is True

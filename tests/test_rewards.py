@@ -2,14 +2,16 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
+from trpo_rlhf.experiments.toy import build_word_tokenizer
 from trpo_rlhf.rewards import RewardError, SequenceClassifierReward, VaderReward, build_reward_fn, score_batch
-from trpo_rlhf.toy import build_word_tokenizer
 
 
 def test_vader_scores_sentiment_offline():
     reward = build_reward_fn("vader")
     assert isinstance(reward, VaderReward)
-    good, bad, neutral = reward(["The film"] * 3, [" was wonderful, I loved it.", " was awful and boring.", " was released in May."])
+    good, bad, neutral = reward(
+        ["The film"] * 3, [" was wonderful, I loved it.", " was awful and boring.", " was released in May."]
+    )
     assert good > 0.5 and bad < -0.5 and neutral == 0.0
     with_prompt = VaderReward(include_prompt=True)(["A terrible"], [" day"])
     assert with_prompt[0] < 0
@@ -21,10 +23,18 @@ def tiny_classifier(tmp_path):
     policy's), saved like a hub checkpoint."""
     tokenizer = build_word_tokenizer(words="movie good bad the was film great awful it".split())
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=64, num_labels=2,
-                        id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1},
-                        pad_token_id=tokenizer.pad_token_id)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        num_labels=2,
+        id2label={0: "NEGATIVE", 1: "POSITIVE"},
+        label2id={"NEGATIVE": 0, "POSITIVE": 1},
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model = BertForSequenceClassification(config).eval()
     path = tmp_path / "classifier"
     model.save_pretrained(path)
@@ -48,7 +58,9 @@ def test_classifier_label_choice_and_errors(tiny_classifier):
     path, _, _ = tiny_classifier
     assert SequenceClassifierReward(str(path), label="NEGATIVE").label_index == 0
     assert SequenceClassifierReward(str(path), label=1).label_index == 1
-    with pytest.raises(ValueError, match=r"label='JOY' is not one of the classifier's labels \['NEGATIVE', 'POSITIVE'\]"):
+    with pytest.raises(
+        ValueError, match=r"label='JOY' is not one of the classifier's labels \['NEGATIVE', 'POSITIVE'\]"
+    ):
         SequenceClassifierReward(str(path), label="JOY")
     with pytest.raises(ValueError, match="label=5 is out of range"):
         SequenceClassifierReward(str(path), label=5)

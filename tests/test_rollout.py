@@ -2,9 +2,9 @@ import torch
 from transformers import GenerationConfig
 
 from trpo_rlhf import TRPOConfig
-from trpo_rlhf.models import LoraActorCritic
+from trpo_rlhf.actor_critic import LoraActorCritic
+from trpo_rlhf.experiments.toy import TOY_PROMPTS, build_tiny_lm
 from trpo_rlhf.rollout import evaluate_rollout, response_mask_from_ids, sample_completions, token_logprobs
-from trpo_rlhf.toy import TOY_PROMPTS, build_tiny_lm
 
 
 def actor_critic_for(model):
@@ -31,7 +31,9 @@ def test_logprobs_are_those_of_the_distribution_sampled_from(tiny_lm, word_token
     tiny_lm.generation_config = GenerationConfig(top_k=5, repetition_penalty=1.5, suppress_tokens=[7])
     temperature = 0.7
     torch.manual_seed(0)
-    rollout, scores = sample_completions(actor_critic.peft_model, word_tokenizer, TOY_PROMPTS[:6], 8, temperature, return_scores=True)
+    rollout, scores = sample_completions(
+        actor_critic.peft_model, word_tokenizer, TOY_PROMPTS[:6], 8, temperature, return_scores=True
+    )
     assert tiny_lm.generation_config.top_k == 5  # restored after generation
     rollout = evaluate_rollout(actor_critic, rollout, temperature)
     mask = rollout.response_mask.bool()
@@ -40,14 +42,18 @@ def test_logprobs_are_those_of_the_distribution_sampled_from(tiny_lm, word_token
     # every vocabulary entry keeps its probability: no truncation happened
     assert torch.isfinite(sampled[mask]).all()
     torch.testing.assert_close(ours[mask], sampled[mask], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(rollout.logp_old[mask], token_logprobs(scores.float(), rollout.response_ids)[mask], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        rollout.logp_old[mask], token_logprobs(scores.float(), rollout.response_ids)[mask], atol=1e-4, rtol=1e-4
+    )
 
 
 def test_left_padding_does_not_change_logprobs(tiny_lm, word_tokenizer):
     """A short prompt padded in a batch gets the same log-probs as alone (position ids count real tokens)."""
     actor_critic = actor_critic_for(tiny_lm)
     torch.manual_seed(0)
-    batch, _ = sample_completions(actor_critic.peft_model, word_tokenizer, ["it was", "we thought the plot was very"], 5, 1.0)
+    batch, _ = sample_completions(
+        actor_critic.peft_model, word_tokenizer, ["it was", "we thought the plot was very"], 5, 1.0
+    )
     batch = evaluate_rollout(actor_critic, batch, 1.0)
     alone = batch.select([0])
     pad = int((alone.attention_mask[0, : -alone.response_length] == 0).sum())
@@ -66,8 +72,9 @@ def test_reference_is_the_base_model_and_completions_decode_the_masked_tokens(ti
     rollout = evaluate_rollout(actor_critic, rollout, 1.0)
     untouched_base = build_tiny_lm(word_tokenizer)  # same seed, same weights, no LoRA injected
     with torch.no_grad():
-        base_logits = untouched_base(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
-                              position_ids=rollout.position_ids).logits[:, -rollout.response_length - 1 : -1]
+        base_logits = untouched_base(
+            input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, position_ids=rollout.position_ids
+        ).logits[:, -rollout.response_length - 1 : -1]
     expected_ref = token_logprobs(base_logits, rollout.response_ids) * rollout.response_mask
     torch.testing.assert_close(rollout.logp_ref, expected_ref, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(rollout.logp_ref, rollout.logp_old)  # the adapter is really on for the policy

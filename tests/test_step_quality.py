@@ -12,23 +12,25 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
 
-from benchmark import build_task  # noqa: E402
 from step_quality import ProbingTRPOTrainer, variants  # noqa: E402
 
 from trpo_rlhf import TRPOConfig, TRPOTrainer  # noqa: E402
+from trpo_rlhf.experiments import task_for_model  # noqa: E402
 
 
 def test_variants_start_with_the_default_and_change_one_field_at_a_time():
     assert variants([3, 10], [0.5]) == [
-        {"cg_iters": 10, "fvp_subsample": 1.0}, {"cg_iters": 3, "fvp_subsample": 1.0}, {"cg_iters": 10, "fvp_subsample": 0.5},
+        {"cg_iters": 10, "fvp_subsample": 1.0},
+        {"cg_iters": 3, "fvp_subsample": 1.0},
+        {"cg_iters": 10, "fvp_subsample": 0.5},
     ]
 
 
 def test_probing_leaves_the_training_run_bitwise_as_an_unprobed_run():
     def run(trainer_class, **extra):
-        model, tokenizer, reward, prompts = build_task("tiny", seed=0)
+        task = task_for_model("tiny", seed=0)
         config = TRPOConfig(output_dir=tempfile.mkdtemp(), seed=0, batch_size=4, max_new_tokens=4, max_steps=2)
-        trainer = trainer_class(config, model, tokenizer, reward, prompts, **extra)
+        trainer = trainer_class(config, task.model, task.tokenizer, task.reward_model, task.prompts, **extra)
         return [trainer.step() for _ in range(2)]
 
     probes = []
@@ -46,10 +48,30 @@ def test_probing_leaves_the_training_run_bitwise_as_an_unprobed_run():
 @pytest.mark.slow
 def test_step_quality_writes_probes_and_summary(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "recipes" / "step_quality.py"), "--model", "tiny", "--batch_size", "4",
-         "--max_new_tokens", "4", "--probe_steps", "1", "2", "--cg_iters", "1", "3", "--fvp_subsample", "0.5",
-         "--output", str(tmp_path)],
-        env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(ROOT / "recipes" / "step_quality.py"),
+            "--model",
+            "tiny",
+            "--batch_size",
+            "4",
+            "--max_new_tokens",
+            "4",
+            "--probe_steps",
+            "1",
+            "2",
+            "--cg_iters",
+            "1",
+            "3",
+            "--fvp_subsample",
+            "0.5",
+            "--output",
+            str(tmp_path),
+        ],
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "probes.jsonl").read_text().splitlines()]

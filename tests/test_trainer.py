@@ -7,7 +7,7 @@ import torch
 from conftest import bitwise_equal, policy_snapshot, toy_eval_reward
 
 from trpo_rlhf import RewardError, TRPOConfig
-from trpo_rlhf.toy import TOY_PROMPTS, WordCountReward, build_tiny_lm
+from trpo_rlhf.experiments.toy import TOY_PROMPTS, WordCountReward, build_tiny_lm
 
 REQUIRED_METRICS = (
     "step reward/mean reward/std kl/ref kl/coef trpo/kl trpo/step_frac trpo/accepted trpo/surrogate_gain "
@@ -72,7 +72,9 @@ def test_only_policy_lora_tensors_are_in_the_update(make_trainer):
     assert all(("q_proj" in n or "v_proj" in n) for n in names)
     value_ids = {id(p) for p in trainer.actor_critic.value_parameters()}
     assert not value_ids & {id(p) for p in policy}
-    base_before = {n: p.detach().clone() for n, p in trainer.actor_critic.peft_model.named_parameters() if "lora_" not in n}
+    base_before = {
+        n: p.detach().clone() for n, p in trainer.actor_critic.peft_model.named_parameters() if "lora_" not in n
+    }
     trainer.step()
     for n, p in trainer.actor_critic.peft_model.named_parameters():
         if "lora_" not in n:
@@ -104,17 +106,25 @@ def test_save_pretrained_reloads_policy_and_value(make_trainer, tmp_path, word_t
     assert (out / "adapter_model.safetensors").exists() and (out / "trainer_config.json").exists()
     assert TRPOConfig.load(out / "trainer_config.json") == trainer.config
 
-    batch = trainer.tokenizer(["the film was", "it was"], return_tensors="pt", padding=True, padding_side="left").to(trainer.device)
+    batch = trainer.tokenizer(["the film was", "it was"], return_tensors="pt", padding=True, padding_side="left").to(
+        trainer.device
+    )
     with torch.no_grad():
         expected = trainer.actor_critic.peft_model(**batch).logits
     reloaded = PeftModel.from_pretrained(build_tiny_lm(word_tokenizer), out).to(trainer.device)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, expected)
 
-    fresh = make_trainer(model=PeftModel.from_pretrained(build_tiny_lm(word_tokenizer), out), output_dir=str(tmp_path / "again"))
+    fresh = make_trainer(
+        model=PeftModel.from_pretrained(build_tiny_lm(word_tokenizer), out), output_dir=str(tmp_path / "again")
+    )
     fresh.load_value_function(out)
-    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                  position_ids=(batch.attention_mask.cumsum(1) - 1).clamp(min=0), response_length=2)
+    inputs = dict(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=(batch.attention_mask.cumsum(1) - 1).clamp(min=0),
+        response_length=2,
+    )
     with torch.no_grad():
         torch.testing.assert_close(fresh.actor_critic.values(**inputs), trainer.actor_critic.values(**inputs))
         assert trainer.actor_critic.values(**inputs).abs().sum() > 0
@@ -123,9 +133,15 @@ def test_save_pretrained_reloads_policy_and_value(make_trainer, tmp_path, word_t
 def test_a_given_peft_model_is_used_as_is(make_trainer, word_tokenizer):
     from peft import LoraConfig, get_peft_model
 
-    peft_model = get_peft_model(build_tiny_lm(word_tokenizer), LoraConfig(r=2, target_modules=["k_proj"]), adapter_name="mine")
+    peft_model = get_peft_model(
+        build_tiny_lm(word_tokenizer), LoraConfig(r=2, target_modules=["k_proj"]), adapter_name="mine"
+    )
     trainer = make_trainer(model=peft_model)
-    names = [n for n, p in trainer.actor_critic.peft_model.named_parameters() if any(p is q for q in trainer.actor_critic.policy_parameters())]
+    names = [
+        n
+        for n, p in trainer.actor_critic.peft_model.named_parameters()
+        if any(p is q for q in trainer.actor_critic.policy_parameters())
+    ]
     assert names and all(".mine." in n and "k_proj" in n for n in names)
     before = policy_snapshot(trainer)
     stats = trainer.step()
@@ -155,7 +171,10 @@ def test_reward_failure_keeps_finished_work(make_trainer, tmp_path):
     [
         (lambda n: [0.0] * (n - 1), r"returned 7 scores for 8 completions on batch 0"),
         (lambda n: "oops", r"returned str on batch 0"),
-        (lambda n: "1" * n, r"returned str on batch 0"),  # one string, as long as the batch: not one score per character
+        (
+            lambda n: "1" * n,
+            r"returned str on batch 0",
+        ),  # one string, as long as the batch: not one score per character
         (lambda n: ["1.0"] * n, r"returned str '1.0' for completion 0 on batch 0; each score must be a number"),
         (lambda n: {"score": 1.0}, r"returned dict on batch 0"),
     ],
@@ -201,12 +220,16 @@ def test_empty_dataset_raises(make_trainer):
 
 def test_prompt_longer_than_context_raises(make_trainer):
     long_prompt = " ".join(["the"] * 125)  # context is 128 tokens
-    with pytest.raises(ValueError, match=r"Prompt 1 is 125 tokens; with max_new_tokens=6 that exceeds the model's context of 128"):
+    with pytest.raises(
+        ValueError, match=r"Prompt 1 is 125 tokens; with max_new_tokens=6 that exceeds the model's context of 128"
+    ):
         make_trainer(train_dataset=["the film", long_prompt])
 
 
 def test_model_without_target_modules_raises(make_trainer):
-    with pytest.raises(ValueError, match=r"lora_target_modules=\['c_attn'\]: \['c_attn'\] match no module of LlamaForCausalLM.*q_proj"):
+    with pytest.raises(
+        ValueError, match=r"lora_target_modules=\['c_attn'\]: \['c_attn'\] match no module of LlamaForCausalLM.*q_proj"
+    ):
         make_trainer(lora_target_modules=["c_attn"])
     # PEFT would adapt q_proj and silently ignore the typo.
     with pytest.raises(ValueError, match=r"\['nope'\] match no module of LlamaForCausalLM"):
@@ -265,10 +288,23 @@ def test_tiny_model_learns_word_count_reward_in_30_steps(tmp_path, word_tokenize
     """A randomly initialised tiny LM learns to say 'good' more often: 30 TRPO steps."""
     from trpo_rlhf import TRPOTrainer
 
-    config = TRPOConfig(output_dir=str(tmp_path / "learn"), max_steps=30, batch_size=16, max_new_tokens=8, seed=0,
-                        max_kl=0.05, cg_damping=1e-3, lora_target_modules=["q_proj", "v_proj", "lm_head"])
-    trainer = TRPOTrainer(config=config, model=build_tiny_lm(word_tokenizer), tokenizer=word_tokenizer,
-                          reward_fn=WordCountReward("good"), train_dataset=TOY_PROMPTS)
+    config = TRPOConfig(
+        output_dir=str(tmp_path / "learn"),
+        max_steps=30,
+        batch_size=16,
+        max_new_tokens=8,
+        seed=0,
+        max_kl=0.05,
+        cg_damping=1e-3,
+        lora_target_modules=["q_proj", "v_proj", "lm_head"],
+    )
+    trainer = TRPOTrainer(
+        config=config,
+        model=build_tiny_lm(word_tokenizer),
+        tokenizer=word_tokenizer,
+        reward_fn=WordCountReward("good"),
+        train_dataset=TOY_PROMPTS,
+    )
     before = toy_eval_reward(trainer)
     history = trainer.train()
     after = toy_eval_reward(trainer)
@@ -285,10 +321,23 @@ def test_gpt2_architecture_trains(make_trainer, word_tokenizer):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(word_tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=64,
-                                      bos_token_id=word_tokenizer.eos_token_id, eos_token_id=word_tokenizer.eos_token_id)).eval()
+    gpt2 = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(word_tokenizer),
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            n_positions=64,
+            bos_token_id=word_tokenizer.eos_token_id,
+            eos_token_id=word_tokenizer.eos_token_id,
+        )
+    ).eval()
     trainer = make_trainer(model=gpt2, lora_target_modules=None)
-    names = [n for n, p in trainer.actor_critic.peft_model.named_parameters() if any(p is q for q in trainer.actor_critic.policy_parameters())]
+    names = [
+        n
+        for n, p in trainer.actor_critic.peft_model.named_parameters()
+        if any(p is q for q in trainer.actor_critic.policy_parameters())
+    ]
     assert names and all("c_attn" in n for n in names)
     before = policy_snapshot(trainer)
     stats = trainer.step()
@@ -383,7 +432,7 @@ def strict_rows(path):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_a_non_finite_reward_rejects_the_step_and_restores_the_trainer(make_trainer, tmp_path, bad):
-    from trpo_rlhf.toy import WordScoreReward
+    from trpo_rlhf.experiments.toy import WordScoreReward
 
     score, calls = WordScoreReward(), []
 
@@ -408,7 +457,7 @@ def test_a_non_finite_reward_rejects_the_step_and_restores_the_trainer(make_trai
 
 def test_consecutive_non_finite_steps_stop_the_run_and_nothing_non_finite_is_saved(make_trainer, tmp_path):
     from trpo_rlhf import NonFiniteError
-    from trpo_rlhf.toy import WordScoreReward
+    from trpo_rlhf.experiments.toy import WordScoreReward
 
     score, calls = WordScoreReward(), []
 
@@ -417,13 +466,18 @@ def test_consecutive_non_finite_steps_stop_the_run_and_nothing_non_finite_is_sav
         return score(prompts, completions) if len(calls) == 1 else [float("nan")] * len(completions)
 
     trainer = make_trainer(reward_fn=reward, max_steps=10, max_nonfinite_steps=3, save_steps=1)
-    with pytest.warns(UserWarning, match="non-finite reward"), pytest.raises(NonFiniteError, match=r"Step 4: .*3 such step"):
+    with (
+        pytest.warns(UserWarning, match="non-finite reward"),
+        pytest.raises(NonFiniteError, match=r"Step 4: .*3 such step"),
+    ):
         trainer.train()
     from safetensors.torch import load_file
 
     def saved(step):
         checkpoint = tmp_path / "run" / f"checkpoint-{step}"
-        return load_file(checkpoint / "adapter_model.safetensors") | load_file(checkpoint / "value" / "value_head.safetensors")
+        return load_file(checkpoint / "adapter_model.safetensors") | load_file(
+            checkpoint / "value" / "value_head.safetensors"
+        )
 
     # Steps 2 and 3 were rejected: their checkpoints hold step 1's tensors, all finite; step 4 stopped the run.
     assert all(torch.isfinite(t).all() for t in saved(3).values())
@@ -443,16 +497,27 @@ def test_huge_rewards_keep_advantages_finite():
 
 
 @pytest.mark.parametrize("algorithm", ["trpo", "ppo"])
-def test_a_non_finite_policy_gradient_is_caught_before_any_parameter_moves(make_trainer, tmp_path, word_tokenizer, algorithm):
+def test_a_non_finite_policy_gradient_is_caught_before_any_parameter_moves(
+    make_trainer, tmp_path, word_tokenizer, algorithm
+):
     from trpo_rlhf import PPOConfig, PPOTrainer
     from trpo_rlhf.engine import NonFiniteUpdate
 
     if algorithm == "trpo":
         trainer = make_trainer()
     else:
-        trainer = PPOTrainer(config=PPOConfig(output_dir=str(tmp_path / "ppo"), batch_size=8, max_new_tokens=6,
-                                              lora_target_modules=["q_proj", "v_proj"]),
-                             model=build_tiny_lm(word_tokenizer), tokenizer=word_tokenizer, reward_fn=WordCountReward(), train_dataset=TOY_PROMPTS)
+        trainer = PPOTrainer(
+            config=PPOConfig(
+                output_dir=str(tmp_path / "ppo"),
+                batch_size=8,
+                max_new_tokens=6,
+                lora_target_modules=["q_proj", "v_proj"],
+            ),
+            model=build_tiny_lm(word_tokenizer),
+            tokenizer=word_tokenizer,
+            reward_fn=WordCountReward(),
+            train_dataset=TOY_PROMPTS,
+        )
     batch, _ = trainer.collect_batch()
     batch.advantages[0, 0] = float("nan")
     before = policy_snapshot(trainer)
@@ -475,10 +540,13 @@ def test_prompts_that_are_not_strings_are_refused(make_trainer, dataset, match):
 
 
 def test_a_tokenizer_larger_than_the_embedding_is_refused(make_trainer, word_tokenizer):
-    from trpo_rlhf.toy import build_word_tokenizer
+    from trpo_rlhf.experiments.toy import build_word_tokenizer
 
     small_model = build_tiny_lm(build_word_tokenizer(words=["the", "film"]))
-    with pytest.raises(ValueError, match=rf"tokenizer has {len(word_tokenizer)} tokens but the model's embedding has 5 rows.*resize_token_embeddings"):
+    with pytest.raises(
+        ValueError,
+        match=rf"tokenizer has {len(word_tokenizer)} tokens but the model's embedding has 5 rows.*resize_token_embeddings",
+    ):
         make_trainer(model=small_model)
 
 

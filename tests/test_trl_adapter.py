@@ -10,8 +10,8 @@ import pytest
 import torch
 from trl.experimental.utils import get_reward
 
-from trpo_rlhf.toy import WordCountReward
-from trpo_rlhf.trl_adapter import TextRewardModel, left_pad
+from trpo_rlhf.experiments.toy import WordCountReward
+from trpo_rlhf.experiments.trl_adapter import TextRewardModel, left_pad
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,15 +69,39 @@ def test_adapter_validates_rewards_and_layout(word_tokenizer):
 def test_trl_recipe_runs_two_steps_on_the_embedded_default(tmp_path):
     out = tmp_path / "trl"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "recipes" / "trl_ppo_gpt2_sentiment.py"), "--max_steps", "2", "--batch_size", "2",
-         "--max_new_tokens", "6", "--ppo_epochs", "1", "--output_dir", str(out)],
-        env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(ROOT / "recipes" / "trl_ppo_gpt2_sentiment.py"),
+            "--max_steps",
+            "2",
+            "--batch_size",
+            "2",
+            "--max_new_tokens",
+            "6",
+            "--ppo_epochs",
+            "1",
+            "--output_dir",
+            str(out),
+        ],
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:
-        for key in ("reward/mean", "kl/ref", "ppo/kl", "ppo/clipfrac", "value/loss", "policy/entropy", "time/step", "memory/peak_mb"):
+        for key in (
+            "reward/mean",
+            "kl/ref",
+            "ppo/kl",
+            "ppo/clipfrac",
+            "value/loss",
+            "policy/entropy",
+            "time/step",
+            "memory/peak_mb",
+        ):
             assert key in row, key
     assert (out / "adapter_model.safetensors").exists()
 
@@ -86,14 +110,27 @@ def test_trl_recipe_runs_two_steps_on_the_embedded_default(tmp_path):
 def test_trl_trainer_keeps_our_constant_learning_rate_unless_told(word_tokenizer, tmp_path, schedule, expect_constant):
     # TRL's default linear decay to zero made its PPO a different algorithm on short runs.
     from trpo_rlhf import PPOConfig
+    from trpo_rlhf.experiments.toy import TOY_PROMPTS, build_tiny_lm, build_tiny_value_model
+    from trpo_rlhf.experiments.trl_adapter import build_trl_ppo_trainer
     from trpo_rlhf.rewards import build_reward_fn
-    from trpo_rlhf.toy import TOY_PROMPTS, build_tiny_lm, build_tiny_value_model
-    from trpo_rlhf.trl_adapter import build_trl_ppo_trainer
 
-    config = PPOConfig(output_dir=str(tmp_path), max_steps=4, batch_size=2, max_new_tokens=4, learning_rate=1e-3,
-                       lora_target_modules=["q_proj", "v_proj"])
-    trainer = build_trl_ppo_trainer(config, build_tiny_lm(word_tokenizer), build_tiny_value_model(word_tokenizer), word_tokenizer,
-                                    TOY_PROMPTS, build_reward_fn(WordCountReward("good")), lr_scheduler_type=schedule)
+    config = PPOConfig(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        batch_size=2,
+        max_new_tokens=4,
+        learning_rate=1e-3,
+        lora_target_modules=["q_proj", "v_proj"],
+    )
+    trainer = build_trl_ppo_trainer(
+        config,
+        build_tiny_lm(word_tokenizer),
+        build_tiny_value_model(word_tokenizer),
+        word_tokenizer,
+        TOY_PROMPTS,
+        build_reward_fn(WordCountReward("good")),
+        lr_scheduler_type=schedule,
+    )
     rates = []
     for _ in range(3):
         rates.append(trainer.lr_scheduler.get_last_lr()[0])

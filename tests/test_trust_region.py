@@ -104,8 +104,17 @@ def quadratic_problem():
 def test_line_search_accepts_first_point_inside_trust_region():
     params, origin, g, evaluate = quadratic_problem()
     step = g * 1.0  # KL at full step = 1.5, gain = 1.5
-    result = backtracking_line_search(params, step, expected_gain=3.0, evaluate=evaluate, max_kl=0.5, kl_tolerance=1.0,
-                                      backtrack_coef=0.5, max_backtracks=5, accept_ratio=0.1)
+    result = backtracking_line_search(
+        params,
+        step,
+        expected_gain=3.0,
+        evaluate=evaluate,
+        max_kl=0.5,
+        kl_tolerance=1.0,
+        backtrack_coef=0.5,
+        max_backtracks=5,
+        accept_ratio=0.1,
+    )
     assert result.accepted and result.step_frac == 0.5 and result.iterations == 2
     assert result.kl == pytest.approx(0.5 * 0.25 * 3) and result.kl <= 0.5
     torch.testing.assert_close(flat_concat(params).detach(), flat_concat(origin) + 0.5 * step)
@@ -114,8 +123,17 @@ def test_line_search_accepts_first_point_inside_trust_region():
 def test_line_search_restores_parameters_bitwise_when_rejected():
     params, origin, g, evaluate = quadratic_problem()
     bad_step = -g * 0.01  # moves against the gradient: never improves
-    result = backtracking_line_search(params, bad_step, expected_gain=-0.03, evaluate=evaluate, max_kl=1.0, kl_tolerance=1.5,
-                                      backtrack_coef=0.8, max_backtracks=4, accept_ratio=0.0)
+    result = backtracking_line_search(
+        params,
+        bad_step,
+        expected_gain=-0.03,
+        evaluate=evaluate,
+        max_kl=1.0,
+        kl_tolerance=1.5,
+        backtrack_coef=0.8,
+        max_backtracks=4,
+        accept_ratio=0.0,
+    )
     assert not result.accepted and result.iterations == 4
     assert (result.step_frac, result.kl, result.surrogate_gain) == (0.0, 0.0, 0.0)
     assert all(torch.equal(p.detach(), o) for p, o in zip(params, origin))
@@ -124,11 +142,29 @@ def test_line_search_restores_parameters_bitwise_when_rejected():
 def test_line_search_requires_fraction_of_expected_gain():
     params, origin, g, evaluate = quadratic_problem()
     step = g * 0.1  # gain = 0.285, linear prediction 0.3
-    strict = backtracking_line_search(params, step, 0.3, evaluate, max_kl=1.0, kl_tolerance=1.0, backtrack_coef=0.5,
-                                      max_backtracks=1, accept_ratio=0.99)
+    strict = backtracking_line_search(
+        params,
+        step,
+        0.3,
+        evaluate,
+        max_kl=1.0,
+        kl_tolerance=1.0,
+        backtrack_coef=0.5,
+        max_backtracks=1,
+        accept_ratio=0.99,
+    )
     assert not strict.accepted
-    lenient = backtracking_line_search(params, step, 0.3, evaluate, max_kl=1.0, kl_tolerance=1.0, backtrack_coef=0.5,
-                                       max_backtracks=1, accept_ratio=0.9)
+    lenient = backtracking_line_search(
+        params,
+        step,
+        0.3,
+        evaluate,
+        max_kl=1.0,
+        kl_tolerance=1.0,
+        backtrack_coef=0.5,
+        max_backtracks=1,
+        accept_ratio=0.9,
+    )
     assert lenient.accepted
 
 
@@ -139,8 +175,9 @@ def test_line_search_restores_parameters_when_evaluation_raises():
         raise RuntimeError("forward failed")
 
     with pytest.raises(RuntimeError, match="forward failed"):
-        backtracking_line_search(params, g, 1.0, broken, max_kl=1.0, kl_tolerance=1.0, backtrack_coef=0.5,
-                                 max_backtracks=3, accept_ratio=0.0)
+        backtracking_line_search(
+            params, g, 1.0, broken, max_kl=1.0, kl_tolerance=1.0, backtrack_coef=0.5, max_backtracks=3, accept_ratio=0.0
+        )
     assert all(torch.equal(p.detach(), o) for p, o in zip(params, origin))
 
 

@@ -25,8 +25,8 @@ import shutil
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -162,8 +162,13 @@ def capture_rng_state() -> dict:
         import numpy as np
 
         kind, keys, pos, has_gauss, cached = np.random.get_state()
-        state["numpy"] = {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
-                          "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+        state["numpy"] = {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype("int64")),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        }
     except ImportError:
         pass
     if torch.cuda.is_available():
@@ -178,8 +183,15 @@ def restore_rng_state(state: dict) -> None:
         import numpy as np
 
         numpy_state = state["numpy"]
-        np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype("uint32"), numpy_state["pos"],
-                             numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+        np.random.set_state(
+            (
+                numpy_state["kind"],
+                numpy_state["keys"].numpy().astype("uint32"),
+                numpy_state["pos"],
+                numpy_state["has_gauss"],
+                numpy_state["cached_gaussian"],
+            )
+        )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -218,11 +230,15 @@ class StopRequest:
         if self.signum is not None:
             raise KeyboardInterrupt(f"{name} received twice: stopping at once")
         self.signum = signum
-        print(f"\n{name} received: the run stops after the step in progress and saves a checkpoint "
-              f"(send it again to stop at once).", file=sys.stderr, flush=True)
+        print(
+            f"\n{name} received: the run stops after the step in progress and saves a checkpoint "
+            f"(send it again to stop at once).",
+            file=sys.stderr,
+            flush=True,
+        )
 
     @contextlib.contextmanager
-    def installed(self) -> Iterator["StopRequest"]:
+    def installed(self) -> Iterator[StopRequest]:
         """Install the handlers for the duration (only the main thread may install them; elsewhere
         the signals keep their handlers)."""
         if threading.current_thread() is not threading.main_thread():
@@ -243,7 +259,9 @@ class TrainingInterrupted(KeyboardInterrupt):
     `train(resume_from_checkpoint=...)` continues exactly."""
 
     def __init__(self, signum: int, checkpoint: Path):
-        super().__init__(f"{signal.Signals(signum).name}: stopped after step {checkpoint_step(checkpoint)}, saved in {checkpoint}")
+        super().__init__(
+            f"{signal.Signals(signum).name}: stopped after step {checkpoint_step(checkpoint)}, saved in {checkpoint}"
+        )
         self.signum = signum
         self.checkpoint = checkpoint
 

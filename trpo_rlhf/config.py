@@ -56,8 +56,10 @@ def check_field_types(config) -> None:
     hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):
         value, hint = getattr(config, f.name), hints[f.name]
-        _require(_matches(value, hint), f"{f.name}={value!r} must be {_type_name(hint)}, not {type(value).__name__} "
-                 f"(e.g. {f.name}={f.default!r}).")
+        _require(
+            _matches(value, hint),
+            f"{f.name}={value!r} must be {_type_name(hint)}, not {type(value).__name__} (e.g. {f.name}={f.default!r}).",
+        )
         if isinstance(value, numbers.Real) and not isinstance(value, bool):
             _require(math.isfinite(value), f"{f.name}={value} must be a finite number.")
 
@@ -70,34 +72,53 @@ class RLConfig:
     comment on each says where it comes from.
     """
 
-    output_dir: str = field(default="runs/trpo", metadata={"help": "Where metrics.jsonl, checkpoints and the final adapter go."})
+    output_dir: str = field(
+        default="runs/trpo", metadata={"help": "Where metrics.jsonl, checkpoints and the final adapter go."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed for LoRA init, prompt order and sampling."})
     max_steps: int = field(default=100, metadata={"help": "Number of rollout + update iterations `train()` runs."})
     batch_size: int = field(default=16, metadata={"help": "Prompts per iteration (per process)."})
     max_new_tokens: int = field(default=24, metadata={"help": "Response length cap; generation stops earlier at EOS."})
     temperature: float = field(
         default=1.0,
-        metadata={"help": "Sampling temperature. Every log-prob (old, new, reference, KL) is taken from softmax(logits/temperature), "
-                  "exactly the distribution sampled from; no top-k/top-p truncation."},
+        metadata={
+            "help": "Sampling temperature. Every log-prob (old, new, reference, KL) is taken from softmax(logits/temperature), "
+            "exactly the distribution sampled from; no top-k/top-p truncation."
+        },
     )
     # Reward shaping (Ziegler et al. 2019, eq. 2): r_t = -beta * (log pi - log pi_ref), score at the last token.
-    init_kl_coef: float = field(default=0.05, metadata={"help": "beta, the per-token KL penalty to the reference (TRL PPO's kl_coef)."})
+    init_kl_coef: float = field(
+        default=0.05, metadata={"help": "beta, the per-token KL penalty to the reference (TRL PPO's kl_coef)."}
+    )
     target_kl_ref: float | None = field(
         default=None,
-        metadata={"help": "Target of the adaptive KL controller, in nats per completion (sum over tokens). None keeps beta fixed. "
-                  "Ziegler et al. use 6."},
+        metadata={
+            "help": "Target of the adaptive KL controller, in nats per completion (sum over tokens). None keeps beta fixed. "
+            "Ziegler et al. use 6."
+        },
     )
-    kl_horizon: int = field(default=10000, metadata={"help": "Horizon (in samples) of the adaptive KL controller (Ziegler et al.: 10000)."})
+    kl_horizon: int = field(
+        default=10000, metadata={"help": "Horizon (in samples) of the adaptive KL controller (Ziegler et al.: 10000)."}
+    )
     # GAE (Schulman et al. 2016). gamma=1: the episode is one short completion, no discounting is needed.
     gamma: float = field(default=1.0, metadata={"help": "Discount over response tokens."})
     gae_lambda: float = field(default=0.95, metadata={"help": "GAE lambda (TRL's default)."})
-    whiten_advantages: bool = field(default=True, metadata={"help": "Normalise advantages to mean 0, std 1 over the valid tokens of the batch."})
+    whiten_advantages: bool = field(
+        default=True, metadata={"help": "Normalise advantages to mean 0, std 1 over the valid tokens of the batch."}
+    )
     # Critic: its own LoRA adapter + scalar head on the shared frozen base, so it never moves the policy.
-    value_lr: float = field(default=5e-4, metadata={"help": "Adam learning rate of the value adapter and head (a LoRA-sized rate)."})
-    value_epochs: int = field(default=4, metadata={"help": "Epochs of value regression per iteration (TRL's 4 PPO epochs)."})
+    value_lr: float = field(
+        default=5e-4, metadata={"help": "Adam learning rate of the value adapter and head (a LoRA-sized rate)."}
+    )
+    value_epochs: int = field(
+        default=4, metadata={"help": "Epochs of value regression per iteration (TRL's 4 PPO epochs)."}
+    )
     value_minibatch_size: int = field(default=8, metadata={"help": "Sequences per value-update minibatch."})
     value_clip_range: float | None = field(
-        default=0.2, metadata={"help": "Clip the value prediction to old value +- this in the loss (TRL's cliprange_value). None: plain MSE."}
+        default=0.2,
+        metadata={
+            "help": "Clip the value prediction to old value +- this in the loss (TRL's cliprange_value). None: plain MSE."
+        },
     )
     # LoRA (Hu et al. 2021). Dropout only acts in the value update: every policy pass runs in eval mode
     # so the trust region measures one deterministic policy.
@@ -106,30 +127,42 @@ class RLConfig:
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (value adapter training only)."})
     lora_target_modules: list[str] | None = field(
         default=None,
-        metadata={"help": "Module names to adapt, e.g. q_proj v_proj. None: PEFT's default for the architecture "
-                  "(q_proj,v_proj for Llama; c_attn for GPT-2)."},
+        metadata={
+            "help": "Module names to adapt, e.g. q_proj v_proj. None: PEFT's default for the architecture "
+            "(q_proj,v_proj for Llama; c_attn for GPT-2)."
+        },
     )
     save_steps: int = field(
         default=0,
-        metadata={"help": "Save a resumable checkpoint-<step> every this many steps (0: none besides the final save and the "
-                  "checkpoint written when a run is interrupted)."},
+        metadata={
+            "help": "Save a resumable checkpoint-<step> every this many steps (0: none besides the final save and the "
+            "checkpoint written when a run is interrupted)."
+        },
     )
-    save_total_limit: int | None = field(default=None, metadata={"help": "Keep only the newest this many checkpoint-<step> folders (None: all)."})
+    save_total_limit: int | None = field(
+        default=None, metadata={"help": "Keep only the newest this many checkpoint-<step> folders (None: all)."}
+    )
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Start a new run in an output_dir that holds a previous run's metrics or checkpoints, deleting them. "
-                  "Without it such a run stops with an error (use --resume_from_checkpoint to continue the previous run)."},
+        metadata={
+            "help": "Start a new run in an output_dir that holds a previous run's metrics or checkpoints, deleting them. "
+            "Without it such a run stops with an error (use --resume_from_checkpoint to continue the previous run)."
+        },
     )
     max_nonfinite_steps: int = field(
         default=3,
-        metadata={"help": "Stop the run with an error after this many consecutive steps whose rewards, advantages, gradients, "
-                  "CG solution or step were not finite (each such step is rejected and the policy and critic restored)."},
+        metadata={
+            "help": "Stop the run with an error after this many consecutive steps whose rewards, advantages, gradients, "
+            "CG solution or step were not finite (each such step is rejected and the policy and critic restored)."
+        },
     )
     bf16: bool = field(
         default=False,
-        metadata={"help": "Run the model's forwards (generation, rollout, updates) under bfloat16 autocast, for GPUs. "
-                  "Logits are cast to float32 before any softmax, so log-probs, KLs, gradients, CG vectors and dot "
-                  "products stay float32; the LoRA tensors stay float32."},
+        metadata={
+            "help": "Run the model's forwards (generation, rollout, updates) under bfloat16 autocast, for GPUs. "
+            "Logits are cast to float32 before any softmax, so log-probs, KLs, gradients, CG vectors and dot "
+            "products stay float32; the LoRA tensors stay float32."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -138,30 +171,49 @@ class RLConfig:
         if isinstance(self.lora_target_modules, tuple):
             self.lora_target_modules = list(self.lora_target_modules)
         check_field_types(self)
-        _require(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1: set --batch_size to a positive number of prompts.")
+        _require(
+            self.batch_size >= 1,
+            f"batch_size={self.batch_size} must be >= 1: set --batch_size to a positive number of prompts.",
+        )
         _require(self.max_steps >= 1, f"max_steps={self.max_steps} must be >= 1.")
         _require(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens} must be >= 1.")
-        _require(self.temperature > 0, f"temperature={self.temperature} must be > 0 (1.0 samples from the model's own distribution).")
+        _require(
+            self.temperature > 0,
+            f"temperature={self.temperature} must be > 0 (1.0 samples from the model's own distribution).",
+        )
         _require(self.init_kl_coef >= 0, f"init_kl_coef={self.init_kl_coef} must be >= 0 (0 disables the KL penalty).")
-        _require(self.target_kl_ref is None or self.target_kl_ref > 0,
-                 f"target_kl_ref={self.target_kl_ref} must be > 0, or None for a fixed KL coefficient.")
+        _require(
+            self.target_kl_ref is None or self.target_kl_ref > 0,
+            f"target_kl_ref={self.target_kl_ref} must be > 0, or None for a fixed KL coefficient.",
+        )
         _require(self.kl_horizon >= 1, f"kl_horizon={self.kl_horizon} must be >= 1.")
         _require(0.0 <= self.gamma <= 1.0, f"gamma={self.gamma} must be in [0, 1].")
         _require(0.0 <= self.gae_lambda <= 1.0, f"gae_lambda={self.gae_lambda} must be in [0, 1].")
         _require(self.value_lr > 0, f"value_lr={self.value_lr} must be > 0.")
         _require(self.value_epochs >= 0, f"value_epochs={self.value_epochs} must be >= 0 (0 freezes the critic).")
         _require(self.value_minibatch_size >= 1, f"value_minibatch_size={self.value_minibatch_size} must be >= 1.")
-        _require(self.value_clip_range is None or self.value_clip_range > 0,
-                 f"value_clip_range={self.value_clip_range} must be > 0, or None for an unclipped value loss.")
+        _require(
+            self.value_clip_range is None or self.value_clip_range > 0,
+            f"value_clip_range={self.value_clip_range} must be > 0, or None for an unclipped value loss.",
+        )
         _require(self.lora_r >= 1, f"lora_r={self.lora_r} must be >= 1.")
-        _require(self.lora_alpha > 0, f"lora_alpha={self.lora_alpha} must be > 0: the LoRA update is scaled by lora_alpha / lora_r, "
-                 "so 0 would freeze the policy (e.g. --lora_alpha 16).")
-        _require(not self.lora_target_modules or all(self.lora_target_modules),
-                 f"lora_target_modules={self.lora_target_modules} holds an empty name; pass module names such as q_proj v_proj.")
+        _require(
+            self.lora_alpha > 0,
+            f"lora_alpha={self.lora_alpha} must be > 0: the LoRA update is scaled by lora_alpha / lora_r, "
+            "so 0 would freeze the policy (e.g. --lora_alpha 16).",
+        )
+        _require(
+            not self.lora_target_modules or all(self.lora_target_modules),
+            f"lora_target_modules={self.lora_target_modules} holds an empty name; pass module names such as q_proj v_proj.",
+        )
         _require(0.0 <= self.lora_dropout < 1.0, f"lora_dropout={self.lora_dropout} must be in [0, 1).")
-        _require(self.save_steps >= 0, f"save_steps={self.save_steps} must be >= 0 (0 disables intermediate checkpoints).")
-        _require(self.save_total_limit is None or self.save_total_limit >= 1,
-                 f"save_total_limit={self.save_total_limit} must be >= 1, or None to keep every checkpoint.")
+        _require(
+            self.save_steps >= 0, f"save_steps={self.save_steps} must be >= 0 (0 disables intermediate checkpoints)."
+        )
+        _require(
+            self.save_total_limit is None or self.save_total_limit >= 1,
+            f"save_total_limit={self.save_total_limit} must be >= 1, or None to keep every checkpoint.",
+        )
         _require(self.max_nonfinite_steps >= 1, f"max_nonfinite_steps={self.max_nonfinite_steps} must be >= 1.")
 
     def to_dict(self) -> dict:

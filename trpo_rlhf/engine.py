@@ -20,14 +20,15 @@ import shutil
 import signal
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
+from .actor_critic import LoraActorCritic, base_model_of
 from .advantages import (
     explained_variance,
     gae,
@@ -54,10 +55,10 @@ from .checkpointing import (
     staging_path,
 )
 from .config import RLConfig
-from .models import LoraActorCritic, base_model_of, context_length, ensure_pad_token, load_causal_lm
+from .loading import context_length, ensure_pad_token, load_causal_lm
+from .profiling import PhaseTimer, peak_memory_mb
 from .prompts import check_prompt_strings, prompts_from_dataset
 from .rewards import RewardFn, build_reward_fn, score_batch
-from .profiling import PhaseTimer, peak_memory_mb
 from .rollout import Rollout, evaluate_rollout, gather_tokens, log_softmax_, sample_completions
 from .trust_region import categorical_kl
 
@@ -66,7 +67,14 @@ TRAINER_STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 FINAL_STAGING = ".final.tmp"
 # Settings a resumed run may change without changing what its steps compute.
-RESUME_MAY_CHANGE = {"output_dir", "max_steps", "save_steps", "save_total_limit", "overwrite_output_dir", "max_nonfinite_steps"}
+RESUME_MAY_CHANGE = {
+    "output_dir",
+    "max_steps",
+    "save_steps",
+    "save_total_limit",
+    "overwrite_output_dir",
+    "max_nonfinite_steps",
+}
 KL_CHUNK_POSITIONS = 64  # positions per chunk of the no-grad KL: [64, V] temporaries, ~12 MB at V = 49k
 
 
@@ -188,15 +196,19 @@ class RLTrainer:
     def _check_output_dir_writable(self) -> None:
         out = self.output_dir
         if out.exists() and not out.is_dir():
-            raise NotADirectoryError(f"output_dir={str(out)!r} is a file; pass a folder for metrics, checkpoints and the adapter.")
+            raise NotADirectoryError(
+                f"output_dir={str(out)!r} is a file; pass a folder for metrics, checkpoints and the adapter."
+            )
         probe = out / f".write-test-{os.getpid()}"
         try:
             out.mkdir(parents=True, exist_ok=True)
             probe.write_text("")
             probe.unlink()
         except OSError as exc:
-            raise PermissionError(f"output_dir={str(out)!r} is not writable ({exc.strerror or exc}); pass a folder you can write to "
-                                  "with --output_dir.") from exc
+            raise PermissionError(
+                f"output_dir={str(out)!r} is not writable ({exc.strerror or exc}); pass a folder you can write to "
+                "with --output_dir."
+            ) from exc
 
     def _check_vocabulary(self, model) -> None:
         embedding = base_model_of(model).get_input_embeddings()
@@ -224,17 +236,23 @@ class RLTrainer:
         if hasattr(train_dataset, "column_names"):
             prompts = prompts_from_dataset(train_dataset)
         elif isinstance(train_dataset, str):
-            raise TypeError("train_dataset must be a list of prompts or a datasets.Dataset, not a string; "
-                            "load a file with trpo_rlhf.prompts.load_prompts(path).")
+            raise TypeError(
+                "train_dataset must be a list of prompts or a datasets.Dataset, not a string; "
+                "load a file with trpo_rlhf.prompts.load_prompts(path)."
+            )
         else:
             prompts = list(train_dataset)
         check_prompt_strings(prompts, "train_dataset")
         if not prompts:
-            raise ValueError("train_dataset is empty: pass at least one prompt (a list of strings or a Dataset with a 'prompt' column).")
+            raise ValueError(
+                "train_dataset is empty: pass at least one prompt (a list of strings or a Dataset with a 'prompt' column)."
+            )
         lengths = [len(ids) for ids in self.tokenizer(prompts)["input_ids"]]
         empty = [i for i, n in enumerate(lengths) if n == 0]
         if empty:
-            raise ValueError(f"Prompt {empty[0]} ({prompts[empty[0]]!r}) tokenizes to nothing; remove empty prompts from train_dataset.")
+            raise ValueError(
+                f"Prompt {empty[0]} ({prompts[empty[0]]!r}) tokenizes to nothing; remove empty prompts from train_dataset."
+            )
         limit = context_length(base_model_of(model))
         if limit is not None:
             too_long = [i for i, n in enumerate(lengths) if n + self.config.max_new_tokens > limit]
@@ -296,7 +314,11 @@ class RLTrainer:
     def _sample(self, prompts: list[str]) -> Rollout:
         with self.actor_critic.autocast():
             rollout, _ = sample_completions(
-                self.actor_critic.peft_model, self.tokenizer, prompts, self.config.max_new_tokens, self.config.temperature
+                self.actor_critic.peft_model,
+                self.tokenizer,
+                prompts,
+                self.config.max_new_tokens,
+                self.config.temperature,
             )
         return rollout
 
@@ -374,10 +396,14 @@ class RLTrainer:
         self.restore_state(self._completed_state, rng=False)
         self.nonfinite_streak += 1
         step, limit = self.global_step + 1, self.config.max_nonfinite_steps
-        message = (f"Step {step}: non-finite {quantity}; the step's updates are rejected and the policy and critic restored "
-                   f"to step {self.global_step} ({self.nonfinite_streak} such step(s) in a row, the run stops at {limit}).")
+        message = (
+            f"Step {step}: non-finite {quantity}; the step's updates are rejected and the policy and critic restored "
+            f"to step {self.global_step} ({self.nonfinite_streak} such step(s) in a row, the run stops at {limit})."
+        )
         if self.nonfinite_streak >= limit:
-            raise NonFiniteError(f"{message} Stopping: check the reward's scale and finiteness, or lower the learning rates.")
+            raise NonFiniteError(
+                f"{message} Stopping: check the reward's scale and finiteness, or lower the learning rates."
+            )
         warnings.warn(message, stacklevel=3)
 
     def train(self, resume_from_checkpoint: bool | str | os.PathLike | None = None) -> list[dict[str, float]]:
@@ -401,15 +427,24 @@ class RLTrainer:
         self._completed_state = self.capture_state()
         history = []
         stop = StopRequest()
-        bar = tqdm(total=self.config.max_steps, initial=self.global_step, desc=self.progress_name,
-                   disable=not self.is_main_process, dynamic_ncols=True)
+        bar = tqdm(
+            total=self.config.max_steps,
+            initial=self.global_step,
+            desc=self.progress_name,
+            disable=not self.is_main_process,
+            dynamic_ncols=True,
+        )
         try:
             with stop.installed():
                 while self.global_step < self.config.max_steps:
                     stats = self.step()
                     history.append(stats)
                     bar.update(1)
-                    bar.set_postfix(reward=f"{stats['reward/mean']:.3f}", kl_ref=f"{stats['kl/ref']:.3f}", **self._progress_fields(stats))
+                    bar.set_postfix(
+                        reward=f"{stats['reward/mean']:.3f}",
+                        kl_ref=f"{stats['kl/ref']:.3f}",
+                        **self._progress_fields(stats),
+                    )
                     saved = None
                     if self.config.save_steps and self.global_step % self.config.save_steps == 0:
                         saved = self.save_checkpoint()
@@ -425,7 +460,9 @@ class RLTrainer:
                 try:
                     self._emergency_checkpoint()
                 except Exception as save_error:  # the original failure is the one to report
-                    print(f"The checkpoint after the failure could not be written either: {save_error!r}", file=sys.stderr)
+                    print(
+                        f"The checkpoint after the failure could not be written either: {save_error!r}", file=sys.stderr
+                    )
             raise
         finally:
             bar.close()
@@ -485,7 +522,11 @@ class RLTrainer:
                 )
         else:
             path = Path(resume_from_checkpoint)
-        missing = [name for name in (TRAINER_STATE_FILE, OPTIMIZER_FILE, "adapter_model.safetensors") if not (path / name).exists()]
+        missing = [
+            name
+            for name in (TRAINER_STATE_FILE, OPTIMIZER_FILE, "adapter_model.safetensors")
+            if not (path / name).exists()
+        ]
         if missing:
             raise FileNotFoundError(
                 f"{path} is not a resumable checkpoint (missing {', '.join(missing)}): pass a checkpoint-<step> folder written "
@@ -542,12 +583,21 @@ class RLTrainer:
             prepare_staging(path)
             self._write_rng_state(staging_path(path), state)
             self._write_checkpoint(path, state)
-        print(f"Training stopped after step {state.global_step}; its state is saved in {path} "
-              f"(resume with --resume_from_checkpoint {path}).", file=sys.stderr)
+        print(
+            f"Training stopped after step {state.global_step}; its state is saved in {path} "
+            f"(resume with --resume_from_checkpoint {path}).",
+            file=sys.stderr,
+        )
 
     def _write_rng_state(self, folder: Path, state: TrainingState) -> None:
-        torch.save({"rng": state.rng, "prompt_generator": state.prompt_generator, "minibatch_generator": state.minibatch_generator},
-                   folder / f"rng_state_{self.accelerator.process_index}.pth")
+        torch.save(
+            {
+                "rng": state.rng,
+                "prompt_generator": state.prompt_generator,
+                "minibatch_generator": state.minibatch_generator,
+            },
+            folder / f"rng_state_{self.accelerator.process_index}.pth",
+        )
 
     def _write_checkpoint(self, path: Path, state: TrainingState) -> None:
         """Everything but the random states (written by each process into the prepared staging
@@ -570,31 +620,45 @@ class RLTrainer:
         path = Path(path)
         saved = json.loads((path / TRAINER_STATE_FILE).read_text())
         if saved["trainer"] != type(self).__name__:
-            raise ValueError(f"{path} was written by {saved['trainer']}; resume it with that trainer, not {type(self).__name__}.")
+            raise ValueError(
+                f"{path} was written by {saved['trainer']}; resume it with that trainer, not {type(self).__name__}."
+            )
         self._warn_on_config_change(path)
         rank = self.accelerator.process_index
         rng_file = path / f"rng_state_{rank}.pth"
         if rng_file.exists():
             random_state = torch.load(rng_file, weights_only=True)
         else:
-            random_state = {"rng": capture_rng_state(), "prompt_generator": self.prompt_generator.get_state(),
-                            "minibatch_generator": self.minibatch_generator.get_state()}
+            random_state = {
+                "rng": capture_rng_state(),
+                "prompt_generator": self.prompt_generator.get_state(),
+                "minibatch_generator": self.minibatch_generator.get_state(),
+            }
         if not rng_file.exists() or saved["num_processes"] != self.accelerator.num_processes:
-            why = "holds no random state for" if not rng_file.exists() else "was saved by a different number of processes than"
-            warnings.warn(f"{path} ({saved['num_processes']} process(es)) {why} process {rank} of {self.accelerator.num_processes}: "
-                          "the resumed run continues, but not bitwise as the original would have.")
+            why = (
+                "holds no random state for"
+                if not rng_file.exists()
+                else "was saved by a different number of processes than"
+            )
+            warnings.warn(
+                f"{path} ({saved['num_processes']} process(es)) {why} process {rank} of {self.accelerator.num_processes}: "
+                "the resumed run continues, but not bitwise as the original would have.",
+                stacklevel=2,
+            )
         self.actor_critic.load_policy_adapter(path)
         self.actor_critic.load_value_function(path)
-        self.restore_state(TrainingState(
-            global_step=saved["global_step"],
-            kl_coef=saved["kl_coef"],
-            nonfinite_streak=saved["nonfinite_streak"],
-            prompt_order=saved["prompt_order"],
-            prompt_generator=random_state["prompt_generator"],
-            minibatch_generator=random_state["minibatch_generator"],
-            rng=random_state["rng"],
-            optimizers=torch.load(path / OPTIMIZER_FILE, weights_only=True),
-        ))
+        self.restore_state(
+            TrainingState(
+                global_step=saved["global_step"],
+                kl_coef=saved["kl_coef"],
+                nonfinite_streak=saved["nonfinite_streak"],
+                prompt_order=saved["prompt_order"],
+                prompt_generator=random_state["prompt_generator"],
+                minibatch_generator=random_state["minibatch_generator"],
+                rng=random_state["rng"],
+                optimizers=torch.load(path / OPTIMIZER_FILE, weights_only=True),
+            )
+        )
         if self.is_main_process:
             self._truncate_metrics(self.global_step)
         self.wait_for_everyone()
@@ -607,8 +671,11 @@ class RLTrainer:
         current = json.loads(json.dumps(self.config.to_dict()))
         changed = [k for k in current if k not in RESUME_MAY_CHANGE and saved.get(k) != current[k]]
         if changed:
-            warnings.warn(f"Resuming {path} with changed settings {changed}: the run continues with the new values, so it "
-                          "differs from the one that was interrupted.")
+            warnings.warn(
+                f"Resuming {path} with changed settings {changed}: the run continues with the new values, so it "
+                "differs from the one that was interrupted.",
+                stacklevel=2,
+            )
 
     def _truncate_metrics(self, step: int) -> None:
         """Keep the metrics of steps <= `step` (a killed run may have logged steps after its last
@@ -710,7 +777,9 @@ class RLTrainer:
         `ppo/surrogate_gain` all come from here, so the two updates are measured alike."""
         logp_all = self.policy_log_probs(batch)
         actions = batch.response_ids
-        gain = self.surrogate(batch, gather_tokens(logp_all, actions)) - self.surrogate(batch, gather_tokens(logp_all_old, actions))
+        gain = self.surrogate(batch, gather_tokens(logp_all, actions)) - self.surrogate(
+            batch, gather_tokens(logp_all_old, actions)
+        )
         kl = masked_mean(categorical_kl(logp_all_old, logp_all, chunk_size=KL_CHUNK_POSITIONS), batch.response_mask)
         return self.reduce_mean(gain).item(), self.reduce_mean(kl).item()
 

@@ -43,19 +43,27 @@ class PPOConfig(RLConfig):
     ppo_epochs: int = field(default=4, metadata={"help": "Passes over the batch per iteration (TRL's num_ppo_epochs)."})
     num_minibatches: int = field(default=1, metadata={"help": "Minibatches per epoch (TRL's num_mini_batches)."})
     clip_range: float = field(default=0.2, metadata={"help": "epsilon of the clipped ratio (TRL's cliprange)."})
-    max_grad_norm: float | None = field(default=1.0, metadata={"help": "Clip the policy gradient norm (None: no clipping)."})
+    max_grad_norm: float | None = field(
+        default=1.0, metadata={"help": "Clip the policy gradient norm (None: no clipping)."}
+    )
     target_kl: float | None = field(
-        default=None, metadata={"help": "Stop the epochs early once the measured KL(pi_old || pi_new) per token exceeds this."}
+        default=None,
+        metadata={"help": "Stop the epochs early once the measured KL(pi_old || pi_new) per token exceeds this."},
     )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _require(self.learning_rate > 0, f"learning_rate={self.learning_rate} must be > 0.")
         _require(self.ppo_epochs >= 1, f"ppo_epochs={self.ppo_epochs} must be >= 1.")
-        _require(1 <= self.num_minibatches <= self.batch_size,
-                 f"num_minibatches={self.num_minibatches} must be between 1 and batch_size={self.batch_size}.")
+        _require(
+            1 <= self.num_minibatches <= self.batch_size,
+            f"num_minibatches={self.num_minibatches} must be between 1 and batch_size={self.batch_size}.",
+        )
         _require(self.clip_range > 0, f"clip_range={self.clip_range} must be > 0, e.g. --clip_range 0.2.")
-        _require(self.max_grad_norm is None or self.max_grad_norm > 0, f"max_grad_norm={self.max_grad_norm} must be > 0 or None.")
+        _require(
+            self.max_grad_norm is None or self.max_grad_norm > 0,
+            f"max_grad_norm={self.max_grad_norm} must be > 0 or None.",
+        )
         _require(self.target_kl is None or self.target_kl > 0, f"target_kl={self.target_kl} must be > 0 or None.")
 
 
@@ -101,7 +109,9 @@ class PPOTrainer(RLTrainer):
                 for start in range(0, len(batch), minibatch_size):
                     mini = batch.select(order[start : start + minibatch_size])
                     logp = token_logprobs(self.policy_logits(mini), mini.response_ids)
-                    loss, clip_fraction = clipped_surrogate_loss(logp, mini.logp_old, mini.advantages, mini.response_mask, cfg.clip_range)
+                    loss, clip_fraction = clipped_surrogate_loss(
+                        logp, mini.logp_old, mini.advantages, mini.response_mask, cfg.clip_range
+                    )
                     self.policy_optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     self.average_gradients(params)

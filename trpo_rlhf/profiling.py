@@ -21,7 +21,7 @@ import os
 import resource
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -58,7 +58,7 @@ class PeakMemory:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         release_freed_memory()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -1,16 +1,16 @@
 """Prompt sources: the movie-review openings shipped in `data/`, local files, `datasets` objects.
 
-    >>> from trpo_rlhf.prompts import default_prompts
-    >>> len(default_prompts()) >= 300
-    True
+>>> from trpo_rlhf.prompts import default_prompts
+>>> len(default_prompts()) >= 300
+True
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Sequence
 
 DEFAULT_PROMPT_FILE = "movie_review_openings.txt"
 
@@ -42,7 +42,9 @@ def check_prompt_strings(prompts: Sequence, source: str) -> None:
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
             hint = " (a row: pass [row['prompt'] for row in rows])" if isinstance(prompt, dict) else ""
-            raise TypeError(f"{source}[{i}] is a {type(prompt).__name__}, {prompt!r}{hint}; every prompt must be a string.")
+            raise TypeError(
+                f"{source}[{i}] is a {type(prompt).__name__}, {prompt!r}{hint}; every prompt must be a string."
+            )
 
 
 def prompts_from_dataset(dataset, column: str = "prompt") -> list[str]:
@@ -87,4 +89,6 @@ def load_prompts(source: str | None, seed: int = 0) -> list[str]:
         return prompts_from_dataset(dataset)
     if "text" in dataset.column_names:
         return review_openings(dataset["text"], seed=seed)
-    raise ValueError(f"Dataset {source!r} has neither a 'prompt' nor a 'text' column (columns: {dataset.column_names}).")
+    raise ValueError(
+        f"Dataset {source!r} has neither a 'prompt' nor a 'text' column (columns: {dataset.column_names})."
+    )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -79,10 +79,14 @@ class SequenceClassifierReward:
         if isinstance(label, int) or str(label).isdigit():
             index = int(label)
             if not 0 <= index < num_labels:
-                raise ValueError(f"label={label} is out of range for a classifier with {num_labels} labels; use 0..{num_labels - 1}.")
+                raise ValueError(
+                    f"label={label} is out of range for a classifier with {num_labels} labels; use 0..{num_labels - 1}."
+                )
             return index
         if label not in label2id:
-            raise ValueError(f"label={label!r} is not one of the classifier's labels {sorted(label2id)}; pass one of them or an index.")
+            raise ValueError(
+                f"label={label!r} is not one of the classifier's labels {sorted(label2id)}; pass one of them or an index."
+            )
         return label2id[label]
 
     @torch.no_grad()
@@ -92,7 +96,11 @@ class SequenceClassifierReward:
         scores: list[float] = []
         for start in range(0, len(texts), self.batch_size):
             enc = self.tokenizer(
-                texts[start : start + self.batch_size], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+                texts[start : start + self.batch_size],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
             ).to(device)
             logits = self.model(**enc).logits
             scores.extend(logits[:, self.label_index].float().tolist())

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from .models import LoraActorCritic, base_model_of
+from .actor_critic import LoraActorCritic, base_model_of
 
 
 @dataclass
@@ -59,7 +59,7 @@ class Rollout:
             "response_length": self.response_length,
         }
 
-    def select(self, index: torch.Tensor | list[int]) -> "Rollout":
+    def select(self, index: torch.Tensor | list[int]) -> Rollout:
         """The sub-batch of the given sequence indices."""
         index = torch.as_tensor(index, dtype=torch.long)
         picked = {}
@@ -145,7 +145,9 @@ def sample_completions(
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
     generation_config = sampling_generation_config(tokenizer, max_new_tokens, temperature, output_scores=return_scores)
     with _checkpoint_generation_defaults_removed(model):
-        out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], generation_config=generation_config)
+        out = model.generate(
+            input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], generation_config=generation_config
+        )
     prompt_length = enc["input_ids"].shape[1]
     response_ids = out.sequences[:, prompt_length:]
     response_mask = response_mask_from_ids(response_ids, tokenizer.eos_token_id).to(device)

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .actor_critic import double_backward_attention
 from .config import RLConfig, _require
 from .engine import RLTrainer, require_finite
-from .models import double_backward_attention
 from .profiling import PhaseTimer
 from .rollout import Rollout, log_softmax_, token_logprobs
 from .trust_region import (
@@ -58,51 +58,88 @@ class TRPOConfig(RLConfig):
       product, cheaper than the double backward of "kl_hessian" and the same matrix.
     """
 
-    max_kl: float = field(default=0.02, metadata={"help": "delta: bound on the mean per-token KL(pi_old || pi_new) of one update."})
-    kl_tolerance: float = field(default=1.5, metadata={"help": "Accept a line-search point only if measured KL <= kl_tolerance * max_kl."})
-    cg_iters: int = field(default=10, metadata={"help": "Conjugate-gradient iterations (Fisher-vector products) per update."})
+    max_kl: float = field(
+        default=0.02, metadata={"help": "delta: bound on the mean per-token KL(pi_old || pi_new) of one update."}
+    )
+    kl_tolerance: float = field(
+        default=1.5, metadata={"help": "Accept a line-search point only if measured KL <= kl_tolerance * max_kl."}
+    )
+    cg_iters: int = field(
+        default=10, metadata={"help": "Conjugate-gradient iterations (Fisher-vector products) per update."}
+    )
     cg_damping: float = field(default=1e-3, metadata={"help": "Damping c added to the Fisher: (F + c I) x = g."})
-    cg_residual_tol: float = field(default=1e-10, metadata={"help": "Stop CG once r.r <= cg_residual_tol * g.g (relative squared residual)."})
+    cg_residual_tol: float = field(
+        default=1e-10, metadata={"help": "Stop CG once r.r <= cg_residual_tol * g.g (relative squared residual)."}
+    )
     line_search_steps: int = field(default=10, metadata={"help": "Backtracking attempts before the step is rejected."})
-    backtrack_coef: float = field(default=0.8, metadata={"help": "Step fraction decay per backtracking attempt, in (0, 1)."})
-    accept_ratio: float = field(default=0.1, metadata={"help": "Required ratio of realised to linearly predicted improvement."})
-    fvp_subsample: float = field(default=1.0, metadata={"help": "Fraction of the batch's sequences used for Fisher-vector products."})
-    logit_damping: float = field(default=0.0, metadata={
-        "help": "lambda of the logit-space damping in the CG system (F + lambda J^T C J + cI) x = g (Gauss-Newton form only): "
-                "a sampled token of probability p moves by about A/(p + lambda) in the logits instead of A/p. The step's "
-                "length still comes from the Fisher alone. 0 is the exact natural gradient."})
-    fvp_method: str = field(default="gauss_newton", metadata={
-        "help": "How F v is computed: 'gauss_newton' (J^T M J v, two passes over one retained graph) or "
-                "'kl_hessian' (double backward through the KL gradient). Both are the exact Fisher at theta_old."})
+    backtrack_coef: float = field(
+        default=0.8, metadata={"help": "Step fraction decay per backtracking attempt, in (0, 1)."}
+    )
+    accept_ratio: float = field(
+        default=0.1, metadata={"help": "Required ratio of realised to linearly predicted improvement."}
+    )
+    fvp_subsample: float = field(
+        default=1.0, metadata={"help": "Fraction of the batch's sequences used for Fisher-vector products."}
+    )
+    logit_damping: float = field(
+        default=0.0,
+        metadata={
+            "help": "lambda of the logit-space damping in the CG system (F + lambda J^T C J + cI) x = g (Gauss-Newton form only): "
+            "a sampled token of probability p moves by about A/(p + lambda) in the logits instead of A/p. The step's "
+            "length still comes from the Fisher alone. 0 is the exact natural gradient."
+        },
+    )
+    fvp_method: str = field(
+        default="gauss_newton",
+        metadata={
+            "help": "How F v is computed: 'gauss_newton' (J^T M J v, two passes over one retained graph) or "
+            "'kl_hessian' (double backward through the KL gradient). Both are the exact Fisher at theta_old."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(self.max_kl > 0,
-                 f"max_kl={self.max_kl} must be a positive number of nats per token, e.g. --max_kl 0.01.")
-        _require(self.kl_tolerance >= 1.0, f"kl_tolerance={self.kl_tolerance} must be >= 1 (1.5 allows the usual quadratic-model error).")
-        _require(self.cg_iters >= 1, f"cg_iters={self.cg_iters} must be >= 1: conjugate gradient needs at least one iteration, e.g. --cg_iters 10.")
+        _require(
+            self.max_kl > 0, f"max_kl={self.max_kl} must be a positive number of nats per token, e.g. --max_kl 0.01."
+        )
+        _require(
+            self.kl_tolerance >= 1.0,
+            f"kl_tolerance={self.kl_tolerance} must be >= 1 (1.5 allows the usual quadratic-model error).",
+        )
+        _require(
+            self.cg_iters >= 1,
+            f"cg_iters={self.cg_iters} must be >= 1: conjugate gradient needs at least one iteration, e.g. --cg_iters 10.",
+        )
         _require(self.cg_damping >= 0, f"cg_damping={self.cg_damping} must be >= 0.")
         _require(self.cg_residual_tol >= 0, f"cg_residual_tol={self.cg_residual_tol} must be >= 0.")
         _require(self.line_search_steps >= 1, f"line_search_steps={self.line_search_steps} must be >= 1.")
-        _require(0.0 < self.backtrack_coef < 1.0,
-                 f"backtrack_coef={self.backtrack_coef} must lie strictly between 0 and 1, e.g. --backtrack_coef 0.8 (or 0.5).")
+        _require(
+            0.0 < self.backtrack_coef < 1.0,
+            f"backtrack_coef={self.backtrack_coef} must lie strictly between 0 and 1, e.g. --backtrack_coef 0.8 (or 0.5).",
+        )
         _require(self.accept_ratio >= 0, f"accept_ratio={self.accept_ratio} must be >= 0 (0 accepts any improvement).")
         _require(0.0 < self.fvp_subsample <= 1.0, f"fvp_subsample={self.fvp_subsample} must be in (0, 1].")
-        _require(self.fvp_method in FVP_METHODS,
-                 f"fvp_method={self.fvp_method!r} is not one of {FVP_METHODS}; use 'gauss_newton' (faster) or 'kl_hessian'.")
-        _require(self.logit_damping >= 0, f"logit_damping={self.logit_damping} must be >= 0 (0: the exact natural gradient).")
-        _require(self.logit_damping == 0 or self.fvp_method == "gauss_newton",
-                 f"logit_damping={self.logit_damping} needs fvp_method='gauss_newton' (got {self.fvp_method!r}).")
+        _require(
+            self.fvp_method in FVP_METHODS,
+            f"fvp_method={self.fvp_method!r} is not one of {FVP_METHODS}; use 'gauss_newton' (faster) or 'kl_hessian'.",
+        )
+        _require(
+            self.logit_damping >= 0, f"logit_damping={self.logit_damping} must be >= 0 (0: the exact natural gradient)."
+        )
+        _require(
+            self.logit_damping == 0 or self.fvp_method == "gauss_newton",
+            f"logit_damping={self.logit_damping} needs fvp_method='gauss_newton' (got {self.fvp_method!r}).",
+        )
 
 
 class TRPOTrainer(RLTrainer):
     """TRPO over the policy LoRA tensors (Schulman et al. 2015), see `policy_update`.
 
-        >>> trainer = TRPOTrainer(config=TRPOConfig(max_steps=50), model="embedded",
-        ...                       reward_fn="vader", train_dataset=default_prompts())    # doctest: +SKIP
-        >>> stats = trainer.step()                                                        # doctest: +SKIP
-        >>> stats["trpo/kl"] <= config.kl_tolerance * config.max_kl                     # doctest: +SKIP
-        True
+    >>> trainer = TRPOTrainer(config=TRPOConfig(max_steps=50), model="embedded",
+    ...                       reward_fn="vader", train_dataset=default_prompts())    # doctest: +SKIP
+    >>> stats = trainer.step()                                                        # doctest: +SKIP
+    >>> stats["trpo/kl"] <= config.kl_tolerance * config.max_kl                     # doctest: +SKIP
+    True
     """
 
     progress_name = "TRPO"
@@ -112,10 +149,10 @@ class TRPOTrainer(RLTrainer):
             raise TypeError(f"TRPOTrainer needs a TRPOConfig, got {type(config).__name__}.")
         super().__init__(config, *args, **kwargs)
 
-    def fisher_batch(self, batch: Rollout) -> Rollout:
+    def fisher_batch(self, batch: Rollout, config: TRPOConfig | None = None) -> Rollout:
         """The sequences the Fisher is estimated on: `fvp_subsample` of the batch, drawn from the
         minibatch generator (the whole batch itself at 1.0)."""
-        n = max(1, round(self.config.fvp_subsample * len(batch)))
+        n = max(1, round((config or self.config).fvp_subsample * len(batch)))
         if n == len(batch):
             return batch
         return batch.select(torch.randperm(len(batch), generator=self.minibatch_generator)[:n])
@@ -126,17 +163,31 @@ class TRPOTrainer(RLTrainer):
         with double_backward_attention(self.actor_critic.peft_model):
             return self.policy_logits(batch)
 
-    def fisher_product(self, batch: Rollout, logits: torch.Tensor | None = None,
-                       jacobian: LinearizedLogits | None = None) -> DampedFisherProduct:
+    def fisher_product(
+        self,
+        batch: Rollout,
+        logits: torch.Tensor | None = None,
+        jacobian: LinearizedLogits | None = None,
+        config: TRPOConfig | None = None,
+    ) -> DampedFisherProduct:
         """v -> (F + cI) v over the policy LoRA tensors, F the Fisher of the mean per-token KL at
         theta_old on `batch` (`logits` from `fisher_logits(batch)` when already computed, and a
-        `jacobian` already built on them are reused), averaged across processes."""
-        cfg: TRPOConfig = self.config
+        `jacobian` already built on them are reused), averaged across processes; `config` the
+        solver settings (default: the trainer's)."""
+        cfg = config or self.config
         logits = self.fisher_logits(batch) if logits is None else logits
-        return kl_fisher_product(logits, batch.response_mask, self.actor_critic.policy_parameters(), method=cfg.fvp_method,
-                                 damping=cfg.cg_damping, logit_damping=cfg.logit_damping, reduce=self.reduce_mean, jacobian=jacobian)
+        return kl_fisher_product(
+            logits,
+            batch.response_mask,
+            self.actor_critic.policy_parameters(),
+            method=cfg.fvp_method,
+            damping=cfg.cg_damping,
+            logit_damping=cfg.logit_damping,
+            reduce=self.reduce_mean,
+            jacobian=jacobian,
+        )
 
-    def policy_update(self, batch: Rollout) -> dict[str, float]:
+    def policy_update(self, batch: Rollout, config: TRPOConfig | None = None) -> dict[str, float]:
         """One TRPO step (Schulman et al. 2015, Appendix C):
 
         1. g = grad L(theta_old), L = mean_t exp(logp_theta - logp_old) * A_t;
@@ -144,26 +195,34 @@ class TRPOTrainer(RLTrainer):
            once: the very forward g came from when the Fisher uses the whole batch;
         3. full step s = sqrt(2 delta / x^T F x) x, so that 1/2 s^T F s = delta;
         4. backtracking on the measured exact KL and the surrogate; exact restore on failure.
+
+        `config` gives this update other solver settings than the trainer's (e.g. to probe a
+        variant on the same batch, `recipes/step_quality.py`).
         """
-        cfg: TRPOConfig = self.config
+        cfg = config or self.config
         params = self.actor_critic.policy_parameters()
         timer = PhaseTimer()
 
-        fisher_batch = self.fisher_batch(batch)
+        fisher_batch = self.fisher_batch(batch, cfg)
         # With the Fisher on the whole batch, one forward serves g and F (`surrogate_gradient`).
         shared_forward = fisher_batch is batch
         with timer("gradient"):
             logits = self.fisher_logits(batch) if shared_forward else self.policy_logits(batch)
             surrogate = self.surrogate(batch, token_logprobs(logits, batch.response_ids))
             surrogate_old = self.reduce_mean(surrogate.detach()).item()
-            grad, jacobian = surrogate_gradient(surrogate, logits, params, linearize=shared_forward and cfg.fvp_method == "gauss_newton",
-                                                retain_graph=shared_forward)
+            grad, jacobian = surrogate_gradient(
+                surrogate,
+                logits,
+                params,
+                linearize=shared_forward and cfg.fvp_method == "gauss_newton",
+                retain_graph=shared_forward,
+            )
             grad = self.reduce_mean(grad)
             del surrogate
         require_finite("policy gradient", grad)
 
         with timer("fvp_graph"):
-            fvp = self.fisher_product(fisher_batch, logits if shared_forward else None, jacobian)
+            fvp = self.fisher_product(fisher_batch, logits if shared_forward else None, jacobian, cfg)
             del jacobian
             # pi_old over the vocabulary, for the line-search KL: the gradient's own logits, turned
             # into log-probs in place once the Fisher has taken its probabilities from them (no
@@ -192,7 +251,7 @@ class TRPOTrainer(RLTrainer):
         }
         if not x_fx > 0:
             # g = 0 (e.g. all advantages equal): no direction to take.
-            return stats | self._step_stats(timer, NO_STEP, expected_gain=0.0, full_step_norm=torch.zeros(()))
+            return stats | self._step_stats(cfg, timer, NO_STEP, expected_gain=0.0, full_step_norm=torch.zeros(()))
 
         full_step = math.sqrt(2 * cfg.max_kl / x_fx) * cg.x
         require_finite("step", full_step)
@@ -210,16 +269,19 @@ class TRPOTrainer(RLTrainer):
                 max_backtracks=cfg.line_search_steps,
                 accept_ratio=cfg.accept_ratio,
             )
-        return stats | self._step_stats(timer, result, expected_gain, full_step.norm())
+        return stats | self._step_stats(cfg, timer, result, expected_gain, full_step.norm())
 
-    def _step_stats(self, timer: PhaseTimer, result: LineSearchResult, expected_gain: float, full_step_norm: torch.Tensor) -> dict[str, float]:
+    @staticmethod
+    def _step_stats(
+        cfg: TRPOConfig, timer: PhaseTimer, result: LineSearchResult, expected_gain: float, full_step_norm: torch.Tensor
+    ) -> dict[str, float]:
         """The line search's outcome; a rejected step reports zeros and the full step's expected gain."""
         frac = result.step_frac if result.accepted else 1.0
         return {
             "trpo/accepted": float(result.accepted),
             "trpo/kl": result.kl,
             # KL(pi_old || pi_old + a s) ~ a^2 * 1/2 s^T F s = a^2 * delta to second order, so a correct Fisher predicts it.
-            "trpo/kl_predicted": self.config.max_kl * result.step_frac**2,
+            "trpo/kl_predicted": cfg.max_kl * result.step_frac**2,
             "trpo/step_frac": result.step_frac,
             "trpo/surrogate_gain": result.surrogate_gain,
             "trpo/expected_gain": expected_gain * frac,

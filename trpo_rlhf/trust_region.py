@@ -13,8 +13,8 @@ Everything here works on tensors and parameter lists; nothing knows about langua
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -43,7 +43,12 @@ def flat_grad(
     zeros for parameters the output does not reach. As in `torch.autograd.grad`, the graph is kept
     when `create_graph` unless told otherwise."""
     grads = torch.autograd.grad(
-        output, params, grad_outputs=grad_outputs, retain_graph=retain_graph, create_graph=create_graph, allow_unused=True
+        output,
+        params,
+        grad_outputs=grad_outputs,
+        retain_graph=retain_graph,
+        create_graph=create_graph,
+        allow_unused=True,
     )
     return flat_grads_or_zeros(grads, params)
 
@@ -163,9 +168,13 @@ class DampedFisherProduct:
     Python's cyclic collector happens to run.
     """
 
-    def __init__(self, fisher_product: Callable[[torch.Tensor], torch.Tensor], damping: float,
-                 reduce: Callable[[torch.Tensor], torch.Tensor],
-                 logit_quadratic: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def __init__(
+        self,
+        fisher_product: Callable[[torch.Tensor], torch.Tensor],
+        damping: float,
+        reduce: Callable[[torch.Tensor], torch.Tensor],
+        logit_quadratic: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
         self.fisher_product, self.damping, self.reduce = fisher_product, damping, reduce
         self._logit_quadratic = logit_quadratic
         self.calls = 0
@@ -209,7 +218,10 @@ class LinearizedLogits:
         """J v, shaped like the logits."""
         v_parts = split_like(v, self.params)
         (jv,) = torch.autograd.grad(
-            self._jt_u, self._u, grad_outputs=[v_parts[i].to(g.dtype) for i, g in zip(self._reached, self._jt_u)], retain_graph=True
+            self._jt_u,
+            self._u,
+            grad_outputs=[v_parts[i].to(g.dtype) for i, g in zip(self._reached, self._jt_u)],
+            retain_graph=True,
         )
         return jv
 
@@ -285,7 +297,9 @@ def kl_fisher_product(
         raise ValueError(f"method={method!r} is not one of {FVP_METHODS}.")
     if method == "gauss_newton":
         jacobian = jacobian or LinearizedLogits(logits, params)
-        return gauss_newton_fvp(jacobian, mask / mask.sum().clamp(min=1), damping, reduce=reduce, logit_damping=logit_damping)
+        return gauss_newton_fvp(
+            jacobian, mask / mask.sum().clamp(min=1), damping, reduce=reduce, logit_damping=logit_damping
+        )
     if logit_damping:
         raise ValueError(f"logit_damping={logit_damping} needs method='gauss_newton'.")
     logp = torch.log_softmax(logits, dim=-1)

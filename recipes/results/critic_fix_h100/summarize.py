@@ -12,7 +12,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from trpo_rlhf.plotting import read_metrics
+from trpo_rlhf.experiments.plotting import read_metrics
 
 VARIANTS = {"trpo": "TRPO default (10 CG iterations)", "trpo_cg3": "TRPO cg_iters 3", "ppo": "PPO (ours), lr 1e-3"}
 
@@ -80,7 +80,7 @@ def plot(before: Path, after: Path, output: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from trpo_rlhf.plotting import running_mean, save_figure
+    from trpo_rlhf.experiments.plotting import running_mean, save_figure
 
     fig, axes = plt.subplots(1, len(VARIANTS), figsize=(5 * len(VARIANTS), 3.8), sharey=True)
     for ax, (variant, label) in zip(axes, VARIANTS.items()):

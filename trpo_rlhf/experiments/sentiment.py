@@ -18,27 +18,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .checkpointing import TrainingInterrupted
-from .models import EMBEDDED, hub_available
-from .prompts import load_prompts
-from .rewards import VADER
+from ..checkpointing import TrainingInterrupted
+from ..loading import EMBEDDED, hub_available
+from ..prompts import load_prompts
+from ..rewards import VADER
+from .tasks import Task
 
 HUB_TASK = {"model": "lvwerra/gpt2-imdb", "reward_model": "lvwerra/distilbert-imdb", "dataset": "stanfordnlp/imdb"}
 OFFLINE_TASK = {"model": EMBEDDED, "reward_model": VADER, "dataset": None}
 
 
-@dataclass
-class SentimentTask:
-    model: str
-    reward_model: str
-    dataset: str | None
-    prompts: list[str]
-    reason: str
-
-
 def resolve_sentiment_task(
     model: str | None, reward_model: str | None, dataset: str | None, seed: int = 0, hub_timeout: float = 5.0
-) -> SentimentTask:
+) -> Task:
     """Fill the unset parts from the hub task when the hub answers within `hub_timeout` seconds,
     else from the offline task; `reason` says which and why."""
     if model is not None and reward_model is not None and dataset is not None:
@@ -47,12 +39,16 @@ def resolve_sentiment_task(
     else:
         online, why = hub_available(hub_timeout)
         chosen = HUB_TASK if online else OFFLINE_TASK
-        label = "the classic TRL IMDB task" if online else "the offline default (embedded SmolLM2-135M + VADER + data/ prompts)"
+        label = (
+            "the classic TRL IMDB task"
+            if online
+            else "the offline default (embedded SmolLM2-135M + VADER + data/ prompts)"
+        )
         reason = f"{label}, because {why}"
     model = model if model is not None else chosen["model"]
     reward_model = reward_model if reward_model is not None else chosen["reward_model"]
     dataset = dataset if dataset is not None else chosen.get("dataset")
-    return SentimentTask(model, reward_model, dataset, load_prompts(dataset, seed=seed), reason)
+    return Task("sentiment", model, reward_model, load_prompts(dataset, seed=seed), dataset=dataset, reason=reason)
 
 
 def sample_table(trainer, prompts: list[str], seed: int = 1234) -> list[tuple[str, str, float]]:
@@ -97,19 +93,30 @@ class ScriptArguments:
     """The recipe flags beside the trainer's config fields."""
 
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Policy: hub id, local path or 'embedded'. Default: lvwerra/gpt2-imdb, or 'embedded' offline."}
+        default=None,
+        metadata={
+            "help": "Policy: hub id, local path or 'embedded'. Default: lvwerra/gpt2-imdb, or 'embedded' offline."
+        },
     )
     reward_model: str | None = field(
-        default=None, metadata={"help": "Sequence classifier hub id / path, or 'vader'. Default: lvwerra/distilbert-imdb, or 'vader' offline."}
+        default=None,
+        metadata={
+            "help": "Sequence classifier hub id / path, or 'vader'. Default: lvwerra/distilbert-imdb, or 'vader' offline."
+        },
     )
     dataset: str | None = field(
-        default=None, metadata={"help": "Prompts: .txt/.json/.csv file or hub dataset id. Default: stanfordnlp/imdb openings, or data/ offline."}
+        default=None,
+        metadata={
+            "help": "Prompts: .txt/.json/.csv file or hub dataset id. Default: stanfordnlp/imdb openings, or data/ offline."
+        },
     )
     num_samples_to_show: int = field(default=4, metadata={"help": "Prompts in the before/after table."})
     resume_from_checkpoint: str | None = field(
         default=None,
-        metadata={"help": "Continue an interrupted run: 'latest' (the newest checkpoint-<step> in --output_dir) or a "
-                  "checkpoint folder. The run continues exactly as if it had not stopped."},
+        metadata={
+            "help": "Continue an interrupted run: 'latest' (the newest checkpoint-<step> in --output_dir) or a "
+            "checkpoint folder. The run continues exactly as if it had not stopped."
+        },
     )
 
 
@@ -136,8 +143,7 @@ def run_sentiment_recipe(trainer_class, config_class, default_output_dir: str, a
     trainer = trainer_class(config=config, model=task.model, reward_fn=task.reward_model, train_dataset=task.prompts)
     checkpoint = trainer.resolve_checkpoint(parse_resume(args.resume_from_checkpoint))  # fails before any compute
     if trainer.is_main_process:
-        print(f"Task: policy={task.model}, reward={task.reward_model}, prompts={task.dataset or 'data/movie_review_openings.txt'} "
-              f"({len(task.prompts)}) -- {task.reason}." + (f" Resuming from {checkpoint}." if checkpoint else ""))
+        print(task.describe() + (f" Resuming from {checkpoint}." if checkpoint else ""))
 
     shown = random.Random(config.seed).sample(task.prompts, min(args.num_samples_to_show, len(task.prompts)))
     before = sample_table(trainer, shown)
@@ -153,8 +159,11 @@ def run_sentiment_recipe(trainer_class, config_class, default_output_dir: str, a
         table = format_before_after(before, after)
         print(table)
         (trainer.output_dir / "samples.md").write_text(table + "\n")
-        curves = plot_training_curves(trainer.output_dir / "metrics.jsonl", trainer.output_dir / "training_curves.png",
-                                      title=f"{trainer.progress_name}, {task.model}, reward {task.reward_model}")
+        curves = plot_training_curves(
+            trainer.output_dir / "metrics.jsonl",
+            trainer.output_dir / "training_curves.png",
+            title=f"{trainer.progress_name}, {task.model}, reward {task.reward_model}",
+        )
         print(f"Adapter, metrics and {curves.name} saved in {trainer.output_dir}")
     trainer.accelerator.end_training()  # tears down the process group of a multi-process launch
     return trainer

@@ -1,7 +1,7 @@
 """Learning curves from metrics.jsonl.
 
-    >>> from trpo_rlhf.plotting import plot_training_curves
-    >>> plot_training_curves("runs/x/metrics.jsonl", "runs/x/training_curves.png")   # doctest: +SKIP
+>>> from trpo_rlhf.experiments.plotting import plot_training_curves
+>>> plot_training_curves("runs/x/metrics.jsonl", "runs/x/training_curves.png")   # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ def running_mean(values: list[float], window: int) -> list[float]:
     return [sum(values[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
 
 
-def plot_training_curves(metrics_path: str | Path, output_path: str | Path, title: str | None = None, smooth: int = 5) -> Path:
+def plot_training_curves(
+    metrics_path: str | Path, output_path: str | Path, title: str | None = None, smooth: int = 5
+) -> Path:
     """Reward (batch mean, its running mean over `smooth` steps, and a +-1 std band), KL to the
     reference, and the trust-region KL of each update (measured vs predicted) against the step."""
     import matplotlib
@@ -37,7 +39,9 @@ def plot_training_curves(metrics_path: str | Path, output_path: str | Path, titl
     std = [r["reward/std"] for r in rows]
     axes[0].plot(steps, mean, color="tab:blue", alpha=0.5, label="batch mean")
     axes[0].plot(steps, running_mean(mean, smooth), color="tab:blue", linewidth=2.5, label=f"running mean of {smooth}")
-    axes[0].fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color="tab:blue", alpha=0.15)
+    axes[0].fill_between(
+        steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color="tab:blue", alpha=0.15
+    )
     axes[0].legend()
     axes[0].set(xlabel="step", ylabel="reward", title="reward (mean ± std over the batch)")
     axes[1].plot(steps, [r["kl/ref"] for r in rows], color="tab:red")

