@@ -24,13 +24,11 @@ over the repeats (and appends it to `--output` when given):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -39,7 +37,8 @@ from trpo_rlhf import PPOConfig, PPOTrainer, TRPOConfig, TRPOTrainer
 from trpo_rlhf.actor_critic import double_backward_attention
 from trpo_rlhf.advantages import masked_mean
 from trpo_rlhf.experiments import task_for_model
-from trpo_rlhf.profiling import PeakMemory
+from trpo_rlhf.metrics import append_jsonl, json_safe
+from trpo_rlhf.profiling import PeakMemory, stopwatch
 from trpo_rlhf.rollout import token_logprobs
 from trpo_rlhf.trust_region import restore, snapshot
 
@@ -77,24 +76,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_forward_backward(trainer: TRPOTrainer, batch) -> tuple[float, float]:
     """(forward+backward, backward) seconds of a policy-gradient loss on the whole batch."""
     params = trainer.actor_critic.policy_parameters()
-    synchronize(trainer.device)
-    start = time.perf_counter()
-    logp = token_logprobs(trainer.policy_logits(batch), batch.response_ids)
-    loss = masked_mean(logp * batch.advantages, batch.response_mask)
-    synchronize(trainer.device)
-    middle = time.perf_counter()
-    torch.autograd.grad(loss, params)
-    synchronize(trainer.device)
-    end = time.perf_counter()
-    return end - start, end - middle
+    seconds: dict[str, float] = {}
+    with stopwatch(seconds, "forward", trainer.device):
+        logp = token_logprobs(trainer.policy_logits(batch), batch.response_ids)
+        loss = masked_mean(logp * batch.advantages, batch.response_mask)
+    with stopwatch(seconds, "backward", trainer.device):
+        torch.autograd.grad(loss, params)
+    return seconds["forward"] + seconds["backward"], seconds["backward"]
 
 
 def time_lever_baselines(trainer: TRPOTrainer, batch) -> dict[str, float]:
@@ -109,31 +100,22 @@ def time_lever_baselines(trainer: TRPOTrainer, batch) -> dict[str, float]:
     params = trainer.actor_critic.policy_parameters()
     fisher = trainer.fisher_batch(batch)
     seconds = {}
-    with stopwatch(trainer.device, seconds, "fvp_rebuild_s"):
+    with stopwatch(seconds, "fvp_rebuild_s", trainer.device):
         fvp = trainer.fisher_product(fisher)
         fvp(torch.ones(sum(p.numel() for p in params), device=trainer.device))
     with double_backward_attention(trainer.actor_critic.peft_model):
         seconds["fwd_bwd_math_s"], _ = time_forward_backward(trainer, batch)
-    with stopwatch(trainer.device, seconds, "forward_s"), torch.no_grad():
+    with stopwatch(seconds, "forward_s", trainer.device), torch.no_grad():
         trainer.policy_log_probs(batch)
-    with stopwatch(trainer.device, seconds, "forward_grad_s"):
+    with stopwatch(seconds, "forward_grad_s", trainer.device):
         trainer.policy_log_probs(batch)
     return seconds
-
-
-@contextlib.contextmanager
-def stopwatch(device: torch.device, into: dict, key: str):
-    synchronize(device)
-    start = time.perf_counter()
-    yield
-    synchronize(device)
-    into[key] = time.perf_counter() - start
 
 
 def measure_update(trainer, batch, params, origin) -> tuple[float, float, dict]:
     """(seconds, peak MB, stats) of one policy update from `origin`, which is restored after."""
     seconds = {}
-    with PeakMemory(trainer.device) as memory, stopwatch(trainer.device, seconds, "update"):
+    with PeakMemory(trainer.device) as memory, stopwatch(seconds, "update", trainer.device):
         stats = trainer.policy_update(batch)
     restore(params, origin)
     return seconds["update"], memory.peak_mb, stats
@@ -249,14 +231,13 @@ def main(argv=None) -> int:
     )
     result["fvp_over_bwd"] = result["fvp_s"] / result["bwd_s"]
     result["fvp_over_fwd_bwd"] = result["fvp_s"] / result["fwd_bwd_s"]
-    line = json.dumps(
+    row = json_safe(
         {k: float(f"{v:.5g}") if isinstance(v, float) else v for k, v in result.items()}
     )  # 5 significant digits
-    print(line)
+    print(json.dumps(row, allow_nan=False))
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.output, "a") as f:
-            f.write(line + "\n")
+        append_jsonl(args.output, row)
     return 0
 
 

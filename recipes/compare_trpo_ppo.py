@@ -19,12 +19,12 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from trpo_rlhf.checkpointing import latest_checkpoint
 from trpo_rlhf.experiments.comparison import ALGORITHMS, LABELS, markdown_table, plot_comparison, summarize_runs
-from trpo_rlhf.experiments.plotting import read_metrics
+from trpo_rlhf.metrics import read_metrics
+from trpo_rlhf.profiling import stopwatch
 
 TASK_DEFAULTS = {
     # toy: the tiny random model's LoRA tensors take large rates.
@@ -237,10 +237,9 @@ def main(argv=None) -> int:
                 command.append("--resume_worker")
             else:
                 (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-            start = time.perf_counter()
-            with open(run_dir / "log.txt", "a" if checkpoint else "w") as log:
+            seconds: dict[str, float] = {}
+            with open(run_dir / "log.txt", "a" if checkpoint else "w") as log, stopwatch(seconds, "run"):
                 code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
-            seconds = time.perf_counter() - start
             if code != 0:
                 failures.append(f"{algorithm} seed {seed}: exit {code}, see {run_dir / 'log.txt'}")
                 print(f"{LABELS[algorithm]:>15} seed {seed}: FAILED (exit {code}); its log: {run_dir / 'log.txt'}")
@@ -248,7 +247,7 @@ def main(argv=None) -> int:
             rows = read_metrics(run_dir / "metrics.jsonl")
             runs.setdefault(algorithm, []).append(rows)
             print(
-                f"{LABELS[algorithm]:>15} seed {seed}: {len(rows)} steps in {seconds:.0f} s, "
+                f"{LABELS[algorithm]:>15} seed {seed}: {len(rows)} steps in {seconds['run']:.0f} s, "
                 f"final reward {rows[-1]['reward/mean']:.3f}"
             )
 

@@ -22,15 +22,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from trpo_rlhf import TRPOConfig, TRPOTrainer
 from trpo_rlhf.experiments import task_for_model
+from trpo_rlhf.metrics import append_jsonl
+from trpo_rlhf.profiling import stopwatch
 from trpo_rlhf.trust_region import restore, snapshot
 
 DEFAULT = TRPOConfig()
@@ -80,16 +80,16 @@ class ProbingTRPOTrainer(TRPOTrainer):
             params = self.actor_critic.policy_parameters()
             origin, generator_state = snapshot(params), self.minibatch_generator.get_state()
             for variant in self.probe_variants:
-                start = time.perf_counter()
-                stats = super().policy_update(batch, config=dataclasses.replace(self.config, **variant))
-                seconds = time.perf_counter() - start
+                seconds: dict[str, float] = {}
+                with stopwatch(seconds, "update", self.device):
+                    stats = super().policy_update(batch, config=dataclasses.replace(self.config, **variant))
                 restore(params, origin)
                 self.minibatch_generator.set_state(generator_state)
                 self.record(
                     {
                         "step": step,
                         **variant,
-                        "update_s": seconds,
+                        "update_s": seconds["update"],
                         **{k: v for k, v in stats.items() if k.startswith("trpo/")},
                     }
                 )
@@ -135,8 +135,9 @@ def main(argv=None) -> int:
 
     def record(row: dict) -> None:
         rows.append(row)
-        with open(probes_path, "w" if len(rows) == 1 else "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if len(rows) == 1:
+            probes_path.unlink(missing_ok=True)
+        append_jsonl(probes_path, row)
         print(
             f"step {row['step']} cg_iters={row['cg_iters']} fvp_subsample={row['fvp_subsample']}: "
             f"{row['update_s']:.1f} s, KL {row['trpo/kl']:.4f}, gain {row['trpo/surrogate_gain']:.4f}",

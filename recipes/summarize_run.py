@@ -10,7 +10,8 @@ import argparse
 import statistics
 from pathlib import Path
 
-from trpo_rlhf.experiments.plotting import plot_training_curves, read_metrics
+from trpo_rlhf.experiments.plotting import plot_training_curves
+from trpo_rlhf.metrics import read_metrics
 
 PHASES = [
     ("time/generate", "generate"),

@@ -7,6 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from trpo_rlhf.experiments.toy import TOY_PROMPTS, WordCountReward, WordScoreReward, build_tiny_lm, build_word_tokenizer  # noqa: E402
+from trpo_rlhf.trust_region import snapshot  # noqa: E402
 
 
 @pytest.fixture
@@ -48,7 +49,7 @@ def make_trainer(tmp_path, word_tokenizer):
 
 
 def policy_snapshot(trainer):
-    return [p.detach().clone() for p in trainer.actor_critic.policy_parameters()]
+    return snapshot(trainer.actor_critic.policy_parameters())
 
 
 def bitwise_equal(before, after):

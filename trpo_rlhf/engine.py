@@ -56,6 +56,7 @@ from .checkpointing import (
 )
 from .config import RLConfig
 from .loading import context_length, ensure_pad_token, load_causal_lm
+from .metrics import append_jsonl
 from .profiling import PhaseTimer, peak_memory_mb
 from .prompts import check_prompt_strings, prompts_from_dataset
 from .rewards import RewardFn, build_reward_fn, score_batch
@@ -94,11 +95,6 @@ def require_finite(quantity: str, *tensors: torch.Tensor | None) -> None:
     """Raise `NonFiniteUpdate(quantity)` unless every given tensor is finite."""
     if not all(t is None or bool(torch.isfinite(t).all()) for t in tensors):
         raise NonFiniteUpdate(quantity)
-
-
-def json_safe(stats: dict) -> dict:
-    """NaN and infinities become None (JSON null), so metrics.jsonl stays strict JSON."""
-    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in stats.items()}
 
 
 @dataclasses.dataclass
@@ -790,5 +786,4 @@ class RLTrainer:
         if not self.is_main_process:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.output_dir / METRICS_FILE, "a") as f:
-            f.write(json.dumps(json_safe(stats), allow_nan=False) + "\n")
+        append_jsonl(self.output_dir / METRICS_FILE, stats)

@@ -86,19 +86,32 @@ class PeakMemory:
         self.peak_mb = self._max_mb - self._start_mb
 
 
+@contextlib.contextmanager
+def stopwatch(into: dict[str, float], key: str, device: torch.device | None = None) -> Iterator[None]:
+    """Add the wall-clock seconds of the block to `into[key]`. With a CUDA `device`, the device is
+    synchronised at both ends, so the seconds include the kernels the block launched."""
+    synchronize(device)
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        synchronize(device)
+        into[key] = into.get(key, 0.0) + time.perf_counter() - start
+
+
+def synchronize(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class PhaseTimer:
     """Wall-clock seconds per named phase, for the `time/*` metrics."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
 
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+    def __call__(self, name: str) -> contextlib.AbstractContextManager[None]:
+        return stopwatch(self.seconds, name)
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -6,15 +6,10 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """The rows of a metrics.jsonl, JSON nulls (non-finite values when logged) read back as NaN."""
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    return [{k: math.nan if v is None else v for k, v in row.items()} for row in rows]
+from ..metrics import read_metrics
 
 
 def running_mean(values: list[float], window: int) -> list[float]:

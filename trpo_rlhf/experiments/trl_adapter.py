@@ -18,7 +18,6 @@ what follows.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,6 +27,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
 from ..actor_critic import lora_config_from
+from ..metrics import append_jsonl
 from ..rewards import RewardFn, check_finite_scores, score_batch
 
 
@@ -126,8 +126,7 @@ class MetricsJsonl(TrainerCallback):
             "memory/peak_mb": peak_memory_mb(self.device),
         }
         self.last = now
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_jsonl(self.path, row)
 
 
 def load_policy_and_value_model(name_or_path: str) -> tuple[PreTrainedModel, PreTrainedModel, PreTrainedTokenizerBase]:

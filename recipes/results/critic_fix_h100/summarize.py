@@ -12,7 +12,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from trpo_rlhf.experiments.plotting import read_metrics
+from trpo_rlhf.metrics import read_metrics
 
 VARIANTS = {"trpo": "TRPO default (10 CG iterations)", "trpo_cg3": "TRPO cg_iters 3", "ppo": "PPO (ours), lr 1e-3"}
 

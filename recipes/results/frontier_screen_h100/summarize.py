@@ -11,7 +11,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "critic_fix_h100"))
 from summarize import reward_at_kl  # noqa: E402
 
-from trpo_rlhf.experiments.plotting import read_metrics  # noqa: E402
+from trpo_rlhf.metrics import read_metrics  # noqa: E402
 
 FOLDERS = {name: HERE.parent / "critic_fix_h100" / "after" for name in ("trpo", "trpo_cg3", "ppo")}
 FOLDERS |= {name: HERE for name in ("trpo_cg1", "trpo_ld0.01", "trpo_ld0.1", "trpo_ld1", "ppo_lr3e-3", "trpo_ld0.1_kl0.04")}
