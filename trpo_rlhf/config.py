@@ -20,6 +20,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .tracking import check_report_to
+
 
 def _require(condition: bool, message: str) -> None:
     if not condition:
@@ -156,6 +158,22 @@ class RLConfig:
             "CG solution or step were not finite (each such step is rejected and the policy and critic restored)."
         },
     )
+    report_to: list[str] = field(
+        default_factory=lambda: ["none"],
+        metadata={
+            "help": "Experiment trackers to log every metric to, through accelerate: none (metrics.jsonl only), all, or "
+            "names such as tensorboard, wandb, trackio (as in transformers and TRL)."
+        },
+    )
+    run_name: str | None = field(
+        default=None, metadata={"help": "The trackers' run/project name. None: the output_dir's folder name."}
+    )
+    log_completions_steps: int = field(
+        default=10,
+        metadata={
+            "help": "Log a table of the batch's prompts, completions and rewards to the trackers every this many steps (0: never)."
+        },
+    )
     bf16: bool = field(
         default=False,
         metadata={
@@ -170,7 +188,12 @@ class RLConfig:
             self.output_dir = os.fspath(self.output_dir)
         if isinstance(self.lora_target_modules, tuple):
             self.lora_target_modules = list(self.lora_target_modules)
+        if isinstance(self.report_to, str):  # report_to="tensorboard", as transformers accepts it
+            self.report_to = [self.report_to]
+        if isinstance(self.report_to, tuple):
+            self.report_to = list(self.report_to)
         check_field_types(self)
+        check_report_to(self.report_to)
         _require(
             self.batch_size >= 1,
             f"batch_size={self.batch_size} must be >= 1: set --batch_size to a positive number of prompts.",
@@ -215,6 +238,10 @@ class RLConfig:
             f"save_total_limit={self.save_total_limit} must be >= 1, or None to keep every checkpoint.",
         )
         _require(self.max_nonfinite_steps >= 1, f"max_nonfinite_steps={self.max_nonfinite_steps} must be >= 1.")
+        _require(
+            self.log_completions_steps >= 0,
+            f"log_completions_steps={self.log_completions_steps} must be >= 0 (0: never).",
+        )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -61,6 +61,7 @@ from .profiling import PhaseTimer, peak_memory_mb
 from .prompts import check_prompt_strings, prompts_from_dataset
 from .rewards import RewardFn, build_reward_fn, score_batch
 from .rollout import Rollout, evaluate_rollout, gather_tokens, log_softmax_, sample_completions
+from .tracking import RunTrackers, tracker_names
 from .trust_region import categorical_kl
 
 METRICS_FILE = "metrics.jsonl"
@@ -159,7 +160,12 @@ class RLTrainer:
         self.config = config
         self.output_dir = Path(config.output_dir)
         self._check_output_dir_writable()
-        self.accelerator = Accelerator(cpu=use_cpu_accelerator())
+        self.accelerator = Accelerator(
+            cpu=use_cpu_accelerator(),
+            log_with=tracker_names(config.report_to) or None,
+            project_dir=str(self.output_dir),
+        )
+        self.trackers = RunTrackers(self.accelerator, config.run_name or self.output_dir.name, config.to_dict())
         self.device = self.accelerator.device
         set_seed(config.seed)  # identical LoRA initialisation on every process
 
@@ -379,6 +385,9 @@ class RLTrainer:
         self.global_step += 1
         self._completed_state = self.capture_state()
         self._log(stats)
+        self.trackers.log_metrics(stats, self.global_step)
+        if cfg.log_completions_steps and self.global_step % cfg.log_completions_steps == 0:
+            self.trackers.log_completions(batch.prompts, batch.completions, batch.scores.tolist(), self.global_step)
         return stats
 
     def _require_finite_batch(self, batch: Rollout) -> None:
@@ -462,6 +471,7 @@ class RLTrainer:
             raise
         finally:
             bar.close()
+            self.trackers.finish()
         return history
 
     # ------------------------------------------------------------------ state, checkpoints, resume
