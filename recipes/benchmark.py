@@ -37,6 +37,7 @@ from trpo_rlhf import PPOConfig, PPOTrainer, TRPOConfig, TRPOTrainer
 from trpo_rlhf.actor_critic import double_backward_attention
 from trpo_rlhf.advantages import masked_mean
 from trpo_rlhf.experiments import task_for_model
+from trpo_rlhf.experiments.cli import add_config_flag, apply_config_file
 from trpo_rlhf.metrics import append_jsonl, json_safe
 from trpo_rlhf.profiling import PeakMemory, stopwatch
 from trpo_rlhf.rollout import token_logprobs
@@ -70,7 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lora_target_modules", nargs="+", default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=None, help="Append the JSON line to this file.")
-    args = parser.parse_args(argv)
+    add_config_flag(parser)
+    args = parser.parse_args(apply_config_file(parser, argv))
     if args.repeats < 1:
         parser.error(f"--repeats {args.repeats}: must be >= 1.")
     return args

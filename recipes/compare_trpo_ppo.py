@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from trpo_rlhf.checkpointing import latest_checkpoint
+from trpo_rlhf.experiments.cli import add_config_flag, apply_config_file
 from trpo_rlhf.experiments.comparison import ALGORITHMS, LABELS, markdown_table, plot_comparison, summarize_runs
 from trpo_rlhf.metrics import read_metrics
 from trpo_rlhf.profiling import stopwatch
@@ -98,7 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--worker", choices=ALGORITHMS, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--resume_worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    add_config_flag(parser)
+    args = parser.parse_args(apply_config_file(parser, argv))
     for key, value in TASK_DEFAULTS[args.task].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from trpo_rlhf import TRPOConfig, TRPOTrainer
 from trpo_rlhf.experiments import task_for_model
+from trpo_rlhf.experiments.cli import add_config_flag, apply_config_file
 from trpo_rlhf.metrics import append_jsonl
 from trpo_rlhf.profiling import stopwatch
 from trpo_rlhf.trust_region import restore, snapshot
@@ -48,7 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--fvp_subsample", type=float, nargs="*", default=[0.5, 0.25])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, required=True, help="Directory for probes.jsonl and summary.md.")
-    args = parser.parse_args(argv)
+    add_config_flag(parser)
+    args = parser.parse_args(apply_config_file(parser, argv))
     if min(args.probe_steps) < 1:
         parser.error(f"--probe_steps {args.probe_steps}: steps count from 1.")
     return args

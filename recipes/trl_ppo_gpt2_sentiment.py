@@ -16,6 +16,7 @@ from __future__ import annotations
 from transformers import HfArgumentParser
 
 from trpo_rlhf import PPOConfig
+from trpo_rlhf.experiments.cli import apply_config_file
 from trpo_rlhf.experiments.sentiment import ScriptArguments, parse_resume, resolve_sentiment_task, use_all_cpu_cores
 from trpo_rlhf.rewards import build_reward_fn
 
@@ -23,7 +24,7 @@ from trpo_rlhf.rewards import build_reward_fn
 def main(argv: list[str] | None = None):
     parser = HfArgumentParser((ScriptArguments, PPOConfig))
     parser.set_defaults(output_dir="runs/trl_ppo_sentiment")
-    args, config = parser.parse_args_into_dataclasses(args=argv)
+    args, config = parser.parse_args_into_dataclasses(args=apply_config_file(parser, argv))
     use_all_cpu_cores()
     if parse_resume(args.resume_from_checkpoint) is not None:
         raise SystemExit(

@@ -22,6 +22,7 @@ from ..checkpointing import TrainingInterrupted
 from ..loading import EMBEDDED, hub_available
 from ..prompts import load_prompts
 from ..rewards import VADER
+from .cli import CONFIG_HELP, apply_config_file
 from .tasks import Task
 
 HUB_TASK = {"model": "lvwerra/gpt2-imdb", "reward_model": "lvwerra/distilbert-imdb", "dataset": "stanfordnlp/imdb"}
@@ -110,6 +111,7 @@ class ScriptArguments:
             "help": "Prompts: .txt/.json/.csv file or hub dataset id. Default: stanfordnlp/imdb openings, or data/ offline."
         },
     )
+    config: str | None = field(default=None, metadata={"help": CONFIG_HELP})
     num_samples_to_show: int = field(default=4, metadata={"help": "Prompts in the before/after table."})
     resume_from_checkpoint: str | None = field(
         default=None,
@@ -136,7 +138,7 @@ def run_sentiment_recipe(trainer_class, config_class, default_output_dir: str, a
 
     parser = HfArgumentParser((ScriptArguments, config_class))
     parser.set_defaults(output_dir=default_output_dir)
-    args, config = parser.parse_args_into_dataclasses(args=argv)
+    args, config = parser.parse_args_into_dataclasses(args=apply_config_file(parser, argv))
     use_all_cpu_cores()
 
     task = resolve_sentiment_task(args.model_name_or_path, args.reward_model, args.dataset, seed=config.seed)

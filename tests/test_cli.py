@@ -1,0 +1,101 @@
+"""--config FILE.yaml: every recipe reads its example file in recipes/configs/, the command line
+overrides the file, and a key that is not a flag is an error naming it."""
+
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import HfArgumentParser
+
+from trpo_rlhf import PPOConfig, TRPOConfig
+from trpo_rlhf.experiments.cli import apply_config_file
+from trpo_rlhf.experiments.sentiment import ScriptArguments
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "recipes" / "configs"
+sys.path.insert(0, str(ROOT / "recipes"))
+
+import benchmark  # noqa: E402
+import compare_trpo_ppo  # noqa: E402
+import step_quality  # noqa: E402
+
+
+def parse_sentiment(config_class, argv):
+    parser = HfArgumentParser((ScriptArguments, config_class))
+    return parser.parse_args_into_dataclasses(args=apply_config_file(parser, argv))
+
+
+def test_the_trpo_recipe_reads_its_yaml_and_the_command_line_wins():
+    args, config = parse_sentiment(
+        TRPOConfig, ["--config", str(CONFIGS / "trpo_gpt2_sentiment.yaml"), "--max_kl", "0.05"]
+    )
+    assert isinstance(config, TRPOConfig)
+    assert (args.model_name_or_path, args.reward_model) == ("embedded", "vader")
+    assert config.max_kl == 0.05  # the flag, over the file's 0.02
+    assert (config.max_steps, config.cg_iters, config.cg_damping, config.value_lr) == (20, 10, 1e-3, 5e-4)
+    assert config.lora_target_modules == ["q_proj", "v_proj"] and config.report_to == ["tensorboard"]
+    # The same settings by flags alone give the same config.
+    _, by_flags = parse_sentiment(
+        TRPOConfig,
+        [
+            "--output_dir",
+            "runs/trpo_sentiment",
+            "--max_steps",
+            "20",
+            "--max_kl",
+            "0.05",
+            "--save_steps",
+            "10",
+            "--lora_target_modules",
+            "q_proj",
+            "v_proj",
+            "--report_to",
+            "tensorboard",
+        ],
+    )
+    assert by_flags == config
+
+
+@pytest.mark.parametrize(
+    ("recipe", "config_class"), [("ppo_gpt2_sentiment", PPOConfig), ("trl_ppo_gpt2_sentiment", PPOConfig)]
+)
+def test_the_ppo_recipes_read_their_yaml(recipe, config_class):
+    _, config = parse_sentiment(config_class, ["--config", str(CONFIGS / f"{recipe}.yaml")])
+    assert (config.learning_rate, config.ppo_epochs, config.max_steps) == (1e-3, 4, 20)
+
+
+def test_the_argparse_recipes_read_their_yaml():
+    compare = compare_trpo_ppo.parse_args(["--config", str(CONFIGS / "compare_trpo_ppo.yaml"), "--seeds", "2"])
+    assert (compare.task, compare.steps, compare.seeds, compare.batch_size, compare.learning_rate) == (
+        "sentiment",
+        50,
+        2,
+        32,
+        1e-3,
+    )
+    bench = benchmark.parse_args(["--config", str(CONFIGS / "benchmark.yaml")])
+    assert (bench.model, bench.repeats, bench.ppo_learning_rate, bench.output) == (
+        "embedded",
+        3,
+        1e-3,
+        Path("runs/benchmark.jsonl"),
+    )
+    probes = step_quality.parse_args(
+        ["--config", str(CONFIGS / "step_quality.yaml")]
+    )  # --output is required, given by the file
+    assert (probes.probe_steps, probes.fvp_subsample, probes.output) == (
+        [1, 4, 8],
+        [0.5, 0.25],
+        Path("runs/step_quality"),
+    )
+
+
+def test_a_key_that_is_not_a_flag_is_named(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("max_kl: 0.01\nmax_kll: 0.02\n")
+    with pytest.raises(SystemExit):
+        parse_sentiment(TRPOConfig, ["--config", str(path)])
+    assert "['max_kll'] are not flags of this recipe" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_sentiment(TRPOConfig, ["--config", str(tmp_path / "missing.yaml")])
+    assert "no such file" in capsys.readouterr().err

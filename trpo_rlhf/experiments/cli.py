@@ -1,0 +1,55 @@
+"""Command lines of the recipes. `--config FILE.yaml` (TRL's convention) sets any flag's value,
+keyed by the flag's name without the dashes; a flag given on the command line overrides the file.
+
+    >>> parser = argparse.ArgumentParser()
+    >>> _ = parser.add_argument("--steps", type=int, default=30)
+    >>> add_config_flag(parser)
+    >>> parser.parse_args(apply_config_file(parser, ["--steps", "5"])).steps
+    5
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+CONFIG_HELP = "A YAML file of flag values (flag names without the dashes); flags given on the command line win."
+
+
+def add_config_flag(parser: argparse.ArgumentParser) -> None:
+    """Add `--config FILE.yaml` to an argparse parser (an HfArgumentParser gets it from a dataclass
+    field named `config` instead)."""
+    parser.add_argument("--config", default=None, help=CONFIG_HELP)
+
+
+def apply_config_file(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> list[str]:
+    """Read `--config FILE.yaml` from `argv` (default: sys.argv[1:]), make its values the parser's
+    defaults, and return the command line for the parser to parse. A key that is not a flag of
+    `parser` is an error naming it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config is None:
+        return argv
+    path = Path(known.config)
+    if not path.is_file():
+        parser.error(f"--config {path}: no such file.")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        parser.error(f"--config {path}: expected a mapping of flag names to values, got {type(values).__name__}.")
+    flags = {action.dest for action in parser._actions} - {"help", "config"}
+    unknown = sorted(set(values) - flags)
+    if unknown:
+        parser.error(f"--config {path}: {unknown} are not flags of this recipe (see --help).")
+    for action in parser._actions:
+        if action.dest in values:
+            action.required = False  # given by the file
+    # argparse converts string defaults with the flag's type, as it would the command line's text.
+    parser.set_defaults(
+        **{key: str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for key, v in values.items()}
+    )
+    return argv
