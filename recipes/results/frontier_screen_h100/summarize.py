@@ -1,6 +1,11 @@
-"""The table in README.md: the runs here beside the same protocol's runs in ../critic_fix_h100/after.
+"""The table in README.md and frontier.png: the runs here beside the same protocol's runs in
+../critic_fix_h100/after.
 
     python recipes/results/frontier_screen_h100/summarize.py
+
+frontier.png: reward against KL to the reference. Each seed's curve (reward and kl/ref as running
+means over 5 steps) is interpolated on a common KL grid up to where that seed stops; the thick line
+is the mean over the seeds that reach that KL, the faint ones are the seeds.
 """
 
 import statistics
@@ -14,7 +19,51 @@ from summarize import reward_at_kl  # noqa: E402
 from trpo_rlhf.metrics import read_metrics  # noqa: E402
 
 FOLDERS = {name: HERE.parent / "critic_fix_h100" / "after" for name in ("trpo", "trpo_cg3", "ppo")}
-FOLDERS |= {name: HERE for name in ("trpo_cg1", "trpo_ld0.01", "trpo_ld0.1", "trpo_ld1", "ppo_lr3e-3", "trpo_ld0.1_kl0.04")}
+FOLDERS |= {
+    name: HERE
+    for name in ("trpo_cg1", "trpo_ld0.01", "trpo_ld0.1", "trpo_ld1", "trpo_ld0.1_kl0.04", "ppo_lr3e-3", "trl_ppo")
+}
+PLOTTED = {
+    "trpo": "TRPO, 10 CG iterations (default)",
+    "trpo_cg3": "TRPO, 3 CG iterations",
+    "trpo_cg1": "TRPO, 1 CG iteration",
+    "trpo_ld0.1": "TRPO, logit damping 0.1",
+    "ppo": "PPO (ours), lr 1e-3",
+    "trl_ppo": "PPO (TRL 1.12), lr 1e-3",
+}
+
+
+def running_mean(values, window=5):
+    return [statistics.mean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+
+
+def plot_frontier(path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    grid = np.linspace(0.0, 14.0, 141)
+    for (variant, label), color in zip(PLOTTED.items(), plt.cm.tab10.colors):
+        curves = []
+        for metrics in sorted((FOLDERS[variant] / variant).glob("seed-*/metrics.jsonl")):
+            rows = read_metrics(metrics)
+            kl = np.maximum.accumulate(running_mean([r["kl/ref"] for r in rows]))
+            reward = running_mean([r["reward/mean"] for r in rows])
+            ax.plot(kl, reward, color=color, alpha=0.2, linewidth=0.8)
+            curves.append(np.where(grid <= kl[-1], np.interp(grid, kl, reward), np.nan))
+        curves = np.array(curves)
+        reached = (~np.isnan(curves)).all(0)  # the mean where every seed has data
+        ax.plot(grid[reached], curves[:, reached].mean(0), color=color, linewidth=2, label=label)
+    ax.set_xlabel("KL to the reference (nats per completion)")
+    ax.set_ylabel("reward (VADER), running mean of 5 steps")
+    ax.set_title("Embedded sentiment, one H100: 50 steps x 32 prompts, 3 seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main() -> None:
@@ -42,6 +91,7 @@ def main() -> None:
             f"{statistics.mean(accepted):.2f}",
         ]
         print("| " + " | ".join(cells) + " |")
+    plot_frontier(HERE / "frontier.png")
 
 
 if __name__ == "__main__":
