@@ -1,15 +1,21 @@
 """Is TRPO better than PPO for this model and reward? Train TRPO, our PPO and TRL's PPO on the same
 prompts, model, reward and number of prompts per step, over several seeds, then write
-DIR/results.json, DIR/compare.png and DIR/compare.md (the table, also printed).
+DIR/results.json, DIR/compare.png and DIR/compare.md (the table, also printed), with each
+variant's reward-vs-KL-to-reference frontier.
 
     python recipes/compare_trpo_ppo.py --task toy --steps 30 --seeds 3 --output_dir runs/compare_toy
-    python recipes/compare_trpo_ppo.py --task sentiment --steps 20 --seeds 2 --output_dir runs/compare_sentiment \
-        --model_name_or_path embedded --reward_model vader
+    python recipes/compare_trpo_ppo.py --task sentiment --steps 50 --seeds 3 --batch_size 32 --parallel 9 --bf16 \
+        --learning_rates 3e-4 1e-3 3e-3 --variant "trpo_cg1:--cg_iters 1" --variant "trpo_kl04:--max_kl 0.04"
+
+A variant (`--variant NAME:FLAGS`, repeated) is a run of TRPO, or of the algorithm FLAGS start
+with (`--variant "ppo_e8:ppo --ppo_epochs 8"`), with FLAGS added to the shared ones. With
+`--learning_rates`, our PPO and TRL's run at each rate and the table marks each one's best (by
+its frontier AUC), as a frontier comparison shows each method at its best.
 
 `toy`: a tiny random Llama with a word-level tokenizer, rewarded for each "good" it writes (LoRA on
 q_proj, v_proj and lm_head). `sentiment`: the task of the sentiment recipes (embedded SmolLM2 +
 VADER offline). Each (algorithm, seed) runs in its own process, so peak memory and random state
-are its own; its metrics.jsonl and log are in DIR/<algorithm>/seed-<k>/. TRL's PPO runs when the
+are its own; its metrics.jsonl and log are in DIR/<variant>/seed-<k>/. TRL's PPO runs when the
 trl-ppo extra is installed (pip install -e .[trl-ppo]) and is skipped with a note otherwise.
 """
 
@@ -17,15 +23,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from trpo_rlhf.checkpointing import latest_checkpoint
 from trpo_rlhf.experiments.cli import add_config_flag, apply_config_file
-from trpo_rlhf.experiments.comparison import ALGORITHMS, LABELS, markdown_table, plot_comparison, summarize_runs
+from trpo_rlhf.experiments.comparison import (
+    ALGORITHMS,
+    best_variants,
+    label,
+    markdown_table,
+    plot_comparison,
+    summarize_runs,
+)
 from trpo_rlhf.metrics import read_metrics
-from trpo_rlhf.profiling import stopwatch
 
 TASK_DEFAULTS = {
     # toy: the tiny random model's LoRA tensors take large rates.
@@ -71,6 +86,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--ppo_epochs", type=int, default=4)
     parser.add_argument(
+        "--learning_rates",
+        type=float,
+        nargs="+",
+        default=None,
+        help="Run our PPO and TRL's at each of these rates (a variant each) instead of --learning_rate.",
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:FLAGS",
+        help="A further run, repeatable: NAME:FLAGS for TRPO with FLAGS (e.g. 'trpo_cg1:--cg_iters 1'), or "
+        "NAME:ALGORITHM FLAGS for another algorithm (e.g. 'ppo_e8:ppo --ppo_epochs 8').",
+    )
+    parser.add_argument("--parallel", type=int, default=1, help="Runs at once (one H100 holds about nine).")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for every run's forwards (GPUs).")
+    parser.add_argument(
         "--kl_target",
         type=float,
         default=None,
@@ -105,9 +137,76 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.kl_target = args.kl_target if args.kl_target is not None else args.max_kl
-    if args.steps < 1 or args.seeds < 1:
-        parser.error(f"--steps ({args.steps}) and --seeds ({args.seeds}) must be >= 1")
+    if args.steps < 1 or args.seeds < 1 or args.parallel < 1:
+        parser.error(f"--steps ({args.steps}), --seeds ({args.seeds}) and --parallel ({args.parallel}) must be >= 1")
+    if not args.worker:
+        try:
+            args.variants = plan_variants(args)
+        except ValueError as error:
+            parser.error(str(error))
     return args
+
+
+@dataclass
+class Variant:
+    """One row and one curve of the comparison: an algorithm and the flags its runs add."""
+
+    name: str
+    algorithm: str
+    flags: list[str]
+
+
+def parse_variant(spec: str) -> Variant:
+    """`NAME:FLAGS` (TRPO) or `NAME:ALGORITHM FLAGS`."""
+    name, sep, rest = spec.partition(":")
+    if not sep or not name or "/" in name:
+        raise ValueError(f"--variant {spec!r}: expected NAME:FLAGS, e.g. 'trpo_cg1:--cg_iters 1'.")
+    flags = shlex.split(rest)
+    algorithm = flags.pop(0) if flags and flags[0] in ALGORITHMS else "trpo"
+    return Variant(name, algorithm, flags)
+
+
+def plan_variants(args: argparse.Namespace) -> list[Variant]:
+    """The algorithms (each PPO at every --learning_rates rate), then the --variant runs; each
+    variant's flags are checked here, before anything runs."""
+    variants = []
+    for algorithm in args.algorithms:
+        if algorithm in ("ppo", "trl_ppo") and args.learning_rates:
+            variants += [
+                Variant(f"{algorithm}_lr{short(lr)}", algorithm, ["--learning_rate", str(lr)])
+                for lr in args.learning_rates
+            ]
+        else:
+            variants.append(Variant(algorithm, algorithm, []))
+    variants += [parse_variant(spec) for spec in args.variant]
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise ValueError(f"variant names must differ: {names}")
+    for v in variants:
+        if not worker_accepts(v.flags):
+            raise ValueError(
+                f"variant {v.name!r}: {' '.join(v.flags)!r} are not valid flags of this recipe (see --help)."
+            )
+    return variants
+
+
+def short(number: float) -> str:
+    """3e-4 for 0.0003: a learning rate as a variant's name shows it."""
+    mantissa, exponent = f"{number:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def worker_accepts(flags: list[str]) -> bool:
+    """Whether a worker would parse `flags`."""
+    from contextlib import redirect_stderr
+    from io import StringIO
+
+    try:
+        with redirect_stderr(StringIO()):
+            parse_args(["--worker", "trpo", *flags])
+    except SystemExit:
+        return False
+    return True
 
 
 def trl_available() -> bool:
@@ -142,6 +241,7 @@ def run_worker(args: argparse.Namespace, output_dir: Path) -> None:
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
         lora_target_modules=task.lora_target_modules,
+        bf16=args.bf16,
     )
     resume = True if args.resume_worker else None
 
@@ -206,7 +306,78 @@ def worker_command(args: argparse.Namespace, algorithm: str, seed: int, output_d
     for flag in ("model_name_or_path", "reward_model", "dataset", *TRPO_SOLVER_FLAGS):
         if getattr(args, flag) is not None:
             command += [f"--{flag}", str(getattr(args, flag))]
-    return command
+    return command + (["--bf16"] if args.bf16 else [])
+
+
+@dataclass
+class Job:
+    """One (variant, seed) run and, while it runs, its process."""
+
+    variant: Variant
+    seed: int
+    run_dir: Path
+    command: list[str]
+    resumed: bool
+    process: subprocess.Popen | None = None
+    started: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return f"{label(self.variant.name, self.variant.algorithm):>15} seed {self.seed}"
+
+
+def plan_jobs(args: argparse.Namespace, out: Path, runs: dict[str, list[list[dict]]]) -> list[Job]:
+    """Every (variant, seed) still to run; finished runs kept by --reuse_finished go into `runs`."""
+    jobs = []
+    for variant in args.variants:
+        for seed in range(args.seeds):
+            run_dir = out / variant.name / f"seed-{seed}"
+            if args.reuse_finished and (run_dir / "metrics.jsonl").exists():
+                rows = read_metrics(run_dir / "metrics.jsonl")
+                if len(rows) == args.steps:
+                    runs.setdefault(variant.name, []).append(rows)
+                    print(
+                        f"{label(variant.name, variant.algorithm):>15} seed {seed}: reusing the finished run in {run_dir}"
+                    )
+                    continue
+            run_dir.mkdir(parents=True, exist_ok=True)
+            command = worker_command(args, variant.algorithm, seed, run_dir) + variant.flags
+            resumable = args.resume_from_checkpoint and variant.algorithm != "trl_ppo"
+            checkpoint = latest_checkpoint(run_dir) if resumable else None
+            if checkpoint is not None:
+                print(f"{label(variant.name, variant.algorithm):>15} seed {seed}: resuming from {checkpoint}")
+                command.append("--resume_worker")
+            else:
+                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            jobs.append(Job(variant, seed, run_dir, command, resumed=checkpoint is not None))
+    return jobs
+
+
+def run_jobs(jobs: list[Job], parallel: int, runs: dict[str, list[list[dict]]]) -> list[str]:
+    """Run the jobs, `parallel` at a time, each writing its log.txt; returns the failures. Results
+    go into `runs` in the jobs' order, whatever order they finish in."""
+    pending, running, finished, failures = list(jobs), [], {}, []
+    while pending or running:
+        while pending and len(running) < parallel:
+            job = pending.pop(0)
+            with open(job.run_dir / "log.txt", "a" if job.resumed else "w") as log:
+                job.process = subprocess.Popen(job.command, stdout=log, stderr=subprocess.STDOUT)
+            job.started = time.perf_counter()
+            running.append(job)
+        time.sleep(0.5)
+        for job in [j for j in running if j.process.poll() is not None]:
+            running.remove(job)
+            seconds, code = time.perf_counter() - job.started, job.process.returncode
+            if code != 0:
+                failures.append(f"{job.variant.name} seed {job.seed}: exit {code}, see {job.run_dir / 'log.txt'}")
+                print(f"{job.name}: FAILED (exit {code}); its log: {job.run_dir / 'log.txt'}")
+                continue
+            finished[id(job)] = rows = read_metrics(job.run_dir / "metrics.jsonl")
+            print(f"{job.name}: {len(rows)} steps in {seconds:.0f} s, final reward {rows[-1]['reward/mean']:.3f}")
+    for job in jobs:
+        if id(job) in finished:
+            runs.setdefault(job.variant.name, []).append(finished[id(job)])
+    return failures
 
 
 def main(argv=None) -> int:
@@ -216,57 +387,30 @@ def main(argv=None) -> int:
         return 0
 
     out = Path(args.output_dir)
-    algorithms = list(args.algorithms)
-    if "trl_ppo" in algorithms and not trl_available():
-        print("TRL's PPO is not installed (pip install -e .[trl-ppo], trl==1.12.0): comparing TRPO and our PPO only.")
-        algorithms.remove("trl_ppo")
+    if any(v.algorithm == "trl_ppo" for v in args.variants) and not trl_available():
+        print("TRL's PPO is not installed (pip install -e .[trl-ppo], trl==1.12.0): leaving its runs out.")
+        args.variants = [v for v in args.variants if v.algorithm != "trl_ppo"]
     runs: dict[str, list[list[dict]]] = {}
-    failures = []
-    for algorithm in algorithms:
-        for seed in range(args.seeds):
-            run_dir = out / algorithm / f"seed-{seed}"
-            if args.reuse_finished and (run_dir / "metrics.jsonl").exists():
-                rows = read_metrics(run_dir / "metrics.jsonl")
-                if len(rows) == args.steps:
-                    runs.setdefault(algorithm, []).append(rows)
-                    print(f"{LABELS[algorithm]:>15} seed {seed}: reusing the finished run in {run_dir}")
-                    continue
-            run_dir.mkdir(parents=True, exist_ok=True)
-            command = worker_command(args, algorithm, seed, run_dir)
-            checkpoint = latest_checkpoint(run_dir) if args.resume_from_checkpoint and algorithm != "trl_ppo" else None
-            if checkpoint is not None:
-                print(f"{LABELS[algorithm]:>15} seed {seed}: resuming from {checkpoint}")
-                command.append("--resume_worker")
-            else:
-                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-            seconds: dict[str, float] = {}
-            with open(run_dir / "log.txt", "a" if checkpoint else "w") as log, stopwatch(seconds, "run"):
-                code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
-            if code != 0:
-                failures.append(f"{algorithm} seed {seed}: exit {code}, see {run_dir / 'log.txt'}")
-                print(f"{LABELS[algorithm]:>15} seed {seed}: FAILED (exit {code}); its log: {run_dir / 'log.txt'}")
-                continue
-            rows = read_metrics(run_dir / "metrics.jsonl")
-            runs.setdefault(algorithm, []).append(rows)
-            print(
-                f"{LABELS[algorithm]:>15} seed {seed}: {len(rows)} steps in {seconds['run']:.0f} s, "
-                f"final reward {rows[-1]['reward/mean']:.3f}"
-            )
+    jobs = plan_jobs(args, out, runs)
+    failures = run_jobs(jobs, args.parallel, runs)
+    # Keep the variants' order (reused runs and new ones alike).
+    runs = {v.name: runs[v.name] for v in args.variants if v.name in runs}
 
     if runs:
-        results = summarize_runs(runs, args.kl_target)
-        settings = {
-            k: v
-            for k, v in vars(args).items()
-            if k not in {"worker", "seed", "reuse_finished", "resume_from_checkpoint", "resume_worker"}
-        }
-        (out / "results.json").write_text(json.dumps({**results, "settings": settings}, indent=2) + "\n")
+        algorithms = {v.name: v.algorithm for v in args.variants}
+        results = summarize_runs(runs, args.kl_target, algorithms)
+        hidden = {"worker", "seed", "reuse_finished", "resume_from_checkpoint", "resume_worker", "variants"}
+        settings = {k: v for k, v in vars(args).items() if k not in hidden}
+        settings["variants"] = {v.name: {"algorithm": v.algorithm, "flags": v.flags} for v in args.variants}
+        report = {**results, "best": best_variants(results), "settings": settings}
+        (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
         table = markdown_table(results, args.kl_target)
         (out / "compare.md").write_text(table + "\n")
         plot_comparison(
             runs,
             out / "compare.png",
             title=f"{args.task}: {args.steps} steps × {args.batch_size} prompts, {args.seeds} seeds",
+            algorithms=algorithms,
         )
         print(table)
         print(f"Wrote {out / 'results.json'}, {out / 'compare.png'} and {out / 'compare.md'}")

@@ -66,13 +66,14 @@ def test_the_ppo_recipes_read_their_yaml(recipe, config_class):
 
 def test_the_argparse_recipes_read_their_yaml():
     compare = compare_trpo_ppo.parse_args(["--config", str(CONFIGS / "compare_trpo_ppo.yaml"), "--seeds", "2"])
-    assert (compare.task, compare.steps, compare.seeds, compare.batch_size, compare.learning_rate) == (
-        "sentiment",
-        50,
-        2,
-        32,
-        1e-3,
-    )
+    assert [v.name for v in compare.variants][-2:] == ["trpo_cg1", "trpo_cg1_kl04"] and compare.parallel == 9
+    assert (compare.task, compare.steps, compare.seeds, compare.batch_size) == ("sentiment", 50, 2, 32)
+    assert compare.learning_rates == [3e-4, 1e-3, 3e-3]
+    assert [v.name for v in compare.variants if v.algorithm == "trl_ppo"] == [
+        "trl_ppo_lr3e-4",
+        "trl_ppo_lr1e-3",
+        "trl_ppo_lr3e-3",
+    ]
     bench = benchmark.parse_args(["--config", str(CONFIGS / "benchmark.yaml")])
     assert (bench.model, bench.repeats, bench.ppo_learning_rate, bench.output) == (
         "embedded",

@@ -8,9 +8,21 @@ from pathlib import Path
 
 import pytest
 
-from trpo_rlhf.experiments.comparison import ALGORITHMS, summarize_runs
+from trpo_rlhf.experiments.comparison import (
+    ALGORITHMS,
+    best_variants,
+    common_kl,
+    frontier_auc,
+    frontier_curve,
+    reward_at_kl,
+    summarize_runs,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "recipes"))
+import compare_trpo_ppo  # noqa: E402
+from compare_trpo_ppo import Variant, parse_variant  # noqa: E402
+
 RESULT_KEYS = {
     "final_reward_mean",
     "final_reward_std",
@@ -21,6 +33,11 @@ RESULT_KEYS = {
     "peak_memory_mb",
     "seeds",
     "steps",
+    "algorithm",
+    "mean_reward",
+    "reward_at_kl",
+    "frontier_auc",
+    "frontier_kl",
 }
 
 
@@ -49,10 +66,17 @@ def test_comparison_runs_all_algorithms_with_tiny_settings(tmp_path):
         "--output_dir",
         str(out),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    variant = ["--variant", "trpo_cg1:--cg_iters 1", "--parallel", "2"]
+    result = subprocess.run(command + variant, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
-    assert set(ALGORITHMS) <= set(results)
+    assert set(ALGORITHMS) | {"trpo_cg1", "best", "settings"} == set(results)
+    # The variant is a TRPO run whose own flag overrides the shared --cg_iters 2.
+    assert results["trpo_cg1"]["algorithm"] == "trpo" and RESULT_KEYS <= set(results["trpo_cg1"])
+    assert json.loads((out / "trpo_cg1" / "seed-1" / "trainer_config.json").read_text())["cg_iters"] == 1
+    assert results["best"]["trpo"] in ("trpo", "trpo_cg1") and results["best"]["ppo"] == "ppo"
+    assert set(results["trpo"]["reward_at_kl"]) == {"2", "4", "6"}
+    assert results["trpo"]["frontier_kl"] == results["ppo"]["frontier_kl"] >= 0  # one range for all
     for algorithm in ALGORITHMS:
         assert RESULT_KEYS <= set(results[algorithm]), algorithm
         assert results[algorithm]["seeds"] == 2 and results[algorithm]["steps"] == 2
@@ -67,7 +91,8 @@ def test_comparison_runs_all_algorithms_with_tiny_settings(tmp_path):
     assert all(row["trpo/fvp_count"] <= 2 for row in trpo_rows)
     assert (out / "compare.png").stat().st_size > 10_000
     table = (out / "compare.md").read_text()
-    assert table in result.stdout and "| TRPO (ours) |" in table and "| PPO (TRL 1.12) |" in table
+    assert table in result.stdout and "| PPO (TRL 1.12) |" in table and "TRPO (ours) [trpo_cg1]" in table
+    assert "**TRPO (ours)" in table and "(best)" in table  # two TRPO variants: the better one is marked
     for algorithm in ALGORITHMS:
         for seed in (0, 1):
             assert len((out / algorithm / f"seed-{seed}" / "metrics.jsonl").read_text().splitlines()) == 2
@@ -82,7 +107,7 @@ def test_comparison_runs_all_algorithms_with_tiny_settings(tmp_path):
     assert again.stdout.count("reusing the finished run") == 3
     assert "TRPO (ours) seed 0: 2 steps" in again.stdout
     assert (out / "ppo" / "seed-1" / "metrics.jsonl").read_text() == kept
-    assert set(json.loads((out / "results.json").read_text())) == {"trpo", "ppo", "settings"}
+    assert set(json.loads((out / "results.json").read_text())) == {"trpo", "ppo", "best", "settings"}
 
     # --resume_from_checkpoint: a run stopped after step 1 continues from checkpoint-1 to the same rows.
     run = out / "ppo" / "seed-0"
@@ -124,3 +149,55 @@ def test_summary_uses_the_last_tenth_of_steps_and_counts_kl_excess():
     assert abs(summary["final_reward_std"] - 2**0.5) < 1e-12
     assert summary["kl_exceed_fraction"] == 0.5
     assert summary["peak_memory_mb"] == 100.0 and summary["policy_update_seconds_per_step"] is None
+
+
+def frontier_rows(kls, rewards):
+    return [{"kl/ref": k, "reward/mean": r} for k, r in zip(kls, rewards)]
+
+
+def test_reward_at_kl_averages_the_five_steps_around_the_first_crossing():
+    rows = frontier_rows([0, 1, 2, 3, 4.5, 5, 6, 7, 8], [0, 1, 2, 3, 4, 5, 6, 7, 8])
+    assert reward_at_kl(rows, 4.0) == 4.0  # first kl >= 4 at index 4: rewards 2..6
+    assert reward_at_kl(rows, 0.5) == 1.5  # index 1: rewards 0..3 (the window is cut at the start)
+    assert reward_at_kl(rows, 9.0) is None
+
+
+def test_frontier_auc_is_the_mean_reward_over_kl_by_trapezoids():
+    # With window 1 the curve is the rows themselves: reward = kl on [0, 4], so the mean is 2.
+    rows = frontier_rows([0.0, 1.0, 2.0, 4.0, 6.0], [0.0, 1.0, 2.0, 4.0, 6.0])
+    kl, reward = frontier_curve(rows, window=1)
+    assert kl == [0.0, 1.0, 2.0, 4.0, 6.0]
+    # The default 5-step running mean (kl 0, 0.5, 1, 1.75, 2.6): reward still equals kl along the
+    # curve, so the mean reward over KL in [0, 2] is 1, the end point interpolated at 2.
+    assert frontier_auc(rows, 2.0) == pytest.approx(1.0)
+    assert frontier_auc(rows, 3.0) is None  # the smoothed curve stops at 2.6
+    # A KL that drops is held at its running maximum, so the curve stays a function of KL.
+    dips = frontier_curve(frontier_rows([0.0, 2.0, 1.0, 3.0], [0.0, 0.0, 0.0, 0.0]), window=1)[0]
+    assert dips == [0.0, 2.0, 2.0, 3.0]
+    assert common_kl({"a": [rows], "b": [frontier_rows([0.0, 1.0], [0.0, 0.0])]}) == pytest.approx(0.5)
+
+
+def test_best_variants_pick_the_largest_frontier_auc_per_algorithm():
+    results = {
+        "ppo_lr1e-3": {"algorithm": "ppo", "frontier_auc": {"mean": 0.4}},
+        "ppo_lr3e-3": {"algorithm": "ppo", "frontier_auc": {"mean": 0.3}},
+        "ppo_lr1e-2": {"algorithm": "ppo", "frontier_auc": None},  # a seed fell short of the common KL
+        "trpo": {"algorithm": "trpo", "frontier_auc": {"mean": 0.1}},
+    }
+    assert best_variants(results) == {"ppo": "ppo_lr1e-3", "trpo": "trpo"}
+
+
+def test_variants_parse_and_bad_ones_fail_before_anything_runs(capsys):
+    assert parse_variant("trpo_cg1:--cg_iters 1") == Variant("trpo_cg1", "trpo", ["--cg_iters", "1"])
+    assert parse_variant("ppo_e8:ppo --ppo_epochs 8") == Variant("ppo_e8", "ppo", ["--ppo_epochs", "8"])
+    args = compare_trpo_ppo.parse_args(["--algorithms", "trpo", "ppo", "--learning_rates", "3e-4", "1e-3"])
+    assert [v.name for v in args.variants] == ["trpo", "ppo_lr3e-4", "ppo_lr1e-3"]
+    assert args.variants[1].flags == ["--learning_rate", "0.0003"]
+    for bad, message in [
+        (["--variant", "nocolon"], "expected NAME:FLAGS"),
+        (["--variant", "x:--no_such_flag 1"], "not valid flags"),
+        (["--variant", "trpo:--cg_iters 1"], "variant names must differ"),
+    ]:
+        with pytest.raises(SystemExit):
+            compare_trpo_ppo.parse_args(bad)
+        assert message in capsys.readouterr().err

@@ -193,7 +193,7 @@ def build_trl_ppo_trainer(
         lam=config.gae_lambda,
         num_sample_generations=0,
         gradient_checkpointing=False,
-        bf16=False,
+        bf16=config.bf16,
         use_cpu=not torch.cuda.is_available(),
         logging_steps=1,
         save_strategy="no",
