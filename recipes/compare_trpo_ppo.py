@@ -14,7 +14,8 @@ its frontier AUC), as a frontier comparison shows each method at its best.
 
 `toy`: a tiny random Llama with a word-level tokenizer, rewarded for each "good" it writes (LoRA on
 q_proj, v_proj and lm_head). `sentiment`: the task of the sentiment recipes (embedded SmolLM2 +
-VADER offline). Each (algorithm, seed) runs in its own process, so peak memory and random state
+VADER offline). `sentiment_binary`: the same with a binary reward, 1 when VADER scores the
+completion at least 0.5 (`trpo_rlhf.experiments.build_task`). Each (algorithm, seed) runs in its own process, so peak memory and random state
 are its own; its metrics.jsonl and log are in DIR/<variant>/seed-<k>/. TRL's PPO runs when the
 trl-ppo extra is installed (pip install -e .[trl-ppo]) and is skipped with a note otherwise.
 """
@@ -46,6 +47,7 @@ TASK_DEFAULTS = {
     # toy: the tiny random model's LoRA tensors take large rates.
     "toy": {"max_new_tokens": 8, "max_kl": 0.05, "learning_rate": 1e-3},
     "sentiment": {"max_new_tokens": 24, "max_kl": 0.02, "learning_rate": 1e-4},
+    "sentiment_binary": {"max_new_tokens": 24, "max_kl": 0.02, "learning_rate": 1e-4},
 }
 
 # TRPOConfig fields the comparison can set; unset ones keep TRPOConfig's defaults.

@@ -201,3 +201,15 @@ def test_variants_parse_and_bad_ones_fail_before_anything_runs(capsys):
         with pytest.raises(SystemExit):
             compare_trpo_ppo.parse_args(bad)
         assert message in capsys.readouterr().err
+
+
+def test_the_binary_sentiment_task_thresholds_vader():
+    from trpo_rlhf.experiments import build_task
+
+    task = build_task("sentiment_binary", seed=0, model="embedded")
+    assert task.model == "embedded" and len(task.prompts) >= 300
+    scores = task.reward_model(["", "", ""], [" a truly wonderful, lovely film", " it was a film", " awful and boring"])
+    assert scores == [1.0, 0.0, 0.0]
+    assert "VaderReward >= 0.5" in task.describe()
+    with pytest.raises(ValueError, match="thresholds VADER"):
+        build_task("sentiment_binary", reward_model="lvwerra/distilbert-imdb")

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-TASKS = ("toy", "sentiment")
+TASKS = ("toy", "sentiment", "sentiment_binary")
+BINARY_THRESHOLD = 0.5
 
 
 @dataclass
@@ -31,10 +32,27 @@ class Task:
     def describe(self) -> str:
         """One line for a run's log: what is trained on what, and why."""
         prompts = self.dataset or (
-            "data/movie_review_openings.txt" if self.name == "sentiment" else f"{self.name} prompts"
+            "data/movie_review_openings.txt" if self.name.startswith("sentiment") else f"{self.name} prompts"
         )
         text = f"Task: policy={self.model}, reward={self.reward_model}, prompts={prompts} ({len(self.prompts)})"
         return f"{text} -- {self.reason}." if self.reason else f"{text}."
+
+
+class ThresholdReward:
+    """1.0 where `reward` scores a completion at least `threshold`, else 0.0.
+
+    >>> ThresholdReward(lambda prompts, completions: [0.2, 0.7], 0.5)(["a", "b"], ["c", "d"])
+    [0.0, 1.0]
+    """
+
+    def __init__(self, reward, threshold: float):
+        self.reward, self.threshold = reward, threshold
+
+    def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
+        return [float(score >= self.threshold) for score in self.reward(prompts, completions)]
+
+    def __repr__(self) -> str:
+        return f"{type(self.reward).__name__} >= {self.threshold:g}"
 
 
 def build_task(
@@ -43,7 +61,9 @@ def build_task(
     """`toy`: a tiny random Llama with a word-level tokenizer, rewarded for each "good" it writes
     (LoRA must reach its output layer: q_proj, v_proj and lm_head). `sentiment`: the sentiment
     recipes' task, `model`, `reward_model` and `dataset` filling in the hub task or the offline one
-    (embedded SmolLM2-135M + VADER + the prompts in data/), see `resolve_sentiment_task`."""
+    (embedded SmolLM2-135M + VADER + the prompts in data/), see `resolve_sentiment_task`.
+    `sentiment_binary`: the same policy and prompts with a binary, sparse reward, 1 when VADER's
+    compound score is at least 0.5 and 0 otherwise (a pass/fail judge rather than a graded one)."""
     if name == "toy":
         if (model, reward_model, dataset) != (None, None, None):
             raise ValueError("build_task('toy') takes no model, reward_model or dataset: the toy task is fixed.")
@@ -62,6 +82,17 @@ def build_task(
         from .sentiment import resolve_sentiment_task
 
         return resolve_sentiment_task(model, reward_model, dataset, seed=seed)
+    if name == "sentiment_binary":
+        from ..rewards import VADER, VaderReward
+        from .sentiment import resolve_sentiment_task
+
+        if reward_model not in (None, VADER):
+            raise ValueError(
+                f"sentiment_binary thresholds VADER's score; reward_model={reward_model!r} is not 'vader'."
+            )
+        task = resolve_sentiment_task(model, VADER, dataset, seed=seed)
+        task.name, task.reward_model = name, ThresholdReward(VaderReward(), BINARY_THRESHOLD)
+        return task
     raise ValueError(f"task {name!r} is not one of {TASKS}.")
 
 
