@@ -51,7 +51,7 @@ TASK_DEFAULTS = {
 }
 
 # TRPOConfig fields the comparison can set; unset ones keep TRPOConfig's defaults.
-TRPO_SOLVER_FLAGS = ("cg_iters", "cg_damping", "logit_damping")
+TRPO_SOLVER_FLAGS = ("cg_iters", "cg_damping", "logit_damping", "cg_stop", "held_out_fraction")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -79,6 +79,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--logit_damping", type=float, default=None, help="TRPO's logit-space damping. Default: TRPOConfig's."
+    )
+    parser.add_argument(
+        "--cg_stop",
+        choices=("iterations", "held_out"),
+        default=None,
+        help="TRPO's CG stopping rule. Default: TRPOConfig's ('iterations').",
+    )
+    parser.add_argument(
+        "--held_out_fraction", type=float, default=None, help="TRPO's held-out share with --cg_stop held_out."
     )
     parser.add_argument(
         "--learning_rate",

@@ -198,6 +198,9 @@ def test_bad_reward_outputs_raise_clear_errors(make_trainer, returned, match):
         ({"fvp_subsample": 0.0}, r"fvp_subsample=0.0"),
         ({"fvp_method": "exact"}, r"fvp_method='exact' is not one of"),
         ({"logit_damping": -0.1}, r"logit_damping=-0.1 must be >= 0"),
+        ({"cg_stop": "residual"}, r"cg_stop='residual' is not one of"),
+        ({"cg_stop": "held_out", "batch_size": 1}, r"batch_size=1 must be >= 2"),
+        ({"held_out_fraction": 1.0}, r"held_out_fraction=1.0 must lie strictly between 0 and 1"),
         ({"logit_damping": 0.1, "fvp_method": "kl_hessian"}, r"logit_damping=0.1 needs fvp_method='gauss_newton'"),
         ({"temperature": 0.0}, r"temperature=0.0"),
     ],
@@ -379,6 +382,30 @@ def test_logit_damping_changes_the_direction_not_the_trust_region(make_trainer):
     origin = torch.cat([p.detach().reshape(-1) for p in make_trainer(**settings).actor_critic.policy_parameters()])
     natural, damped = thetas[0.0] - origin, thetas[1.0] - origin
     assert torch.nn.functional.cosine_similarity(natural, damped, dim=0) < 0.97
+
+
+def test_held_out_cg_stop_chooses_the_iterations_on_held_out_sequences(make_trainer):
+    """cg_stop='held_out': CG on the other sequences' gradient scores each iterate on the held-out
+    ones, then the whole batch's gradient is solved for the chosen count; the scoring run stops two
+    iterations after its best (or at cg_iters)."""
+    trainer = make_trainer(cg_stop="held_out", cg_iters=6)
+    for _ in range(2):
+        stats = trainer.step()
+        chosen = stats["trpo/cg_iters"]
+        scored = stats["trpo/fvp_count"] - chosen  # the products of the held-out selection
+        assert 1 <= chosen <= 6
+        assert chosen <= scored <= min(chosen + 2, 6)
+        assert stats["trpo/accepted"] == 1.0 and stats["trpo/kl"] <= 1.5 * trainer.config.max_kl
+
+
+def test_held_out_batch_zeroes_the_advantages_of_the_other_sequences(make_trainer):
+    trainer = make_trainer(cg_stop="held_out", held_out_fraction=0.25)
+    batch, _ = trainer.collect_batch()
+    held = trainer.held_out_batch(batch)
+    kept = [i for i in range(len(batch)) if held.advantages[i].abs().sum() > 0]
+    assert len(kept) == 2  # a quarter of 8
+    for i in kept:
+        assert torch.equal(held.advantages[i], batch.advantages[i])
 
 
 def test_bf16_autocast_trains_with_float32_trust_region(make_trainer):

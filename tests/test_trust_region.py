@@ -200,3 +200,17 @@ def test_fisher_vector_product_counts_its_calls():
     for v in (torch.tensor([1.0, 0.0]), torch.tensor([0.5, -2.0])):
         torch.testing.assert_close(fvp(v), fisher @ v)
     assert fvp.calls == 2
+
+
+def test_held_out_cg_iterations_pick_the_iterate_that_generalises():
+    """Same gradient held out and fitted: the exact solve scores best (Cauchy-Schwarz in the A
+    inner product), so every iteration is kept. A held-out gradient along the stiff direction only:
+    the first iterate (the gradient direction) beats the exact solve, which leaves that direction."""
+    from trpo_rlhf.trust_region import held_out_cg_iterations
+
+    A = torch.diag(torch.tensor([1.0, 3.0, 10.0, 100.0]))
+    g = torch.ones(4)
+    k, scores = held_out_cg_iterations(lambda v: A @ v, g, g, max_iters=4)
+    assert k == 4 and scores == sorted(scores)
+    k, scores = held_out_cg_iterations(lambda v: A @ v, g, torch.tensor([0.0, 0.0, 0.0, 1.0]), max_iters=4, patience=2)
+    assert k == 1 and len(scores) == 3  # stopped two iterations after the best

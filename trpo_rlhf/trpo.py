@@ -9,6 +9,7 @@ solver's settings) and `TRPOTrainer` (its policy update on the shared engine).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -26,10 +27,13 @@ from .trust_region import (
     LineSearchResult,
     backtracking_line_search,
     cg_solve,
+    flat_grad,
+    held_out_cg_iterations,
     kl_fisher_product,
     surrogate_gradient,
 )
 
+CG_STOPS = ("iterations", "held_out")
 # No line search ran: g = 0 left no direction.
 NO_STEP = LineSearchResult(accepted=False, step_frac=0.0, kl=0.0, surrogate_gain=0.0, iterations=0)
 
@@ -66,6 +70,17 @@ class TRPOConfig(RLConfig):
     )
     cg_iters: int = field(
         default=10, metadata={"help": "Conjugate-gradient iterations (Fisher-vector products) per update."}
+    )
+    cg_stop: str = field(
+        default="iterations",
+        metadata={
+            "help": "'iterations': run cg_iters CG iterations (or until cg_residual_tol). 'held_out': choose how many, "
+            "up to cg_iters, on held-out sequences: CG on the gradient of the others, each iterate scored by the gain "
+            "its trust-region step predicts on the held-out ones; then that many iterations on the whole batch's gradient."
+        },
+    )
+    held_out_fraction: float = field(
+        default=0.5, metadata={"help": "cg_stop='held_out': the fraction of the batch's sequences held out."}
     )
     cg_damping: float = field(default=1e-3, metadata={"help": "Damping c added to the Fisher: (F + c I) x = g."})
     cg_residual_tol: float = field(
@@ -124,6 +139,17 @@ class TRPOConfig(RLConfig):
             f"fvp_method={self.fvp_method!r} is not one of {FVP_METHODS}; use 'gauss_newton' (faster) or 'kl_hessian'.",
         )
         _require(
+            self.cg_stop in CG_STOPS, f"cg_stop={self.cg_stop!r} is not one of {CG_STOPS}; e.g. --cg_stop held_out."
+        )
+        _require(
+            self.cg_stop != "held_out" or self.batch_size >= 2,
+            f"cg_stop='held_out' holds out sequences of each batch: batch_size={self.batch_size} must be >= 2.",
+        )
+        _require(
+            0.0 < self.held_out_fraction < 1.0,
+            f"held_out_fraction={self.held_out_fraction} must lie strictly between 0 and 1, e.g. 0.5.",
+        )
+        _require(
             self.logit_damping >= 0, f"logit_damping={self.logit_damping} must be >= 0 (0: the exact natural gradient)."
         )
         _require(
@@ -156,6 +182,15 @@ class TRPOTrainer(RLTrainer):
         if n == len(batch):
             return batch
         return batch.select(torch.randperm(len(batch), generator=self.minibatch_generator)[:n])
+
+    def held_out_batch(self, batch: Rollout, config: TRPOConfig | None = None) -> Rollout:
+        """`batch` with the advantages of all but a random `held_out_fraction` of its sequences set
+        to 0, so that its surrogate is the held-out sequences' share of the batch's surrogate."""
+        n = len(batch)
+        held = max(1, min(n - 1, round((config or self.config).held_out_fraction * n)))
+        chosen = torch.randperm(n, generator=self.minibatch_generator)[:held].to(batch.advantages.device)
+        keep = torch.zeros(n, dtype=batch.advantages.dtype, device=batch.advantages.device).index_fill_(0, chosen, 1.0)
+        return dataclasses.replace(batch, advantages=batch.advantages * keep.unsqueeze(1))
 
     def fisher_logits(self, batch: Rollout) -> torch.Tensor:
         """The policy's logits with a graph, attention on the double-backward-capable path (both
@@ -206,10 +241,18 @@ class TRPOTrainer(RLTrainer):
         fisher_batch = self.fisher_batch(batch, cfg)
         # With the Fisher on the whole batch, one forward serves g and F (`surrogate_gradient`).
         shared_forward = fisher_batch is batch
+        held_out = self.held_out_batch(batch, cfg) if cfg.cg_stop == "held_out" else None
         with timer("gradient"):
             logits = self.fisher_logits(batch) if shared_forward else self.policy_logits(batch)
-            surrogate = self.surrogate(batch, token_logprobs(logits, batch.response_ids))
+            logprobs = token_logprobs(logits, batch.response_ids)
+            surrogate = self.surrogate(batch, logprobs)
             surrogate_old = self.reduce_mean(surrogate.detach()).item()
+            if held_out is not None:
+                # The held-out sequences' share of the surrogate: one more backward, kept graph.
+                held_out_grad = self.reduce_mean(
+                    flat_grad(self.surrogate(held_out, logprobs), params, retain_graph=True)
+                )
+            del logprobs
             grad, jacobian = surrogate_gradient(
                 surrogate,
                 logits,
@@ -233,7 +276,17 @@ class TRPOTrainer(RLTrainer):
         with timer("cg"):
             # The tolerance is relative: LoRA gradients can be far smaller than any absolute one.
             grad_sq = torch.dot(grad, grad).item()
-            cg = cg_solve(fvp, grad, cfg.cg_iters, cfg.cg_residual_tol * grad_sq)
+            cg_iters = cfg.cg_iters
+            if held_out is not None:
+                fit_grad = grad - held_out_grad
+                cg_iters, _ = held_out_cg_iterations(
+                    fvp,
+                    fit_grad,
+                    held_out_grad,
+                    cfg.cg_iters,
+                    cfg.cg_residual_tol * torch.dot(fit_grad, fit_grad).item(),
+                )
+            cg = cg_solve(fvp, grad, cg_iters, cfg.cg_residual_tol * grad_sq)
             # x^T (F + cI) x = x^T (g - r): CG's own residual saves the product an explicit x^T F x
             # would cost; a logit damping's share is taken out (one J x pass), since the step's
             # length is set by the KL alone.

@@ -86,13 +86,18 @@ class CGResult:
 
 
 def cg_solve(
-    fvp: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: int, residual_tol: float = 1e-10
+    fvp: Callable[[torch.Tensor], torch.Tensor],
+    b: torch.Tensor,
+    iters: int,
+    residual_tol: float = 1e-10,
+    on_iterate: Callable[[torch.Tensor, float], bool | None] | None = None,
 ) -> CGResult:
     """Conjugate gradient for A x = b with A symmetric positive definite, given only v -> A v.
 
     Starts at x = 0, calls `fvp` once per iteration and stops early once r.r <= residual_tol, so
     at once for b = 0, whose solution is x = 0 (Schulman et al. 2015, Appendix C; Nocedal & Wright,
-    Algorithm 5.2).
+    Algorithm 5.2). `on_iterate(x_k, x_k . A x_k)` is called after each iteration; returning True
+    stops CG there.
     """
     x = torch.zeros_like(b)
     r = b.clone()
@@ -110,7 +115,41 @@ def cg_solve(
         new_r_dot_r = torch.dot(r, r)
         p = r + (new_r_dot_r / r_dot_r) * p
         r_dot_r = new_r_dot_r
+        if on_iterate is not None and on_iterate(x, torch.dot(x, b - r).item()):
+            break
     return CGResult(x=x, residual=r_dot_r.item(), iterations=iterations, x_ax=torch.dot(x, b - r).item())
+
+
+def held_out_cg_iterations(
+    fvp: Callable[[torch.Tensor], torch.Tensor],
+    fit_grad: torch.Tensor,
+    held_out_grad: torch.Tensor,
+    max_iters: int,
+    residual_tol: float = 1e-10,
+    patience: int = 2,
+) -> tuple[int, list[float]]:
+    """How many CG iterations to run, chosen on held-out data: CG on A x = `fit_grad` (the
+    surrogate gradient of some sequences), scoring each iterate x_k by the gain that a step along
+    it, scaled to the trust region, predicts on the other sequences: held_out_grad . x_k / sqrt(x_k . A x_k).
+
+    Returns the best k (from 1) and every score; stops `patience` iterations after the best.
+    Truncated CG regularises the solve (as early stopping does for least squares): with far more
+    LoRA parameters than sampled tokens, the exact natural gradient fits the batch's noise.
+
+        >>> A = torch.diag(torch.tensor([1.0, 100.0]))
+        >>> k, scores = held_out_cg_iterations(lambda v: A @ v, torch.tensor([1.0, 1.0]), torch.tensor([0.0, 1.0]), 2)
+        >>> k
+        1
+    """
+    scores: list[float] = []
+
+    def score(x: torch.Tensor, x_ax: float) -> bool:
+        scores.append(torch.dot(held_out_grad, x).item() / x_ax**0.5 if x_ax > 0 else 0.0)
+        return len(scores) - 1 - max(range(len(scores)), key=scores.__getitem__) >= patience
+
+    cg_solve(fvp, fit_grad, max_iters, residual_tol, on_iterate=score)
+    best = max(range(len(scores)), key=scores.__getitem__) + 1 if scores else 1
+    return best, scores
 
 
 def conjugate_gradient(
