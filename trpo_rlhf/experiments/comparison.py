@@ -214,7 +214,7 @@ def plot_comparison(
 
     algorithms = algorithms or {}
     fig, (by_step, by_kl) = plt.subplots(1, 2, figsize=(12, 4.2))
-    palette = iter(plt.cm.tab10.colors)
+    palette = iter(plt.cm.tab10.colors[3:] * 3)  # the first three are the algorithms' own (COLORS)
     kl_top = max(frontier_curve(rows)[0][-1] for seeds in runs.values() for rows in seeds)
     grid = np.linspace(0.0, max(kl_top, 1e-9), 200)
     for variant, seeds in runs.items():
