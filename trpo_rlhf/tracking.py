@@ -104,10 +104,12 @@ class RunTrackers:
             self.started = False
 
 
-def completions_markdown(rows: list[list]) -> str:
-    def cell(text) -> str:
-        return str(text).replace("|", "\\|").replace("\n", " ")
+def markdown_cell(text) -> str:
+    """`text` as one cell of a markdown table: pipes escaped, on one line."""
+    return str(text).replace("|", "\\|").replace("\n", " ").strip()
 
+
+def completions_markdown(rows: list[list]) -> str:
     lines = ["| " + " | ".join(COMPLETION_COLUMNS) + " |", "|---|---|---|---:|"]
-    lines += [f"| {step} | {cell(p)} | {cell(c)} | {r:.3f} |" for step, p, c, r in rows]
+    lines += [f"| {step} | {markdown_cell(p)} | {markdown_cell(c)} | {r:.3f} |" for step, p, c, r in rows]
     return "\n".join(lines)

@@ -17,7 +17,7 @@ import math
 import statistics
 from pathlib import Path
 
-from .plotting import save_figure
+from .plotting import running_mean, save_figure
 
 ALGORITHMS = ("trpo", "ppo", "trl_ppo")
 LABELS = {"trpo": "TRPO (ours)", "ppo": "PPO (ours)", "trl_ppo": "PPO (TRL 1.12)"}
@@ -36,10 +36,6 @@ def _tail(rows: list[dict], fraction: float = 0.1) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 FRONTIER_NATS = (2.0, 4.0, 6.0)
 FRONTIER_WINDOW = 5
-
-
-def running_mean(values: list[float], window: int = FRONTIER_WINDOW) -> list[float]:
-    return [statistics.mean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
 
 
 def frontier_curve(rows: list[dict], window: int = FRONTIER_WINDOW) -> tuple[list[float], list[float]]:

@@ -22,6 +22,7 @@ from ..checkpointing import TrainingInterrupted
 from ..loading import EMBEDDED, hub_available
 from ..prompts import load_prompts
 from ..rewards import VADER
+from ..tracking import markdown_cell
 from .cli import CONFIG_HELP, apply_config_file
 from .tasks import Task
 
@@ -67,12 +68,9 @@ def sample_table(trainer, prompts: list[str], seed: int = 1234) -> list[tuple[st
 def format_before_after(before: list[tuple[str, str, float]], after: list[tuple[str, str, float]]) -> str:
     """A markdown table of each prompt's completion and reward before and after training."""
 
-    def cell(text: str) -> str:
-        return text.replace("|", "\\|").replace("\n", " ").strip()
-
     lines = ["| prompt | before | reward | after | reward |", "|---|---|---:|---|---:|"]
     for (prompt, c0, r0), (_, c1, r1) in zip(before, after):
-        lines.append(f"| {cell(prompt)} | {cell(c0)} | {r0:.3f} | {cell(c1)} | {r1:.3f} |")
+        lines.append(f"| {markdown_cell(prompt)} | {markdown_cell(c0)} | {r0:.3f} | {markdown_cell(c1)} | {r1:.3f} |")
     mean0 = sum(r for *_, r in before) / max(len(before), 1)
     mean1 = sum(r for *_, r in after) / max(len(after), 1)
     lines.append(f"| **mean** | | {mean0:.3f} | | {mean1:.3f} |")
