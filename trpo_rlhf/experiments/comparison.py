@@ -193,6 +193,21 @@ def markdown_table(results: dict[str, dict], kl_target: float) -> str:
     return "\n".join(lines)
 
 
+def plot_frontier(ax, seeds: list[list[dict]], grid, color, label: str, seed_alpha: float = 0.25) -> None:
+    """One variant's frontier on `ax`: each seed's `frontier_curve` faint, and their mean on the KL
+    `grid` (a numpy array) thick, where every seed has data."""
+    import numpy as np
+
+    curves = []
+    for rows in seeds:
+        kl, reward = frontier_curve(rows)
+        ax.plot(kl, reward, color=color, alpha=seed_alpha, linewidth=0.8)
+        curves.append(np.where(grid <= kl[-1], np.interp(grid, kl, reward), np.nan))
+    curves = np.array(curves)
+    reached = ~np.isnan(curves).any(axis=0)
+    ax.plot(grid[reached], curves[:, reached].mean(axis=0), color=color, linewidth=2, label=label)
+
+
 def plot_comparison(
     runs: dict[str, list[list[dict]]],
     output_path: str | Path,
@@ -222,14 +237,7 @@ def plot_comparison(
         rewards = [[rows[i]["reward/mean"] for rows in seeds] for i in range(n)]
         by_step.plot(steps, [statistics.mean(r) for r in rewards], color=color, label=name)
         by_step.fill_between(steps, [min(r) for r in rewards], [max(r) for r in rewards], color=color, alpha=0.2)
-        curves = []
-        for rows in seeds:
-            kl, reward = frontier_curve(rows)
-            by_kl.plot(kl, reward, color=color, alpha=0.25, linewidth=0.8)
-            curves.append(np.where(grid <= kl[-1], np.interp(grid, kl, reward), np.nan))
-        curves = np.array(curves)
-        reached = ~np.isnan(curves).any(axis=0)
-        by_kl.plot(grid[reached], curves[:, reached].mean(axis=0), color=color, linewidth=2, label=name)
+        plot_frontier(by_kl, seeds, grid, color, name)
     by_step.set(xlabel="step", ylabel="reward (batch mean)", title="reward vs step (mean, min-max over seeds)")
     by_kl.set(
         xlabel="KL to the reference (nats per completion)",

@@ -12,17 +12,10 @@ import argparse
 import statistics
 from pathlib import Path
 
+from trpo_rlhf.experiments.comparison import reward_at_kl
 from trpo_rlhf.metrics import read_metrics
 
 VARIANTS = {"trpo": "TRPO default (10 CG iterations)", "trpo_cg3": "TRPO cg_iters 3", "ppo": "PPO (ours), lr 1e-3"}
-
-
-def reward_at_kl(rows, nats):
-    for i, row in enumerate(rows):
-        if row["kl/ref"] >= nats:
-            window = rows[max(0, i - 2) : i + 3]
-            return statistics.mean(r["reward/mean"] for r in window)
-    return None
 
 
 def summary(folder: Path, variant: str) -> dict | None:

@@ -9,14 +9,12 @@ is the mean over the seeds that reach that KL, the faint ones are the seeds.
 """
 
 import statistics
-import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "critic_fix_h100"))
-from summarize import reward_at_kl  # noqa: E402
+from trpo_rlhf.experiments.comparison import plot_frontier, reward_at_kl
+from trpo_rlhf.metrics import read_metrics
 
-from trpo_rlhf.metrics import read_metrics  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 FOLDERS = {name: HERE.parent / "critic_fix_h100" / "after" for name in ("trpo", "trpo_cg3", "ppo")}
 FOLDERS |= {
@@ -33,11 +31,7 @@ PLOTTED = {
 }
 
 
-def running_mean(values, window=5):
-    return [statistics.mean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
-
-
-def plot_frontier(path: Path) -> None:
+def plot_frontiers(path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -47,16 +41,8 @@ def plot_frontier(path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     grid = np.linspace(0.0, 14.0, 141)
     for (variant, label), color in zip(PLOTTED.items(), plt.cm.tab10.colors):
-        curves = []
-        for metrics in sorted((FOLDERS[variant] / variant).glob("seed-*/metrics.jsonl")):
-            rows = read_metrics(metrics)
-            kl = np.maximum.accumulate(running_mean([r["kl/ref"] for r in rows]))
-            reward = running_mean([r["reward/mean"] for r in rows])
-            ax.plot(kl, reward, color=color, alpha=0.2, linewidth=0.8)
-            curves.append(np.where(grid <= kl[-1], np.interp(grid, kl, reward), np.nan))
-        curves = np.array(curves)
-        reached = (~np.isnan(curves)).all(0)  # the mean where every seed has data
-        ax.plot(grid[reached], curves[:, reached].mean(0), color=color, linewidth=2, label=label)
+        seeds = [read_metrics(p) for p in sorted((FOLDERS[variant] / variant).glob("seed-*/metrics.jsonl"))]
+        plot_frontier(ax, seeds, grid, color, label, seed_alpha=0.2)
     ax.set_xlabel("KL to the reference (nats per completion)")
     ax.set_ylabel("reward (VADER), running mean of 5 steps")
     ax.set_title("Embedded sentiment, one H100: 50 steps x 32 prompts, 3 seeds")
@@ -91,7 +77,7 @@ def main() -> None:
             f"{statistics.mean(accepted):.2f}",
         ]
         print("| " + " | ".join(cells) + " |")
-    plot_frontier(HERE / "frontier.png")
+    plot_frontiers(HERE / "frontier.png")
 
 
 if __name__ == "__main__":
