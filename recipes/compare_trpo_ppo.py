@@ -331,6 +331,7 @@ class Job:
     resumed: bool
     process: subprocess.Popen | None = None
     started: float = 0.0
+    rows: list[dict] | None = None  # its metrics, once it has finished
 
     @property
     def name(self) -> str:
@@ -367,7 +368,7 @@ def plan_jobs(args: argparse.Namespace, out: Path, runs: dict[str, list[list[dic
 def run_jobs(jobs: list[Job], parallel: int, runs: dict[str, list[list[dict]]]) -> list[str]:
     """Run the jobs, `parallel` at a time, each writing its log.txt; returns the failures. Results
     go into `runs` in the jobs' order, whatever order they finish in."""
-    pending, running, finished, failures = list(jobs), [], {}, []
+    pending, running, failures = list(jobs), [], []
     while pending or running:
         while pending and len(running) < parallel:
             job = pending.pop(0)
@@ -383,11 +384,13 @@ def run_jobs(jobs: list[Job], parallel: int, runs: dict[str, list[list[dict]]]) 
                 failures.append(f"{job.variant.name} seed {job.seed}: exit {code}, see {job.run_dir / 'log.txt'}")
                 print(f"{job.name}: FAILED (exit {code}); its log: {job.run_dir / 'log.txt'}")
                 continue
-            finished[id(job)] = rows = read_metrics(job.run_dir / "metrics.jsonl")
-            print(f"{job.name}: {len(rows)} steps in {seconds:.0f} s, final reward {rows[-1]['reward/mean']:.3f}")
+            job.rows = read_metrics(job.run_dir / "metrics.jsonl")
+            print(
+                f"{job.name}: {len(job.rows)} steps in {seconds:.0f} s, final reward {job.rows[-1]['reward/mean']:.3f}"
+            )
     for job in jobs:
-        if id(job) in finished:
-            runs.setdefault(job.variant.name, []).append(finished[id(job)])
+        if job.rows is not None:
+            runs.setdefault(job.variant.name, []).append(job.rows)
     return failures
 
 

@@ -45,7 +45,7 @@ class TRPOConfig(RLConfig):
     The update maximises the surrogate L(theta) = mean_t[ratio_t * A_t] subject to
     mean_t KL(pi_old || pi_theta) <= max_kl, over the policy LoRA tensors only. Where a default
     departs from the paper's, the reason is the scale of a LoRA Fisher; the measurements behind
-    each choice are in the README ("Configuration" and "A cheap trust-region update"):
+    each choice are in the README ("Configuration" and "The cost of an update"):
 
     * ``cg_iters`` = 10, as in the original TRPO code and SB3-contrib: each iteration is one
       Fisher-vector product, and more iterations buy more surrogate gain per step.
