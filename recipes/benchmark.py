@@ -1,7 +1,9 @@
-"""Time and memory of one TRPO update against one PPO update on the same rollout, in one process.
+"""Time and memory of one TRPO update against one PPO update on the same rollout, in one process;
+with `--whole_step`, of whole training steps of TRPO, our PPO and TRL's PPO.
 
     python recipes/benchmark.py --model embedded --batch_size 16 --max_new_tokens 24 --repeats 3
     python recipes/benchmark.py --model tiny --repeats 5 --fvp_subsample 0.25
+    python recipes/benchmark.py --model embedded --whole_step --steps 3
 
 One rollout is generated and scored; then, `--repeats` times, the policy parameters are set back to
 the rollout's and each update runs on that same batch (the order alternates between repeats):
@@ -19,6 +21,16 @@ over the repeats (and appends it to `--output` when given):
 
     {"trpo_update_s": ..., "ppo_update_s": ..., "trpo_peak_mb": ..., "ppo_peak_mb": ...,
      "fvp_s": ..., "fwd_bwd_s": ..., "bwd_s": ..., "cg_iters": ..., "device": ..., ...}
+
+`--whole_step` instead trains each algorithm of `--algorithms` for one warm-up step and `--steps`
+measured steps (generation, scoring, rollout forwards, policy and value updates: everything a
+training step does), one after the other in this process on the same task and settings, and
+prints the medians (TRL's PPO, when the trl-ppo extra is installed, reports only its whole step;
+`<algorithm>_peak_mb` is given on a GPU only, where each step's peak is its own):
+
+    {"trpo_step_s": ..., "ppo_step_s": ..., "trl_ppo_step_s": ..., "trpo_step_over_trl_ppo": ...,
+     "trpo_generate_s": ..., "trpo_rollout_forward_s": ..., "trpo_policy_update_s": ...,
+     "trpo_value_update_s": ..., "ppo_generate_s": ..., ..., "device": ..., ...}
 """
 
 from __future__ import annotations
@@ -33,15 +45,20 @@ from pathlib import Path
 
 import torch
 
-from trpo_rlhf import PPOConfig, PPOTrainer, TRPOConfig, TRPOTrainer
+from trpo_rlhf import PPOConfig, PPOTrainer, RLConfig, TRPOConfig, TRPOTrainer
 from trpo_rlhf.actor_critic import double_backward_attention
 from trpo_rlhf.advantages import masked_mean
+from trpo_rlhf.config import CRITICS, MODEL_DTYPES
 from trpo_rlhf.experiments import task_for_model
 from trpo_rlhf.experiments.cli import add_config_flag, apply_config_file
 from trpo_rlhf.metrics import append_jsonl, json_safe
 from trpo_rlhf.profiling import PeakMemory, stopwatch
 from trpo_rlhf.rollout import token_logprobs
 from trpo_rlhf.trust_region import restore, snapshot
+
+WHOLE_STEP_ALGORITHMS = ("trpo", "ppo", "trl_ppo")
+# The phases RLTrainer.step times (time/<phase>), reported per algorithm beside the whole step.
+STEP_PHASES = ("generate", "score", "rollout_forward", "policy_update", "value_update")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,8 +67,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--model",
         default="embedded",
         help="'tiny' (a random 2-layer model with a word-level tokenizer), 'embedded' (SmolLM2-135M, "
-        "offline), or a hub id / local path.",
+        "offline), 'random:135m' / 'random:1.7b' / 'random:8b' / 'random:PATH/config.json' (random weights of that "
+        "shape, LoRA on the attention projections), or a hub id / local path.",
     )
+    parser.add_argument(
+        "--model_dtype",
+        default=RLConfig.model_dtype,
+        choices=MODEL_DTYPES,
+        help="The frozen base's dtype (RLConfig.model_dtype); LoRA, value head and CG stay float32.",
+    )
+    parser.add_argument("--critic", default=RLConfig.critic, choices=CRITICS, help="RLConfig.critic.")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--max_new_tokens", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=3)
@@ -71,10 +96,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lora_target_modules", nargs="+", default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=None, help="Append the JSON line to this file.")
+    parser.add_argument(
+        "--whole_step",
+        action="store_true",
+        help="Time whole training steps of each of --algorithms instead of one update on a shared rollout.",
+    )
+    parser.add_argument("--steps", type=int, default=3, help="--whole_step: measured steps after one warm-up step.")
+    parser.add_argument(
+        "--algorithms",
+        nargs="+",
+        default=list(WHOLE_STEP_ALGORITHMS),
+        choices=WHOLE_STEP_ALGORITHMS,
+        help="--whole_step: which trainers to time (trl_ppo needs the trl-ppo extra).",
+    )
     add_config_flag(parser)
     args = parser.parse_args(apply_config_file(parser, argv))
     if args.repeats < 1:
         parser.error(f"--repeats {args.repeats}: must be >= 1.")
+    if args.steps < 1:
+        parser.error(f"--steps {args.steps}: must be >= 1.")
     return args
 
 
@@ -123,37 +163,121 @@ def measure_update(trainer, batch, params, origin) -> tuple[float, float, dict]:
     return seconds["update"], memory.peak_mb, stats
 
 
+def device_name(device: torch.device, threads: int) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {threads} threads)"
+
+
+def trainer_configs(args: argparse.Namespace, task, output_dir: str, max_steps: int = 1) -> tuple:
+    """The (TRPOConfig, PPOConfig) both modes run: the benchmark's flags over the configs' defaults."""
+    common = dict(
+        output_dir=output_dir,
+        seed=args.seed,
+        max_steps=max_steps,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        lora_target_modules=args.lora_target_modules or task.lora_target_modules,
+        model_dtype=args.model_dtype,
+        critic=args.critic,
+    )
+    trpo = TRPOConfig(
+        **common,
+        cg_iters=args.cg_iters,
+        fvp_subsample=args.fvp_subsample,
+        fvp_method=args.fvp_method,
+        cg_damping=args.cg_damping,
+        max_kl=args.max_kl,
+    )
+    ppo = PPOConfig(
+        **common, ppo_epochs=args.ppo_epochs, num_minibatches=args.num_minibatches, learning_rate=args.ppo_learning_rate
+    )
+    return trpo, ppo
+
+
+def time_whole_steps(algorithm: str, args: argparse.Namespace, output_dir: Path) -> list[dict]:
+    """The metrics of `args.steps` training steps of `algorithm` after one warm-up step, on a fresh
+    copy of the task (its own model, LoRA initialisation and prompt order)."""
+    task = task_for_model(args.model, args.seed, getattr(torch, args.model_dtype))
+    trpo_config, ppo_config = trainer_configs(args, task, str(output_dir / algorithm), max_steps=1 + args.steps)
+    if algorithm == "trl_ppo":
+        from trpo_rlhf.experiments.trl_adapter import build_trl_ppo_for_task
+        from trpo_rlhf.metrics import read_metrics
+
+        build_trl_ppo_for_task(task, ppo_config).train()
+        return read_metrics(Path(ppo_config.output_dir) / "metrics.jsonl")[1:]
+    trainer = (
+        TRPOTrainer(trpo_config, task.model, task.tokenizer, task.reward_model, task.prompts)
+        if algorithm == "trpo"
+        else PPOTrainer(ppo_config, task.model, task.tokenizer, task.reward_model, task.prompts)
+    )
+    rows = [trainer.step() for _ in range(1 + args.steps)]
+    return rows[1:]
+
+
+def whole_step(args: argparse.Namespace, threads: int) -> dict:
+    """Median whole-step seconds and phases of each algorithm, and TRPO's step over TRL's."""
+    from trpo_rlhf.experiments.trl_adapter import trl_available
+
+    result: dict = {}
+    output_dir = Path(tempfile.mkdtemp(prefix="trpo_benchmark_steps_"))
+    for algorithm in args.algorithms:
+        if algorithm == "trl_ppo" and not trl_available():
+            print("TRL's PPO is not installed (pip install -e .[trl-ppo]): leaving it out.", file=sys.stderr)
+            continue
+        rows = time_whole_steps(algorithm, args, output_dir)
+        result[f"{algorithm}_step_s"] = statistics.median(row["time/step"] for row in rows)
+        for phase in STEP_PHASES:
+            if all(f"time/{phase}" in row for row in rows):
+                result[f"{algorithm}_{phase}_s"] = statistics.median(row[f"time/{phase}"] for row in rows)
+        if torch.cuda.is_available():  # per step on a GPU; on a CPU the process's lifetime peak, shared by all
+            result[f"{algorithm}_peak_mb"] = max(row["memory/peak_mb"] for row in rows)
+        print(f"{algorithm}: {result[f'{algorithm}_step_s']:.2f} s/step", file=sys.stderr)
+    for algorithm in ("trpo", "ppo"):
+        if f"{algorithm}_step_s" in result and "trl_ppo_step_s" in result:
+            result[f"{algorithm}_step_over_trl_ppo"] = result[f"{algorithm}_step_s"] / result["trl_ppo_step_s"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result.update(
+        {
+            "device": device_name(device, threads),
+            "model": args.model,
+            "batch_size": args.batch_size,
+            "max_new_tokens": args.max_new_tokens,
+            "steps": args.steps,
+            "cg_iters": args.cg_iters,
+            "max_kl": args.max_kl,
+            "value_epochs": RLConfig.value_epochs,
+            "value_minibatch_size": RLConfig.value_minibatch_size,
+            "critic": args.critic,
+            "model_dtype": args.model_dtype,
+            "ppo_epochs": args.ppo_epochs,
+            "num_minibatches": args.num_minibatches,
+            "torch": torch.__version__,
+        }
+    )
+    return result
+
+
+def print_row(result: dict, output: Path | None) -> None:
+    row = json_safe({k: float(f"{v:.5g}") if isinstance(v, float) else v for k, v in result.items()})  # 5 digits
+    print(json.dumps(row, allow_nan=False))
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        append_jsonl(output, row)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from trpo_rlhf.experiments.sentiment import use_all_cpu_cores
 
     threads = use_all_cpu_cores()
-    task = task_for_model(args.model, args.seed)
-    common = dict(
-        output_dir=tempfile.mkdtemp(prefix="trpo_benchmark_"),
-        seed=args.seed,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        lora_target_modules=args.lora_target_modules or task.lora_target_modules,
-    )
-    trpo = TRPOTrainer(
-        TRPOConfig(
-            **common,
-            cg_iters=args.cg_iters,
-            fvp_subsample=args.fvp_subsample,
-            fvp_method=args.fvp_method,
-            cg_damping=args.cg_damping,
-            max_kl=args.max_kl,
-        ),
-        task.model,
-        task.tokenizer,
-        task.reward_model,
-        task.prompts,
-    )
+    if args.whole_step:
+        print_row(whole_step(args, threads), args.output)
+        return 0
+    task = task_for_model(args.model, args.seed, getattr(torch, args.model_dtype))
+    trpo_config, ppo_config = trainer_configs(args, task, tempfile.mkdtemp(prefix="trpo_benchmark_"))
+    trpo = TRPOTrainer(trpo_config, task.model, task.tokenizer, task.reward_model, task.prompts)
     # The PPO trainer shares the TRPO trainer's PeftModel: the same policy tensors, the same rollout.
-    ppo_config = PPOConfig(
-        **common, ppo_epochs=args.ppo_epochs, num_minibatches=args.num_minibatches, learning_rate=args.ppo_learning_rate
-    )
     ppo = PPOTrainer(ppo_config, trpo.actor_critic.peft_model, trpo.tokenizer, task.reward_model, task.prompts)
     batch, _ = trpo.collect_batch()
     params = trpo.actor_critic.policy_parameters()
@@ -196,9 +320,7 @@ def main(argv=None) -> int:
         "fwd_bwd_s": median("fwd_bwd_s"),
         "bwd_s": median("bwd_s"),
         "cg_iters": median("trpo:trpo/cg_iters"),
-        "device": torch.cuda.get_device_name(trpo.device)
-        if trpo.device.type == "cuda"
-        else f"cpu ({platform.processor() or platform.machine()}, {threads} threads)",
+        "device": device_name(trpo.device, threads),
         **{key: median(key) for key in ("fvp_rebuild_s", "fwd_bwd_math_s", "forward_s", "forward_grad_s")},
         "trpo_gradient_s": median("trpo:time/policy_gradient"),
         "trpo_fvp_graph_s": median("trpo:time/policy_fvp_graph"),
@@ -221,6 +343,7 @@ def main(argv=None) -> int:
         "repeats": args.repeats,
         "fvp_subsample": args.fvp_subsample,
         "fvp_method": args.fvp_method,
+        "model_dtype": args.model_dtype,
         "cg_damping": args.cg_damping,
         "ppo_epochs": args.ppo_epochs,
         "num_minibatches": args.num_minibatches,
@@ -233,13 +356,7 @@ def main(argv=None) -> int:
     )
     result["fvp_over_bwd"] = result["fvp_s"] / result["bwd_s"]
     result["fvp_over_fwd_bwd"] = result["fvp_s"] / result["fwd_bwd_s"]
-    row = json_safe(
-        {k: float(f"{v:.5g}") if isinstance(v, float) else v for k, v in result.items()}
-    )  # 5 significant digits
-    print(json.dumps(row, allow_nan=False))
-    if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        append_jsonl(args.output, row)
+    print_row(result, args.output)
     return 0
 
 

@@ -5,7 +5,7 @@ variant's reward-vs-KL-to-reference frontier.
 
     python recipes/compare_trpo_ppo.py --task toy --steps 30 --seeds 3 --output_dir runs/compare_toy
     python recipes/compare_trpo_ppo.py --task sentiment --steps 50 --seeds 3 --batch_size 32 --parallel 9 --bf16 \
-        --learning_rates 3e-4 1e-3 3e-3 --variant "trpo_cg1:--cg_iters 1" --variant "trpo_kl04:--max_kl 0.04"
+        --learning_rates 3e-4 1e-3 3e-3 --variant "trpo_kl02:--max_kl 0.02" --variant "trpo_cg10:--cg_iters 10 --max_kl 0.02"
 
 A variant (`--variant NAME:FLAGS`, repeated) is a run of TRPO, or of the algorithm FLAGS start
 with (`--variant "ppo_e8:ppo --ppo_epochs 8"`), with FLAGS added to the shared ones. With
@@ -31,7 +31,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from trpo_rlhf import TRPOConfig
 from trpo_rlhf.checkpointing import latest_checkpoint
+from trpo_rlhf.config import CRITICS
 from trpo_rlhf.experiments.cli import add_config_flag, apply_config_file
 from trpo_rlhf.experiments.comparison import (
     ALGORITHMS,
@@ -46,12 +48,14 @@ from trpo_rlhf.metrics import read_metrics
 TASK_DEFAULTS = {
     # toy: the tiny random model's LoRA tensors take large rates.
     "toy": {"max_new_tokens": 8, "max_kl": 0.05, "learning_rate": 1e-3},
-    "sentiment": {"max_new_tokens": 24, "max_kl": 0.02, "learning_rate": 1e-4},
-    "sentiment_binary": {"max_new_tokens": 24, "max_kl": 0.02, "learning_rate": 1e-4},
+    "sentiment": {"max_new_tokens": 24, "max_kl": TRPOConfig.max_kl, "learning_rate": 1e-4},
+    "sentiment_binary": {"max_new_tokens": 24, "max_kl": TRPOConfig.max_kl, "learning_rate": 1e-4},
 }
 
 # TRPOConfig fields the comparison can set; unset ones keep TRPOConfig's defaults.
 TRPO_SOLVER_FLAGS = ("cg_iters", "cg_damping", "logit_damping", "cg_stop", "held_out_fraction")
+# RLConfig critic fields for TRPO and our PPO; unset ones keep RLConfig's defaults.
+CRITIC_FLAGS = ("critic", "value_lr", "value_epochs", "value_minibatch_size")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,13 +70,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=16, help="Prompts per step, the same for every algorithm.")
     parser.add_argument("--max_new_tokens", type=int, default=None, help="Default: 8 (toy), 24 (sentiment).")
     parser.add_argument(
-        "--max_kl", type=float, default=None, help="TRPO's delta. Default: 0.05 (toy), 0.02 (sentiment)."
+        "--max_kl", type=float, default=None, help="TRPO's delta. Default: 0.05 (toy), TRPOConfig's (sentiment)."
     )
     parser.add_argument(
         "--cg_iters",
         type=int,
         default=None,
-        help="TRPO's conjugate-gradient iterations. Default: TRPOConfig's (10); 3 makes its update cost what PPO's does.",
+        help="TRPO's conjugate-gradient iterations. Default: TRPOConfig's (1).",
     )
     parser.add_argument(
         "--cg_damping", type=float, default=None, help="TRPO's damping c in (F + cI) x = g. Default: TRPOConfig's."
@@ -96,6 +100,24 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="PPO's (ours and TRL's). Default: 1e-3 (toy), 1e-4 (sentiment).",
     )
     parser.add_argument("--ppo_epochs", type=int, default=4)
+    parser.add_argument(
+        "--critic",
+        choices=CRITICS,
+        default=None,
+        help="TRPO's and our PPO's critic (RLConfig.critic). Default: RLConfig's ('adapter').",
+    )
+    parser.add_argument(
+        "--value_lr", type=float, default=None, help="TRPO's and our PPO's critic Adam rate. Default: RLConfig's."
+    )
+    parser.add_argument(
+        "--value_epochs", type=int, default=None, help="TRPO's and our PPO's critic epochs. Default: RLConfig's (4)."
+    )
+    parser.add_argument(
+        "--value_minibatch_size",
+        type=int,
+        default=None,
+        help="TRPO's and our PPO's critic minibatch (sequences). Default: RLConfig's (8).",
+    )
     parser.add_argument(
         "--learning_rates",
         type=float,
@@ -220,14 +242,6 @@ def worker_accepts(flags: list[str]) -> bool:
     return True
 
 
-def trl_available() -> bool:
-    try:
-        import trl.experimental.ppo  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def run_worker(args: argparse.Namespace, output_dir: Path) -> None:
     """One (algorithm, seed) run, in this process."""
     from trpo_rlhf import PPOConfig, PPOTrainer, TRPOConfig, TRPOTrainer
@@ -254,6 +268,9 @@ def run_worker(args: argparse.Namespace, output_dir: Path) -> None:
         lora_target_modules=task.lora_target_modules,
         bf16=args.bf16,
     )
+    for key in CRITIC_FLAGS:
+        if getattr(args, key) is not None:
+            common[key] = getattr(args, key)
     resume = True if args.resume_worker else None
 
     if args.worker == "trpo":
@@ -269,22 +286,12 @@ def run_worker(args: argparse.Namespace, output_dir: Path) -> None:
         )
     else:
         common.pop("save_steps")
-        from trpo_rlhf.experiments.toy import build_tiny_value_model
-        from trpo_rlhf.experiments.trl_adapter import build_trl_ppo_trainer, load_policy_and_value_model
-        from trpo_rlhf.rewards import build_reward_fn
+        for key in CRITIC_FLAGS:  # TRL trains its own full value model jointly with the policy
+            common.pop(key, None)
+        from trpo_rlhf.experiments.trl_adapter import build_trl_ppo_for_task
 
         config = PPOConfig(**common, learning_rate=args.learning_rate, ppo_epochs=args.ppo_epochs)
-        if args.task == "toy":  # TRL's PPO wants a separate value model: the toy backbone with a scalar head
-            model, value_model, tokenizer = (
-                task.model,
-                build_tiny_value_model(task.tokenizer, seed=args.seed),
-                task.tokenizer,
-            )
-        else:
-            model, value_model, tokenizer = load_policy_and_value_model(task.model)
-        build_trl_ppo_trainer(
-            config, model, value_model, tokenizer, task.prompts, build_reward_fn(task.reward_model)
-        ).train()
+        build_trl_ppo_for_task(task, config).train()
 
 
 def worker_command(args: argparse.Namespace, algorithm: str, seed: int, output_dir: Path) -> list[str]:
@@ -314,7 +321,7 @@ def worker_command(args: argparse.Namespace, algorithm: str, seed: int, output_d
         "--save_steps",
         str(args.save_steps),
     ]
-    for flag in ("model_name_or_path", "reward_model", "dataset", *TRPO_SOLVER_FLAGS):
+    for flag in ("model_name_or_path", "reward_model", "dataset", *TRPO_SOLVER_FLAGS, *CRITIC_FLAGS):
         if getattr(args, flag) is not None:
             command += [f"--{flag}", str(getattr(args, flag))]
     return command + (["--bf16"] if args.bf16 else [])
@@ -401,6 +408,8 @@ def main(argv=None) -> int:
         return 0
 
     out = Path(args.output_dir)
+    from trpo_rlhf.experiments.trl_adapter import trl_available
+
     if any(v.algorithm == "trl_ppo" for v in args.variants) and not trl_available():
         print("TRL's PPO is not installed (pip install -e .[trl-ppo], trl==1.12.0): leaving its runs out.")
         args.variants = [v for v in args.variants if v.algorithm != "trl_ppo"]

@@ -1,21 +1,21 @@
 """What does a cheaper trust-region update cost in step quality? The same TRPO update, with fewer
 conjugate-gradient iterations or a subsampled Fisher, on the batches of one real training run.
 
-    python recipes/step_quality.py --model embedded --probe_steps 1 4 8 \\
+    python recipes/step_quality.py --model embedded --probe_steps 1 4 8 --run_cg_iters 10 --run_max_kl 0.02 \\
         --cg_iters 1 2 3 4 6 15 --fvp_subsample 0.5 0.25 --output recipes/results/step_quality_cpu
-    python recipes/step_quality.py --model tiny --probe_steps 1 2 --cg_iters 1 3    # a quick look
+    python recipes/step_quality.py --model tiny --probe_steps 1 2 --cg_iters 3 10    # a quick look
 
-TRPO trains with its defaults (`TRPOConfig`) for max(--probe_steps) steps. On each probe step,
-before the run's own update, every variant runs its policy update on that step's batch from the
-same parameters: `cg_iters` = each of --cg_iters with the whole batch's Fisher, and
-`fvp_subsample` = each of --fvp_subsample at the default cg_iters; the default itself is always
-probed. The parameters and the minibatch generator are restored bitwise after each, so the run is
+TRPO trains with its defaults (`TRPOConfig`), but `--run_cg_iters` CG iterations and δ =
+`--run_max_kl`, for max(--probe_steps) steps. On each probe step, before the run's own update,
+every variant runs its policy update on that step's batch from the same parameters: `cg_iters` =
+each of --cg_iters with the whole batch's Fisher, and `fvp_subsample` = each of --fvp_subsample
+at the run's cg_iters; the run's own setting is always probed, first. The parameters and the minibatch generator are restored bitwise after each, so the run is
 the one an unprobed run would be.
 
 What a step buys is the surrogate gain L(theta_new) - L(theta_old) at a measured KL inside the
 trust region: for the same KL, a better solve of (F + cI) x = g buys more. Writes probes.jsonl (one
 line per variant and step) and summary.md (per variant: median update seconds, mean surrogate gain
-and its mean ratio to the default's on the same batch, median measured KL and line-search points).
+and its mean ratio to the run's own update's on the same batch, median measured KL and line-search points).
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=DEFAULT.batch_size)
     parser.add_argument("--max_new_tokens", type=int, default=DEFAULT.max_new_tokens)
     parser.add_argument("--probe_steps", type=int, nargs="+", default=[1, 4, 8])
-    parser.add_argument("--cg_iters", type=int, nargs="*", default=[1, 2, 3, 4, 6, 15])
+    parser.add_argument("--run_cg_iters", type=int, default=DEFAULT.cg_iters, help="The run's own CG iterations.")
+    parser.add_argument("--run_max_kl", type=float, default=DEFAULT.max_kl, help="The run's (and every probe's) delta.")
+    parser.add_argument("--cg_iters", type=int, nargs="*", default=[2, 3, 6, 10, 15])
     parser.add_argument("--fvp_subsample", type=float, nargs="*", default=[0.5, 0.25])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, required=True, help="Directory for probes.jsonl and summary.md.")
@@ -56,11 +58,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def variants(cg_iters: list[int], fvp_subsample: list[float]) -> list[dict]:
-    """The default first, then each cheaper (or dearer) setting, one field changed at a time."""
-    chosen = [{"cg_iters": DEFAULT.cg_iters, "fvp_subsample": DEFAULT.fvp_subsample}]
+def variants(cg_iters: list[int], fvp_subsample: list[float], run_cg_iters: int = DEFAULT.cg_iters) -> list[dict]:
+    """The run's own setting first, then each cheaper (or dearer) one, one field changed at a time."""
+    chosen = [{"cg_iters": run_cg_iters, "fvp_subsample": DEFAULT.fvp_subsample}]
     chosen += [{"cg_iters": k, "fvp_subsample": DEFAULT.fvp_subsample} for k in cg_iters]
-    chosen += [{"cg_iters": DEFAULT.cg_iters, "fvp_subsample": s} for s in fvp_subsample]
+    chosen += [{"cg_iters": run_cg_iters, "fvp_subsample": s} for s in fvp_subsample]
     unique = []
     for v in chosen:
         if v not in unique:
@@ -99,19 +101,19 @@ class ProbingTRPOTrainer(TRPOTrainer):
 
 
 def summarize(rows: list[dict]) -> str:
-    """A markdown table, one row per variant, the gain relative to the default on the same batch."""
+    """A markdown table, one row per variant, the gain relative to the run's own update (the first
+    variant probed) on the same batch."""
     key = lambda r: (r["cg_iters"], r["fvp_subsample"])  # noqa: E731
-    default_gain = {
-        r["step"]: r["trpo/surrogate_gain"] for r in rows if key(r) == (DEFAULT.cg_iters, DEFAULT.fvp_subsample)
-    }
+    reference = key(rows[0])
+    reference_gain = {r["step"]: r["trpo/surrogate_gain"] for r in rows if key(r) == reference}
     lines = [
-        "| cg_iters | fvp_subsample | update s (median) | surrogate gain (mean) | gain / default's (mean) "
+        "| cg_iters | fvp_subsample | update s (median) | surrogate gain (mean) | gain / the run's update's (mean) "
         "| measured KL (median) | accepted | line-search points (median) |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for variant in dict.fromkeys(key(r) for r in rows):
         group = [r for r in rows if key(r) == variant]
-        ratios = [r["trpo/surrogate_gain"] / default_gain[r["step"]] for r in group if default_gain.get(r["step"])]
+        ratios = [r["trpo/surrogate_gain"] / reference_gain[r["step"]] for r in group if reference_gain.get(r["step"])]
         cells = [
             str(variant[0]),
             str(variant[1]),
@@ -154,6 +156,8 @@ def main(argv=None) -> int:
         max_new_tokens=args.max_new_tokens,
         max_steps=max(args.probe_steps),
         lora_target_modules=task.lora_target_modules,
+        cg_iters=args.run_cg_iters,
+        max_kl=args.run_max_kl,
     )
     trainer = ProbingTRPOTrainer(
         config,
@@ -162,7 +166,7 @@ def main(argv=None) -> int:
         task.reward_model,
         task.prompts,
         probe_steps=set(args.probe_steps),
-        probe_variants=variants(args.cg_iters, args.fvp_subsample),
+        probe_variants=variants(args.cg_iters, args.fvp_subsample, args.run_cg_iters),
         record=record,
     )
     while trainer.global_step < config.max_steps:
@@ -170,7 +174,8 @@ def main(argv=None) -> int:
     table = summarize(rows)
     (args.output / "summary.md").write_text(
         f"Model {args.model}, batch {args.batch_size}, {args.max_new_tokens} new tokens, seed {args.seed}, "
-        f"probe steps {sorted(set(args.probe_steps))}; every other setting at the TRPOConfig default.\n\n{table}\n"
+        f"probe steps {sorted(set(args.probe_steps))}, the run at cg_iters {args.run_cg_iters} and max_kl "
+        f"{args.run_max_kl}; every other setting at the TRPOConfig default.\n\n{table}\n"
     )
     print(table)
     return 0

@@ -60,6 +60,49 @@ def test_benchmark_prints_one_json_line_with_the_documented_keys(tmp_path):
     assert "repeat 2/2" in result.stderr
 
 
+@pytest.mark.slow
+def test_whole_step_times_each_trainer_and_its_phases(tmp_path):
+    output = tmp_path / "steps.jsonl"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "recipes" / "benchmark.py"),
+            "--model",
+            "tiny",
+            "--whole_step",
+            "--steps",
+            "2",
+            "--batch_size",
+            "4",
+            "--max_new_tokens",
+            "4",
+            "--cg_iters",
+            "2",
+            "--output",
+            str(output),
+        ],
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    assert output.read_text().strip() == result.stdout.strip().splitlines()[-1]
+    for algorithm in ("trpo", "ppo", "trl_ppo"):  # the trl-ppo extra is part of the test setup
+        assert row[f"{algorithm}_step_s"] > 0, algorithm
+    for algorithm in ("trpo", "ppo"):
+        phases = [row[f"{algorithm}_{phase}_s"] for phase in ("generate", "rollout_forward", "policy_update")]
+        phases.append(row[f"{algorithm}_value_update_s"])
+        assert all(p > 0 for p in phases), algorithm
+        # The phases are parts of the step they were timed in.
+        assert sum(phases) < row[f"{algorithm}_step_s"], algorithm
+        assert row[f"{algorithm}_step_over_trl_ppo"] == pytest.approx(
+            row[f"{algorithm}_step_s"] / row["trl_ppo_step_s"], rel=1e-3
+        )
+    assert row["steps"] == 2 and row["cg_iters"] == 2
+
+
 def test_peak_memory_sees_a_short_lived_allocation():
     # Allocated and freed inside the block: only a sampler running during the block can see it.
     with PeakMemory(torch.device("cpu")) as memory:

@@ -63,12 +63,12 @@ def assert_same_tensors(a, b):
     assert not different, different[:3]
 
 
-@pytest.mark.parametrize("algorithm", ["trpo", "ppo"])
-def test_two_steps_and_a_resume_equal_four_straight_steps_bitwise(algorithm, tmp_path, word_tokenizer):
-    straight = make(algorithm, word_tokenizer, tmp_path / "straight")
+@pytest.mark.parametrize("algorithm, critic", [("trpo", "adapter"), ("ppo", "adapter"), ("trpo", "policy_features")])
+def test_two_steps_and_a_resume_equal_four_straight_steps_bitwise(algorithm, critic, tmp_path, word_tokenizer):
+    straight = make(algorithm, word_tokenizer, tmp_path / "straight", critic=critic)
     straight_history = straight.train()
 
-    first = make(algorithm, word_tokenizer, tmp_path / "split", max_steps=2, save_steps=2)
+    first = make(algorithm, word_tokenizer, tmp_path / "split", max_steps=2, save_steps=2, critic=critic)
     first.train()
     checkpoint = tmp_path / "split" / "checkpoint-2"
     for name in (
@@ -80,7 +80,7 @@ def test_two_steps_and_a_resume_equal_four_straight_steps_bitwise(algorithm, tmp
     ):
         assert (checkpoint / name).exists(), name
     # A fresh trainer (as in a new process), resumed from the latest checkpoint.
-    resumed = make(algorithm, word_tokenizer, tmp_path / "split")
+    resumed = make(algorithm, word_tokenizer, tmp_path / "split", critic=critic)
     resumed_history = resumed.train(resume_from_checkpoint=True)
 
     assert [row["step"] for row in resumed_history] == [3, 4]

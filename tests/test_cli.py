@@ -31,8 +31,8 @@ def test_the_trpo_recipe_reads_its_yaml_and_the_command_line_wins():
     )
     assert isinstance(config, TRPOConfig)
     assert (args.model_name_or_path, args.reward_model) == ("embedded", "vader")
-    assert config.max_kl == 0.05  # the flag, over the file's 0.02
-    assert (config.max_steps, config.cg_iters, config.cg_damping, config.value_lr) == (20, 10, 1e-3, 5e-4)
+    assert config.max_kl == 0.05  # the flag, over the file's 0.04
+    assert (config.max_steps, config.cg_iters, config.cg_damping, config.value_lr) == (20, 1, 1e-3, 5e-4)
     assert config.lora_target_modules == ["q_proj", "v_proj"] and config.report_to == ["tensorboard"]
     # The same settings by flags alone give the same config.
     _, by_flags = parse_sentiment(
@@ -66,7 +66,7 @@ def test_the_ppo_recipes_read_their_yaml(recipe, config_class):
 
 def test_the_argparse_recipes_read_their_yaml():
     compare = compare_trpo_ppo.parse_args(["--config", str(CONFIGS / "compare_trpo_ppo.yaml"), "--seeds", "2"])
-    assert [v.name for v in compare.variants][-2:] == ["trpo_cg1", "trpo_cg1_kl04"] and compare.parallel == 9
+    assert [v.name for v in compare.variants][-2:] == ["trpo_kl02", "trpo_cg10"] and compare.parallel == 9
     assert (compare.task, compare.steps, compare.seeds, compare.batch_size) == ("sentiment", 50, 2, 32)
     assert compare.learning_rates == [3e-4, 1e-3, 3e-3]
     assert [v.name for v in compare.variants if v.algorithm == "trl_ppo"] == [
@@ -80,6 +80,15 @@ def test_the_argparse_recipes_read_their_yaml():
         3,
         1e-3,
         Path("runs/benchmark.jsonl"),
+    )
+    steps = benchmark.parse_args(["--config", str(CONFIGS / "benchmark_whole_step.yaml")])
+    assert steps.whole_step and steps.steps == 3 and steps.algorithms == ["trpo", "ppo", "trl_ppo"]
+    scale = benchmark.parse_args(["--config", str(CONFIGS / "benchmark_8b.yaml")])
+    assert (scale.model, scale.model_dtype, scale.batch_size, scale.max_new_tokens) == (
+        "random:8b",
+        "bfloat16",
+        16,
+        128,
     )
     probes = step_quality.parse_args(
         ["--config", str(CONFIGS / "step_quality.yaml")]

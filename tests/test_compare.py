@@ -203,6 +203,16 @@ def test_variants_parse_and_bad_ones_fail_before_anything_runs(capsys):
         assert message in capsys.readouterr().err
 
 
+def test_critic_flags_reach_every_worker_of_trpo_and_our_ppo(tmp_path):
+    args = compare_trpo_ppo.parse_args(["--critic", "policy_features", "--value_epochs", "2"])
+    command = compare_trpo_ppo.worker_command(args, "trpo", 0, tmp_path)
+    assert command[command.index("--critic") + 1] == "policy_features"
+    assert command[command.index("--value_epochs") + 1] == "2"
+    assert "--value_minibatch_size" not in command  # unset: the config's default
+    assert compare_trpo_ppo.worker_accepts(["--critic", "policy_features", "--value_minibatch_size", "16"])
+    assert not compare_trpo_ppo.worker_accepts(["--critic", "value_head"])
+
+
 def test_the_binary_sentiment_task_thresholds_vader():
     from trpo_rlhf.experiments import build_task
 

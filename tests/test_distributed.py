@@ -19,23 +19,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def launcher(name: str) -> list[str]:
+    """Two CPU processes (gloo) through torchrun, or through `accelerate launch` with the shipped
+    multi-GPU config (on a machine without a GPU its processes fall back to CPU and gloo)."""
+    if name == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    config = ROOT / "recipes" / "accelerate_configs" / "multi_gpu.yaml"
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
+    return accelerate + ["--config_file", str(config), "--num_processes", "2", "--main_process_ip", "127.0.0.1"]
+
+
 @pytest.mark.slow
-def test_two_processes_stay_in_sync(tmp_path):
+@pytest.mark.parametrize("name", ["torchrun", "accelerate multi_gpu.yaml"])
+def test_two_processes_stay_in_sync(name, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    port = ["--master_port" if name == "torchrun" else "--main_process_port", str(free_port())]
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(free_port()),
-            str(WORKER),
-            str(tmp_path),
-        ],
+        launcher(name) + port + [str(WORKER), str(tmp_path)],
         env=env,
         capture_output=True,
         text=True,
@@ -53,3 +56,13 @@ def test_two_processes_stay_in_sync(tmp_path):
     rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 2  # written once, by the main process
     assert (tmp_path / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_a_sharding_backend_is_refused_at_construction(kind, make_trainer, monkeypatch):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType[kind]))
+    with pytest.raises(ValueError, match=f"distributed_type is {DistributedType[kind].value}: .*multi_gpu.yaml"):
+        make_trainer()

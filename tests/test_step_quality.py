@@ -18,12 +18,13 @@ from trpo_rlhf import TRPOConfig, TRPOTrainer  # noqa: E402
 from trpo_rlhf.experiments import task_for_model  # noqa: E402
 
 
-def test_variants_start_with_the_default_and_change_one_field_at_a_time():
-    assert variants([3, 10], [0.5]) == [
+def test_variants_start_with_the_runs_own_and_change_one_field_at_a_time():
+    assert variants([3, 10], [0.5], run_cg_iters=10) == [
         {"cg_iters": 10, "fvp_subsample": 1.0},
         {"cg_iters": 3, "fvp_subsample": 1.0},
         {"cg_iters": 10, "fvp_subsample": 0.5},
     ]
+    assert variants([3], [0.5])[0] == {"cg_iters": TRPOConfig.cg_iters, "fvp_subsample": 1.0}
 
 
 def test_probing_leaves_the_training_run_bitwise_as_an_unprobed_run():
@@ -34,14 +35,16 @@ def test_probing_leaves_the_training_run_bitwise_as_an_unprobed_run():
         return [trainer.step() for _ in range(2)]
 
     probes = []
-    probed = run(ProbingTRPOTrainer, probe_steps={1, 2}, probe_variants=variants([1], [0.5]), record=probes.append)
+    probed = run(ProbingTRPOTrainer, probe_steps={1, 2}, probe_variants=variants([3], [0.5]), record=probes.append)
     plain = run(TRPOTrainer)
     assert len(probes) == 6 and {p["step"] for p in probes} == {1, 2}
     for a, b in zip(probed, plain):
         for key in ("reward/mean", "trpo/kl", "trpo/surrogate_gain", "trpo/step_norm", "value/loss"):
             assert a[key] == b[key], key
     # The default variant is the run's own update on the same batch.
-    default_probe = next(p for p in probes if p["step"] == 1 and p["cg_iters"] == 10 and p["fvp_subsample"] == 1.0)
+    default_probe = next(
+        p for p in probes if p["step"] == 1 and p["cg_iters"] == TRPOConfig.cg_iters and p["fvp_subsample"] == 1.0
+    )
     assert default_probe["trpo/surrogate_gain"] == pytest.approx(plain[0]["trpo/surrogate_gain"], rel=1e-6)
 
 
@@ -60,6 +63,8 @@ def test_step_quality_writes_probes_and_summary(tmp_path):
             "--probe_steps",
             "1",
             "2",
+            "--run_cg_iters",
+            "10",
             "--cg_iters",
             "1",
             "3",
@@ -82,5 +87,6 @@ def test_step_quality_writes_probes_and_summary(tmp_path):
             assert row["trpo/kl"] <= TRPOConfig.kl_tolerance * TRPOConfig.max_kl
     summary = (tmp_path / "summary.md").read_text()
     assert "| 10 | 1.0 |" in summary and summary.count("\n| ") == 4 + 1  # header + 4 variants
-    default_row = next(line for line in summary.splitlines() if line.startswith("| 10 | 1.0 |"))
-    assert default_row.split("|")[5].strip() == "1.00"  # the default's gain relative to itself
+    own_row = next(line for line in summary.splitlines() if line.startswith("| 10 | 1.0 |"))
+    assert own_row.split("|")[5].strip() == "1.00"  # the run's own update's gain relative to itself
+    assert "the run at cg_iters 10" in summary

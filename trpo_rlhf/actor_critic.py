@@ -2,7 +2,8 @@
 
 * the policy: base + the policy LoRA adapter (the only tensors TRPO moves),
 * the reference: base with adapters disabled (no second copy of the weights),
-* the critic: base + a second LoRA adapter named ``"value"`` + a scalar head.
+* the critic: base + a second LoRA adapter named ``"value"`` + a scalar head (``critic="adapter"``),
+  or a scalar head on the policy's detached last hidden states (``critic="policy_features"``).
 
 `double_backward_attention` runs the policy's attention on a path that allows the second backward
 the Fisher-vector products need.
@@ -139,8 +140,8 @@ class LoraActorCritic(nn.Module):
     """Policy, reference and critic on one frozen base model.
 
     Build it from a plain model (a policy adapter is added from the config) or from a PeftModel
-    (its active adapter is the policy, used as given); a LoRA adapter named "value" is added for
-    the critic either way.
+    (its active adapter is the policy, used as given); with `critic="adapter"` a LoRA adapter
+    named "value" is added for the critic either way.
 
         >>> actor_critic = LoraActorCritic.build(model, config)     # doctest: +SKIP
         >>> logits = actor_critic.policy_logits(input_ids, attention_mask, position_ids, response_length=T)  # doctest: +SKIP
@@ -152,12 +153,14 @@ class LoraActorCritic(nn.Module):
         policy_adapter: str,
         value_head: ValueHead,
         autocast_dtype: torch.dtype | None = None,
+        critic: str = "adapter",
     ):
         super().__init__()
         self.peft_model = peft_model
         self.policy_adapter = policy_adapter
         self.value_head = value_head
         self.autocast_dtype = autocast_dtype
+        self.critic = critic
         self.peft_model.eval()
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -185,12 +188,18 @@ class LoraActorCritic(nn.Module):
             peft_model = _add_lora(model, config, policy_adapter)
         for param in peft_model.get_base_model().parameters():
             param.requires_grad_(False)
-        if VALUE_ADAPTER not in peft_model.peft_config:
+        critic = getattr(config, "critic", "adapter")
+        if critic == "adapter" and VALUE_ADAPTER not in peft_model.peft_config:
             _add_lora(peft_model, config, VALUE_ADAPTER)
         peft_model.set_adapter(policy_adapter)
         hidden_size = peft_model.get_base_model().config.get_text_config().hidden_size
         head = ValueHead(hidden_size).to(next(peft_model.parameters()).device)
-        return cls(peft_model, policy_adapter, head, torch.bfloat16 if getattr(config, "bf16", False) else None)
+        autocast_dtype = torch.bfloat16 if getattr(config, "bf16", False) else None
+        return cls(peft_model, policy_adapter, head, autocast_dtype, critic)
+
+    @property
+    def has_value_adapter(self) -> bool:
+        return self.critic == "adapter"
 
     # ---- parameters -------------------------------------------------------------------------
     def _adapter_parameters(self, adapter: str) -> list[nn.Parameter]:
@@ -201,7 +210,9 @@ class LoraActorCritic(nn.Module):
         return self._adapter_parameters(self.policy_adapter)
 
     def value_parameters(self) -> list[nn.Parameter]:
-        return self._adapter_parameters(VALUE_ADAPTER) + list(self.value_head.parameters())
+        """The critic's trainable tensors: its LoRA adapter's (critic="adapter") and the head's."""
+        adapter = self._adapter_parameters(VALUE_ADAPTER) if self.has_value_adapter else []
+        return adapter + list(self.value_head.parameters())
 
     def trainable_tensors(self) -> dict[str, nn.Parameter]:
         """Every tensor training moves (the policy and critic LoRA tensors, the value head), by name."""
@@ -231,19 +242,23 @@ class LoraActorCritic(nn.Module):
         return active[0] if isinstance(active, list) else active
 
     # ---- forward passes -----------------------------------------------------------------------
-    def _logits(
-        self, input_ids, attention_mask, position_ids, response_length: int, temperature: float
-    ) -> torch.Tensor:
+    def _forward(self, input_ids, attention_mask, position_ids, response_length: int, hidden_states: bool = False):
         # logits_to_keep = T+1 runs the LM head on the response positions only; position P-1+t
         # predicts response token t, so the last kept position (which predicts nothing) is dropped.
         with self.autocast():
-            out = self.peft_model(
+            return self.peft_model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 logits_to_keep=response_length + 1,
                 use_cache=False,
+                output_hidden_states=hidden_states,
             )
+
+    def _logits(
+        self, input_ids, attention_mask, position_ids, response_length: int, temperature: float
+    ) -> torch.Tensor:
+        out = self._forward(input_ids, attention_mask, position_ids, response_length)
         return out.logits[:, :-1].float() / temperature
 
     def policy_logits(
@@ -259,8 +274,25 @@ class LoraActorCritic(nn.Module):
         with self.peft_model.disable_adapter():
             return self._logits(input_ids, attention_mask, position_ids, response_length, temperature)
 
-    def values(self, input_ids, attention_mask, position_ids, response_length: int) -> torch.Tensor:
-        """V(s_t) for each response position t (the state before token t is sampled): [B, T]."""
+    def policy_logits_and_features(
+        self, input_ids, attention_mask, position_ids, response_length: int, temperature: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`policy_logits` and, from the same forward, the policy's last hidden states at the
+        response positions ([B, T, H], detached): the features of critic="policy_features"."""
+        out = self._forward(input_ids, attention_mask, position_ids, response_length, hidden_states=True)
+        features = out.hidden_states[-1][:, -response_length - 1 : -1].detach()
+        return out.logits[:, :-1].float() / temperature, features
+
+    def values(
+        self, input_ids, attention_mask, position_ids, response_length: int, features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """V(s_t) for each response position t (the state before token t is sampled): [B, T].
+        With critic="policy_features" the head reads `features` (from `policy_logits_and_features`),
+        or, when they are not given, those of a policy forward."""
+        if not self.has_value_adapter:
+            if features is None:
+                _, features = self.policy_logits_and_features(input_ids, attention_mask, position_ids, response_length)
+            return self.value_head(features)
         backbone = self.peft_model.get_base_model().base_model
         with self._adapter(VALUE_ADAPTER), self.autocast():
             hidden = backbone(
@@ -270,7 +302,15 @@ class LoraActorCritic(nn.Module):
 
     @contextlib.contextmanager
     def critic_training(self) -> Iterator[None]:
-        """The critic adapter active and trainable, dropout on; the policy adapter inactive and frozen."""
+        """The critic adapter active and trainable, dropout on; the policy adapter inactive and frozen.
+        With critic="policy_features" only the head trains (on cached features: no model pass)."""
+        if not self.has_value_adapter:
+            self.value_head.train()
+            try:
+                yield
+            finally:
+                self.value_head.eval()
+            return
         with self._adapter(VALUE_ADAPTER):
             self.peft_model.train()
             self.value_head.train()
@@ -283,7 +323,7 @@ class LoraActorCritic(nn.Module):
     # ---- saving -------------------------------------------------------------------------------
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Policy adapter at `path` (loadable by `PeftModel.from_pretrained(base, path)`), the critic
-        adapter and head under `path/value`."""
+        adapter (critic="adapter") and head under `path/value`."""
         from safetensors.torch import save_file
 
         path = Path(path)
@@ -300,7 +340,9 @@ class LoraActorCritic(nn.Module):
                 shutil.move(str(item), path / item.name)
             sub.rmdir()
         value_dir = path / VALUE_ADAPTER
-        self.peft_model.save_pretrained(value_dir, selected_adapters=[VALUE_ADAPTER], save_embedding_layers=False)
+        if self.has_value_adapter:
+            self.peft_model.save_pretrained(value_dir, selected_adapters=[VALUE_ADAPTER], save_embedding_layers=False)
+        value_dir.mkdir(parents=True, exist_ok=True)
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
             value_dir / "value_head.safetensors",
@@ -319,8 +361,13 @@ class LoraActorCritic(nn.Module):
         from peft.utils import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        value_dir = Path(path) / VALUE_ADAPTER / VALUE_ADAPTER
-        set_peft_model_state_dict(
-            self.peft_model, load_file(value_dir / "adapter_model.safetensors"), adapter_name=VALUE_ADAPTER
-        )
+        adapter_file = Path(path) / VALUE_ADAPTER / VALUE_ADAPTER / "adapter_model.safetensors"
+        if self.has_value_adapter != adapter_file.exists():
+            saved = "adapter" if adapter_file.exists() else "policy_features"
+            raise ValueError(
+                f"{path} holds a critic={saved!r} critic, this model has critic={self.critic!r}: "
+                f"build the trainer with critic={saved!r} to load it."
+            )
+        if self.has_value_adapter:
+            set_peft_model_state_dict(self.peft_model, load_file(adapter_file), adapter_name=VALUE_ADAPTER)
         self.value_head.load_state_dict(load_file(Path(path) / VALUE_ADAPTER / "value_head.safetensors"))

@@ -22,6 +22,9 @@ from pathlib import Path
 
 from .tracking import check_report_to
 
+CRITICS = ("adapter", "policy_features")
+MODEL_DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes
+
 
 def _require(condition: bool, message: str) -> None:
     if not condition:
@@ -108,7 +111,17 @@ class RLConfig:
     whiten_advantages: bool = field(
         default=True, metadata={"help": "Normalise advantages to mean 0, std 1 over the valid tokens of the batch."}
     )
-    # Critic: its own LoRA adapter + scalar head on the shared frozen base, so it never moves the policy.
+    # Critic: a scalar head, either on its own LoRA adapter of the shared frozen base or on the
+    # policy's detached hidden states; either way it never moves the policy.
+    critic: str = field(
+        default="adapter",
+        metadata={
+            "help": "adapter: the critic has its own LoRA adapter on the frozen base and a scalar head, and its passes "
+            "of its own (a forward in the rollout, value_epochs of forward+backward passes in its update). "
+            "policy_features: a scalar head on the policy's last hidden states, detached, read from the policy's "
+            "rollout forward; its update trains the head alone on those cached features, with no model pass."
+        },
+    )
     value_lr: float = field(
         default=5e-4, metadata={"help": "Adam learning rate of the value adapter and head (a LoRA-sized rate)."}
     )
@@ -174,6 +187,15 @@ class RLConfig:
             "help": "Log a table of the batch's prompts, completions and rewards to the trackers every this many steps (0: never)."
         },
     )
+    model_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "dtype of the frozen base model's weights: float32, bfloat16 or float16. A model given by name is "
+            "loaded in it, a given model's base weights are cast to it. The LoRA tensors and the value head stay "
+            "float32, and logits are cast to float32 before any softmax, so log-probs, KLs, gradients and CG stay "
+            "float32. bfloat16 halves the base's memory (an 8B base: 16 GB instead of 32)."
+        },
+    )
     bf16: bool = field(
         default=False,
         metadata={
@@ -212,6 +234,11 @@ class RLConfig:
         _require(self.kl_horizon >= 1, f"kl_horizon={self.kl_horizon} must be >= 1.")
         _require(0.0 <= self.gamma <= 1.0, f"gamma={self.gamma} must be in [0, 1].")
         _require(0.0 <= self.gae_lambda <= 1.0, f"gae_lambda={self.gae_lambda} must be in [0, 1].")
+        _require(
+            self.model_dtype in MODEL_DTYPES,
+            f"model_dtype={self.model_dtype!r} is not one of {MODEL_DTYPES} (e.g. --model_dtype bfloat16).",
+        )
+        _require(self.critic in CRITICS, f"critic={self.critic!r} is not one of {CRITICS} (e.g. --critic adapter).")
         _require(self.value_lr > 0, f"value_lr={self.value_lr} must be > 0.")
         _require(self.value_epochs >= 0, f"value_epochs={self.value_epochs} must be >= 0 (0 freezes the critic).")
         _require(self.value_minibatch_size >= 1, f"value_minibatch_size={self.value_minibatch_size} must be >= 1.")

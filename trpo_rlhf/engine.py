@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
@@ -55,7 +56,7 @@ from .checkpointing import (
     staging_path,
 )
 from .config import RLConfig
-from .loading import context_length, ensure_pad_token, load_causal_lm
+from .loading import cast_frozen_base, context_length, ensure_pad_token, load_causal_lm
 from .metrics import append_jsonl
 from .profiling import PhaseTimer, peak_memory_mb
 from .prompts import check_prompt_strings, prompts_from_dataset
@@ -165,13 +166,16 @@ class RLTrainer:
             log_with=tracker_names(config.report_to) or None,
             project_dir=str(self.output_dir),
         )
+        self._check_distributed_type()
         self.trackers = RunTrackers(self.accelerator, config.run_name or self.output_dir.name, config.to_dict())
         self.device = self.accelerator.device
         set_seed(config.seed)  # identical LoRA initialisation on every process
 
+        model_dtype = getattr(torch, config.model_dtype)
         if isinstance(model, str):
-            model, loaded_tokenizer = load_causal_lm(model)
+            model, loaded_tokenizer = load_causal_lm(model, dtype=model_dtype)
             tokenizer = tokenizer or loaded_tokenizer
+        cast_frozen_base(model, model_dtype)
         if tokenizer is None:
             tokenizer = self._tokenizer_for(model)
         self.tokenizer = tokenizer
@@ -195,6 +199,16 @@ class RLTrainer:
         self._completed_state: TrainingState | None = None
 
     # ------------------------------------------------------------------ setup checks
+    def _check_distributed_type(self) -> None:
+        # The trainer averages g, FVPs, line-search measurements and critic gradients itself over
+        # replicated models; a sharding backend would need the model prepared by accelerate.
+        kind = self.accelerator.distributed_type
+        if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+            raise ValueError(
+                f"accelerate's distributed_type is {kind.value}: this trainer replicates the model on every process "
+                "and does not shard it. Launch with recipes/accelerate_configs/multi_gpu.yaml (one replica per GPU)."
+            )
+
     def _check_output_dir_writable(self) -> None:
         out = self.output_dir
         if out.exists() and not out.is_dir():
@@ -737,7 +751,8 @@ class RLTrainer:
     def value_update(self, batch: Rollout) -> dict[str, float]:
         """Minibatch Adam on the (clipped) value loss towards the GAE returns. Only the critic's
         adapter and head are in the optimizer, and the policy adapter is inactive and frozen during
-        these passes, so the policy tensors cannot move."""
+        these passes, so the policy tensors cannot move. With critic="policy_features" the head
+        reads the rollout's cached features: the update runs no model pass."""
         cfg = self.config
         params = self.actor_critic.value_parameters()
         losses = []
@@ -746,7 +761,7 @@ class RLTrainer:
                 order = torch.randperm(len(batch), generator=self.minibatch_generator)
                 for start in range(0, len(batch), cfg.value_minibatch_size):
                     mini = batch.select(order[start : start + cfg.value_minibatch_size])
-                    values = self.actor_critic.values(**mini.model_inputs()).float()
+                    values = self.actor_critic.values(**mini.model_inputs(), features=mini.features).float()
                     loss = value_loss(values, mini.values, mini.returns, mini.response_mask, cfg.value_clip_range)
                     self.value_optimizer.zero_grad(set_to_none=True)
                     loss.backward()

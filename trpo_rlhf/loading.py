@@ -135,6 +135,15 @@ def load_causal_lm(
     return model, tokenizer
 
 
+def cast_frozen_base(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast the floating-point weights of `model` to `dtype` in place, except LoRA tensors (any
+    parameter named lora_*), which stay as they are. Buffers are left alone: rotary frequencies
+    and the like keep their float32 precision, as `from_pretrained(dtype=...)` keeps them."""
+    for name, param in model.named_parameters():
+        if "lora_" not in name and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> None:
     """Give a tokenizer without a pad token one: EOS (the usual choice for decoder-only LMs), else
     UNK, else a new '<pad>' token with the embedding matrix resized to hold it."""

@@ -37,6 +37,7 @@ class Rollout:
     scores: torch.Tensor | None = None  # [B]
     advantages: torch.Tensor | None = None  # [B, T]
     returns: torch.Tensor | None = None  # [B, T]
+    features: torch.Tensor | None = None  # [B, T, H], the critic's input with critic="policy_features"
 
     @property
     def response_length(self) -> int:
@@ -182,18 +183,28 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_rollout(actor_critic: LoraActorCritic, rollout: Rollout, temperature: float) -> Rollout:
-    """Fill in logp_old, logp_ref, values and entropy for a sampled rollout (no gradients)."""
+    """Fill in logp_old, logp_ref, values and entropy (and, with critic="policy_features", the
+    features the values were read from) for a sampled rollout (no gradients)."""
     inputs = rollout.model_inputs()
     actions = rollout.response_ids
-    policy_logits = actor_critic.policy_logits(**inputs, temperature=temperature)
+    features = None
+    if actor_critic.has_value_adapter:
+        policy_logits = actor_critic.policy_logits(**inputs, temperature=temperature)
+    else:  # the critic reads the policy's own forward: one pass fewer
+        policy_logits, features = actor_critic.policy_logits_and_features(**inputs, temperature=temperature)
     logp_old = token_logprobs(policy_logits, actions)
     entropy = entropy_from_logits(policy_logits)
     del policy_logits
     logp_ref = token_logprobs(actor_critic.reference_logits(**inputs, temperature=temperature), actions)
-    values = actor_critic.values(**inputs).float()
+    values = actor_critic.values(**inputs, features=features).float()
     mask = rollout.response_mask
     return dataclasses.replace(
-        rollout, logp_old=logp_old * mask, logp_ref=logp_ref * mask, values=values * mask, entropy=entropy * mask
+        rollout,
+        logp_old=logp_old * mask,
+        logp_ref=logp_ref * mask,
+        values=values * mask,
+        entropy=entropy * mask,
+        features=features,
     )
 
 

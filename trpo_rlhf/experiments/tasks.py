@@ -96,7 +96,29 @@ def build_task(
     raise ValueError(f"task {name!r} is not one of {TASKS}.")
 
 
-def task_for_model(model: str, seed: int = 0) -> Task:
-    """The task for a `--model` flag that names a policy: "tiny" is the toy task, anything else
-    (a hub id, a local path, "embedded") the sentiment task on that policy."""
-    return build_task("toy", seed) if model == "tiny" else build_task("sentiment", seed, model=model)
+def task_for_model(model: str, seed: int = 0, dtype=None) -> Task:
+    """The task for a `--model` flag that names a policy: "tiny" is the toy task;
+    "random:<shape>" (`experiments.random_models`: 135m, 1.7b, 8b or a config.json) a randomly
+    initialised model of that shape in `dtype` on the sentiment prompts and reward, LoRA on its
+    attention projections (for cost, not learning); anything else (a hub id, a local path,
+    "embedded") the sentiment task on that policy."""
+    if model == "tiny":
+        return build_task("toy", seed)
+    if model.startswith("random:"):
+        import torch
+
+        from ..prompts import load_prompts
+        from ..rewards import VADER
+        from .random_models import ATTENTION_PROJECTIONS, build_random_lm
+
+        lm, tokenizer = build_random_lm(model.removeprefix("random:"), dtype or torch.float32, seed)
+        return Task(
+            "random",
+            lm,
+            VADER,
+            load_prompts(None, seed=seed),
+            tokenizer=tokenizer,
+            reason=f"{model}: random weights, for cost measurements only",
+            lora_target_modules=list(ATTENTION_PROJECTIONS),
+        )
+    return build_task("sentiment", seed, model=model)

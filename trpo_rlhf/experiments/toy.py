@@ -84,11 +84,9 @@ def build_tiny_value_model(
 ) -> LlamaForSequenceClassification:
     """A scalar-head model on the same backbone weights as `build_tiny_lm(tokenizer, seed=seed)`:
     the separate value model TRL's PPO expects."""
-    policy = build_tiny_lm(tokenizer, seed=seed, **kwargs)
-    config = policy.config.__class__.from_dict({**policy.config.to_dict(), "num_labels": 1})
-    value_model = LlamaForSequenceClassification(config).to(policy.dtype)
-    value_model.model.load_state_dict(policy.model.state_dict())
-    return value_model.eval()
+    from .trl_adapter import value_model_like
+
+    return value_model_like(build_tiny_lm(tokenizer, seed=seed, **kwargs))
 
 
 class WordScoreReward:

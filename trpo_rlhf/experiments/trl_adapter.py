@@ -31,6 +31,15 @@ from ..metrics import append_jsonl
 from ..rewards import RewardFn, check_finite_scores, score_batch
 
 
+def trl_available() -> bool:
+    """Whether TRL's PPO (the trl-ppo extra, trl==1.12.0) can be imported."""
+    try:
+        import trl.experimental.ppo  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 class _TextScorer(nn.Module):
     """Decodes prompt and response from the policy's ids and scores them with the text reward."""
 
@@ -212,3 +221,33 @@ def build_trl_ppo_trainer(
     Path(config.output_dir).mkdir(parents=True, exist_ok=True)
     trainer.add_callback(MetricsJsonl(Path(config.output_dir) / "metrics.jsonl", trainer.accelerator.device))
     return trainer
+
+
+def value_model_like(policy: PreTrainedModel) -> PreTrainedModel:
+    """A scalar-head sequence classifier with `policy`'s backbone weights (copied): the separate
+    value model TRL's PPO expects, for a policy that exists only as a model object."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = policy.config.__class__.from_dict({**policy.config.to_dict(), "num_labels": 1})
+    value_model = AutoModelForSequenceClassification.from_config(config, dtype=policy.dtype).to(policy.device)
+    backbone = getattr(value_model, value_model.base_model_prefix)
+    backbone.load_state_dict(getattr(policy, policy.base_model_prefix).state_dict())
+    return value_model.eval()
+
+
+def build_trl_ppo_for_task(task, config, lr_scheduler_type: str = "constant"):
+    """TRL's PPOTrainer on a `trpo_rlhf.experiments.Task` with our `PPOConfig`: the task's policy,
+    a value model of the same backbone with a scalar head (TRL trains a separate one), its
+    prompts and its reward. The comparison and the benchmark build TRL's runs here.
+
+        >>> build_trl_ppo_for_task(build_task("toy"), PPOConfig(output_dir="runs/trl")).train()  # doctest: +SKIP
+    """
+    from ..rewards import build_reward_fn
+
+    if isinstance(task.model, str):
+        policy, value_model, tokenizer = load_policy_and_value_model(task.model)
+    else:
+        policy, value_model, tokenizer = task.model, value_model_like(task.model), task.tokenizer
+    return build_trl_ppo_trainer(
+        config, policy, value_model, tokenizer, task.prompts, build_reward_fn(task.reward_model), lr_scheduler_type
+    )

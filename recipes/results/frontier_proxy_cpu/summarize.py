@@ -1,0 +1,86 @@
+"""The candidates table in README.md and candidates.png: every variant run on this proxy (the
+three of compare.md and the candidates added to them), over the KL range all of them reach.
+
+    python recipes/results/frontier_proxy_cpu/summarize.py
+
+candidates.png: reward against KL to the reference, each seed's curve faint (reward and kl/ref as
+running means over 5 steps), the thick line the mean over the seeds that reach that KL.
+"""
+
+import statistics
+from pathlib import Path
+
+from trpo_rlhf.experiments.comparison import common_kl, frontier_auc, plot_frontier, reward_at_kl
+from trpo_rlhf.metrics import read_metrics
+
+HERE = Path(__file__).resolve().parent
+VARIANTS = {
+    "trpo": "TRPO, 10 CG iterations, δ 0.02",
+    "trpo_cg1": "TRPO, 1 CG iteration, δ 0.02",
+    "trpo_cg1_kl04": "TRPO, 1 CG iteration, δ 0.04",
+    "trpo_ho": "TRPO, CG stopped on held-out sequences, δ 0.02",
+    "trpo_cg1_kl04_pf": "TRPO, 1 CG iteration, δ 0.04, critic on the policy's features",
+    "trpo_cg1_kl04_pf_lr5e-3": "the same, critic lr 5e-3",
+    "trpo_cg1_kl04_ve1": "TRPO, 1 CG iteration, δ 0.04, critic 1 epoch of 1 minibatch at lr 2e-3",
+    "ppo": "PPO (ours), lr 1e-3",
+}
+
+
+def load(variant: str) -> list[list[dict]]:
+    return [read_metrics(p) for p in sorted((HERE / variant).glob("seed-*/metrics.jsonl"))]
+
+
+def mean_or_dash(values) -> str:
+    return "–" if any(v is None for v in values) else f"{statistics.mean(values):.3f}"
+
+
+def main() -> None:
+    runs = {variant: load(variant) for variant in VARIANTS if (HERE / variant).is_dir()}
+    kl_max = common_kl(runs)
+    print(
+        f"| update | seeds | reward @ 2 nats | frontier AUC, 0–{kl_max:.2f} nats | mean reward, 16 steps | KL to ref, "
+        "last 5 steps | update KL median (max) | critic explained variance, steps 2–16 | s/step | value update s/step |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for variant, seeds in runs.items():
+        steps = [r for rows in seeds for r in rows]
+        update_kl = [r.get("trpo/kl", r.get("ppo/kl")) for r in steps]
+        cells = [
+            VARIANTS[variant],
+            str(len(seeds)),
+            mean_or_dash([reward_at_kl(rows, 2.0) for rows in seeds]),
+            mean_or_dash([frontier_auc(rows, kl_max) for rows in seeds]),
+            mean_or_dash([statistics.mean(r["reward/mean"] for r in rows) for rows in seeds]),
+            mean_or_dash([statistics.mean(r["kl/ref"] for r in rows[-5:]) for rows in seeds]),
+            f"{statistics.median(update_kl):.4f} ({max(update_kl):.4f})",
+            mean_or_dash([statistics.mean(r["value/explained_variance"] for r in rows[1:]) for rows in seeds]),
+            f"{statistics.median(r['time/step'] for r in steps):.1f}",
+            f"{statistics.median(r['time/value_update'] for r in steps):.2f}",
+        ]
+        print("| " + " | ".join(cells) + " |")
+    plot(runs, HERE / "candidates.png")
+
+
+def plot(runs: dict[str, list[list[dict]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    top = max(rows[-1]["kl/ref"] for seeds in runs.values() for rows in seeds)
+    grid = np.linspace(0.0, max(top, 1.0), 101)
+    for (variant, seeds), color in zip(runs.items(), plt.cm.tab10.colors):
+        plot_frontier(ax, seeds, grid, color, VARIANTS[variant], seed_alpha=0.15)
+    ax.set_xlabel("KL to the reference (nats per completion)")
+    ax.set_ylabel("reward (VADER), running mean of 5 steps")
+    ax.set_title("Embedded sentiment, 2-core CPU: 16 steps x 16 prompts")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
