@@ -90,6 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--cg_iters", type=int, default=TRPOConfig.cg_iters)
     parser.add_argument("--fvp_subsample", type=float, default=TRPOConfig.fvp_subsample)
+    parser.add_argument("--fisher_chunks", type=int, default=TRPOConfig.fisher_chunks)
+    parser.add_argument("--cg_preconditioner", default=TRPOConfig.cg_preconditioner, choices=["none", "gradient_rms"])
     parser.add_argument("--fvp_method", default=TRPOConfig.fvp_method, choices=["gauss_newton", "kl_hessian"])
     parser.add_argument("--cg_damping", type=float, default=TRPOConfig.cg_damping)
     parser.add_argument("--max_kl", type=float, default=TRPOConfig.max_kl)
@@ -185,6 +187,8 @@ def trainer_configs(args: argparse.Namespace, task, output_dir: str, max_steps: 
         **common,
         cg_iters=args.cg_iters,
         fvp_subsample=args.fvp_subsample,
+        fisher_chunks=args.fisher_chunks,
+        cg_preconditioner=args.cg_preconditioner,
         fvp_method=args.fvp_method,
         cg_damping=args.cg_damping,
         max_kl=args.max_kl,
@@ -342,6 +346,8 @@ def main(argv=None) -> int:
         "sequence_tokens": int(batch.input_ids.shape[1]),
         "repeats": args.repeats,
         "fvp_subsample": args.fvp_subsample,
+        "fisher_chunks": args.fisher_chunks,
+        "cg_preconditioner": args.cg_preconditioner,
         "fvp_method": args.fvp_method,
         "model_dtype": args.model_dtype,
         "cg_damping": args.cg_damping,

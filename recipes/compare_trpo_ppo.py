@@ -53,7 +53,15 @@ TASK_DEFAULTS = {
 }
 
 # TRPOConfig fields the comparison can set; unset ones keep TRPOConfig's defaults.
-TRPO_SOLVER_FLAGS = ("cg_iters", "cg_damping", "logit_damping", "cg_stop", "held_out_fraction")
+TRPO_SOLVER_FLAGS = (
+    "cg_iters",
+    "cg_damping",
+    "logit_damping",
+    "cg_stop",
+    "held_out_fraction",
+    "momentum",
+    "cg_preconditioner",
+)
 # RLConfig critic fields for TRPO and our PPO; unset ones keep RLConfig's defaults.
 CRITIC_FLAGS = ("critic", "value_lr", "value_epochs", "value_minibatch_size")
 
@@ -92,6 +100,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--held_out_fraction", type=float, default=None, help="TRPO's held-out share with --cg_stop held_out."
+    )
+    parser.add_argument(
+        "--cg_preconditioner",
+        choices=("none", "gradient_rms"),
+        default=None,
+        help="TRPO's CG preconditioner. Default: TRPOConfig's ('gradient_rms').",
+    )
+    parser.add_argument(
+        "--momentum", type=float, default=None, help="TRPO's heavy-ball momentum across updates. Default: TRPOConfig's."
     )
     parser.add_argument(
         "--learning_rate",

@@ -2,11 +2,11 @@
 conjugate-gradient iterations or a subsampled Fisher, on the batches of one real training run.
 
     python recipes/step_quality.py --model embedded --probe_steps 1 4 8 --run_cg_iters 10 --run_max_kl 0.02 \\
-        --cg_iters 1 2 3 4 6 15 --fvp_subsample 0.5 0.25 --output recipes/results/step_quality_cpu
+        --run_cg_preconditioner none --cg_iters 1 2 3 4 6 15 --fvp_subsample 0.5 0.25 --output recipes/results/step_quality_cpu
     python recipes/step_quality.py --model tiny --probe_steps 1 2 --cg_iters 3 10    # a quick look
 
-TRPO trains with its defaults (`TRPOConfig`), but `--run_cg_iters` CG iterations and δ =
-`--run_max_kl`, for max(--probe_steps) steps. On each probe step, before the run's own update,
+TRPO trains with its defaults (`TRPOConfig`), but `--run_cg_iters` CG iterations, δ =
+`--run_max_kl` and `--run_cg_preconditioner`, for max(--probe_steps) steps. On each probe step, before the run's own update,
 every variant runs its policy update on that step's batch from the same parameters: `cg_iters` =
 each of --cg_iters with the whole batch's Fisher, and `fvp_subsample` = each of --fvp_subsample
 at the run's cg_iters; the run's own setting is always probed, first. The parameters and the minibatch generator are restored bitwise after each, so the run is
@@ -47,6 +47,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--probe_steps", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--run_cg_iters", type=int, default=DEFAULT.cg_iters, help="The run's own CG iterations.")
     parser.add_argument("--run_max_kl", type=float, default=DEFAULT.max_kl, help="The run's (and every probe's) delta.")
+    parser.add_argument(
+        "--run_cg_preconditioner",
+        default=DEFAULT.cg_preconditioner,
+        choices=["none", "gradient_rms"],
+        help="The run's (and every probe's) CG preconditioner.",
+    )
     parser.add_argument("--cg_iters", type=int, nargs="*", default=[2, 3, 6, 10, 15])
     parser.add_argument("--fvp_subsample", type=float, nargs="*", default=[0.5, 0.25])
     parser.add_argument("--seed", type=int, default=0)
@@ -158,6 +164,7 @@ def main(argv=None) -> int:
         lora_target_modules=task.lora_target_modules,
         cg_iters=args.run_cg_iters,
         max_kl=args.run_max_kl,
+        cg_preconditioner=args.run_cg_preconditioner,
     )
     trainer = ProbingTRPOTrainer(
         config,
@@ -174,8 +181,8 @@ def main(argv=None) -> int:
     table = summarize(rows)
     (args.output / "summary.md").write_text(
         f"Model {args.model}, batch {args.batch_size}, {args.max_new_tokens} new tokens, seed {args.seed}, "
-        f"probe steps {sorted(set(args.probe_steps))}, the run at cg_iters {args.run_cg_iters} and max_kl "
-        f"{args.run_max_kl}; every other setting at the TRPOConfig default.\n\n{table}\n"
+        f"probe steps {sorted(set(args.probe_steps))}, the run at cg_iters {args.run_cg_iters}, max_kl "
+        f"{args.run_max_kl} and cg_preconditioner {args.run_cg_preconditioner}; every other setting at the TRPOConfig default.\n\n{table}\n"
     )
     print(table)
     return 0

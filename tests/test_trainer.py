@@ -201,6 +201,11 @@ def test_bad_reward_outputs_raise_clear_errors(make_trainer, returned, match):
         ({"cg_stop": "residual"}, r"cg_stop='residual' is not one of"),
         ({"cg_stop": "held_out", "batch_size": 1}, r"batch_size=1 must be >= 2"),
         ({"held_out_fraction": 1.0}, r"held_out_fraction=1.0 must lie strictly between 0 and 1"),
+        ({"cg_preconditioner": "kfac"}, r"cg_preconditioner='kfac' is not one of"),
+        ({"preconditioner_beta": 1.0}, r"preconditioner_beta=1.0 must lie strictly between 0 and 1"),
+        ({"fisher_chunks": 0}, r"fisher_chunks=0 must be >= 1"),
+        ({"momentum": 1.0}, r"momentum=1.0 must lie in \[0, 1\)"),
+        ({"momentum": -0.1}, r"momentum=-0.1"),
         ({"logit_damping": 0.1, "fvp_method": "kl_hessian"}, r"logit_damping=0.1 needs fvp_method='gauss_newton'"),
         ({"temperature": 0.0}, r"temperature=0.0"),
     ],
@@ -250,7 +255,7 @@ def test_tokenizer_without_pad_token_is_handled(make_trainer, word_tokenizer):
 
 
 def test_fvp_subsample_uses_a_fraction_of_sequences(make_trainer):
-    trainer = make_trainer(fvp_subsample=0.25)  # 2 of the batch's 8 sequences
+    trainer = make_trainer(fvp_subsample=0.25, fisher_chunks=1)  # 2 of the batch's 8 sequences, in one pass
     fisher_batch_sizes = []
     fisher_logits = trainer.fisher_logits
 
@@ -353,7 +358,9 @@ def test_both_fvp_methods_take_the_same_step(make_trainer):
     trainers solve the same system and land on the same policy (up to float rounding)."""
     results = {}
     for method in ("gauss_newton", "kl_hessian"):
-        trainer = make_trainer(fvp_method=method, cg_iters=10)  # ten products: one would only size g
+        # Ten products of the plain system: one would only size g, and the first update's
+        # gradient-RMS preconditioner (1/|g|) would amplify the two forms' float rounding.
+        trainer = make_trainer(fvp_method=method, cg_iters=10, cg_preconditioner="none")
         batch, _ = trainer.collect_batch()
         stats = trainer.policy_update(batch)
         results[method] = (stats, torch.cat([p.detach().reshape(-1) for p in trainer.actor_critic.policy_parameters()]))
@@ -383,6 +390,89 @@ def test_logit_damping_changes_the_direction_not_the_trust_region(make_trainer):
     origin = torch.cat([p.detach().reshape(-1) for p in make_trainer(**settings).actor_critic.policy_parameters()])
     natural, damped = thetas[0.0] - origin, thetas[1.0] - origin
     assert torch.nn.functional.cosine_similarity(natural, damped, dim=0) < 0.97
+
+
+@pytest.mark.parametrize(
+    "fvp_method, logit_damping", [("gauss_newton", 0.0), ("gauss_newton", 1.0), ("kl_hessian", 0.0)]
+)
+def test_fisher_chunks_give_the_gradient_fisher_and_step_of_one_pass(make_trainer, fvp_method, logit_damping):
+    """Split into chunks of sequences (one chunk's graph at a time), the gradient, every Fisher
+    product and hence the step are those of the whole batch's single pass. Sequences of unequal
+    length make the chunks' token shares unequal."""
+    settings = dict(
+        fvp_method=fvp_method, logit_damping=logit_damping, cg_iters=3, max_kl=0.01, cg_preconditioner="none"
+    )
+    results = {}
+    for chunks in (1, 3):
+        trainer = make_trainer(fisher_chunks=chunks, **settings)
+        batch, _ = trainer.collect_batch()
+        mask = batch.response_mask.clone()
+        for i in range(len(batch)):  # as if sequence i had ended i % 4 tokens early
+            mask[i, mask.shape[1] - i % 4 :] = 0
+        batch = dataclasses.replace(batch, response_mask=mask)
+        params = trainer.actor_critic.policy_parameters()
+        v = torch.randn(sum(p.numel() for p in params), generator=torch.Generator().manual_seed(0))
+        fvp = trainer.fisher_product(batch)
+        product = fvp(v)
+        quadratic = fvp.logit_quadratic(v)
+        del fvp
+        stats = trainer.policy_update(batch)
+        theta = torch.cat([p.detach().reshape(-1) for p in params])
+        results[chunks] = (product, quadratic, stats, theta)
+    (p1, q1, s1, t1), (p3, q3, s3, t3) = results[1], results[3]
+    assert torch.allclose(p1, p3, rtol=1e-4, atol=1e-7 * p1.abs().max().item())
+    assert q3 == pytest.approx(q1, rel=1e-4, abs=1e-12)
+    assert s1["trpo/accepted"] == s3["trpo/accepted"] == 1.0
+    assert s3["trpo/grad_norm"] == pytest.approx(s1["trpo/grad_norm"], rel=1e-4)
+    assert s3["trpo/kl"] == pytest.approx(s1["trpo/kl"], rel=1e-3)
+    assert ((t3 - t1).norm() / t1.norm()).item() < 1e-4
+
+
+def test_momentum_carries_the_last_direction_into_the_next_step_inside_the_trust_region(make_trainer):
+    """With momentum, the second update solves for g + mu * m_prev: from the same state and batch it
+    moves elsewhere than the plain update, and both stay inside the trust region. A probe with its
+    own config (as step_quality.py runs) leaves the heavy ball where it was."""
+    steps = {}
+    for momentum in (0.0, 0.9):
+        trainer = make_trainer(momentum=momentum, max_kl=0.01)
+        first, _ = trainer.collect_batch()
+        trainer.policy_update(first)
+        second, _ = trainer.collect_batch()
+        if momentum:
+            before, state = trainer.heavy_ball.direction.clone(), trainer.capture_state()
+            trainer.policy_update(second, config=trainer.config)
+            assert torch.equal(trainer.heavy_ball.direction, before)
+            trainer.restore_state(state, rng=False)
+        origin = torch.cat([p.detach().reshape(-1).clone() for p in trainer.actor_critic.policy_parameters()])
+        stats = trainer.policy_update(second)
+        assert stats["trpo/accepted"] == 1.0
+        assert stats["trpo/kl"] <= 1.5 * 0.01
+        theta = torch.cat([p.detach().reshape(-1) for p in trainer.actor_critic.policy_parameters()])
+        steps[momentum] = theta - origin
+    assert torch.nn.functional.cosine_similarity(steps[0.0], steps[0.9], dim=0) < 0.99
+
+
+def test_gradient_rms_preconditioner_moves_lora_a_tensors_as_much_as_b_inside_the_trust_region(make_trainer):
+    """LoRA's B starts at 0, so A's gradient is about |B| times smaller than B's and the plain
+    gradient step hardly moves A (none at all in the first update). Preconditioned by the
+    gradient's RMS, A takes about half of two updates' movement (a tenth without), and the
+    exact-Fisher step length keeps the KL inside delta."""
+    shares = {}
+    for preconditioner in ("none", "gradient_rms"):
+        trainer = make_trainer(cg_preconditioner=preconditioner, max_kl=0.01)
+        policy = {id(p) for p in trainer.actor_critic.policy_parameters()}
+        named = {name: p for name, p in trainer.actor_critic.peft_model.named_parameters() if id(p) in policy}
+        before = {name: p.detach().clone() for name, p in named.items()}
+        for _ in range(2):
+            batch, _ = trainer.collect_batch()
+            stats = trainer.policy_update(batch)
+            assert stats["trpo/accepted"] == 1.0
+            assert stats["trpo/kl"] <= 1.5 * 0.01
+        moved = {name: (p.detach() - before[name]).norm().item() ** 2 for name, p in named.items()}
+        a_moved = sum(v for name, v in moved.items() if "lora_A" in name)
+        shares[preconditioner] = a_moved / sum(moved.values())
+    assert shares["none"] < 0.2
+    assert shares["gradient_rms"] > 0.35
 
 
 def test_held_out_cg_stop_chooses_the_iterations_on_held_out_sequences(make_trainer):

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from trpo_rlhf.trust_region import (
+    GradientRMSPreconditioner,
+    HeavyBallDirection,
     backtracking_line_search,
     categorical_kl,
     cg_solve,
@@ -214,3 +216,60 @@ def test_held_out_cg_iterations_pick_the_iterate_that_generalises():
     assert k == 4 and scores == sorted(scores)
     k, scores = held_out_cg_iterations(lambda v: A @ v, g, torch.tensor([0.0, 0.0, 0.0, 1.0]), max_iters=4, patience=2)
     assert k == 1 and len(scores) == 3  # stopped two iterations after the best
+
+
+def test_heavy_ball_averages_noisy_gradients_towards_their_mean():
+    """Gradients = a fixed signal + noise four times its size: the heavy-ball direction points
+    closer to the signal than a single gradient does, as an average of about 1/(1 - mu) of them."""
+    g = torch.Generator().manual_seed(0)
+    signal = torch.zeros(200)
+    signal[0] = 1.0
+    heavy_ball = HeavyBallDirection(momentum=0.8)
+    single, averaged = [], []
+    for _ in range(200):
+        grad = signal + 4.0 * torch.randn(200, generator=g) / math.sqrt(200)
+        direction = heavy_ball(grad)
+        single.append(torch.nn.functional.cosine_similarity(grad, signal, dim=0).item())
+        averaged.append(torch.nn.functional.cosine_similarity(direction, signal, dim=0).item())
+    assert sum(averaged[20:]) / 180 > 1.5 * sum(single[20:]) / 180
+
+
+def test_heavy_ball_restarts_where_it_would_descend_and_round_trips_its_state():
+    heavy_ball = HeavyBallDirection(momentum=0.9)
+    heavy_ball(torch.tensor([10.0, 0.0]))
+    # 0.9 * [10, 0] + [-1, 1] has g^T m = -9 + 1 < 0: the direction restarts at g.
+    assert torch.equal(heavy_ball(torch.tensor([-1.0, 1.0])), torch.tensor([-1.0, 1.0]))
+    copy = HeavyBallDirection(momentum=0.9)
+    copy.load_state_dict(heavy_ball.state_dict())
+    grad = torch.tensor([0.5, 0.5])
+    assert torch.equal(copy(grad), heavy_ball(grad))
+    assert HeavyBallDirection(0.9).state_dict() == {"direction": None}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_preconditioned_cg_solves_the_system_and_starts_along_the_preconditioned_gradient(seed):
+    A = random_spd(12, cond=1e3, seed=seed)
+    b = torch.randn(12, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    diagonal = torch.diagonal(A).clone()
+    jacobi = lambda r: r / diagonal  # noqa: E731
+    solved = cg_solve(lambda v: A @ v, b, iters=30, residual_tol=0.0, precondition=jacobi)
+    assert torch.allclose(solved.x, torch.linalg.solve(A, b), rtol=1e-6, atol=1e-8)
+    first = cg_solve(lambda v: A @ v, b, iters=1, precondition=jacobi).x
+    assert torch.nn.functional.cosine_similarity(first, b / diagonal, dim=0) > 1 - 1e-12
+    assert torch.nn.functional.cosine_similarity(first, b, dim=0) < 0.99
+
+
+def test_gradient_rms_preconditioner_equalises_coordinate_scales_and_round_trips_its_state():
+    """Two coordinates whose gradients differ 1000-fold in scale take steps of the same size, as
+    Adam's would; the bias correction makes the first update's scale the gradient's own."""
+    preconditioner = GradientRMSPreconditioner(beta=0.999)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        grad = torch.randn(2, generator=g).abs() * torch.tensor([1.0, 1e-3])
+        preconditioner.update(grad)
+    step = preconditioner(torch.tensor([1.0, 1e-3]))
+    assert 0.2 < (step[0] / step[1]).item() < 5.0
+    copy = GradientRMSPreconditioner(beta=0.999)
+    copy.load_state_dict(preconditioner.state_dict())
+    assert torch.equal(copy(torch.tensor([0.3, 0.4])), preconditioner(torch.tensor([0.3, 0.4])))
+    assert torch.equal(GradientRMSPreconditioner(0.9)(torch.tensor([0.3, 0.4])), torch.tensor([0.3, 0.4]))

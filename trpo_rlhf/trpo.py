@@ -9,8 +9,10 @@ solver's settings) and `TRPOTrainer` (its policy update on the shared engine).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +25,8 @@ from .rollout import Rollout, log_softmax_, token_logprobs
 from .trust_region import (
     FVP_METHODS,
     DampedFisherProduct,
+    GradientRMSPreconditioner,
+    HeavyBallDirection,
     LinearizedLogits,
     LineSearchResult,
     backtracking_line_search,
@@ -34,6 +38,7 @@ from .trust_region import (
 )
 
 CG_STOPS = ("iterations", "held_out")
+CG_PRECONDITIONERS = ("none", "gradient_rms")
 # No line search ran: g = 0 left no direction.
 NO_STEP = LineSearchResult(accepted=False, step_frac=0.0, kl=0.0, surrogate_gain=0.0, iterations=0)
 
@@ -52,6 +57,13 @@ class TRPOConfig(RLConfig):
       line-searched on the exact KL. More iterations buy more surrogate gain on the batch but less
       reward per nat of KL on held-out prompts: with far more LoRA parameters than sampled tokens,
       (F + cI)^-1 g fits the batch's noisy advantages, and stopping CG early regularises the solve.
+    * ``cg_preconditioner`` = "gradient_rms": CG preconditioned by the running RMS of the gradient
+      (Adam's second moment), so one iteration steps along P^-1 g. LoRA's B starts at zero, which
+      makes A's gradient tiny; the plain gradient leaves A almost where it started, Adam does not.
+    * ``fisher_chunks`` = 4: the gradient and each Fisher-vector product run over 4 chunks of the
+      batch's sequences, one chunk's graph at a time, rather than one graph of the whole batch kept
+      for every product: about a quarter of the memory, for one more forward and backward per
+      chunk and product, which at one CG iteration costs about nothing.
     * ``max_kl`` = 0.04 nats per token: the one-iteration step moves away from the reference more
       slowly than PPO at 0.02; 0.04 buys more reward per step for a little less per nat.
     * ``cg_damping`` = 1e-3, not the classic 0.1: the Fisher of LoRA tensors is small, so a damping
@@ -113,6 +125,35 @@ class TRPOConfig(RLConfig):
             "length still comes from the Fisher alone. 0 is the exact natural gradient."
         },
     )
+    cg_preconditioner: str = field(
+        default="gradient_rms",
+        metadata={
+            "help": "'none': CG on (F + cI) x = g. 'gradient_rms': preconditioned CG with P = diag(sqrt(v) + 1e-8), v "
+            "the running mean of g^2 over updates (Adam's second moment), so that one iteration steps along P^-1 g: "
+            "every LoRA coordinate moves at its gradient's scale, A tensors as much as B. The step's length still "
+            "comes from the exact Fisher."
+        },
+    )
+    preconditioner_beta: float = field(
+        default=0.999, metadata={"help": "cg_preconditioner='gradient_rms': the decay of the running mean of g^2."}
+    )
+    fisher_chunks: int = field(
+        default=4,
+        metadata={
+            "help": "Passes the policy gradient and each Fisher-vector product are split into, by sequences. 1: one "
+            "pass over the batch whose retained graph serves g and every product. N > 1: one chunk's graph at a time "
+            "(about 1/N of the memory) for one more forward and backward per chunk and product."
+        },
+    )
+    momentum: float = field(
+        default=0.0,
+        metadata={
+            "help": "mu of a heavy-ball direction across updates: CG solves (F + cI) x = m, m = g + mu * m_prev, so "
+            "that one batch's gradient noise is averaged with the last few batches' (Polyak 1964; the momentum of "
+            "K-FAC, Martens & Grosse 2015, Sec. 7). The step's length and the line search are unchanged; where "
+            "g^T m <= 0, m restarts at g. 0: each update from its own batch alone, as in the paper."
+        },
+    )
     fvp_method: str = field(
         default="gauss_newton",
         metadata={
@@ -159,6 +200,22 @@ class TRPOConfig(RLConfig):
             f"held_out_fraction={self.held_out_fraction} must lie strictly between 0 and 1, e.g. 0.5.",
         )
         _require(
+            self.fisher_chunks >= 1,
+            f"fisher_chunks={self.fisher_chunks} must be >= 1 (1: one pass over the batch), e.g. --fisher_chunks 4.",
+        )
+        _require(
+            self.cg_preconditioner in CG_PRECONDITIONERS,
+            f"cg_preconditioner={self.cg_preconditioner!r} is not one of {CG_PRECONDITIONERS}; "
+            "e.g. --cg_preconditioner gradient_rms.",
+        )
+        _require(
+            0.0 < self.preconditioner_beta < 1.0,
+            f"preconditioner_beta={self.preconditioner_beta} must lie strictly between 0 and 1, e.g. 0.999.",
+        )
+        _require(
+            0.0 <= self.momentum < 1.0, f"momentum={self.momentum} must lie in [0, 1), e.g. --momentum 0.8 (0: none)."
+        )
+        _require(
             self.logit_damping >= 0, f"logit_damping={self.logit_damping} must be >= 0 (0: the exact natural gradient)."
         )
         _require(
@@ -183,6 +240,17 @@ class TRPOTrainer(RLTrainer):
         if not isinstance(config, TRPOConfig):
             raise TypeError(f"TRPOTrainer needs a TRPOConfig, got {type(config).__name__}.")
         super().__init__(config, *args, **kwargs)
+        self.heavy_ball = HeavyBallDirection(config.momentum) if config.momentum > 0 else None
+        self.preconditioner = (
+            GradientRMSPreconditioner(config.preconditioner_beta)
+            if config.cg_preconditioner == "gradient_rms"
+            else None
+        )
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer | HeavyBallDirection | GradientRMSPreconditioner]:
+        """The optimizers' state and the solver's own state across updates, by name."""
+        extra = {"policy_momentum": self.heavy_ball, "policy_preconditioner": self.preconditioner}
+        return super().optimizers() | {name: state for name, state in extra.items() if state is not None}
 
     def fisher_batch(self, batch: Rollout, config: TRPOConfig | None = None) -> Rollout:
         """The sequences the Fisher is estimated on: `fvp_subsample` of the batch, drawn from the
@@ -219,6 +287,8 @@ class TRPOTrainer(RLTrainer):
         `jacobian` already built on them are reused), averaged across processes; `config` the
         solver settings (default: the trainer's)."""
         cfg = config or self.config
+        if logits is None and cfg.fisher_chunks > 1:
+            return self.chunked_fisher_product(batch, cfg)
         logits = self.fisher_logits(batch) if logits is None else logits
         return kl_fisher_product(
             logits,
@@ -231,12 +301,70 @@ class TRPOTrainer(RLTrainer):
             jacobian=jacobian,
         )
 
+    @staticmethod
+    def sequence_chunks(batch: Rollout, chunks: int) -> list[tuple[Rollout, torch.Tensor]]:
+        """`batch` split into `chunks` runs of sequences (fewer for a smaller batch), each with its
+        share of the batch's valid tokens."""
+        total = batch.response_mask.sum().clamp(min=1)
+        parts = [batch.select(index) for index in torch.arange(len(batch)).chunk(chunks)]
+        return [(part, part.response_mask.sum() / total) for part in parts]
+
+    def chunked_gradient(self, batch: Rollout, chunks: int) -> tuple[torch.Tensor, float, torch.Tensor]:
+        """(g, L(theta_old), log pi_old over the vocabulary) from one forward and backward per chunk,
+        no graph kept: the surrogate is a token mean, so g is the token-share-weighted sum of the
+        chunks' gradients."""
+        params = self.actor_critic.policy_parameters()
+        grads, surrogates, logp_all_old = [], [], []
+        for chunk, share in self.sequence_chunks(batch, chunks):
+            logits = self.policy_logits(chunk)
+            surrogate = share * self.surrogate(chunk, token_logprobs(logits, chunk.response_ids))
+            grads.append(flat_grad(surrogate, params))
+            surrogates.append(surrogate.detach())
+            logp_all_old.append(log_softmax_(logits.detach()))
+            del logits, surrogate
+        grad = self.reduce_mean(torch.stack(grads).sum(dim=0))
+        return grad, self.reduce_mean(torch.stack(surrogates).sum()).item(), torch.cat(logp_all_old)
+
+    def chunked_fisher_product(self, batch: Rollout, cfg: TRPOConfig) -> DampedFisherProduct:
+        """(F + cI) v with F the token-share-weighted sum of the chunks' Fishers (the KL is a token
+        mean too), each product rebuilding one chunk's graph at a time: the memory of one chunk's
+        graph, for one more forward and backward per chunk and product."""
+        params = self.actor_critic.policy_parameters()
+        chunks = self.sequence_chunks(batch, cfg.fisher_chunks)
+
+        def over_chunks(apply: Callable[[DampedFisherProduct], torch.Tensor]) -> torch.Tensor:
+            total = None
+            for chunk, share in chunks:
+                product = kl_fisher_product(
+                    self.fisher_logits(chunk),
+                    chunk.response_mask,
+                    params,
+                    method=cfg.fvp_method,
+                    damping=0.0,
+                    logit_damping=cfg.logit_damping,
+                )
+                part = share * apply(product)
+                total = part if total is None else total + part
+                del product
+            return total
+
+        def logit_quadratic(x: torch.Tensor) -> torch.Tensor:
+            return over_chunks(lambda product: torch.tensor(product.logit_quadratic(x)))
+
+        return DampedFisherProduct(
+            lambda v: over_chunks(lambda product: product.fisher_product(v).float()),
+            cfg.cg_damping,
+            self.reduce_mean,
+            logit_quadratic if cfg.logit_damping else None,
+        )
+
     def policy_update(self, batch: Rollout, config: TRPOConfig | None = None) -> dict[str, float]:
         """One TRPO step (Schulman et al. 2015, Appendix C):
 
         1. g = grad L(theta_old), L = mean_t exp(logp_theta - logp_old) * A_t;
-        2. x ~ (F + cI)^-1 g by CG, F v = J^T M J v (or by double backprop) over one graph built
-           once: the very forward g came from when the Fisher uses the whole batch;
+        2. x ~ (F + cI)^-1 m by CG (preconditioned with `cg_preconditioner`), m = g (g + mu * m_prev
+           with `momentum`), F v = J^T M J v (or by double backprop) over one graph built once: the
+           very forward g came from when the Fisher uses the whole batch (`fisher_chunks` = 1);
         3. full step s = sqrt(2 delta / x^T F x) x, so that 1/2 s^T F s = delta;
         4. backtracking on the measured exact KL and the surrogate; exact restore on failure.
 
@@ -248,43 +376,58 @@ class TRPOTrainer(RLTrainer):
         timer = PhaseTimer()
 
         fisher_batch = self.fisher_batch(batch, cfg)
-        # With the Fisher on the whole batch, one forward serves g and F (`surrogate_gradient`).
-        shared_forward = fisher_batch is batch
+        # With the Fisher on the whole batch in one pass, one forward serves g and F (`surrogate_gradient`).
+        shared_forward = fisher_batch is batch and cfg.fisher_chunks == 1
         held_out = self.held_out_batch(batch, cfg) if cfg.cg_stop == "held_out" else None
+        logits = jacobian = None
         with timer("gradient"):
-            logits = self.fisher_logits(batch) if shared_forward else self.policy_logits(batch)
-            logprobs = token_logprobs(logits, batch.response_ids)
-            surrogate = self.surrogate(batch, logprobs)
-            surrogate_old = self.reduce_mean(surrogate.detach()).item()
-            if held_out is not None:
-                # The held-out sequences' share of the surrogate: one more backward, kept graph.
-                held_out_grad = self.reduce_mean(
-                    flat_grad(self.surrogate(held_out, logprobs), params, retain_graph=True)
+            if cfg.fisher_chunks > 1:
+                grad, surrogate_old, logp_all_old = self.chunked_gradient(batch, cfg.fisher_chunks)
+                if held_out is not None:
+                    held_out_grad = self.chunked_gradient(held_out, cfg.fisher_chunks)[0]
+            else:
+                logits = self.fisher_logits(batch) if shared_forward else self.policy_logits(batch)
+                logprobs = token_logprobs(logits, batch.response_ids)
+                surrogate = self.surrogate(batch, logprobs)
+                surrogate_old = self.reduce_mean(surrogate.detach()).item()
+                if held_out is not None:
+                    # The held-out sequences' share of the surrogate: one more backward, kept graph.
+                    held_out_grad = self.reduce_mean(
+                        flat_grad(self.surrogate(held_out, logprobs), params, retain_graph=True)
+                    )
+                del logprobs
+                grad, jacobian = surrogate_gradient(
+                    surrogate,
+                    logits,
+                    params,
+                    linearize=shared_forward and cfg.fvp_method == "gauss_newton",
+                    retain_graph=shared_forward,
                 )
-            del logprobs
-            grad, jacobian = surrogate_gradient(
-                surrogate,
-                logits,
-                params,
-                linearize=shared_forward and cfg.fvp_method == "gauss_newton",
-                retain_graph=shared_forward,
-            )
-            grad = self.reduce_mean(grad)
-            del surrogate
+                grad = self.reduce_mean(grad)
+                del surrogate
         require_finite("policy gradient", grad)
+        # The heavy ball and the preconditioner carry the run's state across updates: a probe with
+        # its own `config` (step_quality.py) sees them as the run's update would, on copies.
+        heavy_ball = self.heavy_ball if config is None else copy.deepcopy(self.heavy_ball)
+        direction = heavy_ball(grad) if heavy_ball is not None else grad
+        precondition = self.cg_preconditioner(cfg)
+        if precondition is not None:
+            precondition = precondition if config is None else copy.deepcopy(precondition)
+            precondition.update(grad)
 
         with timer("fvp_graph"):
             fvp = self.fisher_product(fisher_batch, logits if shared_forward else None, jacobian, cfg)
             del jacobian
-            # pi_old over the vocabulary, for the line-search KL: the gradient's own logits, turned
-            # into log-probs in place once the Fisher has taken its probabilities from them (no
-            # second forward, no copy; nothing left in any graph reads these values).
-            logp_all_old = log_softmax_(logits.detach())
-            del logits
+            if logits is not None:
+                # pi_old over the vocabulary, for the line-search KL: the gradient's own logits, turned
+                # into log-probs in place once the Fisher has taken its probabilities from them (no
+                # second forward, no copy; nothing left in any graph reads these values).
+                logp_all_old = log_softmax_(logits.detach())
+                del logits
 
         with timer("cg"):
             # The tolerance is relative: LoRA gradients can be far smaller than any absolute one.
-            grad_sq = torch.dot(grad, grad).item()
+            direction_sq = torch.dot(direction, direction).item()
             cg_iters = cfg.cg_iters
             if held_out is not None:
                 fit_grad = grad - held_out_grad
@@ -294,8 +437,9 @@ class TRPOTrainer(RLTrainer):
                     held_out_grad,
                     cfg.cg_iters,
                     cfg.cg_residual_tol * torch.dot(fit_grad, fit_grad).item(),
+                    precondition=precondition,
                 )
-            cg = cg_solve(fvp, grad, cg_iters, cfg.cg_residual_tol * grad_sq)
+            cg = cg_solve(fvp, direction, cg_iters, cfg.cg_residual_tol * direction_sq, precondition=precondition)
             # x^T (F + cI) x = x^T (g - r): CG's own residual saves the product an explicit x^T F x
             # would cost; a logit damping's share is taken out (one J x pass), since the step's
             # length is set by the KL alone.
@@ -306,7 +450,7 @@ class TRPOTrainer(RLTrainer):
 
         stats = {
             "trpo/grad_norm": grad.norm().item(),
-            "trpo/cg_residual": cg.residual / grad_sq if grad_sq > 0 else 0.0,
+            "trpo/cg_residual": cg.residual / direction_sq if direction_sq > 0 else 0.0,
             "trpo/cg_iters": float(cg.iterations),
             "trpo/fvp_count": float(fvp_calls),
             "trpo/surrogate_old": surrogate_old,
@@ -332,6 +476,16 @@ class TRPOTrainer(RLTrainer):
                 accept_ratio=cfg.accept_ratio,
             )
         return stats | self._step_stats(cfg, timer, result, expected_gain, full_step.norm())
+
+    def cg_preconditioner(self, cfg: TRPOConfig) -> GradientRMSPreconditioner | None:
+        if cfg.cg_preconditioner == "none":
+            return None
+        if self.preconditioner is None:
+            raise ValueError(
+                f"cg_preconditioner={cfg.cg_preconditioner!r} needs the running state of a trainer built with it; "
+                f"this one has cg_preconditioner={self.config.cg_preconditioner!r}."
+            )
+        return self.preconditioner
 
     @staticmethod
     def _step_stats(

@@ -91,17 +91,21 @@ def cg_solve(
     iters: int,
     residual_tol: float = 1e-10,
     on_iterate: Callable[[torch.Tensor, float], bool | None] | None = None,
+    precondition: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> CGResult:
     """Conjugate gradient for A x = b with A symmetric positive definite, given only v -> A v.
 
     Starts at x = 0, calls `fvp` once per iteration and stops early once r.r <= residual_tol, so
     at once for b = 0, whose solution is x = 0 (Schulman et al. 2015, Appendix C; Nocedal & Wright,
     Algorithm 5.2). `on_iterate(x_k, x_k . A x_k)` is called after each iteration; returning True
-    stops CG there.
+    stops CG there. `precondition` (r -> P^-1 r, P symmetric positive definite) makes it
+    preconditioned CG (Nocedal & Wright, Algorithm 5.3): its first iterate lies along P^-1 b.
     """
     x = torch.zeros_like(b)
     r = b.clone()
-    p = b.clone()
+    z = r if precondition is None else precondition(r)
+    p = z.clone()
+    r_dot_z = torch.dot(r, z)
     r_dot_r = torch.dot(r, r)
     iterations = 0
     for _ in range(iters):
@@ -109,12 +113,14 @@ def cg_solve(
             break
         Ap = fvp(p)
         iterations += 1
-        alpha = r_dot_r / torch.dot(p, Ap)
+        alpha = r_dot_z / torch.dot(p, Ap)
         x += alpha * p
         r -= alpha * Ap
-        new_r_dot_r = torch.dot(r, r)
-        p = r + (new_r_dot_r / r_dot_r) * p
-        r_dot_r = new_r_dot_r
+        z = r if precondition is None else precondition(r)
+        new_r_dot_z = torch.dot(r, z)
+        p = z + (new_r_dot_z / r_dot_z) * p
+        r_dot_z = new_r_dot_z
+        r_dot_r = r_dot_z if precondition is None else torch.dot(r, r)
         if on_iterate is not None and on_iterate(x, torch.dot(x, b - r).item()):
             break
     return CGResult(x=x, residual=r_dot_r.item(), iterations=iterations, x_ax=torch.dot(x, b - r).item())
@@ -127,6 +133,7 @@ def held_out_cg_iterations(
     max_iters: int,
     residual_tol: float = 1e-10,
     patience: int = 2,
+    precondition: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[int, list[float]]:
     """How many CG iterations to run, chosen on held-out data: CG on A x = `fit_grad` (the
     surrogate gradient of some sequences), scoring each iterate x_k by the gain that a step along
@@ -147,7 +154,7 @@ def held_out_cg_iterations(
         scores.append(torch.dot(held_out_grad, x).item() / x_ax**0.5 if x_ax > 0 else 0.0)
         return len(scores) - 1 - max(range(len(scores)), key=scores.__getitem__) >= patience
 
-    cg_solve(fvp, fit_grad, max_iters, residual_tol, on_iterate=score)
+    cg_solve(fvp, fit_grad, max_iters, residual_tol, on_iterate=score, precondition=precondition)
     best = max(range(len(scores)), key=scores.__getitem__) + 1 if scores else 1
     return best, scores
 
@@ -362,6 +369,77 @@ def surrogate_gradient(
         jacobian = LinearizedLogits(logits, params, at=surrogate_logits_grad)
         return jacobian.vjp_at, jacobian
     return flat_grad(surrogate, params, retain_graph=retain_graph), None
+
+
+class HeavyBallDirection:
+    """The direction m = g + mu * m_prev across updates (Polyak 1964), restarted at g where it
+    would not ascend the current batch's surrogate (g^T m <= 0). It keeps state between updates,
+    so a trainer checkpoints it with its optimizers (`state_dict` / `load_state_dict`).
+
+    >>> heavy_ball = HeavyBallDirection(momentum=0.5)
+    >>> heavy_ball(torch.tensor([1.0, 0.0])), heavy_ball(torch.tensor([0.0, 1.0]))
+    (tensor([1., 0.]), tensor([0.5000, 1.0000]))
+    """
+
+    def __init__(self, momentum: float):
+        self.momentum = momentum
+        self.direction: torch.Tensor | None = None
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
+        direction = grad
+        if self.direction is not None:
+            direction = grad + self.momentum * self.direction
+            if torch.dot(grad, direction) <= 0:
+                direction = grad
+        self.direction = direction.detach().clone()
+        return direction
+
+    def state_dict(self) -> dict[str, torch.Tensor | None]:
+        return {"direction": self.direction}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor | None]) -> None:
+        saved = state["direction"]
+        self.direction = None if saved is None else saved.detach().clone()
+
+
+class GradientRMSPreconditioner:
+    """P = diag(sqrt(v_hat) + eps), v the exponential moving average of g * g over updates with
+    bias correction, as Adam's second moment (Kingma & Ba 2015, Algorithm 1). In CG it rescales
+    each LoRA coordinate by its gradient's scale: LoRA's A tensors get gradients about |B| times
+    B's (zero at init), so the plain gradient hardly moves them where Adam does. It keeps state
+    between updates, checkpointed with the trainer's optimizers.
+
+    >>> preconditioner = GradientRMSPreconditioner(beta=0.999)
+    >>> preconditioner.update(torch.tensor([2.0, -0.01]))
+    >>> preconditioner(torch.tensor([2.0, -0.01]))
+    tensor([ 1.0000, -1.0000])
+    """
+
+    def __init__(self, beta: float, eps: float = 1e-8):
+        self.beta, self.eps = beta, eps
+        self.second_moment: torch.Tensor | None = None
+        self.updates = 0
+
+    def update(self, grad: torch.Tensor) -> None:
+        squared = (grad * grad).detach()
+        if self.second_moment is None:
+            self.second_moment = torch.zeros_like(squared)
+        self.second_moment.mul_(self.beta).add_(squared, alpha=1 - self.beta)
+        self.updates += 1
+
+    def __call__(self, r: torch.Tensor) -> torch.Tensor:
+        if self.second_moment is None:
+            return r
+        v_hat = self.second_moment / (1 - self.beta**self.updates)
+        return r / (v_hat.sqrt() + self.eps)
+
+    def state_dict(self) -> dict:
+        return {"second_moment": self.second_moment, "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state["second_moment"]
+        self.second_moment = None if saved is None else saved.detach().clone()
+        self.updates = int(state["updates"])
 
 
 @dataclass

@@ -22,6 +22,10 @@ VARIANTS = {
     "trpo_cg1_kl04_pf": "TRPO, 1 CG iteration, δ 0.04, critic on the policy's features",
     "trpo_cg1_kl04_pf_lr5e-3": "the same, critic lr 5e-3",
     "trpo_cg1_kl04_ve1": "TRPO, 1 CG iteration, δ 0.04, critic 1 epoch of 1 minibatch at lr 2e-3",
+    "trpo_cg1_kl08": "TRPO, 1 CG iteration, δ 0.08",
+    "trpo_cg1_kl04_mom05": "TRPO, 1 CG iteration, δ 0.04, momentum 0.5",
+    "trpo_cg1_kl04_mom08": "TRPO, 1 CG iteration, δ 0.04, momentum 0.8",
+    "trpo_cg1_kl04_rms": "TRPO, 1 CG iteration, δ 0.04, gradient-RMS preconditioner",
     "ppo": "PPO (ours), lr 1e-3",
 }
 
@@ -71,7 +75,7 @@ def plot(runs: dict[str, list[list[dict]]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     top = max(rows[-1]["kl/ref"] for seeds in runs.values() for rows in seeds)
     grid = np.linspace(0.0, max(top, 1.0), 101)
-    for (variant, seeds), color in zip(runs.items(), plt.cm.tab10.colors):
+    for (variant, seeds), color in zip(runs.items(), plt.cm.tab20.colors):
         plot_frontier(ax, seeds, grid, color, VARIANTS[variant], seed_alpha=0.15)
     ax.set_xlabel("KL to the reference (nats per completion)")
     ax.set_ylabel("reward (VADER), running mean of 5 steps")
