@@ -26,6 +26,7 @@ VARIANTS = {
     "trpo_cg1_kl04_mom05": "TRPO, 1 CG iteration, δ 0.04, momentum 0.5",
     "trpo_cg1_kl04_mom08": "TRPO, 1 CG iteration, δ 0.04, momentum 0.8",
     "trpo_cg1_kl04_rms": "TRPO, 1 CG iteration, δ 0.04, gradient-RMS preconditioner",
+    "trpo_cg1_kl06_rms": "TRPO, 1 CG iteration, δ 0.06, gradient-RMS preconditioner",
     "ppo": "PPO (ours), lr 1e-3",
 }
 
