@@ -393,14 +393,25 @@ def test_logit_damping_changes_the_direction_not_the_trust_region(make_trainer):
 
 
 @pytest.mark.parametrize(
-    "fvp_method, logit_damping", [("gauss_newton", 0.0), ("gauss_newton", 1.0), ("kl_hessian", 0.0)]
+    "fvp_method, logit_damping, cg_stop",
+    [
+        ("gauss_newton", 0.0, "iterations"),
+        ("gauss_newton", 1.0, "iterations"),
+        ("kl_hessian", 0.0, "iterations"),
+        ("gauss_newton", 0.0, "held_out"),
+    ],
 )
-def test_fisher_chunks_give_the_gradient_fisher_and_step_of_one_pass(make_trainer, fvp_method, logit_damping):
+def test_fisher_chunks_give_the_gradient_fisher_and_step_of_one_pass(make_trainer, fvp_method, logit_damping, cg_stop):
     """Split into chunks of sequences (one chunk's graph at a time), the gradient, every Fisher
-    product and hence the step are those of the whole batch's single pass. Sequences of unequal
-    length make the chunks' token shares unequal."""
+    product and hence the step are those of the whole batch's single pass, held-out CG stopping's
+    choice included. Sequences of unequal length make the chunks' token shares unequal."""
     settings = dict(
-        fvp_method=fvp_method, logit_damping=logit_damping, cg_iters=3, max_kl=0.01, cg_preconditioner="none"
+        fvp_method=fvp_method,
+        logit_damping=logit_damping,
+        cg_stop=cg_stop,
+        cg_iters=3,
+        max_kl=0.01,
+        cg_preconditioner="none",
     )
     results = {}
     for chunks in (1, 3):
@@ -424,6 +435,7 @@ def test_fisher_chunks_give_the_gradient_fisher_and_step_of_one_pass(make_traine
     assert q3 == pytest.approx(q1, rel=1e-4, abs=1e-12)
     assert s1["trpo/accepted"] == s3["trpo/accepted"] == 1.0
     assert s3["trpo/grad_norm"] == pytest.approx(s1["trpo/grad_norm"], rel=1e-4)
+    assert s3["trpo/cg_iters"] == s1["trpo/cg_iters"]
     assert s3["trpo/kl"] == pytest.approx(s1["trpo/kl"], rel=1e-3)
     assert ((t3 - t1).norm() / t1.norm()).item() < 1e-4
 

@@ -309,21 +309,31 @@ class TRPOTrainer(RLTrainer):
         parts = [batch.select(index) for index in torch.arange(len(batch)).chunk(chunks)]
         return [(part, part.response_mask.sum() / total) for part in parts]
 
-    def chunked_gradient(self, batch: Rollout, chunks: int) -> tuple[torch.Tensor, float, torch.Tensor]:
-        """(g, L(theta_old), log pi_old over the vocabulary) from one forward and backward per chunk,
-        no graph kept: the surrogate is a token mean, so g is the token-share-weighted sum of the
-        chunks' gradients."""
+    def chunked_gradient(
+        self, batch: Rollout, chunks: int, held_out: Rollout | None = None
+    ) -> tuple[torch.Tensor, float, torch.Tensor, torch.Tensor | None]:
+        """(g, L(theta_old), log pi_old over the vocabulary, the `held_out` batch's g or None) from
+        one forward and backward per chunk (two backwards with `held_out`), no graph kept past its
+        chunk: the surrogate is a token mean, so g is the token-share-weighted sum of the chunks'
+        gradients. `held_out` is `batch` with other advantages, so it shares each chunk's forward."""
         params = self.actor_critic.policy_parameters()
-        grads, surrogates, logp_all_old = [], [], []
-        for chunk, share in self.sequence_chunks(batch, chunks):
+        grads, held_out_grads, surrogates, logp_all_old = [], [], [], []
+        held_out_chunks = self.sequence_chunks(held_out, chunks) if held_out is not None else None
+        for i, (chunk, share) in enumerate(self.sequence_chunks(batch, chunks)):
             logits = self.policy_logits(chunk)
-            surrogate = share * self.surrogate(chunk, token_logprobs(logits, chunk.response_ids))
+            logprobs = token_logprobs(logits, chunk.response_ids)
+            if held_out_chunks is not None:
+                held_out_chunk, _ = held_out_chunks[i]
+                held_out_surrogate = share * self.surrogate(held_out_chunk, logprobs)
+                held_out_grads.append(flat_grad(held_out_surrogate, params, retain_graph=True))
+            surrogate = share * self.surrogate(chunk, logprobs)
             grads.append(flat_grad(surrogate, params))
             surrogates.append(surrogate.detach())
             logp_all_old.append(log_softmax_(logits.detach()))
-            del logits, surrogate
+            del logits, logprobs, surrogate
         grad = self.reduce_mean(torch.stack(grads).sum(dim=0))
-        return grad, self.reduce_mean(torch.stack(surrogates).sum()).item(), torch.cat(logp_all_old)
+        held_out_grad = self.reduce_mean(torch.stack(held_out_grads).sum(dim=0)) if held_out_grads else None
+        return grad, self.reduce_mean(torch.stack(surrogates).sum()).item(), torch.cat(logp_all_old), held_out_grad
 
     def chunked_fisher_product(self, batch: Rollout, cfg: TRPOConfig) -> DampedFisherProduct:
         """(F + cI) v with F the token-share-weighted sum of the chunks' Fishers (the KL is a token
@@ -349,7 +359,7 @@ class TRPOTrainer(RLTrainer):
             return total
 
         def logit_quadratic(x: torch.Tensor) -> torch.Tensor:
-            return over_chunks(lambda product: torch.tensor(product.logit_quadratic(x)))
+            return over_chunks(lambda product: product.local_logit_quadratic(x))
 
         return DampedFisherProduct(
             lambda v: over_chunks(lambda product: product.fisher_product(v).float()),
@@ -382,9 +392,9 @@ class TRPOTrainer(RLTrainer):
         logits = jacobian = None
         with timer("gradient"):
             if cfg.fisher_chunks > 1:
-                grad, surrogate_old, logp_all_old = self.chunked_gradient(batch, cfg.fisher_chunks)
-                if held_out is not None:
-                    held_out_grad = self.chunked_gradient(held_out, cfg.fisher_chunks)[0]
+                grad, surrogate_old, logp_all_old, held_out_grad = self.chunked_gradient(
+                    batch, cfg.fisher_chunks, held_out
+                )
             else:
                 logits = self.fisher_logits(batch) if shared_forward else self.policy_logits(batch)
                 logprobs = token_logprobs(logits, batch.response_ids)

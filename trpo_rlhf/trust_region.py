@@ -233,7 +233,13 @@ class DampedFisherProduct:
         """x^T D x of the logit-space damping inside this product (0 without one); one J x pass."""
         if self._logit_quadratic is None:
             return 0.0
-        return self.reduce(self._logit_quadratic(x).float()).item()
+        return self.reduce(self.local_logit_quadratic(x)).item()
+
+    def local_logit_quadratic(self, x: torch.Tensor) -> torch.Tensor:
+        """`logit_quadratic` on this process alone, as a float32 tensor (not reduced, no sync)."""
+        if self._logit_quadratic is None:
+            return torch.zeros((), device=x.device)
+        return self._logit_quadratic(x).float()
 
 
 class LinearizedLogits:
