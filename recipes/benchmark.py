@@ -36,6 +36,7 @@ prints the medians (TRL's PPO, when the trl-ppo extra is installed, reports only
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -91,6 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cg_iters", type=int, default=TRPOConfig.cg_iters)
     parser.add_argument("--fvp_subsample", type=float, default=TRPOConfig.fvp_subsample)
     parser.add_argument("--fisher_chunks", type=int, default=TRPOConfig.fisher_chunks)
+    parser.add_argument("--fisher_quadratic", default=TRPOConfig.fisher_quadratic, choices=["forward_mode", "product"])
     parser.add_argument("--cg_preconditioner", default=TRPOConfig.cg_preconditioner, choices=["none", "gradient_rms"])
     parser.add_argument("--fvp_method", default=TRPOConfig.fvp_method, choices=["gauss_newton", "kl_hessian"])
     parser.add_argument("--cg_damping", type=float, default=TRPOConfig.cg_damping)
@@ -135,7 +137,8 @@ def time_forward_backward(trainer: TRPOTrainer, batch) -> tuple[float, float]:
 def time_lever_baselines(trainer: TRPOTrainer, batch) -> dict[str, float]:
     """Seconds of the alternatives each lever replaces, on the same batch:
 
-    - `fvp_rebuild_s`: one FVP that builds its own KL-gradient graph (no reuse across CG iterations);
+    - `fvp_s`: one FVP over the whole batch's graph, built beforehand (what each CG iteration after
+      the first costs with `fisher_chunks` 1); `fvp_rebuild_s`: one FVP that builds that graph too;
     - `fwd_bwd_math_s`: forward+backward with attention forced onto the double-backward-capable
       math path (what every pass would cost if the FVP's attention were used everywhere);
     - `forward_s` / `forward_grad_s`: one forward without / with a graph (the cached old
@@ -143,10 +146,15 @@ def time_lever_baselines(trainer: TRPOTrainer, batch) -> dict[str, float]:
     """
     params = trainer.actor_critic.policy_parameters()
     fisher = trainer.fisher_batch(batch)
+    one_pass = dataclasses.replace(trainer.config, fisher_chunks=1)
+    v = torch.ones(sum(p.numel() for p in params), device=trainer.device)
     seconds = {}
     with stopwatch(seconds, "fvp_rebuild_s", trainer.device):
-        fvp = trainer.fisher_product(fisher)
-        fvp(torch.ones(sum(p.numel() for p in params), device=trainer.device))
+        fvp = trainer.fisher_product(fisher, config=one_pass)
+        fvp(v)
+    with stopwatch(seconds, "fvp_s", trainer.device):
+        fvp(v)
+    del fvp
     with double_backward_attention(trainer.actor_critic.peft_model):
         seconds["fwd_bwd_math_s"], _ = time_forward_backward(trainer, batch)
     with stopwatch(seconds, "forward_s", trainer.device), torch.no_grad():
@@ -188,6 +196,7 @@ def trainer_configs(args: argparse.Namespace, task, output_dir: str, max_steps: 
         cg_iters=args.cg_iters,
         fvp_subsample=args.fvp_subsample,
         fisher_chunks=args.fisher_chunks,
+        fisher_quadratic=args.fisher_quadratic,
         cg_preconditioner=args.cg_preconditioner,
         fvp_method=args.fvp_method,
         cg_damping=args.cg_damping,
@@ -300,8 +309,6 @@ def main(argv=None) -> int:
             seconds, peak_mb, stats = measure_update(trainer, batch, params, origin)
             row[f"{name}_update_s"], row[f"{name}_peak_mb"] = seconds, peak_mb
             row.update({f"{name}:{k}": v for k, v in stats.items()})
-        fvps = row["trpo:trpo/fvp_count"]
-        row["fvp_s"] = row["trpo:time/policy_cg"] / fvps if fvps else float("nan")
         row["ppo_epoch_s"] = row["ppo:time/policy_epochs"] / row["ppo:ppo/epochs_run"]
         rows.append(row)
         print(
@@ -347,6 +354,7 @@ def main(argv=None) -> int:
         "repeats": args.repeats,
         "fvp_subsample": args.fvp_subsample,
         "fisher_chunks": args.fisher_chunks,
+        "fisher_quadratic": args.fisher_quadratic,
         "cg_preconditioner": args.cg_preconditioner,
         "fvp_method": args.fvp_method,
         "model_dtype": args.model_dtype,

@@ -7,6 +7,7 @@ median seconds of each phase of a step.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 from pathlib import Path
 
@@ -29,7 +30,13 @@ PHASES = [
 
 def summarize(rows: list[dict], window: int = 5) -> str:
     window = max(1, min(window, len(rows) // 2 or 1))
-    median = lambda key: statistics.median(r[key] for r in rows if key in r)  # noqa: E731
+
+    def median(key: str) -> float:
+        # NaN (null in metrics.jsonl) where a step did not measure it, e.g. the CG residual of a
+        # one-iteration step, which forms no Fisher-vector product.
+        values = [r[key] for r in rows if key in r and not math.isnan(r[key])]
+        return statistics.median(values) if values else math.nan
+
     first = statistics.mean(r["reward/mean"] for r in rows[:window])
     last = statistics.mean(r["reward/mean"] for r in rows[-window:])
     accepted = [r for r in rows if r.get("trpo/accepted")]
@@ -48,9 +55,10 @@ def summarize(rows: list[dict], window: int = 5) -> str:
             f"| measured / predicted (δ·frac²) | {statistics.median(ratios):.2f} |",
             f"| step fraction | {statistics.median(r['trpo/step_frac'] for r in accepted):.2f} |",
             f"| CG iterations (FVPs per update) | {median('trpo/cg_iters'):.0f} ({median('trpo/fvp_count'):.0f}) |",
-            f"| CG relative residual | {median('trpo/cg_residual'):.2f} |",
-            "",
         ]
+        if not math.isnan(median("trpo/cg_residual")):
+            lines.append(f"| CG relative residual | {median('trpo/cg_residual'):.2f} |")
+        lines.append("")
     lines += ["| phase | median s/step |", "|---|---:|"]
     lines += [f"| {label} | {median(key):.2f} |" for key, label in PHASES if any(key in r for r in rows)]
     lines.append(f"| peak memory (MB) | {max(r['memory/peak_mb'] for r in rows):.0f} |")

@@ -1,13 +1,16 @@
-"""Run by test_distributed.py under `torchrun --nproc_per_node 2`: two TRPO steps on the tiny
-model, then every rank reports a digest of its policy and critic tensors."""
+"""Run by test_distributed.py under `torchrun --nproc_per_node 2` or `accelerate launch`: two TRPO
+(or, given `ppo`, PPO) steps on the tiny model, then every rank reports a digest of its policy and
+critic tensors and how much of the frozen base it holds."""
 
 import hashlib
 import json
 import sys
 
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
-from trpo_rlhf import TRPOConfig, TRPOTrainer
+from trpo_rlhf import PPOConfig, PPOTrainer, TRPOConfig, TRPOTrainer
 from trpo_rlhf.experiments.toy import TOY_PROMPTS, WordScoreReward, build_tiny_lm, build_word_tokenizer
 
 
@@ -18,9 +21,10 @@ def digest(tensors):
     return h.hexdigest()
 
 
-def main(output_dir: str) -> None:
+def main(output_dir: str, algorithm: str = "trpo") -> None:
     tokenizer = build_word_tokenizer()
-    config = TRPOConfig(
+    config_class, trainer_class = (PPOConfig, PPOTrainer) if algorithm == "ppo" else (TRPOConfig, TRPOTrainer)
+    config = config_class(
         output_dir=output_dir,
         max_steps=2,
         batch_size=4,
@@ -30,7 +34,7 @@ def main(output_dir: str) -> None:
         value_epochs=1,
         value_minibatch_size=2,
     )
-    trainer = TRPOTrainer(
+    trainer = trainer_class(
         config=config,
         model=build_tiny_lm(tokenizer),
         tokenizer=tokenizer,
@@ -40,13 +44,18 @@ def main(output_dir: str) -> None:
     first_prompts = trainer._next_prompts()
     trainer._prompt_order = [trainer.prompts.index(p) for p in first_prompts] + trainer._prompt_order  # put them back
     history = trainer.train()
+    trainable = {id(t) for t in trainer.actor_critic.trainable_tensors().values()}
+    frozen = [p for p in trainer.actor_critic.peft_model.parameters() if id(p) not in trainable]
     report = {
+        "sharded_layers": sum(isinstance(m, FSDPModule) for m in trainer.actor_critic.peft_model.modules()),
+        "frozen_numel": sum(p.numel() for p in frozen),
+        "frozen_local_numel": sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in frozen),
         "rank": trainer.accelerator.process_index,
         "world": trainer.accelerator.num_processes,
         "policy": digest(trainer.actor_critic.policy_parameters()),
         "value": digest(trainer.actor_critic.value_parameters()),
         "prompts": first_prompts,
-        "accepted": [h["trpo/accepted"] for h in history],
+        "accepted": [h.get("trpo/accepted", 1.0) for h in history],
     }
     reports = [None] * dist.get_world_size()
     dist.all_gather_object(reports, report)
@@ -59,4 +68,4 @@ def main(output_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

@@ -14,6 +14,7 @@ import torch
 from trpo_rlhf import PPOConfig, PPOTrainer, TrainingInterrupted, TRPOConfig, TRPOTrainer
 from trpo_rlhf.checkpointing import StopRequest, latest_checkpoint, list_checkpoints, staging_path
 from trpo_rlhf.experiments.toy import TOY_PROMPTS, WordScoreReward, build_tiny_lm
+from trpo_rlhf.metrics import json_safe
 
 WORKER = Path(__file__).with_name("resume_worker.py")
 ALGORITHMS = {"trpo": (TRPOTrainer, TRPOConfig, {}), "ppo": (PPOTrainer, PPOConfig, {"learning_rate": 1e-3})}
@@ -46,7 +47,9 @@ def make(algorithm, tokenizer, output_dir, reward_fn=None, **overrides):
 
 
 def without_timings(rows):
-    return [{k: v for k, v in row.items() if not k.startswith(("time/", "memory/"))} for row in rows]
+    """The rows' values but timings, a NaN (e.g. the CG residual of a one-iteration step) as the
+    null metrics.jsonl writes, so that equal rows compare equal."""
+    return [json_safe({k: v for k, v in row.items() if not k.startswith(("time/", "memory/"))}) for row in rows]
 
 
 def read_rows(path):

@@ -3,6 +3,7 @@ J^T M J v over one retained graph) equal the Fisher computed by brute force."""
 
 import pytest
 import torch
+from torch.autograd import forward_ad
 from torch.func import functional_call, jacrev
 
 from trpo_rlhf import TRPOConfig
@@ -16,8 +17,10 @@ from trpo_rlhf.trust_region import (
     fisher_vector_product,
     flat_concat,
     flat_grad,
+    forward_tangents,
     gauss_newton_fvp,
     kl_fisher_product,
+    logit_fisher_quadratic,
 )
 
 TEMPERATURE = 0.8
@@ -131,6 +134,43 @@ def test_fvp_matches_brute_force_fisher(word_tokenizer, attn_implementation, met
         expected = fisher @ v
         relative_error = ((fvp(v) - expected).norm() / expected.norm()).item()
         assert relative_error <= 1e-4, relative_error
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_forward_mode_fisher_quadratic_matches_brute_force_and_leaves_the_model_as_it_was(
+    word_tokenizer, attn_implementation
+):
+    """v^T F v from one forward with tangents (J v, no graph) against explicit Jacobians; inside
+    `forward_tangents` the logits' tangent is J v itself, and after it the LoRA tensors are the
+    model's own Parameters again, with their values."""
+    actor_critic = tiny_actor_critic(word_tokenizer, attn_implementation)
+    batch = padded_batch(word_tokenizer)
+    params = actor_critic.policy_parameters()
+    with double_backward_attention(actor_critic.peft_model):
+        fisher = brute_force_fisher(actor_critic, batch)
+        jac, _ = jacobian_of_logits(actor_critic, batch)
+    weights = batch.response_mask / batch.response_mask.sum()
+    before = [p.detach().clone() for p in params]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        v = torch.randn(fisher.shape[0], generator=g)
+        with (
+            torch.no_grad(),
+            double_backward_attention(actor_critic.peft_model),
+            forward_tangents(actor_critic.peft_model, params, v),
+        ):
+            logits, tangent = forward_ad.unpack_dual(
+                actor_critic.policy_logits(**batch.model_inputs(), temperature=TEMPERATURE)
+            )
+            quadratic = logit_fisher_quadratic(logits, tangent, weights)
+        assert torch.allclose(tangent, jac @ v, rtol=1e-4, atol=1e-6)
+        assert quadratic.item() == pytest.approx((v @ fisher @ v).item(), rel=1e-4)
+    assert actor_critic.policy_parameters() == params
+    assert all(isinstance(p, torch.nn.Parameter) and p.requires_grad for p in actor_critic.policy_parameters())
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    with pytest.raises(ValueError, match="not a parameter of the module"):
+        with forward_tangents(actor_critic.peft_model, [torch.zeros(3)], torch.zeros(3)):
+            pass
 
 
 def test_logit_damping_adds_the_centred_logit_metric_and_reports_its_share(word_tokenizer):

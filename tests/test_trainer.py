@@ -91,10 +91,12 @@ def test_metrics_jsonl_has_every_documented_key(make_trainer, tmp_path):
     for row in rows:
         missing = [k for k in REQUIRED_METRICS if k not in row]
         assert not missing, missing
-        assert all(isinstance(v, (int, float)) for v in row.values())
+        # Every value a number; the one null: one CG iteration forms no product, so no residual.
+        assert all(isinstance(v, (int, float)) for k, v in row.items() if k != "trpo/cg_residual")
+        assert row["trpo/cg_residual"] is None
     assert rows[0]["kl/ref"] == pytest.approx(0.0, abs=1e-5)  # LoRA B = 0 at init: policy == reference
-    # One FVP per CG iteration and none more: x^T F x comes from CG's residual.
-    assert rows[0]["trpo/fvp_count"] == rows[0]["trpo/cg_iters"]
+    # One CG iteration (the default) needs no product: z^T F z comes from forward-mode passes.
+    assert rows[0]["trpo/cg_iters"] == 1 and rows[0]["trpo/fvp_count"] == 0
 
 
 def test_save_pretrained_reloads_policy_and_value(make_trainer, tmp_path, word_tokenizer):
@@ -204,6 +206,7 @@ def test_bad_reward_outputs_raise_clear_errors(make_trainer, returned, match):
         ({"cg_preconditioner": "kfac"}, r"cg_preconditioner='kfac' is not one of"),
         ({"preconditioner_beta": 1.0}, r"preconditioner_beta=1.0 must lie strictly between 0 and 1"),
         ({"fisher_chunks": 0}, r"fisher_chunks=0 must be >= 1"),
+        ({"fisher_quadratic": "jvp"}, r"fisher_quadratic='jvp' is not one of"),
         ({"momentum": 1.0}, r"momentum=1.0 must lie in \[0, 1\)"),
         ({"momentum": -0.1}, r"momentum=-0.1"),
         ({"logit_damping": 0.1, "fvp_method": "kl_hessian"}, r"logit_damping=0.1 needs fvp_method='gauss_newton'"),
@@ -255,7 +258,8 @@ def test_tokenizer_without_pad_token_is_handled(make_trainer, word_tokenizer):
 
 
 def test_fvp_subsample_uses_a_fraction_of_sequences(make_trainer):
-    trainer = make_trainer(fvp_subsample=0.25, fisher_chunks=1)  # 2 of the batch's 8 sequences, in one pass
+    # 2 of the batch's 8 sequences, in one pass, for 3 CG iterations' products
+    trainer = make_trainer(fvp_subsample=0.25, fisher_chunks=1, cg_iters=3)
     fisher_batch_sizes = []
     fisher_logits = trainer.fisher_logits
 
@@ -392,6 +396,16 @@ def test_logit_damping_changes_the_direction_not_the_trust_region(make_trainer):
     assert torch.nn.functional.cosine_similarity(natural, damped, dim=0) < 0.97
 
 
+def batch_of_unequal_lengths(trainer):
+    """A rollout of `trainer` in which sequence i ends i % 4 tokens early: chunks of sequences then
+    hold unequal shares of the batch's tokens."""
+    batch, _ = trainer.collect_batch()
+    mask = batch.response_mask.clone()
+    for i in range(len(batch)):
+        mask[i, mask.shape[1] - i % 4 :] = 0
+    return dataclasses.replace(batch, response_mask=mask)
+
+
 @pytest.mark.parametrize(
     "fvp_method, logit_damping, cg_stop",
     [
@@ -416,11 +430,7 @@ def test_fisher_chunks_give_the_gradient_fisher_and_step_of_one_pass(make_traine
     results = {}
     for chunks in (1, 3):
         trainer = make_trainer(fisher_chunks=chunks, **settings)
-        batch, _ = trainer.collect_batch()
-        mask = batch.response_mask.clone()
-        for i in range(len(batch)):  # as if sequence i had ended i % 4 tokens early
-            mask[i, mask.shape[1] - i % 4 :] = 0
-        batch = dataclasses.replace(batch, response_mask=mask)
+        batch = batch_of_unequal_lengths(trainer)
         params = trainer.actor_critic.policy_parameters()
         v = torch.randn(sum(p.numel() for p in params), generator=torch.Generator().manual_seed(0))
         fvp = trainer.fisher_product(batch)
@@ -438,6 +448,37 @@ def test_fisher_chunks_give_the_gradient_fisher_and_step_of_one_pass(make_traine
     assert s3["trpo/cg_iters"] == s1["trpo/cg_iters"]
     assert s3["trpo/kl"] == pytest.approx(s1["trpo/kl"], rel=1e-3)
     assert ((t3 - t1).norm() / t1.norm()).item() < 1e-4
+
+
+@pytest.mark.parametrize("chunks, fisher_quadratic", [(1, "forward_mode"), (3, "forward_mode"), (3, "product")])
+def test_the_one_iteration_step_is_sized_by_the_forward_mode_fisher_quadratic(make_trainer, chunks, fisher_quadratic):
+    """At one CG iteration the step is g sized by g^T (F + cI) g, which forward-mode passes give
+    with no Fisher-vector product: the quadratic is that of the product, and the full step's length
+    is sqrt(2 delta / g^T (F + cI) g) |g| with g^T (F + cI) g from the product. Sequences of unequal
+    length make the chunks' token shares unequal. `fisher_quadratic="product"` forms it from one
+    product instead: the same step."""
+    trainer = make_trainer(
+        fisher_chunks=chunks, cg_preconditioner="none", max_kl=0.01, fisher_quadratic=fisher_quadratic
+    )
+    batch = batch_of_unequal_lengths(trainer)
+    params = trainer.actor_critic.policy_parameters()
+    with torch.no_grad():  # B = 0 at init leaves the A tensors out of the Fisher: move off it
+        for p in params:
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    products = TRPOConfig(**(dataclasses.asdict(trainer.config) | {"fisher_chunks": 1}))
+    fvp = trainer.fisher_product(batch, config=products)
+    v = torch.randn(sum(p.numel() for p in params), generator=torch.Generator().manual_seed(0))
+    assert trainer.fisher_quadratic(batch, v) == pytest.approx(torch.dot(v, fvp(v)).item(), rel=1e-4)
+    grad = trainer.chunked_gradient(batch, 1)[0]
+    grad_quadratic = torch.dot(grad, fvp(grad)).item()
+    del fvp
+    stats = trainer.policy_update(batch)
+    products = 1 if fisher_quadratic == "product" else 0
+    assert stats["trpo/accepted"] == 1.0 and stats["trpo/fvp_count"] == products and stats["trpo/cg_iters"] == 1
+    full_step_norm = stats["trpo/step_norm"] / stats["trpo/step_frac"]
+    expected = math.sqrt(2 * trainer.config.max_kl / grad_quadratic) * grad.norm().item()
+    assert full_step_norm == pytest.approx(expected, rel=1e-4)
+    assert stats["trpo/kl"] <= trainer.config.kl_tolerance * trainer.config.max_kl
 
 
 def test_momentum_carries_the_last_direction_into_the_next_step_inside_the_trust_region(make_trainer):

@@ -62,6 +62,7 @@ from .profiling import PhaseTimer, peak_memory_mb
 from .prompts import check_prompt_strings, prompts_from_dataset
 from .rewards import RewardFn, build_reward_fn, score_batch
 from .rollout import Rollout, evaluate_rollout, gather_tokens, log_softmax_, sample_completions
+from .sharding import fsdp_requested, shard_frozen_base
 from .tracking import RunTrackers, tracker_names
 from .trust_region import categorical_kl
 
@@ -183,7 +184,12 @@ class RLTrainer:
         self._check_vocabulary(model)
 
         self.prompts = self._validate_prompts(train_dataset, model)
-        self.actor_critic = LoraActorCritic.build(model, config).to(self.device)
+        self.actor_critic = LoraActorCritic.build(model, config)
+        if self.sharded:
+            shard_frozen_base(
+                self.actor_critic.peft_model, self.actor_critic.trainable_tensors().values(), self.device.type
+            )
+        self.actor_critic.to(self.device)
         self.reward_fn = build_reward_fn(reward_fn, device=self.device)
         self.kl_ctl = kl_controller(config.init_kl_coef, config.target_kl_ref, config.kl_horizon)
         self.value_optimizer = torch.optim.Adam(self.actor_critic.value_parameters(), lr=config.value_lr)
@@ -200,14 +206,22 @@ class RLTrainer:
 
     # ------------------------------------------------------------------ setup checks
     def _check_distributed_type(self) -> None:
-        # The trainer averages g, FVPs, line-search measurements and critic gradients itself over
-        # replicated models; a sharding backend would need the model prepared by accelerate.
+        # The trainer averages g, Fisher quadratics and products, line-search measurements and
+        # critic gradients itself; it shards the frozen base with FSDP2 (`sharding`), never through
+        # accelerate's prepare, whose other backends it does not support.
         kind = self.accelerator.distributed_type
-        if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        if kind in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
             raise ValueError(
-                f"accelerate's distributed_type is {kind.value}: this trainer replicates the model on every process "
-                "and does not shard it. Launch with recipes/accelerate_configs/multi_gpu.yaml (one replica per GPU)."
+                f"accelerate's distributed_type is {kind.value}: this trainer does not run under it. Launch with "
+                "recipes/accelerate_configs/fsdp.yaml (the frozen base sharded, as ZeRO-3 would) or multi_gpu.yaml "
+                "(one replica per GPU)."
             )
+        self.sharded = fsdp_requested(kind)
+        if self.sharded:
+            self._check_shardable()
+
+    def _check_shardable(self) -> None:
+        """Settings a sharded base cannot run refuse here, before anything is loaded."""
 
     def _check_output_dir_writable(self) -> None:
         out = self.output_dir

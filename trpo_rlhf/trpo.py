@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch.autograd import forward_ad
 
 from .actor_critic import double_backward_attention
 from .config import RLConfig, _require
@@ -30,15 +31,19 @@ from .trust_region import (
     LinearizedLogits,
     LineSearchResult,
     backtracking_line_search,
+    cg_first_iterate,
     cg_solve,
     flat_grad,
+    forward_tangents,
     held_out_cg_iterations,
     kl_fisher_product,
+    logit_fisher_quadratic,
     surrogate_gradient,
 )
 
 CG_STOPS = ("iterations", "held_out")
 CG_PRECONDITIONERS = ("none", "gradient_rms")
+FISHER_QUADRATICS = ("forward_mode", "product")
 # No line search ran: g = 0 left no direction.
 NO_STEP = LineSearchResult(accepted=False, step_frac=0.0, kl=0.0, surrogate_gain=0.0, iterations=0)
 
@@ -54,16 +59,18 @@ class TRPOConfig(RLConfig):
 
     * ``cg_iters`` = 1, where the original TRPO code and SB3-contrib run 10: one CG iteration
       from x = 0 is the policy gradient, sized by the exact Fisher (1/2 s^T F s = delta) and
-      line-searched on the exact KL. More iterations buy more surrogate gain on the batch but less
+      line-searched on the exact KL. It needs the Fisher only as the quadratic s^T F s, which
+      forward-mode passes give without a backward or a kept graph (`fisher_quadratic`). More iterations buy more surrogate gain on the batch but less
       reward per nat of KL on held-out prompts: with far more LoRA parameters than sampled tokens,
       (F + cI)^-1 g fits the batch's noisy advantages, and stopping CG early regularises the solve.
     * ``cg_preconditioner`` = "gradient_rms": CG preconditioned by the running RMS of the gradient
       (Adam's second moment), so one iteration steps along P^-1 g. LoRA's B starts at zero, which
       makes A's gradient tiny; the plain gradient leaves A almost where it started, Adam does not.
-    * ``fisher_chunks`` = 4: the gradient and each Fisher-vector product run over 4 chunks of the
-      batch's sequences, one chunk's graph at a time, rather than one graph of the whole batch kept
-      for every product: about a quarter of the memory, for one more forward and backward per
-      chunk and product, which at one CG iteration costs about nothing.
+    * ``fisher_chunks`` = 4: the gradient, each Fisher-vector product and the one-iteration
+      quadratic run over 4 chunks of the batch's sequences, one chunk's graph (or logits) at a
+      time, rather than one graph of the whole batch kept for every product: about a quarter of
+      the memory, for one more forward and backward per chunk and product where CG runs more than
+      one iteration.
     * ``max_kl`` = 0.04 nats per token: the one-iteration step moves away from the reference more
       slowly than PPO at 0.02; 0.04 buys more reward per step for a little less per nat.
     * ``cg_damping`` = 1e-3, not the classic 0.1: the Fisher of LoRA tensors is small, so a damping
@@ -140,9 +147,18 @@ class TRPOConfig(RLConfig):
     fisher_chunks: int = field(
         default=4,
         metadata={
-            "help": "Passes the policy gradient and each Fisher-vector product are split into, by sequences. 1: one "
-            "pass over the batch whose retained graph serves g and every product. N > 1: one chunk's graph at a time "
-            "(about 1/N of the memory) for one more forward and backward per chunk and product."
+            "help": "Passes the policy gradient, each Fisher-vector product and the one-iteration quadratic are split "
+            "into, by sequences. 1: one pass over the batch, whose retained graph serves g and every product. N > 1: "
+            "one chunk's graph at a time (about 1/N of the memory) for one more forward and backward per chunk and "
+            "product."
+        },
+    )
+    fisher_quadratic: str = field(
+        default="forward_mode",
+        metadata={
+            "help": "How a one-iteration step forms z^T (F + cI) z, all of the Fisher it needs. 'forward_mode': J z from "
+            "forward passes with tangents, no graph kept (the least memory; the one that runs under FSDP). 'product': "
+            "z^T (F z) from one Fisher-vector product (no tangents; on CPU the faster of the two, see the README)."
         },
     )
     momentum: float = field(
@@ -157,8 +173,9 @@ class TRPOConfig(RLConfig):
     fvp_method: str = field(
         default="gauss_newton",
         metadata={
-            "help": "How F v is computed: 'gauss_newton' (J^T M J v, two passes over one retained graph) or "
-            "'kl_hessian' (double backward through the KL gradient). Both are the exact Fisher at theta_old."
+            "help": "How F v is computed where CG runs more than one iteration (one needs no product): 'gauss_newton' "
+            "(J^T M J v, two passes over one retained graph) or 'kl_hessian' (double backward through the KL "
+            "gradient). Both are the exact Fisher at theta_old."
         },
     )
 
@@ -213,6 +230,10 @@ class TRPOConfig(RLConfig):
             f"preconditioner_beta={self.preconditioner_beta} must lie strictly between 0 and 1, e.g. 0.999.",
         )
         _require(
+            self.fisher_quadratic in FISHER_QUADRATICS,
+            f"fisher_quadratic={self.fisher_quadratic!r} is not one of {FISHER_QUADRATICS}; e.g. --fisher_quadratic product.",
+        )
+        _require(
             0.0 <= self.momentum < 1.0, f"momentum={self.momentum} must lie in [0, 1), e.g. --momentum 0.8 (0: none)."
         )
         _require(
@@ -246,6 +267,17 @@ class TRPOTrainer(RLTrainer):
             if config.cg_preconditioner == "gradient_rms"
             else None
         )
+
+    def _check_shardable(self) -> None:
+        cfg = self.config
+        if cfg.cg_iters > 1 or cfg.cg_stop == "held_out" or cfg.fisher_quadratic == "product":
+            raise ValueError(
+                f"cg_iters={cfg.cg_iters}, cg_stop={cfg.cg_stop!r}, fisher_quadratic={cfg.fisher_quadratic!r} under FSDP: "
+                "Fisher-vector products run several "
+                "backward passes over one forward's graph, whose gathered layer weights FSDP frees after the first. "
+                "Use cg_iters 1 with fisher_quadratic 'forward_mode' (the defaults: no product) or "
+                "recipes/accelerate_configs/multi_gpu.yaml."
+            )
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer | HeavyBallDirection | GradientRMSPreconditioner]:
         """The optimizers' state and the solver's own state across updates, by name."""
@@ -368,13 +400,32 @@ class TRPOTrainer(RLTrainer):
             logit_quadratic if cfg.logit_damping else None,
         )
 
+    def fisher_quadratic(self, batch: Rollout, x: torch.Tensor, config: TRPOConfig | None = None) -> float:
+        """x^T (F + cI) x over the policy LoRA tensors, F the Fisher of the mean per-token KL on
+        `batch`, averaged across processes: from forward-mode passes (J x with the logits, one
+        `fisher_chunks` chunk at a time, no graph kept), which is all the Fisher a one-iteration
+        step needs (`cg_first_iterate`): no backward at all, where a product costs three."""
+        cfg = config or self.config
+        params = self.actor_critic.policy_parameters()
+        total = batch.response_mask.sum().clamp(min=1)
+        quadratic = torch.zeros((), device=x.device)
+        model = self.actor_critic.peft_model
+        for chunk, _ in self.sequence_chunks(batch, cfg.fisher_chunks):
+            # Forward-mode AD has no rule for the fused attention kernels; the math path has one.
+            with torch.no_grad(), double_backward_attention(model), forward_tangents(model, params, x):
+                logits, tangent = forward_ad.unpack_dual(self.policy_logits(chunk))
+                quadratic = quadratic + logit_fisher_quadratic(logits, tangent, chunk.response_mask / total)
+            del logits, tangent
+        return self.reduce_mean(quadratic).item() + cfg.cg_damping * torch.dot(x, x).item()
+
     def policy_update(self, batch: Rollout, config: TRPOConfig | None = None) -> dict[str, float]:
         """One TRPO step (Schulman et al. 2015, Appendix C):
 
         1. g = grad L(theta_old), L = mean_t exp(logp_theta - logp_old) * A_t;
         2. x ~ (F + cI)^-1 m by CG (preconditioned with `cg_preconditioner`), m = g (g + mu * m_prev
            with `momentum`), F v = J^T M J v (or by double backprop) over one graph built once: the
-           very forward g came from when the Fisher uses the whole batch (`fisher_chunks` = 1);
+           very forward g came from when the Fisher uses the whole batch (`fisher_chunks` = 1). At
+           one iteration x is along z = P^-1 m and only z^T F z is needed: forward-mode J z, no product;
         3. full step s = sqrt(2 delta / x^T F x) x, so that 1/2 s^T F s = delta;
         4. backtracking on the measured exact KL and the surrogate; exact restore on failure.
 
@@ -386,9 +437,13 @@ class TRPOTrainer(RLTrainer):
         timer = PhaseTimer()
 
         fisher_batch = self.fisher_batch(batch, cfg)
-        # With the Fisher on the whole batch in one pass, one forward serves g and F (`surrogate_gradient`).
-        shared_forward = fisher_batch is batch and cfg.fisher_chunks == 1
         held_out = self.held_out_batch(batch, cfg) if cfg.cg_stop == "held_out" else None
+        # One CG iteration needs only the quadratic z^T F z of its direction, which forward-mode
+        # passes give (`fisher_quadratic`); more iterations, or choosing them, need products F v.
+        products = cfg.cg_iters > 1 or held_out is not None or cfg.fisher_quadratic == "product"
+        # With the Fisher's products on the whole batch in one pass, one forward serves g and F
+        # (`surrogate_gradient`).
+        shared_forward = products and fisher_batch is batch and cfg.fisher_chunks == 1
         logits = jacobian = None
         with timer("gradient"):
             if cfg.fisher_chunks > 1:
@@ -426,7 +481,11 @@ class TRPOTrainer(RLTrainer):
             precondition.update(grad)
 
         with timer("fvp_graph"):
-            fvp = self.fisher_product(fisher_batch, logits if shared_forward else None, jacobian, cfg)
+            fvp = (
+                self.fisher_product(fisher_batch, logits if shared_forward else None, jacobian, cfg)
+                if products
+                else None
+            )
             del jacobian
             if logits is not None:
                 # pi_old over the vocabulary, for the line-search KL: the gradient's own logits, turned
@@ -438,24 +497,35 @@ class TRPOTrainer(RLTrainer):
         with timer("cg"):
             # The tolerance is relative: LoRA gradients can be far smaller than any absolute one.
             direction_sq = torch.dot(direction, direction).item()
-            cg_iters = cfg.cg_iters
-            if held_out is not None:
-                fit_grad = grad - held_out_grad
-                cg_iters, _ = held_out_cg_iterations(
-                    fvp,
-                    fit_grad,
-                    held_out_grad,
-                    cfg.cg_iters,
-                    cfg.cg_residual_tol * torch.dot(fit_grad, fit_grad).item(),
-                    precondition=precondition,
-                )
-            cg = cg_solve(fvp, direction, cg_iters, cfg.cg_residual_tol * direction_sq, precondition=precondition)
-            # x^T (F + cI) x = x^T (g - r): CG's own residual saves the product an explicit x^T F x
-            # would cost; a logit damping's share is taken out (one J x pass), since the step's
-            # length is set by the KL alone.
-            x_fx = cg.x_ax - fvp.logit_quadratic(cg.x)
+            if cfg.cg_iters == 1 and held_out is None:
+                # x = (m.z / z^T (F + cI) z) z, z = P^-1 m: CG's first iterate. A logit damping
+                # changes only the length of z, which the trust region sets again below.
+                z = direction if precondition is None else precondition(direction)
+                if fvp is None:
+                    z_az = self.fisher_quadratic(fisher_batch, z, cfg)
+                else:  # the product's logit damping, if any, is left out: the KL alone sets the length
+                    z_az = torch.dot(z, fvp(z)).item() - fvp.logit_quadratic(z)
+                cg = cg_first_iterate(direction, z, z_az)
+                x_fx = cg.x_ax
+            else:
+                cg_iters = cfg.cg_iters
+                if held_out is not None:
+                    fit_grad = grad - held_out_grad
+                    cg_iters, _ = held_out_cg_iterations(
+                        fvp,
+                        fit_grad,
+                        held_out_grad,
+                        cfg.cg_iters,
+                        cfg.cg_residual_tol * torch.dot(fit_grad, fit_grad).item(),
+                        precondition=precondition,
+                    )
+                cg = cg_solve(fvp, direction, cg_iters, cfg.cg_residual_tol * direction_sq, precondition=precondition)
+                # x^T (F + cI) x = x^T (g - r): CG's own residual saves the product an explicit x^T F x
+                # would cost; a logit damping's share is taken out (one J x pass), since the step's
+                # length is set by the KL alone.
+                x_fx = cg.x_ax - fvp.logit_quadratic(cg.x)
         require_finite("CG solution", cg.x, torch.tensor(x_fx))
-        fvp_calls = fvp.calls
+        fvp_calls = fvp.calls if fvp is not None else 0
         del fvp  # free the Fisher graph before the line search
 
         stats = {

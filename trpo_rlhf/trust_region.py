@@ -13,10 +13,12 @@ Everything here works on tensors and parameter lists; nothing knows about langua
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.autograd import forward_ad
 
 Params = Sequence[torch.Tensor]
 FVP_METHODS = ("gauss_newton", "kl_hessian")
@@ -126,6 +128,23 @@ def cg_solve(
     return CGResult(x=x, residual=r_dot_r.item(), iterations=iterations, x_ax=torch.dot(x, b - r).item())
 
 
+def cg_first_iterate(b: torch.Tensor, z: torch.Tensor, z_az: float) -> CGResult:
+    """CG's first iterate from x = 0 (`cg_solve` with one iteration), from the quadratic alone:
+    x = (b.z / z^T A z) z with z = P^-1 b (z = b unpreconditioned). It needs z^T A z, not A z, so a
+    caller that can form the quadratic more cheaply than a product (`logit_fisher_quadratic` on a
+    forward-mode J z) saves the product; the residual, which would need A z, is not formed (NaN).
+
+    >>> A, b = torch.tensor([[4.0, 1.0], [1.0, 3.0]]), torch.tensor([1.0, 2.0])
+    >>> first = cg_first_iterate(b, b, torch.dot(b, A @ b).item())
+    >>> torch.allclose(first.x, cg_solve(lambda v: A @ v, b, iters=1).x)
+    True
+    """
+    if not z_az > 0:  # z = 0 (b = 0): x = 0, where cg_solve would stop before its first product
+        return CGResult(x=torch.zeros_like(b), residual=torch.dot(b, b).item(), iterations=0, x_ax=0.0)
+    alpha = torch.dot(b, z).item() / z_az
+    return CGResult(x=alpha * z, residual=float("nan"), iterations=1, x_ax=alpha * alpha * z_az)
+
+
 def held_out_cg_iterations(
     fvp: Callable[[torch.Tensor], torch.Tensor],
     fit_grad: torch.Tensor,
@@ -201,6 +220,56 @@ def fisher_vector_product(
         return flat_grad(grad_dot_v, params, retain_graph=True)
 
     return DampedFisherProduct(fisher_product, damping, reduce)
+
+
+def logit_fisher_quadratic(logits: torch.Tensor, tangent: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """v^T F v = sum_n w_n t_n^T (diag(p_n) - p_n p_n^T) t_n, with t = J v the logits' directional
+    derivative (`tangent`, e.g. from `forward_tangents`), p = softmax(`logits`) and `weights` [...]
+    each position's weight (1/number of valid tokens for the mean KL): the Gauss-Newton form of the
+    Fisher quadratic (`gauss_newton_fvp`) without its backward pass, in float32.
+
+    >>> logits, tangent = torch.zeros(1, 2), torch.tensor([[1.0, -1.0]])   # p = (1/2, 1/2)
+    >>> logit_fisher_quadratic(logits, tangent, torch.ones(1))             # 1/2 + 1/2 - 0^2
+    tensor(1.)
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    tangent = tangent.float()
+    mean_tangent = (probs * tangent).sum(dim=-1)
+    per_position = (probs * tangent.square()).sum(dim=-1) - mean_tangent.square()
+    return (weights.to(per_position.dtype) * per_position).sum()
+
+
+@contextlib.contextmanager
+def forward_tangents(module: torch.nn.Module, params: Params, tangent: torch.Tensor) -> Iterator[None]:
+    """Inside, each of `params` (tensors of `module`) carries its part of the flat `tangent` as a
+    forward-mode tangent (torch.autograd.forward_ad), so a forward of `module` computes beside
+    each output its directional derivative J v: `forward_ad.unpack_dual(output).tangent`. No graph
+    is kept (run it under `torch.no_grad()`): a Jacobian-vector product for about two forwards'
+    work and one forward's memory. The parameters are put back on exit.
+    """
+    owners: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+    for owner in module.modules():
+        for name, param in owner._parameters.items():
+            if param is not None:
+                owners.setdefault(id(param), []).append((owner, name))
+    swapped: list[tuple[torch.nn.Module, str, torch.Tensor]] = []
+    with forward_ad.dual_level():
+        try:
+            for param, part in zip(params, split_like(tangent, params)):
+                if id(param) not in owners:
+                    raise ValueError(
+                        f"a tensor of shape {tuple(param.shape)} in params is not a parameter of the module."
+                    )
+                dual = forward_ad.make_dual(param.detach(), part.to(param.dtype))
+                for owner, name in owners[id(param)]:
+                    # Into the module's own parameter slot: a dual tensor is not a Parameter,
+                    # which Module.__setattr__ would refuse.
+                    owner._parameters[name] = dual
+                    swapped.append((owner, name, param))
+            yield
+        finally:
+            for owner, name, param in swapped:
+                owner._parameters[name] = param
 
 
 class DampedFisherProduct:
