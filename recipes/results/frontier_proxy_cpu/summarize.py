@@ -1,5 +1,6 @@
 """The candidates table in README.md and candidates.png: every variant run on this proxy (the
-three of compare.md and the candidates added to them), over the KL range all of them reach.
+three of compare.md and the candidates added to them), over the KL range all of them reach; then
+the defaults, the defaults with momentum 0.9 and PPO over the wider range those three reach.
 
     python recipes/results/frontier_proxy_cpu/summarize.py
 
@@ -27,6 +28,7 @@ VARIANTS = {
     "trpo_cg1_kl04_mom08": "TRPO, 1 CG iteration, δ 0.04, momentum 0.8",
     "trpo_cg1_kl04_rms": "TRPO, 1 CG iteration, δ 0.04, gradient-RMS preconditioner",
     "trpo_cg1_kl06_rms": "TRPO, 1 CG iteration, δ 0.06, gradient-RMS preconditioner",
+    "trpo_cg1_kl04_rms_mom09": "TRPO, 1 CG iteration, δ 0.04, gradient-RMS preconditioner, momentum 0.9",
     "ppo": "PPO (ours), lr 1e-3",
 }
 
@@ -64,6 +66,34 @@ def main() -> None:
         ]
         print("| " + " | ".join(cells) + " |")
     plot(runs, HERE / "candidates.png")
+    print_wide_range({v: runs[v] for v in WIDE_RANGE})
+
+
+# The defaults (3 seeds), the same with momentum 0.9, and PPO: all reach about 2.9 nats.
+WIDE_RANGE = ("trpo_cg1_kl04_rms", "trpo_cg1_kl04_rms_mom09", "ppo")
+
+
+def print_wide_range(runs: dict[str, list[list[dict]]]) -> None:
+    kl_max = common_kl(runs)
+    print()
+    print(
+        f"| update | seeds | reward @ 2 nats | reward @ 4 nats (seeds reaching it) | frontier AUC, 0–{kl_max:.2f} nats "
+        "(per seed) | mean reward, 16 steps (per seed) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for variant, seeds in runs.items():
+        at_4 = [r for r in (reward_at_kl(rows, 4.0) for rows in seeds) if r is not None]
+        aucs = [frontier_auc(rows, kl_max) for rows in seeds]
+        means = [statistics.mean(r["reward/mean"] for r in rows) for rows in seeds]
+        cells = [
+            VARIANTS[variant],
+            str(len(seeds)),
+            mean_or_dash([reward_at_kl(rows, 2.0) for rows in seeds]),
+            f"{statistics.mean(at_4):.3f} ({len(at_4)})" if at_4 else "–",
+            f"{statistics.mean(aucs):.3f} ({', '.join(f'{a:.3f}' for a in aucs)})",
+            f"{statistics.mean(means):.3f} ({', '.join(f'{m:.3f}' for m in means)})",
+        ]
+        print("| " + " | ".join(cells) + " |")
 
 
 def plot(runs: dict[str, list[list[dict]]], path: Path) -> None:
