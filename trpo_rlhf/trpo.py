@@ -60,8 +60,9 @@ class TRPOConfig(RLConfig):
     * ``cg_iters`` = 1, where the original TRPO code and SB3-contrib run 10: one CG iteration
       from x = 0 is the policy gradient, sized by the exact Fisher (1/2 s^T F s = delta) and
       line-searched on the exact KL. It needs the Fisher only as the quadratic s^T F s, which
-      forward-mode passes give without a backward or a kept graph (`fisher_quadratic`). More iterations buy more surrogate gain on the batch but less
-      reward per nat of KL on held-out prompts: with far more LoRA parameters than sampled tokens,
+      forward-mode passes give without a backward or a kept graph (`fisher_quadratic`). More
+      iterations buy more surrogate gain on the batch but less reward per nat of KL on held-out
+      prompts: with far more LoRA parameters than sampled tokens,
       (F + cI)^-1 g fits the batch's noisy advantages, and stopping CG early regularises the solve.
     * ``cg_preconditioner`` = "gradient_rms": CG preconditioned by the running RMS of the gradient
       (Adam's second moment), so one iteration steps along P^-1 g. LoRA's B starts at zero, which
@@ -158,7 +159,7 @@ class TRPOConfig(RLConfig):
         metadata={
             "help": "How a one-iteration step forms z^T (F + cI) z, all of the Fisher it needs. 'forward_mode': J z from "
             "forward passes with tangents, no graph kept (the least memory; the one that runs under FSDP). 'product': "
-            "z^T (F z) from one Fisher-vector product (no tangents; on CPU the faster of the two, see the README)."
+            "z^T (F z) from one Fisher-vector product, the form CG's later iterations use."
         },
     )
     momentum: float = field(
@@ -244,6 +245,13 @@ class TRPOConfig(RLConfig):
             f"logit_damping={self.logit_damping} needs fvp_method='gauss_newton' (got {self.fvp_method!r}).",
         )
 
+    @property
+    def needs_fisher_products(self) -> bool:
+        """Whether an update forms Fisher-vector products F v: for CG beyond its first iteration,
+        for choosing the iterations on held-out sequences, or to size the one-iteration step with
+        `fisher_quadratic` 'product'. Otherwise the step needs only forward-mode passes."""
+        return self.cg_iters > 1 or self.cg_stop == "held_out" or self.fisher_quadratic == "product"
+
 
 class TRPOTrainer(RLTrainer):
     """TRPO over the policy LoRA tensors (Schulman et al. 2015), see `policy_update`.
@@ -270,7 +278,7 @@ class TRPOTrainer(RLTrainer):
 
     def _check_shardable(self) -> None:
         cfg = self.config
-        if cfg.cg_iters > 1 or cfg.cg_stop == "held_out" or cfg.fisher_quadratic == "product":
+        if cfg.needs_fisher_products:
             raise ValueError(
                 f"cg_iters={cfg.cg_iters}, cg_stop={cfg.cg_stop!r}, fisher_quadratic={cfg.fisher_quadratic!r} under FSDP: "
                 "Fisher-vector products run several "
@@ -440,7 +448,7 @@ class TRPOTrainer(RLTrainer):
         held_out = self.held_out_batch(batch, cfg) if cfg.cg_stop == "held_out" else None
         # One CG iteration needs only the quadratic z^T F z of its direction, which forward-mode
         # passes give (`fisher_quadratic`); more iterations, or choosing them, need products F v.
-        products = cfg.cg_iters > 1 or held_out is not None or cfg.fisher_quadratic == "product"
+        products = cfg.needs_fisher_products
         # With the Fisher's products on the whole batch in one pass, one forward serves g and F
         # (`surrogate_gradient`).
         shared_forward = products and fisher_batch is batch and cfg.fisher_chunks == 1
@@ -497,15 +505,11 @@ class TRPOTrainer(RLTrainer):
         with timer("cg"):
             # The tolerance is relative: LoRA gradients can be far smaller than any absolute one.
             direction_sq = torch.dot(direction, direction).item()
-            if cfg.cg_iters == 1 and held_out is None:
+            if fvp is None:
                 # x = (m.z / z^T (F + cI) z) z, z = P^-1 m: CG's first iterate. A logit damping
                 # changes only the length of z, which the trust region sets again below.
                 z = direction if precondition is None else precondition(direction)
-                if fvp is None:
-                    z_az = self.fisher_quadratic(fisher_batch, z, cfg)
-                else:  # the product's logit damping, if any, is left out: the KL alone sets the length
-                    z_az = torch.dot(z, fvp(z)).item() - fvp.logit_quadratic(z)
-                cg = cg_first_iterate(direction, z, z_az)
+                cg = cg_first_iterate(direction, z, self.fisher_quadratic(fisher_batch, z, cfg))
                 x_fx = cg.x_ax
             else:
                 cg_iters = cfg.cg_iters
