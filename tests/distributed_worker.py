@@ -63,7 +63,9 @@ def main(output_dir: str, algorithm: str = "trpo") -> None:
         with open(f"{output_dir}/ranks.json", "w") as f:
             json.dump(reports, f)
     # Without this, a rank's gloo threads can outlive the interpreter ("terminate called without an
-    # active exception", exit -6) now and then.
+    # active exception", exit -6) now and then; the barrier makes both ranks tear down together,
+    # after the other has finished writing (it still happened once under FSDP without it).
+    dist.barrier()
     trainer.accelerator.end_training()
 
 
