@@ -55,6 +55,7 @@ from trpo_rlhf.experiments.cli import add_config_flag, apply_config_file
 from trpo_rlhf.metrics import append_jsonl, json_safe
 from trpo_rlhf.profiling import PeakMemory, stopwatch
 from trpo_rlhf.rollout import token_logprobs
+from trpo_rlhf.trpo import FISHER_QUADRATICS
 from trpo_rlhf.trust_region import restore, snapshot
 
 WHOLE_STEP_ALGORITHMS = ("trpo", "ppo", "trl_ppo")
@@ -78,6 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="The frozen base's dtype (RLConfig.model_dtype); LoRA, value head and CG stay float32.",
     )
     parser.add_argument("--critic", default=RLConfig.critic, choices=CRITICS, help="RLConfig.critic.")
+    parser.add_argument("--critic_layers", type=int, default=RLConfig.critic_layers, help="RLConfig.critic_layers.")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--max_new_tokens", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=3)
@@ -92,7 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cg_iters", type=int, default=TRPOConfig.cg_iters)
     parser.add_argument("--fvp_subsample", type=float, default=TRPOConfig.fvp_subsample)
     parser.add_argument("--fisher_chunks", type=int, default=TRPOConfig.fisher_chunks)
-    parser.add_argument("--fisher_quadratic", default=TRPOConfig.fisher_quadratic, choices=["forward_mode", "product"])
+    parser.add_argument("--fisher_quadratic", default=TRPOConfig.fisher_quadratic, choices=FISHER_QUADRATICS)
     parser.add_argument("--cg_preconditioner", default=TRPOConfig.cg_preconditioner, choices=["none", "gradient_rms"])
     parser.add_argument("--fvp_method", default=TRPOConfig.fvp_method, choices=["gauss_newton", "kl_hessian"])
     parser.add_argument("--cg_damping", type=float, default=TRPOConfig.cg_damping)
@@ -190,6 +192,7 @@ def trainer_configs(args: argparse.Namespace, task, output_dir: str, max_steps: 
         lora_target_modules=args.lora_target_modules or task.lora_target_modules,
         model_dtype=args.model_dtype,
         critic=args.critic,
+        critic_layers=args.critic_layers,
     )
     trpo = TRPOConfig(
         **common,
@@ -262,6 +265,8 @@ def whole_step(args: argparse.Namespace, threads: int) -> dict:
             "value_epochs": RLConfig.value_epochs,
             "value_minibatch_size": RLConfig.value_minibatch_size,
             "critic": args.critic,
+            "critic_layers": args.critic_layers,
+            "fisher_quadratic": args.fisher_quadratic,
             "model_dtype": args.model_dtype,
             "ppo_epochs": args.ppo_epochs,
             "num_minibatches": args.num_minibatches,
@@ -297,6 +302,9 @@ def main(argv=None) -> int:
     origin = snapshot(params)
 
     time_forward_backward(trpo, batch)  # warm-up: first-call allocations and kernel selection
+    if trpo.measured_curvature is not None:
+        # An untimed update gives the measured-KL quadratic the scale a run has from its second update on.
+        measure_update(trpo, batch, params, origin)
     rows = []
     for repeat in range(args.repeats):
         row = {}

@@ -44,6 +44,7 @@ from trpo_rlhf.experiments.comparison import (
     summarize_runs,
 )
 from trpo_rlhf.metrics import read_metrics
+from trpo_rlhf.trpo import FISHER_QUADRATICS
 
 TASK_DEFAULTS = {
     # toy: the tiny random model's LoRA tensors take large rates.
@@ -61,9 +62,10 @@ TRPO_SOLVER_FLAGS = (
     "held_out_fraction",
     "momentum",
     "cg_preconditioner",
+    "fisher_quadratic",
 )
 # RLConfig critic fields for TRPO and our PPO; unset ones keep RLConfig's defaults.
-CRITIC_FLAGS = ("critic", "value_lr", "value_epochs", "value_minibatch_size")
+CRITIC_FLAGS = ("critic", "critic_layers", "value_lr", "value_epochs", "value_minibatch_size")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -108,6 +110,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="TRPO's CG preconditioner. Default: TRPOConfig's ('gradient_rms').",
     )
     parser.add_argument(
+        "--fisher_quadratic",
+        choices=FISHER_QUADRATICS,
+        default=None,
+        help="How TRPO's one-iteration step forms z^T F z. Default: TRPOConfig's.",
+    )
+    parser.add_argument(
         "--momentum", type=float, default=None, help="TRPO's heavy-ball momentum across updates. Default: TRPOConfig's."
     )
     parser.add_argument(
@@ -122,6 +130,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=CRITICS,
         default=None,
         help="TRPO's and our PPO's critic (RLConfig.critic). Default: RLConfig's ('adapter').",
+    )
+    parser.add_argument(
+        "--critic_layers",
+        type=int,
+        default=None,
+        help="TRPO's and our PPO's critic adapter on the top N decoder layers only (RLConfig.critic_layers). "
+        "Default: RLConfig's.",
     )
     parser.add_argument(
         "--value_lr", type=float, default=None, help="TRPO's and our PPO's critic Adam rate. Default: RLConfig's."

@@ -1,6 +1,7 @@
 """Run by test_distributed.py under `torchrun --nproc_per_node 2` or `accelerate launch`: two TRPO
-(or, given `ppo`, PPO) steps on the tiny model, then every rank reports a digest of its policy and
-critic tensors and how much of the frozen base it holds."""
+(or, given `ppo`, PPO; given `trpo_cheap`, TRPO with the critic on the top layer and the step's
+length from the measured KL) steps on the tiny model, then every rank reports a digest of its
+policy and critic tensors and how much of the frozen base it holds."""
 
 import hashlib
 import json
@@ -24,7 +25,9 @@ def digest(tensors):
 def main(output_dir: str, algorithm: str = "trpo") -> None:
     tokenizer = build_word_tokenizer()
     config_class, trainer_class = (PPOConfig, PPOTrainer) if algorithm == "ppo" else (TRPOConfig, TRPOTrainer)
+    cheap = {"critic_layers": 1, "fisher_quadratic": "measured_kl"} if algorithm == "trpo_cheap" else {}
     config = config_class(
+        **cheap,
         output_dir=output_dir,
         max_steps=2,
         batch_size=4,
@@ -56,6 +59,7 @@ def main(output_dir: str, algorithm: str = "trpo") -> None:
         "value": digest(trainer.actor_critic.value_parameters()),
         "prompts": first_prompts,
         "accepted": [h.get("trpo/accepted", 1.0) for h in history],
+        "kl_probes": [h.get("trpo/kl_probes", 0.0) for h in history],
     }
     reports = [None] * dist.get_world_size()
     dist.all_gather_object(reports, report)

@@ -1,5 +1,7 @@
-"""critic="policy_features": a value head on the policy's detached hidden states, read from the
-policy's rollout forward and trained on those cached features without any model pass."""
+"""The cheaper critics. critic="policy_features": a value head on the policy's detached hidden
+states, read from the policy's rollout forward and trained on those cached features without any
+model pass. critic_layers: the critic's adapter on the top decoder layers only, its passes run
+from the hidden states the rollout's reference forward computed below them."""
 
 import math
 
@@ -67,3 +69,99 @@ def test_it_saves_reloads_and_refuses_the_other_kind(make_trainer, tmp_path):
 def test_an_unknown_critic_is_refused():
     with pytest.raises(ValueError, match=r"critic='value_head' is not one of \('adapter', 'policy_features'\)"):
         TRPOConfig(critic="value_head")
+
+
+def value_adapter_layers(actor_critic) -> set[int]:
+    names = [n for n, _ in actor_critic.peft_model.named_parameters() if f".{VALUE_ADAPTER}." in n]
+    return {int(n.split(".layers.")[1].split(".")[0]) for n in names}
+
+
+def full_pass_values(actor_critic, batch) -> torch.Tensor:
+    """V from a pass through every layer of the base with the value adapter on, computed here apart
+    from `LoraActorCritic.values`."""
+    backbone = actor_critic.peft_model.get_base_model().base_model
+    inputs = batch.model_inputs()
+    T = inputs.pop("response_length")
+    with torch.no_grad(), actor_critic._adapter(VALUE_ADAPTER):
+        hidden = backbone(**inputs, use_cache=False).last_hidden_state
+    return actor_critic.value_head(hidden[:, -T - 1 : -1])
+
+
+def test_critic_layers_adapt_the_top_layers_and_read_the_reference_pass(make_trainer):
+    trainer = make_trainer(critic_layers=1)
+    actor_critic = trainer.actor_critic
+    assert value_adapter_layers(actor_critic) == {1}  # the tiny model has layers 0 and 1
+    with torch.no_grad():  # an adapter and head that change the values, so that the check below can fail
+        for name, p in actor_critic.peft_model.named_parameters():
+            if f"lora_B.{VALUE_ADAPTER}." in name:
+                p.normal_(std=0.5)
+        actor_critic.value_head.summary.weight.normal_()
+    batch, _ = trainer.collect_batch()
+    B, T = batch.response_mask.shape
+    assert batch.features.shape == (B, batch.input_ids.shape[1], actor_critic.peft_model.config.hidden_size)
+    assert not batch.features.requires_grad
+    expected = full_pass_values(actor_critic, batch) * batch.response_mask
+    torch.testing.assert_close(batch.values, expected, rtol=1e-5, atol=1e-5)
+    assert batch.values.abs().sum() > 0
+    with torch.no_grad():  # without cached features the critic runs a reference forward for them
+        torch.testing.assert_close(actor_critic.values(**batch.model_inputs()) * batch.response_mask, expected)
+
+
+def test_critic_layers_update_runs_only_the_top_layers(make_trainer, monkeypatch):
+    trainer = make_trainer(critic_layers=1, value_epochs=20, value_lr=1e-2)
+    batch, _ = trainer.collect_batch()
+    batch.returns = torch.linspace(-1, 1, batch.returns.numel()).view_as(batch.returns) * batch.response_mask
+    policy_before = policy_snapshot(trainer)
+    critic_before = [p.detach().clone() for p in trainer.actor_critic.value_parameters()]
+    lower_layer = trainer.actor_critic.peft_model.get_base_model().model.layers[0]
+
+    def not_run(*args, **kwargs):
+        raise AssertionError("the critic's update ran a layer below its critic_layers")
+
+    monkeypatch.setattr(lower_layer, "forward", not_run)
+    first = trainer.value_update(batch)
+    later = trainer.value_update(batch)
+    monkeypatch.undo()
+    assert math.isfinite(first["value/loss"]) and later["value/loss"] < first["value/loss"]
+    assert bitwise_equal(policy_before, policy_snapshot(trainer))
+    moved = [p.detach() for p in trainer.actor_critic.value_parameters()]
+    assert all(not torch.equal(a, b) for a, b in zip(critic_before, moved)), "a critic tensor did not move"
+
+
+def test_critic_layers_save_and_reload(make_trainer, tmp_path):
+    trainer = make_trainer(critic_layers=1, max_steps=2, value_lr=1e-2)
+    trainer.train()
+    fresh = make_trainer(critic_layers=1, output_dir=str(tmp_path / "again"))
+    fresh.load_value_function(tmp_path / "run")
+    for a, b in zip(fresh.actor_critic.value_parameters(), trainer.actor_critic.value_parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"critic_layers": 0}, r"critic_layers=0 must be >= 1"),
+        ({"critic_layers": 2, "critic": "policy_features"}, r"critic_layers=2 sets the layers of the critic's adapter"),
+    ],
+)
+def test_bad_critic_layers_are_refused_by_the_config(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        TRPOConfig(**overrides)
+
+
+def test_more_critic_layers_than_the_model_has_are_refused(make_trainer):
+    with pytest.raises(ValueError, match=r"critic_layers=3: LlamaModel has 2 decoder layers; pass at most 2"):
+        make_trainer(critic_layers=3)
+
+
+def test_a_backbone_that_re_embeds_its_input_is_refused(make_trainer, word_tokenizer):
+    """GPT-2 adds position embeddings to `inputs_embeds`, so its top layers cannot be entered with
+    hidden states: the build-time check catches it rather than training a wrong critic."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(
+        GPT2Config(vocab_size=len(word_tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=64)
+    ).eval()
+    with pytest.raises(ValueError, match=r"critic_layers=1: GPT2Model does not reproduce its full pass"):
+        make_trainer(model=gpt2, lora_target_modules=None, critic_layers=1)

@@ -11,7 +11,7 @@ from trpo_rlhf.experiments.toy import TOY_PROMPTS, WordCountReward, build_tiny_l
 
 REQUIRED_METRICS = (
     "step reward/mean reward/std kl/ref kl/coef trpo/kl trpo/step_frac trpo/accepted trpo/surrogate_gain "
-    "trpo/expected_gain trpo/cg_residual trpo/line_search_iters value/loss value/explained_variance policy/entropy "
+    "trpo/expected_gain trpo/cg_residual trpo/kl_probes trpo/line_search_iters value/loss value/explained_variance policy/entropy "
     "time/generate time/score time/policy_update time/value_update time/step memory/peak_mb"
 ).split()
 
@@ -479,6 +479,39 @@ def test_the_one_iteration_step_is_sized_by_the_forward_mode_fisher_quadratic(ma
     expected = math.sqrt(2 * trainer.config.max_kl / grad_quadratic) * grad.norm().item()
     assert full_step_norm == pytest.approx(expected, rel=1e-4)
     assert stats["trpo/kl"] <= trainer.config.kl_tolerance * trainer.config.max_kl
+
+
+def test_measured_kl_is_the_fisher_quadratic_of_the_exact_kl_and_sizes_later_steps(make_trainer):
+    """fisher_quadratic="measured_kl": the KL measured at theta_old + a z is 1/2 a^2 z^T F z + O(a^3)
+    (the Fisher is the KL's Hessian at theta_old): the symmetric difference (KL(a) + KL(-a)) / a^2,
+    which cancels the cubic term, is the forward-mode z^T F z; the probe leaves the policy bitwise
+    as it was. The first update has no probe scale and uses the forward-mode quadratic; it
+    records its full step's scale, and the next update probes there."""
+    trainer = make_trainer(cg_preconditioner="none", max_kl=0.01, fisher_quadratic="measured_kl")
+    batch = batch_of_unequal_lengths(trainer)
+    params = trainer.actor_critic.policy_parameters()
+    with torch.no_grad():  # B = 0 at init leaves the A tensors out of the Fisher: move off it
+        for p in params:
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    before = policy_snapshot(trainer)
+    z = torch.randn(sum(p.numel() for p in params), generator=torch.Generator().manual_seed(0))
+    forward_mode = trainer.fisher_quadratic(batch, z) - trainer.config.cg_damping * torch.dot(z, z).item()
+    scale = math.sqrt(2 * 1e-4 / forward_mode)  # a KL of about 1e-4: the quadratic term dominates
+    with torch.no_grad():
+        logp_all_old = trainer.policy_log_probs(batch)
+    kl_both_ways = sum(trainer.measured_kl_along(batch, logp_all_old, z, a) for a in (scale, -scale))
+    assert kl_both_ways / scale**2 == pytest.approx(forward_mode, rel=0.01)
+    assert bitwise_equal(before, policy_snapshot(trainer))
+
+    first = trainer.policy_update(batch)
+    assert first["trpo/accepted"] == 1.0 and first["trpo/kl_probes"] == 0 and first["trpo/fvp_count"] == 0
+    grad_norm = first["trpo/grad_norm"]  # unpreconditioned: z = g, so the full step is a g
+    assert trainer.measured_curvature.scale == pytest.approx(
+        first["trpo/step_norm"] / first["trpo/step_frac"] / grad_norm, rel=1e-5
+    )
+    second = trainer.policy_update(batch_of_unequal_lengths(trainer))
+    assert second["trpo/kl_probes"] >= 1 and second["trpo/fvp_count"] == 0 and second["trpo/accepted"] == 1.0
+    assert 0 < second["trpo/kl"] <= trainer.config.kl_tolerance * trainer.config.max_kl
 
 
 def test_momentum_carries_the_last_direction_into_the_next_step_inside_the_trust_region(make_trainer):

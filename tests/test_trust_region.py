@@ -6,6 +6,7 @@ import torch
 from trpo_rlhf.trust_region import (
     GradientRMSPreconditioner,
     HeavyBallDirection,
+    MeasuredKLCurvature,
     backtracking_line_search,
     categorical_kl,
     cg_solve,
@@ -273,3 +274,30 @@ def test_gradient_rms_preconditioner_equalises_coordinate_scales_and_round_trips
     copy.load_state_dict(preconditioner.state_dict())
     assert torch.equal(copy(torch.tensor([0.3, 0.4])), preconditioner(torch.tensor([0.3, 0.4])))
     assert torch.equal(GradientRMSPreconditioner(0.9)(torch.tensor([0.3, 0.4])), torch.tensor([0.3, 0.4]))
+
+
+def test_measured_kl_curvature_probes_where_the_last_step_ended_and_once_more_when_far_off():
+    curvature = MeasuredKLCurvature()
+    probes = []
+
+    def kl(a):  # a KL with a cubic term: the secant is the curvature where it is measured
+        probes.append(a)
+        return 0.5 * 2.0 * a**2 + a**3
+
+    assert curvature(kl, max_kl=0.01) == (None, 0) and probes == []  # no scale before a first update
+    curvature.record(0.1)
+    q, n = curvature(kl, max_kl=0.01)
+    assert n == 1 and probes == [0.1] and q == pytest.approx(2 * kl(0.1) / 0.1**2)
+    probes.clear()
+    curvature.record(1.0)  # KL 2.0 there, far past 4 * max_kl: probe again where the first predicts
+    q, n = curvature(kl, max_kl=0.01)
+    assert n == 2 and probes[0] == 1.0 and probes[1] == pytest.approx(math.sqrt(0.01 / 2.0))
+    assert q == pytest.approx(2 * kl(probes[1]) / probes[1] ** 2)
+    assert curvature(lambda a: 0.0, max_kl=0.01) == (None, 1)  # no KL measured: no curvature
+    assert curvature(lambda a: float("nan"), max_kl=0.01) == (None, 1)
+    saved = curvature.state_dict()
+    fresh = MeasuredKLCurvature()
+    fresh.load_state_dict(saved)
+    assert fresh.scale == 1.0
+    fresh.record(float("inf"))
+    assert fresh.scale is None

@@ -4,6 +4,9 @@
 * the reference: base with adapters disabled (no second copy of the weights),
 * the critic: base + a second LoRA adapter named ``"value"`` + a scalar head (``critic="adapter"``),
   or a scalar head on the policy's detached last hidden states (``critic="policy_features"``).
+  With ``critic_layers`` N the critic's adapter sits on the top N decoder layers only; below them
+  the critic is the frozen base, the reference's own, so its passes start from the hidden states
+  the rollout's reference forward already computed there and run N layers, not all of them.
 
 `double_backward_attention` runs the policy's attention on a path that allows the second backward
 the Fisher-vector products need.
@@ -22,6 +25,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from .sharding import decoder_layers
 
 VALUE_ADAPTER = "value"
 
@@ -62,16 +67,34 @@ def double_backward_attention(model: nn.Module) -> Iterator[None]:
 # --------------------------------------------------------------------------------------------
 # LoRA actor-critic
 # --------------------------------------------------------------------------------------------
-def lora_config_from(config, target_modules: list[str] | None = None):
+def lora_config_from(config, target_modules: list[str] | None = None, layers: tuple[str, list[int]] | None = None):
+    """The LoRA config of an adapter; `layers` = (the layer list's name, indices) restricts it to those
+    decoder layers."""
     from peft import LoraConfig
 
+    layers_pattern, layers_to_transform = layers if layers is not None else (None, None)
     return LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=target_modules if target_modules is not None else config.lora_target_modules,
+        layers_to_transform=layers_to_transform,
+        layers_pattern=layers_pattern,
         bias="none",
         task_type="CAUSAL_LM",
+    )
+
+
+def layer_stack(backbone: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The attribute name and the ModuleList of `backbone`'s decoder layers (its child list of the
+    classes transformers names in `_no_split_modules`, e.g. ("layers", LlamaModel.layers))."""
+    layers = {id(layer) for layer in decoder_layers(backbone)}
+    for name, child in backbone.named_children():
+        if isinstance(child, nn.ModuleList) and len(child) and all(id(layer) in layers for layer in child):
+            return name, child
+    raise ValueError(
+        f"critic_layers: {type(backbone).__name__} has no child list of decoder layers (`_no_split_modules` "
+        f"classes) to take the top layers of; leave critic_layers unset (the critic adapts every layer)."
     )
 
 
@@ -93,12 +116,13 @@ def unmatched_target_modules(model: nn.Module, targets: list[str] | str | None) 
     return [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
 
 
-def _add_lora(model, config, adapter_name: str):
-    """Wrap `model` (or extend a PeftModel) with a LoRA adapter, turning PEFT's terse error about
-    missing target modules into one that lists the modules the model has."""
+def _add_lora(model, config, adapter_name: str, layers: tuple[str, list[int]] | None = None):
+    """Wrap `model` (or extend a PeftModel) with a LoRA adapter (on the `layers` of `lora_config_from`
+    only, when given), turning PEFT's terse error about missing target modules into one that lists the
+    modules the model has."""
     from peft import PeftModel, get_peft_model
 
-    lora = lora_config_from(config)
+    lora = lora_config_from(config, layers=layers)
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     unmatched = unmatched_target_modules(base, config.lora_target_modules)
     if unmatched:
@@ -154,6 +178,7 @@ class LoraActorCritic(nn.Module):
         value_head: ValueHead,
         autocast_dtype: torch.dtype | None = None,
         critic: str = "adapter",
+        critic_layers: int | None = None,
     ):
         super().__init__()
         self.peft_model = peft_model
@@ -161,6 +186,7 @@ class LoraActorCritic(nn.Module):
         self.value_head = value_head
         self.autocast_dtype = autocast_dtype
         self.critic = critic
+        self.critic_layers = critic_layers if critic == "adapter" else None
         self.peft_model.eval()
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -189,17 +215,36 @@ class LoraActorCritic(nn.Module):
         for param in peft_model.get_base_model().parameters():
             param.requires_grad_(False)
         critic = getattr(config, "critic", "adapter")
+        critic_layers = getattr(config, "critic_layers", None) if critic == "adapter" else None
+        layers = None
+        if critic_layers is not None:
+            backbone = peft_model.get_base_model().base_model
+            name, stack = layer_stack(backbone)
+            if critic_layers > len(stack):
+                raise ValueError(
+                    f"critic_layers={critic_layers}: {type(backbone).__name__} has {len(stack)} decoder layers; "
+                    f"pass at most {len(stack)}, e.g. --critic_layers {max(1, len(stack) // 5)}."
+                )
+            layers = (name, list(range(len(stack) - critic_layers, len(stack))))
         if critic == "adapter" and VALUE_ADAPTER not in peft_model.peft_config:
-            _add_lora(peft_model, config, VALUE_ADAPTER)
+            _add_lora(peft_model, config, VALUE_ADAPTER, layers)
         peft_model.set_adapter(policy_adapter)
         hidden_size = peft_model.get_base_model().config.get_text_config().hidden_size
         head = ValueHead(hidden_size).to(next(peft_model.parameters()).device)
         autocast_dtype = torch.bfloat16 if getattr(config, "bf16", False) else None
-        return cls(peft_model, policy_adapter, head, autocast_dtype, critic)
+        actor_critic = cls(peft_model, policy_adapter, head, autocast_dtype, critic, critic_layers)
+        if critic_layers is not None:
+            actor_critic.check_critic_layers()
+        return actor_critic
 
     @property
     def has_value_adapter(self) -> bool:
         return self.critic == "adapter"
+
+    @property
+    def critic_reads_reference(self) -> bool:
+        """Whether the critic runs its top `critic_layers` from the reference forward's hidden states."""
+        return self.critic_layers is not None
 
     # ---- parameters -------------------------------------------------------------------------
     def _adapter_parameters(self, adapter: str) -> list[nn.Parameter]:
@@ -288,17 +333,89 @@ class LoraActorCritic(nn.Module):
     ) -> torch.Tensor:
         """V(s_t) for each response position t (the state before token t is sampled): [B, T].
         With critic="policy_features" the head reads `features` (from `policy_logits_and_features`),
-        or, when they are not given, those of a policy forward."""
+        or, when they are not given, those of a policy forward; with `critic_layers` the critic's
+        top layers start from `features` (from `reference_logits_and_critic_inputs`), or from those
+        of a reference forward."""
         if not self.has_value_adapter:
             if features is None:
                 _, features = self.policy_logits_and_features(input_ids, attention_mask, position_ids, response_length)
             return self.value_head(features)
-        backbone = self.peft_model.get_base_model().base_model
+        if self.critic_reads_reference and features is None:
+            _, features = self.reference_logits_and_critic_inputs(
+                input_ids, attention_mask, position_ids, response_length
+            )
         with self._adapter(VALUE_ADAPTER), self.autocast():
-            hidden = backbone(
+            hidden = self._critic_backbone(input_ids, attention_mask, position_ids, features)
+        return self.value_head(hidden[:, -response_length - 1 : -1])
+
+    def _critic_backbone(self, input_ids, attention_mask, position_ids, critic_inputs=None) -> torch.Tensor:
+        """The backbone's last hidden states: all layers from `input_ids`, or with `critic_layers`
+        only the top ones from `critic_inputs`, the hidden states entering the first of them."""
+        backbone = self.peft_model.get_base_model().base_model
+        if not self.critic_reads_reference:
+            return backbone(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
             ).last_hidden_state
-        return self.value_head(hidden[:, -response_length - 1 : -1])
+        name, stack = layer_stack(backbone)
+        # The backbone runs whatever its layer list holds: its top layers alone, entered with the hidden
+        # states below them as `inputs_embeds` (build() checks that this reproduces the full pass).
+        setattr(backbone, name, nn.ModuleList(list(stack)[len(stack) - self.critic_layers :]))
+        try:
+            return backbone(
+                inputs_embeds=critic_inputs, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state
+        finally:
+            setattr(backbone, name, stack)
+
+    @contextlib.contextmanager
+    def _capture_critic_inputs(self) -> Iterator[dict[str, torch.Tensor]]:
+        # A pre-hook on the critic's first layer keeps what enters it: the hidden states below it.
+        _, stack = layer_stack(self.peft_model.get_base_model().base_model)
+        captured: dict[str, torch.Tensor] = {}
+
+        def keep(module, args, kwargs):
+            captured["hidden"] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+        handle = stack[len(stack) - self.critic_layers].register_forward_pre_hook(keep, with_kwargs=True)
+        try:
+            yield captured
+        finally:
+            handle.remove()
+
+    def reference_logits_and_critic_inputs(
+        self, input_ids, attention_mask, position_ids, response_length: int, temperature: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`reference_logits` and, from the same forward, the hidden states entering the critic's
+        first layer ([B, P+T, H], detached): below its `critic_layers` the critic is the frozen base,
+        so these are the critic's own (critic_layers set only)."""
+        with self._capture_critic_inputs() as captured:
+            logits = self.reference_logits(input_ids, attention_mask, position_ids, response_length, temperature)
+        return logits, captured["hidden"]
+
+    @torch.no_grad()
+    def check_critic_layers(self) -> None:
+        """Raise unless the backbone's top `critic_layers` entered with the hidden states below them
+        give its full pass: a backbone that adds to `inputs_embeds` (GPT-2's position embeddings) or
+        indexes its layers by the config's count cannot run its top layers on their own."""
+        vocab = self.peft_model.get_base_model().config.get_text_config().vocab_size
+        device = next(self.peft_model.parameters()).device
+        input_ids = torch.arange(1, 6, device=device).remainder(vocab).unsqueeze(0)
+        attention_mask = torch.ones_like(input_ids)
+        position_ids = torch.arange(input_ids.shape[1], device=device).unsqueeze(0)
+        backbone = self.peft_model.get_base_model().base_model
+        with self.peft_model.disable_adapter(), self.autocast():
+            with self._capture_critic_inputs() as captured:
+                full = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+            try:
+                top = self._critic_backbone(input_ids, attention_mask, position_ids, captured["hidden"])
+            except Exception as exc:  # noqa: BLE001 - any failure means the slice is unsupported
+                top = exc
+        if isinstance(top, Exception) or not torch.allclose(top, full.last_hidden_state, rtol=1e-3, atol=1e-4):
+            raise ValueError(
+                f"critic_layers={self.critic_layers}: {type(backbone).__name__} does not reproduce its full pass when "
+                f"its top layers run alone from the hidden states below them"
+                f"{f' ({top})' if isinstance(top, Exception) else ''}; leave critic_layers unset."
+            )
 
     @contextlib.contextmanager
     def critic_training(self) -> Iterator[None]:

@@ -122,6 +122,15 @@ class RLConfig:
             "rollout forward; its update trains the head alone on those cached features, with no model pass."
         },
     )
+    critic_layers: int | None = field(
+        default=None,
+        metadata={
+            "help": "critic='adapter': put the critic's LoRA adapter on the top N decoder layers only. Below them the "
+            "critic is the frozen base, which the rollout's reference forward already runs, so the critic's passes "
+            "(its rollout forward and every pass of its update) start from the hidden states that forward computed "
+            "and run N layers instead of all. None: the adapter spans every layer and its passes run them all."
+        },
+    )
     value_lr: float = field(
         default=5e-4, metadata={"help": "Adam learning rate of the value adapter and head (a LoRA-sized rate)."}
     )
@@ -239,6 +248,15 @@ class RLConfig:
             f"model_dtype={self.model_dtype!r} is not one of {MODEL_DTYPES} (e.g. --model_dtype bfloat16).",
         )
         _require(self.critic in CRITICS, f"critic={self.critic!r} is not one of {CRITICS} (e.g. --critic adapter).")
+        _require(
+            self.critic_layers is None or self.critic_layers >= 1,
+            f"critic_layers={self.critic_layers} must be >= 1 (or None: every layer), e.g. --critic_layers 6.",
+        )
+        _require(
+            self.critic_layers is None or self.critic == "adapter",
+            f"critic_layers={self.critic_layers} sets the layers of the critic's adapter; critic={self.critic!r} has "
+            "none. Use --critic adapter, or leave critic_layers unset.",
+        )
         _require(self.value_lr > 0, f"value_lr={self.value_lr} must be > 0.")
         _require(self.value_epochs >= 0, f"value_epochs={self.value_epochs} must be >= 0 (0 freezes the critic).")
         _require(self.value_minibatch_size >= 1, f"value_minibatch_size={self.value_minibatch_size} must be >= 1.")

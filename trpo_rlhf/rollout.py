@@ -37,7 +37,10 @@ class Rollout:
     scores: torch.Tensor | None = None  # [B]
     advantages: torch.Tensor | None = None  # [B, T]
     returns: torch.Tensor | None = None  # [B, T]
-    features: torch.Tensor | None = None  # [B, T, H], the critic's input with critic="policy_features"
+    # The critic's cached input: the policy's last hidden states at the response positions [B, T, H]
+    # (critic="policy_features"), or the reference's hidden states entering the critic's first layer
+    # [B, P+T, H] (critic_layers).
+    features: torch.Tensor | None = None
 
     @property
     def response_length(self) -> int:
@@ -183,8 +186,8 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_rollout(actor_critic: LoraActorCritic, rollout: Rollout, temperature: float) -> Rollout:
-    """Fill in logp_old, logp_ref, values and entropy (and, with critic="policy_features", the
-    features the values were read from) for a sampled rollout (no gradients)."""
+    """Fill in logp_old, logp_ref, values and entropy (and, with critic="policy_features" or
+    `critic_layers`, the features the values were read from) for a sampled rollout (no gradients)."""
     inputs = rollout.model_inputs()
     actions = rollout.response_ids
     features = None
@@ -195,7 +198,12 @@ def evaluate_rollout(actor_critic: LoraActorCritic, rollout: Rollout, temperatur
     logp_old = token_logprobs(policy_logits, actions)
     entropy = entropy_from_logits(policy_logits)
     del policy_logits
-    logp_ref = token_logprobs(actor_critic.reference_logits(**inputs, temperature=temperature), actions)
+    if actor_critic.critic_reads_reference:  # the critic's top layers start where the reference's lower ones end
+        reference_logits, features = actor_critic.reference_logits_and_critic_inputs(**inputs, temperature=temperature)
+    else:
+        reference_logits = actor_critic.reference_logits(**inputs, temperature=temperature)
+    logp_ref = token_logprobs(reference_logits, actions)
+    del reference_logits
     values = actor_critic.values(**inputs, features=features).float()
     mask = rollout.response_mask
     return dataclasses.replace(

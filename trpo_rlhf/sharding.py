@@ -32,11 +32,12 @@ def fsdp_requested(distributed_type: DistributedType | str, environ: Mapping[str
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules of `model` whose class transformers names as not to be split (`_no_split_modules`:
-    the decoder layers, e.g. LlamaDecoderLayer, GPT2Block)."""
+    the decoder layers, e.g. LlamaDecoderLayer, GPT2Block), also once `fully_shard` has made each
+    one an instance of a subclass of its own (FSDPLlamaDecoderLayer)."""
     names = set()
     for module in model.modules():
         names.update(getattr(module, "_no_split_modules", None) or ())
-    return [module for module in model.modules() if type(module).__name__ in names]
+    return [module for module in model.modules() if any(c.__name__ in names for c in type(module).__mro__)]
 
 
 def shard_frozen_base(model: torch.nn.Module, replicated: Iterable[torch.Tensor], device_type: str) -> int:
@@ -60,5 +61,8 @@ def shard_frozen_base(model: torch.nn.Module, replicated: Iterable[torch.Tensor]
     replicated = {id(t) for t in replicated}
     for layer in reversed(layers):  # a nested layer before the layer around it, as FSDP2 needs
         keep = {p for p in layer.parameters() if id(p) in replicated}
-        fully_shard(layer, mesh=mesh, ignored_params=keep)
+        # Explicitly True: each layer is its own FSDP root, and a root left to the default keeps its
+        # weights gathered after a forward (expecting a backward next), so every no-graph forward
+        # (generation, the rollout, the line search) would leave the whole base gathered.
+        fully_shard(layer, mesh=mesh, ignored_params=keep, reshard_after_forward=True)
     return len(layers)

@@ -30,6 +30,7 @@ from .trust_region import (
     HeavyBallDirection,
     LinearizedLogits,
     LineSearchResult,
+    MeasuredKLCurvature,
     backtracking_line_search,
     cg_first_iterate,
     cg_solve,
@@ -38,12 +39,15 @@ from .trust_region import (
     held_out_cg_iterations,
     kl_fisher_product,
     logit_fisher_quadratic,
+    restore,
+    set_to_step,
+    snapshot,
     surrogate_gradient,
 )
 
 CG_STOPS = ("iterations", "held_out")
 CG_PRECONDITIONERS = ("none", "gradient_rms")
-FISHER_QUADRATICS = ("forward_mode", "product")
+FISHER_QUADRATICS = ("forward_mode", "product", "measured_kl")
 # No line search ran: g = 0 left no direction.
 NO_STEP = LineSearchResult(accepted=False, step_frac=0.0, kl=0.0, surrogate_gain=0.0, iterations=0)
 
@@ -158,8 +162,11 @@ class TRPOConfig(RLConfig):
         default="forward_mode",
         metadata={
             "help": "How a one-iteration step forms z^T (F + cI) z, all of the Fisher it needs. 'forward_mode': J z from "
-            "forward passes with tangents, no graph kept (the least memory; the one that runs under FSDP). 'product': "
-            "z^T (F z) from one Fisher-vector product, the form CG's later iterations use."
+            "forward passes with tangents, no graph kept (the least memory). 'product': z^T (F z) from one "
+            "Fisher-vector product, the form CG's later iterations use. 'measured_kl': 2 KL(a) / a^2 from the exact "
+            "KL measured in one forward without a graph at theta_old + a z, a the scale of the last update's full "
+            "step (the Fisher is the KL's Hessian at theta_old); the first update, with no scale yet, uses "
+            "'forward_mode'."
         },
     )
     momentum: float = field(
@@ -275,6 +282,11 @@ class TRPOTrainer(RLTrainer):
             if config.cg_preconditioner == "gradient_rms"
             else None
         )
+        self.measured_curvature = (
+            MeasuredKLCurvature()
+            if config.fisher_quadratic == "measured_kl" and not config.needs_fisher_products
+            else None
+        )
 
     def _check_shardable(self) -> None:
         cfg = self.config
@@ -287,9 +299,15 @@ class TRPOTrainer(RLTrainer):
                 "recipes/accelerate_configs/multi_gpu.yaml."
             )
 
-    def optimizers(self) -> dict[str, torch.optim.Optimizer | HeavyBallDirection | GradientRMSPreconditioner]:
+    def optimizers(
+        self,
+    ) -> dict[str, torch.optim.Optimizer | HeavyBallDirection | GradientRMSPreconditioner | MeasuredKLCurvature]:
         """The optimizers' state and the solver's own state across updates, by name."""
-        extra = {"policy_momentum": self.heavy_ball, "policy_preconditioner": self.preconditioner}
+        extra = {
+            "policy_momentum": self.heavy_ball,
+            "policy_preconditioner": self.preconditioner,
+            "policy_step_scale": self.measured_curvature,
+        }
         return super().optimizers() | {name: state for name, state in extra.items() if state is not None}
 
     def fisher_batch(self, batch: Rollout, config: TRPOConfig | None = None) -> Rollout:
@@ -426,6 +444,19 @@ class TRPOTrainer(RLTrainer):
             del logits, tangent
         return self.reduce_mean(quadratic).item() + cfg.cg_damping * torch.dot(x, x).item()
 
+    @torch.no_grad()
+    def measured_kl_along(self, batch: Rollout, logp_all_old: torch.Tensor, z: torch.Tensor, scale: float) -> float:
+        """The measured mean KL(pi_old || pi_theta) on `batch` at theta = theta_old + scale * z, from one
+        forward without a graph; the policy is restored bitwise after."""
+        params = self.actor_critic.policy_parameters()
+        origin = snapshot(params)
+        try:
+            set_to_step(params, origin, z, scale)
+            _, kl = self.measure_policy_change(batch, logp_all_old)
+        finally:
+            restore(params, origin)
+        return kl
+
     def policy_update(self, batch: Rollout, config: TRPOConfig | None = None) -> dict[str, float]:
         """One TRPO step (Schulman et al. 2015, Appendix C):
 
@@ -433,7 +464,8 @@ class TRPOTrainer(RLTrainer):
         2. x ~ (F + cI)^-1 m by CG (preconditioned with `cg_preconditioner`), m = g (g + mu * m_prev
            with `momentum`), F v = J^T M J v (or by double backprop) over one graph built once: the
            very forward g came from when the Fisher uses the whole batch (`fisher_chunks` = 1). At
-           one iteration x is along z = P^-1 m and only z^T F z is needed: forward-mode J z, no product;
+           one iteration x is along z = P^-1 m and only z^T F z is needed: forward-mode J z, no product
+           (or, with `fisher_quadratic` 'measured_kl', 2 KL / a^2 from the exact KL measured at a z);
         3. full step s = sqrt(2 delta / x^T F x) x, so that 1/2 s^T F s = delta;
         4. backtracking on the measured exact KL and the surrogate; exact restore on failure.
 
@@ -502,6 +534,11 @@ class TRPOTrainer(RLTrainer):
                 logp_all_old = log_softmax_(logits.detach())
                 del logits
 
+        curvature = self.measured_curvature if config is None else copy.deepcopy(self.measured_curvature)
+        if curvature is None and cfg.fisher_quadratic == "measured_kl" and not products:
+            curvature = MeasuredKLCurvature()  # a probe's own config: no scale yet, so forward mode
+        z = None
+        kl_probes = 0
         with timer("cg"):
             # The tolerance is relative: LoRA gradients can be far smaller than any absolute one.
             direction_sq = torch.dot(direction, direction).item()
@@ -509,7 +546,16 @@ class TRPOTrainer(RLTrainer):
                 # x = (m.z / z^T (F + cI) z) z, z = P^-1 m: CG's first iterate. A logit damping
                 # changes only the length of z, which the trust region sets again below.
                 z = direction if precondition is None else precondition(direction)
-                cg = cg_first_iterate(direction, z, self.fisher_quadratic(fisher_batch, z, cfg))
+                z_fz = None
+                if curvature is not None:
+                    z_fz, kl_probes = curvature(
+                        lambda scale: self.measured_kl_along(batch, logp_all_old, z, scale), cfg.max_kl
+                    )
+                if z_fz is None:
+                    z_az = self.fisher_quadratic(fisher_batch, z, cfg)
+                else:
+                    z_az = z_fz + cfg.cg_damping * torch.dot(z, z).item()
+                cg = cg_first_iterate(direction, z, z_az)
                 x_fx = cg.x_ax
             else:
                 cg_iters = cfg.cg_iters
@@ -537,6 +583,7 @@ class TRPOTrainer(RLTrainer):
             "trpo/cg_residual": cg.residual / direction_sq if direction_sq > 0 else 0.0,
             "trpo/cg_iters": float(cg.iterations),
             "trpo/fvp_count": float(fvp_calls),
+            "trpo/kl_probes": float(kl_probes),
             "trpo/surrogate_old": surrogate_old,
         }
         if not x_fx > 0:
@@ -546,6 +593,8 @@ class TRPOTrainer(RLTrainer):
         full_step = math.sqrt(2 * cfg.max_kl / x_fx) * cg.x
         require_finite("step", full_step)
         expected_gain = torch.dot(grad, full_step).item()
+        if curvature is not None:
+            curvature.record((full_step.norm() / z.norm()).item())
 
         with timer("line_search"):
             result = backtracking_line_search(

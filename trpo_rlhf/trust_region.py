@@ -14,6 +14,7 @@ Everything here works on tensors and parameter lists; nothing knows about langua
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -515,6 +516,56 @@ class GradientRMSPreconditioner:
         saved = state["second_moment"]
         self.second_moment = None if saved is None else saved.detach().clone()
         self.updates = int(state["updates"])
+
+
+class MeasuredKLCurvature:
+    """z^T F z along a step's direction z from the exact KL measured at a probe point, with no
+    derivative: the Fisher is the KL's Hessian at theta_old, so KL(pi_old || pi_{theta_old + a z})
+    = 1/2 a^2 z^T F z + O(a^3) and q = 2 KL(a) / a^2. The probe is taken at the scale a of the last
+    update's full step, about where this one's will land, so q is the exact constraint's curvature
+    where the step meets it; where the measured KL is more than 4x off max_kl, one more probe is
+    taken at the scale the first predicts (`MAX_PROBES`). It keeps that scale between updates,
+    checkpointed with the trainer's optimizers; before the first update it has none, and the
+    caller forms q another way.
+
+    >>> curvature = MeasuredKLCurvature()
+    >>> curvature(lambda a: 0.5 * a**2 * 3.0, max_kl=0.01)  # none recorded yet: (None, 0 probes)
+    (None, 0)
+    >>> curvature.record(0.1)
+    >>> q, probes = curvature(lambda a: 0.5 * a**2 * 3.0, max_kl=0.01)  # KL 0.015 at a = 0.1
+    >>> round(q, 6), probes
+    (3.0, 1)
+    """
+
+    MAX_PROBES = 2
+
+    def __init__(self):
+        self.scale: float | None = None
+
+    def __call__(self, measure_kl: Callable[[float], float], max_kl: float) -> tuple[float | None, int]:
+        """(q, probes taken), `measure_kl(a)` the measured mean KL at theta_old + a z; q is None where
+        there is no scale yet or a probe measured no finite, positive KL."""
+        if self.scale is None:
+            return None, 0
+        scale = self.scale
+        for probe in range(1, self.MAX_PROBES + 1):
+            kl = measure_kl(scale)
+            if not (math.isfinite(kl) and kl > 0):
+                return None, probe
+            if max_kl / 4 <= kl <= 4 * max_kl or probe == self.MAX_PROBES:
+                return 2 * kl / scale**2, probe
+            scale *= math.sqrt(max_kl / kl)
+        raise AssertionError("unreachable")
+
+    def record(self, scale: float) -> None:
+        """The scale a of this update's full step along its direction, where the next probe goes."""
+        self.scale = scale if math.isfinite(scale) and scale > 0 else None
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale = state["scale"]
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The candidates table in README.md and candidates.png: every variant run on this proxy (the
 three of compare.md and the candidates added to them), over the KL range all of them reach; then
-the defaults, the defaults with momentum 0.9 and PPO over the wider range those three reach.
+the defaults, the defaults with momentum 0.9 and PPO over the wider range those three reach; then
+the defaults, PPO and the whole step's cost levers over the range they all reach.
 
     python recipes/results/frontier_proxy_cpu/summarize.py
 
@@ -29,6 +30,10 @@ VARIANTS = {
     "trpo_cg1_kl04_rms": "TRPO, 1 CG iteration, δ 0.04, gradient-RMS preconditioner",
     "trpo_cg1_kl06_rms": "TRPO, 1 CG iteration, δ 0.06, gradient-RMS preconditioner",
     "trpo_cg1_kl04_rms_mom09": "TRPO, 1 CG iteration, δ 0.04, gradient-RMS preconditioner, momentum 0.9",
+    "trpo_cl6": "TRPO, the defaults, critic on the top 6 of 30 layers (`critic_layers 6`)",
+    "trpo_cl12": "TRPO, the defaults, critic on the top 12 of 30 layers (`critic_layers 12`)",
+    "trpo_cl12_vlr1e-3": "TRPO, the defaults, `critic_layers 12`, critic lr 1e-3",
+    "trpo_mkl": "TRPO, the defaults, step length from the measured KL (`fisher_quadratic measured_kl`)",
     "ppo": "PPO (ours), lr 1e-3",
 }
 
@@ -67,10 +72,13 @@ def main() -> None:
         print("| " + " | ".join(cells) + " |")
     plot(runs, HERE / "candidates.png")
     print_wide_range({v: runs[v] for v in WIDE_RANGE})
+    print_wide_range({v: runs[v] for v in COST_LEVERS if v in runs})
 
 
 # The defaults (3 seeds), the same with momentum 0.9, and PPO: all reach about 2.9 nats.
 WIDE_RANGE = ("trpo_cg1_kl04_rms", "trpo_cg1_kl04_rms_mom09", "ppo")
+# The defaults, PPO and the whole step's cost levers on top of the defaults (3 seeds each).
+COST_LEVERS = ("trpo_cg1_kl04_rms", "trpo_cl6", "trpo_cl12", "trpo_cl12_vlr1e-3", "trpo_mkl", "ppo")
 
 
 def print_wide_range(runs: dict[str, list[list[dict]]]) -> None:
@@ -78,9 +86,9 @@ def print_wide_range(runs: dict[str, list[list[dict]]]) -> None:
     print()
     print(
         f"| update | seeds | reward @ 2 nats | reward @ 4 nats (seeds reaching it) | frontier AUC, 0–{kl_max:.2f} nats "
-        "(per seed) | mean reward, 16 steps (per seed) |"
+        "(per seed) | mean reward, 16 steps (per seed) | critic explained variance | s/step |"
     )
-    print("|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for variant, seeds in runs.items():
         at_4 = [r for r in (reward_at_kl(rows, 4.0) for rows in seeds) if r is not None]
         aucs = [frontier_auc(rows, kl_max) for rows in seeds]
@@ -92,6 +100,8 @@ def print_wide_range(runs: dict[str, list[list[dict]]]) -> None:
             f"{statistics.mean(at_4):.3f} ({len(at_4)})" if at_4 else "–",
             f"{statistics.mean(aucs):.3f} ({', '.join(f'{a:.3f}' for a in aucs)})",
             f"{statistics.mean(means):.3f} ({', '.join(f'{m:.3f}' for m in means)})",
+            mean_or_dash([statistics.mean(r["value/explained_variance"] for r in rows[1:]) for rows in seeds]),
+            f"{statistics.median(r['time/step'] for rows in seeds for r in rows):.1f}",
         ]
         print("| " + " | ".join(cells) + " |")
 
