@@ -34,6 +34,7 @@ VARIANTS = {
     "trpo_cl12": "TRPO, the defaults, critic on the top 12 of 30 layers (`critic_layers 12`)",
     "trpo_cl12_vlr1e-3": "TRPO, the defaults, `critic_layers 12`, critic lr 1e-3",
     "trpo_mkl": "TRPO, the defaults, step length from the measured KL (`fisher_quadratic measured_kl`)",
+    "trpo_mkl_kl034": "TRPO, the defaults, `fisher_quadratic measured_kl` at δ 0.034",
     "ppo": "PPO (ours), lr 1e-3",
 }
 
@@ -78,7 +79,7 @@ def main() -> None:
 # The defaults (3 seeds), the same with momentum 0.9, and PPO: all reach about 2.9 nats.
 WIDE_RANGE = ("trpo_cg1_kl04_rms", "trpo_cg1_kl04_rms_mom09", "ppo")
 # The defaults, PPO and the whole step's cost levers on top of the defaults (3 seeds each).
-COST_LEVERS = ("trpo_cg1_kl04_rms", "trpo_cl6", "trpo_cl12", "trpo_cl12_vlr1e-3", "trpo_mkl", "ppo")
+COST_LEVERS = ("trpo_cg1_kl04_rms", "trpo_cl6", "trpo_cl12", "trpo_cl12_vlr1e-3", "trpo_mkl", "trpo_mkl_kl034", "ppo")
 
 
 def print_wide_range(runs: dict[str, list[list[dict]]]) -> None:
