@@ -179,6 +179,7 @@ class LoraActorCritic(nn.Module):
         autocast_dtype: torch.dtype | None = None,
         critic: str = "adapter",
         critic_layers: int | None = None,
+        layer_list: str | None = None,
     ):
         super().__init__()
         self.peft_model = peft_model
@@ -187,6 +188,9 @@ class LoraActorCritic(nn.Module):
         self.autocast_dtype = autocast_dtype
         self.critic = critic
         self.critic_layers = critic_layers if critic == "adapter" else None
+        # The backbone's attribute holding its decoder layers (`layer_stack`), found once at build,
+        # before any sharding: the critic's passes run a slice of it.
+        self.layer_list = layer_list
         self.peft_model.eval()
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -216,7 +220,7 @@ class LoraActorCritic(nn.Module):
             param.requires_grad_(False)
         critic = getattr(config, "critic", "adapter")
         critic_layers = getattr(config, "critic_layers", None) if critic == "adapter" else None
-        layers = None
+        layers = name = None
         if critic_layers is not None:
             backbone = peft_model.get_base_model().base_model
             name, stack = layer_stack(backbone)
@@ -232,7 +236,7 @@ class LoraActorCritic(nn.Module):
         hidden_size = peft_model.get_base_model().config.get_text_config().hidden_size
         head = ValueHead(hidden_size).to(next(peft_model.parameters()).device)
         autocast_dtype = torch.bfloat16 if getattr(config, "bf16", False) else None
-        actor_critic = cls(peft_model, policy_adapter, head, autocast_dtype, critic, critic_layers)
+        actor_critic = cls(peft_model, policy_adapter, head, autocast_dtype, critic, critic_layers, name)
         if critic_layers is not None:
             actor_critic.check_critic_layers()
         return actor_critic
@@ -356,21 +360,21 @@ class LoraActorCritic(nn.Module):
             return backbone(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
             ).last_hidden_state
-        name, stack = layer_stack(backbone)
+        stack = getattr(backbone, self.layer_list)
         # The backbone runs whatever its layer list holds: its top layers alone, entered with the hidden
         # states below them as `inputs_embeds` (build() checks that this reproduces the full pass).
-        setattr(backbone, name, nn.ModuleList(list(stack)[len(stack) - self.critic_layers :]))
+        setattr(backbone, self.layer_list, nn.ModuleList(list(stack)[len(stack) - self.critic_layers :]))
         try:
             return backbone(
                 inputs_embeds=critic_inputs, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
             ).last_hidden_state
         finally:
-            setattr(backbone, name, stack)
+            setattr(backbone, self.layer_list, stack)
 
     @contextlib.contextmanager
     def _capture_critic_inputs(self) -> Iterator[dict[str, torch.Tensor]]:
         # A pre-hook on the critic's first layer keeps what enters it: the hidden states below it.
-        _, stack = layer_stack(self.peft_model.get_base_model().base_model)
+        stack = getattr(self.peft_model.get_base_model().base_model, self.layer_list)
         captured: dict[str, torch.Tensor] = {}
 
         def keep(module, args, kwargs):

@@ -32,12 +32,11 @@ def fsdp_requested(distributed_type: DistributedType | str, environ: Mapping[str
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules of `model` whose class transformers names as not to be split (`_no_split_modules`:
-    the decoder layers, e.g. LlamaDecoderLayer, GPT2Block), also once `fully_shard` has made each
-    one an instance of a subclass of its own (FSDPLlamaDecoderLayer)."""
+    the decoder layers, e.g. LlamaDecoderLayer, GPT2Block)."""
     names = set()
     for module in model.modules():
         names.update(getattr(module, "_no_split_modules", None) or ())
-    return [module for module in model.modules() if any(c.__name__ in names for c in type(module).__mro__)]
+    return [module for module in model.modules() if type(module).__name__ in names]
 
 
 def shard_frozen_base(model: torch.nn.Module, replicated: Iterable[torch.Tensor], device_type: str) -> int:
