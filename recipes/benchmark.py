@@ -80,6 +80,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--critic", default=RLConfig.critic, choices=CRITICS, help="RLConfig.critic.")
     parser.add_argument("--critic_layers", type=int, default=RLConfig.critic_layers, help="RLConfig.critic_layers.")
+    parser.add_argument(
+        "--critic_lora_target_modules",
+        nargs="+",
+        default=RLConfig.critic_lora_target_modules,
+        help="RLConfig.critic_lora_target_modules.",
+    )
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--max_new_tokens", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=3)
@@ -193,6 +199,7 @@ def trainer_configs(args: argparse.Namespace, task, output_dir: str, max_steps: 
         model_dtype=args.model_dtype,
         critic=args.critic,
         critic_layers=args.critic_layers,
+        critic_lora_target_modules=args.critic_lora_target_modules,
     )
     trpo = TRPOConfig(
         **common,
@@ -266,6 +273,7 @@ def whole_step(args: argparse.Namespace, threads: int) -> dict:
             "value_minibatch_size": RLConfig.value_minibatch_size,
             "critic": args.critic,
             "critic_layers": args.critic_layers,
+            "critic_lora_target_modules": args.critic_lora_target_modules,
             "fisher_quadratic": args.fisher_quadratic,
             "model_dtype": args.model_dtype,
             "ppo_epochs": args.ppo_epochs,

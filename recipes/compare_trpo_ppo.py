@@ -65,7 +65,14 @@ TRPO_SOLVER_FLAGS = (
     "fisher_quadratic",
 )
 # RLConfig critic fields for TRPO and our PPO; unset ones keep RLConfig's defaults.
-CRITIC_FLAGS = ("critic", "critic_layers", "value_lr", "value_epochs", "value_minibatch_size")
+CRITIC_FLAGS = (
+    "critic",
+    "critic_layers",
+    "critic_lora_target_modules",
+    "value_lr",
+    "value_epochs",
+    "value_minibatch_size",
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -137,6 +144,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="TRPO's and our PPO's critic adapter on the top N decoder layers only (RLConfig.critic_layers). "
         "Default: RLConfig's.",
+    )
+    parser.add_argument(
+        "--critic_lora_target_modules",
+        nargs="+",
+        default=None,
+        help="The modules of TRPO's and our PPO's critic adapter (RLConfig.critic_lora_target_modules). Default: "
+        "the task's policy adapter's.",
     )
     parser.add_argument(
         "--value_lr", type=float, default=None, help="TRPO's and our PPO's critic Adam rate. Default: RLConfig's."
@@ -354,8 +368,9 @@ def worker_command(args: argparse.Namespace, algorithm: str, seed: int, output_d
         str(args.save_steps),
     ]
     for flag in ("model_name_or_path", "reward_model", "dataset", *TRPO_SOLVER_FLAGS, *CRITIC_FLAGS):
-        if getattr(args, flag) is not None:
-            command += [f"--{flag}", str(getattr(args, flag))]
+        value = getattr(args, flag)
+        if value is not None:
+            command += [f"--{flag}", *map(str, value)] if isinstance(value, list) else [f"--{flag}", str(value)]
     return command + (["--bf16"] if args.bf16 else [])
 
 

@@ -1,6 +1,6 @@
 """Run by test_distributed.py under `torchrun --nproc_per_node 2` or `accelerate launch`: two TRPO
-(or, given `ppo`, PPO; given `trpo_cheap`, TRPO with the critic on the top layer and the step's
-length from the measured KL) steps on the tiny model, then every rank reports a digest of its
+(or, given `ppo`, PPO; given `trpo_top_critic`, TRPO with the critic on the top layer and the
+forward-mode quadratic) steps on the tiny model, then every rank reports a digest of its
 policy and critic tensors and how much of the frozen base it holds."""
 
 import hashlib
@@ -25,9 +25,9 @@ def digest(tensors):
 def main(output_dir: str, algorithm: str = "trpo") -> None:
     tokenizer = build_word_tokenizer()
     config_class, trainer_class = (PPOConfig, PPOTrainer) if algorithm == "ppo" else (TRPOConfig, TRPOTrainer)
-    cheap = {"critic_layers": 1, "fisher_quadratic": "measured_kl"} if algorithm == "trpo_cheap" else {}
+    variant = {"critic_layers": 1, "fisher_quadratic": "forward_mode"} if algorithm == "trpo_top_critic" else {}
     config = config_class(
-        **cheap,
+        **variant,
         output_dir=output_dir,
         max_steps=2,
         batch_size=4,

@@ -137,9 +137,44 @@ def test_critic_layers_save_and_reload(make_trainer, tmp_path):
         assert torch.equal(a, b)
 
 
+def test_the_critic_adapts_its_own_modules_on_its_layers(make_trainer):
+    every_linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    trainer = make_trainer(critic_layers=1, critic_lora_target_modules=every_linear)
+    names = [n for n, _ in trainer.actor_critic.peft_model.named_parameters() if "lora_A" in n]
+
+    def adapted(adapter: str) -> set[tuple[int, str]]:
+        return {
+            (int(n.split(".layers.")[1].split(".")[0]), n.split(".lora_A")[0].rsplit(".", 1)[-1])
+            for n in names
+            if n.endswith(f"lora_A.{adapter}.weight")
+        }
+
+    assert adapted(VALUE_ADAPTER) == {(1, module) for module in every_linear}
+    assert adapted("default") == {(layer, module) for layer in (0, 1) for module in ("q_proj", "v_proj")}
+    batch, _ = trainer.collect_batch()
+    torch.testing.assert_close(
+        batch.values, full_pass_values(trainer.actor_critic, batch) * batch.response_mask, rtol=1e-5, atol=1e-5
+    )
+
+
+def test_a_critic_module_the_model_lacks_is_named(make_trainer):
+    with pytest.raises(
+        ValueError, match=r"critic_lora_target_modules=\['q_proj', 'c_attn'\]: \['c_attn'\] match no module"
+    ):
+        make_trainer(critic_lora_target_modules=["q_proj", "c_attn"])
+
+
 @pytest.mark.parametrize(
     "overrides, match",
     [
+        (
+            {"critic_lora_target_modules": ["q_proj"], "critic": "policy_features"},
+            r"critic_lora_target_modules=\['q_proj'\] sets the modules of the critic's adapter",
+        ),
+        (
+            {"critic_lora_target_modules": ["q_proj", ""]},
+            r"critic_lora_target_modules=\['q_proj', ''\] holds an empty name",
+        ),
         ({"critic_layers": 0}, r"critic_layers=0 must be >= 1"),
         ({"critic_layers": 2, "critic": "policy_features"}, r"critic_layers=2 sets the layers of the critic's adapter"),
     ],

@@ -67,12 +67,12 @@ def test_two_processes_stay_in_sync(name, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["trpo", "ppo", "trpo_cheap"])
+@pytest.mark.parametrize("algorithm", ["trpo", "ppo", "trpo_top_critic"])
 def test_fsdp_shards_the_frozen_layers_and_takes_the_replicated_runs_steps(algorithm, tmp_path):
     """Under fsdp.yaml each process holds about half of the frozen base (every decoder layer split
-    in two), and both policy steps and the critic's land on exactly the tensors of the replicated run;
-    also with the critic on the top layer and the measured-KL step length (`trpo_cheap`), whose
-    second step probes the KL."""
+    in two), and both policy steps and the critic's land on exactly the tensors of the replicated run:
+    TRPO at its defaults, whose second step probes the KL for its length, and with the critic on
+    the top layer and the forward-mode quadratic (`trpo_top_critic`), which probes nothing."""
     replicated = run_two_processes("accelerate multi_gpu.yaml", tmp_path / "replicated", algorithm)
     sharded = run_two_processes("accelerate fsdp.yaml", tmp_path / "fsdp", algorithm)
     layers = len(build_tiny_lm(build_word_tokenizer()).model.layers)
@@ -83,8 +83,10 @@ def test_fsdp_shards_the_frozen_layers_and_takes_the_replicated_runs_steps(algor
     assert replicated[0]["frozen_local_numel"] == replicated[0]["frozen_numel"]
     for key in ("policy", "value", "accepted", "prompts", "kl_probes"):
         assert [r[key] for r in sharded] == [r[key] for r in replicated], key
-    if algorithm == "trpo_cheap":
+    if algorithm == "trpo":
         assert sharded[0]["kl_probes"][0] == 0 and sharded[0]["kl_probes"][1] >= 1
+    if algorithm == "trpo_top_critic":
+        assert sharded[0]["kl_probes"] == [0, 0]
     assert (tmp_path / "fsdp" / "adapter_model.safetensors").exists()
 
 

@@ -81,3 +81,20 @@ def test_reference_is_the_base_model_and_completions_decode_the_masked_tokens(ti
     for ids, mask, text in zip(rollout.response_ids, rollout.response_mask, rollout.completions):
         kept = [t for t in ids[mask.bool()].tolist() if t != word_tokenizer.eos_token_id]
         assert text == word_tokenizer.decode(kept, skip_special_tokens=True)
+
+
+def test_sampling_logits_stand_in_for_the_policy_forward(tiny_lm, word_tokenizer):
+    """The logits generation sampled from give the policy forward's logp_old and entropy, and leave
+    the reference log-probs and the values as they are."""
+    actor_critic = actor_critic_for(tiny_lm)
+    torch.manual_seed(2)
+    sampled, sampling_logits = sample_completions(
+        actor_critic.peft_model, word_tokenizer, TOY_PROMPTS[:6], 8, 0.7, return_scores=True
+    )
+    from_forward = evaluate_rollout(actor_critic, sampled, 0.7)
+    from_sampling = evaluate_rollout(actor_critic, sampled, 0.7, sampling_logits)
+    assert from_forward.response_mask.sum() > from_forward.response_mask.shape[0]  # more than one token a row
+    for name in ("logp_old", "entropy"):
+        torch.testing.assert_close(getattr(from_sampling, name), getattr(from_forward, name), atol=1e-5, rtol=1e-5)
+    for name in ("logp_ref", "values"):
+        assert torch.equal(getattr(from_sampling, name), getattr(from_forward, name))

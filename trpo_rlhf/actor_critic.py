@@ -116,20 +116,27 @@ def unmatched_target_modules(model: nn.Module, targets: list[str] | str | None) 
     return [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
 
 
-def _add_lora(model, config, adapter_name: str, layers: tuple[str, list[int]] | None = None):
-    """Wrap `model` (or extend a PeftModel) with a LoRA adapter (on the `layers` of `lora_config_from`
-    only, when given), turning PEFT's terse error about missing target modules into one that lists the
-    modules the model has."""
+def _add_lora(
+    model,
+    config,
+    adapter_name: str,
+    layers: tuple[str, list[int]] | None = None,
+    targets_field: str = "lora_target_modules",
+):
+    """Wrap `model` (or extend a PeftModel) with a LoRA adapter on the modules named by the config
+    field `targets_field` (on the `layers` of `lora_config_from` only, when given), turning PEFT's
+    terse error about missing target modules into one that lists the modules the model has."""
     from peft import PeftModel, get_peft_model
 
-    lora = lora_config_from(config, layers=layers)
+    targets = getattr(config, targets_field)
+    lora = lora_config_from(config, target_modules=targets, layers=layers)
     base = model.get_base_model() if isinstance(model, PeftModel) else model
-    unmatched = unmatched_target_modules(base, config.lora_target_modules)
+    unmatched = unmatched_target_modules(base, targets)
     if unmatched:
         # PEFT adapts the names that match and ignores the rest: a typo would silently shrink the adapter.
         raise ValueError(
-            f"lora_target_modules={config.lora_target_modules}: {unmatched} match no module of {type(base).__name__}. "
-            f"Its linear layers are named {_linear_module_suffixes(base)}; pass some of them, e.g. --lora_target_modules q_proj v_proj."
+            f"{targets_field}={targets}: {unmatched} match no module of {type(base).__name__}. "
+            f"Its linear layers are named {_linear_module_suffixes(base)}; pass some of them, e.g. --{targets_field} q_proj v_proj."
         )
     try:
         if isinstance(model, PeftModel):
@@ -139,11 +146,10 @@ def _add_lora(model, config, adapter_name: str, layers: tuple[str, list[int]] | 
     except ValueError as exc:
         if "not found" not in str(exc) and "target_modules" not in str(exc):
             raise
-        base = model.get_base_model() if isinstance(model, PeftModel) else model
         raise ValueError(
-            f"lora_target_modules={config.lora_target_modules} matches no module of {type(base).__name__}. "
+            f"{targets_field}={targets} matches no module of {type(base).__name__}. "
             f"Its linear layers are named {_linear_module_suffixes(base)}; pass some of them, e.g. "
-            f"--lora_target_modules q_proj v_proj, or leave it unset for PEFT's default. ({exc})"
+            f"--{targets_field} q_proj v_proj, or leave it unset for PEFT's default. ({exc})"
         ) from exc
 
 
@@ -231,7 +237,14 @@ class LoraActorCritic(nn.Module):
                 )
             layers = (name, list(range(len(stack) - critic_layers, len(stack))))
         if critic == "adapter" and VALUE_ADAPTER not in peft_model.peft_config:
-            _add_lora(peft_model, config, VALUE_ADAPTER, layers)
+            own_targets = getattr(config, "critic_lora_target_modules", None) is not None
+            _add_lora(
+                peft_model,
+                config,
+                VALUE_ADAPTER,
+                layers,
+                "critic_lora_target_modules" if own_targets else "lora_target_modules",
+            )
         peft_model.set_adapter(policy_adapter)
         hidden_size = peft_model.get_base_model().config.get_text_config().hidden_size
         head = ValueHead(hidden_size).to(next(peft_model.parameters()).device)

@@ -131,6 +131,14 @@ class RLConfig:
             "and run N layers instead of all. None: the adapter spans every layer and its passes run them all."
         },
     )
+    critic_lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "critic='adapter': the modules the critic's LoRA adapter adapts, e.g. q_proj k_proj v_proj o_proj "
+            "gate_proj up_proj down_proj. None: those of the policy (lora_target_modules). With critic_layers, the top "
+            "layers can carry more adapted modules for little cost: the frozen base's matmuls dominate a pass."
+        },
+    )
     value_lr: float = field(
         default=5e-4, metadata={"help": "Adam learning rate of the value adapter and head (a LoRA-sized rate)."}
     )
@@ -219,6 +227,8 @@ class RLConfig:
             self.output_dir = os.fspath(self.output_dir)
         if isinstance(self.lora_target_modules, tuple):
             self.lora_target_modules = list(self.lora_target_modules)
+        if isinstance(self.critic_lora_target_modules, tuple):
+            self.critic_lora_target_modules = list(self.critic_lora_target_modules)
         if isinstance(self.report_to, str):  # report_to="tensorboard", as transformers accepts it
             self.report_to = [self.report_to]
         if isinstance(self.report_to, tuple):
@@ -256,6 +266,16 @@ class RLConfig:
             self.critic_layers is None or self.critic == "adapter",
             f"critic_layers={self.critic_layers} sets the layers of the critic's adapter; critic={self.critic!r} has "
             "none. Use --critic adapter, or leave critic_layers unset.",
+        )
+        _require(
+            self.critic_lora_target_modules is None or self.critic == "adapter",
+            f"critic_lora_target_modules={self.critic_lora_target_modules} sets the modules of the critic's adapter; "
+            f"critic={self.critic!r} has none. Use --critic adapter, or leave critic_lora_target_modules unset.",
+        )
+        _require(
+            not self.critic_lora_target_modules or all(self.critic_lora_target_modules),
+            f"critic_lora_target_modules={self.critic_lora_target_modules} holds an empty name; pass module names "
+            "such as q_proj v_proj.",
         )
         _require(self.value_lr > 0, f"value_lr={self.value_lr} must be > 0.")
         _require(self.value_epochs >= 0, f"value_epochs={self.value_epochs} must be >= 0 (0 freezes the critic).")

@@ -339,18 +339,18 @@ class RLTrainer:
     # ------------------------------------------------------------------ public API
     def generate(self, prompts: list[str]) -> list[str]:
         """Sample one completion per prompt from the current policy."""
-        return self._sample(prompts).completions
+        return self._sample(prompts)[0].completions
 
-    def _sample(self, prompts: list[str]) -> Rollout:
+    def _sample(self, prompts: list[str], return_scores: bool = False) -> tuple[Rollout, torch.Tensor | None]:
         with self.actor_critic.autocast():
-            rollout, _ = sample_completions(
+            return sample_completions(
                 self.actor_critic.peft_model,
                 self.tokenizer,
                 prompts,
                 self.config.max_new_tokens,
                 self.config.temperature,
+                return_scores=return_scores,
             )
-        return rollout
 
     def collect_batch(self, timer: PhaseTimer | None = None) -> tuple[Rollout, dict[str, float]]:
         """Sample completions for the next prompts, score them, run the no-grad rollout forwards
@@ -360,11 +360,14 @@ class RLTrainer:
         timer = timer or PhaseTimer()
         prompts = self._next_prompts()
         with timer("generate"):
-            rollout = self._sample(prompts)
+            # The distributions sampled from are the old policy's (evaluate_rollout), unless the
+            # critic needs the policy forward's hidden states anyway.
+            rollout, sampling_logits = self._sample(prompts, return_scores=self.actor_critic.has_value_adapter)
         with timer("score"):
             scores = score_batch(self.reward_fn, rollout.prompts, rollout.completions, self.global_step).to(self.device)
         with timer("rollout_forward"):
-            rollout = evaluate_rollout(self.actor_critic, rollout, cfg.temperature)
+            rollout = evaluate_rollout(self.actor_critic, rollout, cfg.temperature, sampling_logits)
+            del sampling_logits
         return self._advantages(dataclasses.replace(rollout, scores=scores))
 
     def step(self) -> dict[str, float]:

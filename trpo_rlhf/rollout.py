@@ -185,14 +185,28 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_rollout(actor_critic: LoraActorCritic, rollout: Rollout, temperature: float) -> Rollout:
+def evaluate_rollout(
+    actor_critic: LoraActorCritic, rollout: Rollout, temperature: float, sampling_logits: torch.Tensor | None = None
+) -> Rollout:
     """Fill in logp_old, logp_ref, values and entropy (and, with critic="policy_features" or
-    `critic_layers`, the features the values were read from) for a sampled rollout (no gradients)."""
+    `critic_layers`, the features the values were read from) for a sampled rollout (no gradients).
+
+    `sampling_logits`, the logits / temperature generation sampled from (`sample_completions(...,
+    return_scores=True)`, [B, T, V]), stand in for the policy's forward: they are the same
+    distribution, computed through the KV cache, as TRL takes its old log-probs. They are not
+    used with critic="policy_features", whose head reads that forward's hidden states.
+
+        rollout, sampling_logits = sample_completions(model, tokenizer, prompts, 24, 1.0, return_scores=True)
+        rollout = evaluate_rollout(actor_critic, rollout, 1.0, sampling_logits)
+    """
     inputs = rollout.model_inputs()
     actions = rollout.response_ids
     features = None
     if actor_critic.has_value_adapter:
-        policy_logits = actor_critic.policy_logits(**inputs, temperature=temperature)
+        if sampling_logits is not None:
+            policy_logits = sampling_logits.float()
+        else:
+            policy_logits = actor_critic.policy_logits(**inputs, temperature=temperature)
     else:  # the critic reads the policy's own forward: one pass fewer
         policy_logits, features = actor_critic.policy_logits_and_features(**inputs, temperature=temperature)
     logp_old = token_logprobs(policy_logits, actions)

@@ -63,8 +63,8 @@ class TRPOConfig(RLConfig):
 
     * ``cg_iters`` = 1, where the original TRPO code and SB3-contrib run 10: one CG iteration
       from x = 0 is the policy gradient, sized by the exact Fisher (1/2 s^T F s = delta) and
-      line-searched on the exact KL. It needs the Fisher only as the quadratic s^T F s, which
-      forward-mode passes give without a backward or a kept graph (`fisher_quadratic`). More
+      line-searched on the exact KL. It needs the Fisher only as the quadratic s^T F s along its
+      direction, with no Fisher-vector product (`fisher_quadratic`). More
       iterations buy more surrogate gain on the batch but less reward per nat of KL on held-out
       prompts: with far more LoRA parameters than sampled tokens,
       (F + cI)^-1 g fits the batch's noisy advantages, and stopping CG early regularises the solve.
@@ -76,8 +76,13 @@ class TRPOConfig(RLConfig):
       time, rather than one graph of the whole batch kept for every product: about a quarter of
       the memory, for one more forward and backward per chunk and product where CG runs more than
       one iteration.
-    * ``max_kl`` = 0.04 nats per token: the one-iteration step moves away from the reference more
-      slowly than PPO at 0.02; 0.04 buys more reward per step for a little less per nat.
+    * ``fisher_quadratic`` = "measured_kl": s^T F s read off the exact KL, measured by one forward
+      without a graph at the last update's step scale (the Fisher is the KL's Hessian at
+      theta_old), rather than from forward-mode passes with tangents: the same reward at a
+      fraction of the cost, and each step sized by the KL it will measure.
+    * ``max_kl`` = 0.034 nats per token: the measured-KL step at 0.034 moves as far per update as
+      the forward-mode quadratic did at 0.04, whose quadratic over-predicts the KL of the step
+      (the one-iteration step at 0.02 moves away from the reference more slowly than PPO).
     * ``cg_damping`` = 1e-3, not the classic 0.1: the Fisher of LoRA tensors is small, so a damping
       of 0.1 would dominate it and the step would realise a fraction of max_kl. The damping also
       keeps the system definite in the LoRA A-block, whose Fisher is zero at init (B = 0).
@@ -92,7 +97,7 @@ class TRPOConfig(RLConfig):
     """
 
     max_kl: float = field(
-        default=0.04, metadata={"help": "delta: bound on the mean per-token KL(pi_old || pi_new) of one update."}
+        default=0.034, metadata={"help": "delta: bound on the mean per-token KL(pi_old || pi_new) of one update."}
     )
     kl_tolerance: float = field(
         default=1.5, metadata={"help": "Accept a line-search point only if measured KL <= kl_tolerance * max_kl."}
@@ -159,7 +164,7 @@ class TRPOConfig(RLConfig):
         },
     )
     fisher_quadratic: str = field(
-        default="forward_mode",
+        default="measured_kl",
         metadata={
             "help": "How a one-iteration step forms z^T (F + cI) z, all of the Fisher it needs. 'forward_mode': J z from "
             "forward passes with tangents, no graph kept (the least memory). 'product': z^T (F z) from one "
@@ -295,7 +300,7 @@ class TRPOTrainer(RLTrainer):
                 f"cg_iters={cfg.cg_iters}, cg_stop={cfg.cg_stop!r}, fisher_quadratic={cfg.fisher_quadratic!r} under FSDP: "
                 "Fisher-vector products run several "
                 "backward passes over one forward's graph, whose gathered layer weights FSDP frees after the first. "
-                "Use cg_iters 1 with fisher_quadratic 'forward_mode' (the defaults: no product) or "
+                "Use cg_iters 1 with fisher_quadratic 'measured_kl' or 'forward_mode' (no product; the defaults) or "
                 "recipes/accelerate_configs/multi_gpu.yaml."
             )
 
@@ -534,9 +539,12 @@ class TRPOTrainer(RLTrainer):
                 logp_all_old = log_softmax_(logits.detach())
                 del logits
 
-        curvature = self.measured_curvature if config is None else copy.deepcopy(self.measured_curvature)
-        if curvature is None and cfg.fisher_quadratic == "measured_kl" and not products:
-            curvature = MeasuredKLCurvature()  # a probe's own config: no scale yet, so forward mode
+        curvature = None
+        if cfg.fisher_quadratic == "measured_kl" and not products:
+            # A probe with its own `config` works on a copy of the run's scale, or, where the run
+            # keeps none, starts without one (forward mode).
+            curvature = self.measured_curvature if config is None else copy.deepcopy(self.measured_curvature)
+            curvature = curvature if curvature is not None else MeasuredKLCurvature()
         z = None
         kl_probes = 0
         with timer("cg"):

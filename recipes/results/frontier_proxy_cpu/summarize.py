@@ -1,10 +1,13 @@
 """The candidates table in README.md and candidates.png: every variant run on this proxy (the
 three of compare.md and the candidates added to them), over the KL range all of them reach; then
-the defaults, the defaults with momentum 0.9 and PPO over the wider range those three reach; then
-the defaults, PPO and the whole step's cost levers over the range they all reach.
+the δ-0.04 defaults, the same with momentum 0.9, the defaults with momentum 0.9 at δ 0.015 and PPO
+over the wider range those four reach;
+then the defaults, the δ-0.04 defaults, PPO and the whole step's cost levers over the range they
+all reach.
 
     python recipes/results/frontier_proxy_cpu/summarize.py
 
+Reward at K nats: the mean over the seeds that reach K, their number in brackets where not all do.
 candidates.png: reward against KL to the reference, each seed's curve faint (reward and kl/ref as
 running means over 5 steps), the thick line the mean over the seeds that reach that KL.
 """
@@ -27,14 +30,16 @@ VARIANTS = {
     "trpo_cg1_kl08": "TRPO, 1 CG iteration, δ 0.08",
     "trpo_cg1_kl04_mom05": "TRPO, 1 CG iteration, δ 0.04, momentum 0.5",
     "trpo_cg1_kl04_mom08": "TRPO, 1 CG iteration, δ 0.04, momentum 0.8",
-    "trpo_cg1_kl04_rms": "TRPO, 1 CG iteration, δ 0.04, gradient-RMS preconditioner",
+    "trpo_cg1_kl04_rms": "TRPO, 1 CG iteration, δ 0.04, gradient-RMS preconditioner (the δ-0.04 defaults)",
     "trpo_cg1_kl06_rms": "TRPO, 1 CG iteration, δ 0.06, gradient-RMS preconditioner",
     "trpo_cg1_kl04_rms_mom09": "TRPO, 1 CG iteration, δ 0.04, gradient-RMS preconditioner, momentum 0.9",
-    "trpo_cl6": "TRPO, the defaults, critic on the top 6 of 30 layers (`critic_layers 6`)",
-    "trpo_cl12": "TRPO, the defaults, critic on the top 12 of 30 layers (`critic_layers 12`)",
-    "trpo_cl12_vlr1e-3": "TRPO, the defaults, `critic_layers 12`, critic lr 1e-3",
-    "trpo_mkl": "TRPO, the defaults, step length from the measured KL (`fisher_quadratic measured_kl`)",
-    "trpo_mkl_kl034": "TRPO, the defaults, `fisher_quadratic measured_kl` at δ 0.034",
+    "trpo_cl6": "TRPO, the δ-0.04 defaults, critic on the top 6 of 30 layers (`critic_layers 6`)",
+    "trpo_cl12": "TRPO, the δ-0.04 defaults, critic on the top 12 of 30 layers (`critic_layers 12`)",
+    "trpo_cl12_vlr1e-3": "TRPO, the δ-0.04 defaults, `critic_layers 12`, critic lr 1e-3",
+    "trpo_mkl": "TRPO, the δ-0.04 defaults, step length from the measured KL (`fisher_quadratic measured_kl`)",
+    "trpo_mkl_kl034": "TRPO, `fisher_quadratic measured_kl` at δ 0.034 (the defaults)",
+    "trpo_mkl034_cl6_all": "TRPO, the defaults, critic on the top 6 layers with LoRA on all 7 linear modules",
+    "trpo_mom09_kl015": "TRPO, the defaults with momentum 0.9 at δ 0.015",
     "ppo": "PPO (ours), lr 1e-3",
 }
 
@@ -45,6 +50,14 @@ def load(variant: str) -> list[list[dict]]:
 
 def mean_or_dash(values) -> str:
     return "–" if any(v is None for v in values) else f"{statistics.mean(values):.3f}"
+
+
+def mean_of_reaching(values) -> str:
+    """The mean over the seeds that reach the KL (None: one that does not), and how many do where not all."""
+    reached = [v for v in values if v is not None]
+    if not reached:
+        return "–"
+    return f"{statistics.mean(reached):.3f}" + (f" ({len(reached)})" if len(reached) < len(values) else "")
 
 
 def main() -> None:
@@ -61,7 +74,7 @@ def main() -> None:
         cells = [
             VARIANTS[variant],
             str(len(seeds)),
-            mean_or_dash([reward_at_kl(rows, 2.0) for rows in seeds]),
+            mean_of_reaching([reward_at_kl(rows, 2.0) for rows in seeds]),
             mean_or_dash([frontier_auc(rows, kl_max) for rows in seeds]),
             mean_or_dash([statistics.mean(r["reward/mean"] for r in rows) for rows in seeds]),
             mean_or_dash([statistics.mean(r["kl/ref"] for r in rows[-5:]) for rows in seeds]),
@@ -72,33 +85,42 @@ def main() -> None:
         ]
         print("| " + " | ".join(cells) + " |")
     plot(runs, HERE / "candidates.png")
-    print_wide_range({v: runs[v] for v in WIDE_RANGE})
+    print_wide_range({v: runs[v] for v in WIDE_RANGE if v in runs})
     print_wide_range({v: runs[v] for v in COST_LEVERS if v in runs})
 
 
-# The defaults (3 seeds), the same with momentum 0.9, and PPO: all reach about 2.9 nats.
-WIDE_RANGE = ("trpo_cg1_kl04_rms", "trpo_cg1_kl04_rms_mom09", "ppo")
-# The defaults, PPO and the whole step's cost levers on top of the defaults (3 seeds each).
-COST_LEVERS = ("trpo_cg1_kl04_rms", "trpo_cl6", "trpo_cl12", "trpo_cl12_vlr1e-3", "trpo_mkl", "trpo_mkl_kl034", "ppo")
+# The δ-0.04 defaults, the same with momentum 0.9, the defaults with momentum 0.9 at δ 0.015, and PPO.
+WIDE_RANGE = ("trpo_cg1_kl04_rms", "trpo_cg1_kl04_rms_mom09", "trpo_mom09_kl015", "ppo")
+# The defaults, the δ-0.04 defaults, PPO, the whole step's cost levers and momentum at a smaller δ.
+COST_LEVERS = (
+    "trpo_mkl_kl034",
+    "trpo_cg1_kl04_rms",
+    "trpo_cl6",
+    "trpo_cl12",
+    "trpo_cl12_vlr1e-3",
+    "trpo_mkl",
+    "trpo_mkl034_cl6_all",
+    "trpo_mom09_kl015",
+    "ppo",
+)
 
 
 def print_wide_range(runs: dict[str, list[list[dict]]]) -> None:
     kl_max = common_kl(runs)
     print()
     print(
-        f"| update | seeds | reward @ 2 nats | reward @ 4 nats (seeds reaching it) | frontier AUC, 0–{kl_max:.2f} nats "
+        f"| update | seeds | reward @ 2 nats | reward @ 4 nats | frontier AUC, 0–{kl_max:.2f} nats "
         "(per seed) | mean reward, 16 steps (per seed) | critic explained variance | s/step |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for variant, seeds in runs.items():
-        at_4 = [r for r in (reward_at_kl(rows, 4.0) for rows in seeds) if r is not None]
         aucs = [frontier_auc(rows, kl_max) for rows in seeds]
         means = [statistics.mean(r["reward/mean"] for r in rows) for rows in seeds]
         cells = [
             VARIANTS[variant],
             str(len(seeds)),
-            mean_or_dash([reward_at_kl(rows, 2.0) for rows in seeds]),
-            f"{statistics.mean(at_4):.3f} ({len(at_4)})" if at_4 else "–",
+            mean_of_reaching([reward_at_kl(rows, 2.0) for rows in seeds]),
+            mean_of_reaching([reward_at_kl(rows, 4.0) for rows in seeds]),
             f"{statistics.mean(aucs):.3f} ({', '.join(f'{a:.3f}' for a in aucs)})",
             f"{statistics.mean(means):.3f} ({', '.join(f'{m:.3f}' for m in means)})",
             mean_or_dash([statistics.mean(r["value/explained_variance"] for r in rows[1:]) for rows in seeds]),
