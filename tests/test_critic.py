@@ -71,9 +71,17 @@ def test_an_unknown_critic_is_refused():
         TRPOConfig(critic="value_head")
 
 
+def adapted_modules(actor_critic, adapter: str) -> set[tuple[int, str]]:
+    """(decoder layer, module name) of every module the adapter adapts."""
+    return {
+        (int(name.split(".layers.")[1].split(".")[0]), name.split(".lora_A")[0].rsplit(".", 1)[-1])
+        for name, _ in actor_critic.peft_model.named_parameters()
+        if name.endswith(f"lora_A.{adapter}.weight")
+    }
+
+
 def value_adapter_layers(actor_critic) -> set[int]:
-    names = [n for n, _ in actor_critic.peft_model.named_parameters() if f".{VALUE_ADAPTER}." in n]
-    return {int(n.split(".layers.")[1].split(".")[0]) for n in names}
+    return {layer for layer, _ in adapted_modules(actor_critic, VALUE_ADAPTER)}
 
 
 def full_pass_values(actor_critic, batch) -> torch.Tensor:
@@ -140,17 +148,9 @@ def test_critic_layers_save_and_reload(make_trainer, tmp_path):
 def test_the_critic_adapts_its_own_modules_on_its_layers(make_trainer):
     every_linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     trainer = make_trainer(critic_layers=1, critic_lora_target_modules=every_linear)
-    names = [n for n, _ in trainer.actor_critic.peft_model.named_parameters() if "lora_A" in n]
-
-    def adapted(adapter: str) -> set[tuple[int, str]]:
-        return {
-            (int(n.split(".layers.")[1].split(".")[0]), n.split(".lora_A")[0].rsplit(".", 1)[-1])
-            for n in names
-            if n.endswith(f"lora_A.{adapter}.weight")
-        }
-
-    assert adapted(VALUE_ADAPTER) == {(1, module) for module in every_linear}
-    assert adapted("default") == {(layer, module) for layer in (0, 1) for module in ("q_proj", "v_proj")}
+    assert adapted_modules(trainer.actor_critic, VALUE_ADAPTER) == {(1, module) for module in every_linear}
+    expected_policy = {(layer, module) for layer in (0, 1) for module in ("q_proj", "v_proj")}
+    assert adapted_modules(trainer.actor_critic, "default") == expected_policy
     batch, _ = trainer.collect_batch()
     torch.testing.assert_close(
         batch.values, full_pass_values(trainer.actor_critic, batch) * batch.response_mask, rtol=1e-5, atol=1e-5

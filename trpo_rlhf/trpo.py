@@ -264,6 +264,12 @@ class TRPOConfig(RLConfig):
         `fisher_quadratic` 'product'. Otherwise the step needs only forward-mode passes."""
         return self.cg_iters > 1 or self.cg_stop == "held_out" or self.fisher_quadratic == "product"
 
+    @property
+    def sizes_step_by_measured_kl(self) -> bool:
+        """Whether the one-iteration step takes z^T F z from the measured KL (`fisher_quadratic`
+        'measured_kl' on a solve that forms no products)."""
+        return self.fisher_quadratic == "measured_kl" and not self.needs_fisher_products
+
 
 class TRPOTrainer(RLTrainer):
     """TRPO over the policy LoRA tensors (Schulman et al. 2015), see `policy_update`.
@@ -287,11 +293,7 @@ class TRPOTrainer(RLTrainer):
             if config.cg_preconditioner == "gradient_rms"
             else None
         )
-        self.measured_curvature = (
-            MeasuredKLCurvature()
-            if config.fisher_quadratic == "measured_kl" and not config.needs_fisher_products
-            else None
-        )
+        self.measured_curvature = MeasuredKLCurvature() if config.sizes_step_by_measured_kl else None
 
     def _check_shardable(self) -> None:
         cfg = self.config
@@ -540,7 +542,7 @@ class TRPOTrainer(RLTrainer):
                 del logits
 
         curvature = None
-        if cfg.fisher_quadratic == "measured_kl" and not products:
+        if cfg.sizes_step_by_measured_kl:
             # A probe with its own `config` works on a copy of the run's scale, or, where the run
             # keeps none, starts without one (forward mode).
             curvature = self.measured_curvature if config is None else copy.deepcopy(self.measured_curvature)
