@@ -26,9 +26,13 @@ over the repeats (and appends it to `--output` when given):
 measured steps (generation, scoring, rollout forwards, policy and value updates: everything a
 training step does), one after the other in this process on the same task and settings, and
 prints the medians (TRL's PPO, when the trl-ppo extra is installed, reports only its whole step;
-`<algorithm>_peak_mb` is given on a GPU only, where each step's peak is its own):
+`<algorithm>_peak_mb` is given on a GPU only, where each step's peak is its own). `--rounds R`
+does that R times, the order reversed every other round (trpo ppo trl_ppo, then trl_ppo ppo
+trpo, ...), so that a machine whose speed drifts during the run slows each algorithm alike; the
+ratios are the median over rounds of each round's ratio, and `_rounds` keys list each round's:
 
     {"trpo_step_s": ..., "ppo_step_s": ..., "trl_ppo_step_s": ..., "trpo_step_over_trl_ppo": ...,
+     "trpo_step_over_trl_ppo_rounds": [...], "trpo_step_s_rounds": [...],
      "trpo_generate_s": ..., "trpo_rollout_forward_s": ..., "trpo_policy_update_s": ...,
      "trpo_value_update_s": ..., "ppo_generate_s": ..., ..., "device": ..., ...}
 """
@@ -115,6 +119,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--steps", type=int, default=3, help="--whole_step: measured steps after one warm-up step.")
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="--whole_step: time every algorithm this many times, the order reversed every other round.",
+    )
+    parser.add_argument(
         "--algorithms",
         nargs="+",
         default=list(WHOLE_STEP_ALGORITHMS),
@@ -127,6 +137,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--repeats {args.repeats}: must be >= 1.")
     if args.steps < 1:
         parser.error(f"--steps {args.steps}: must be >= 1.")
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: must be >= 1.")
     return args
 
 
@@ -238,27 +250,52 @@ def time_whole_steps(algorithm: str, args: argparse.Namespace, output_dir: Path)
     return rows[1:]
 
 
+def round_orders(algorithms: list[str], rounds: int) -> list[list[str]]:
+    """The order of each round: as given, then reversed, and so on, so a steady drift in the
+    machine's speed favours no algorithm over an even number of rounds."""
+    return [list(algorithms) if r % 2 == 0 else list(reversed(algorithms)) for r in range(rounds)]
+
+
 def whole_step(args: argparse.Namespace, threads: int) -> dict:
-    """Median whole-step seconds and phases of each algorithm, and TRPO's step over TRL's."""
+    """Median whole-step seconds and phases of each algorithm, and each one's step over TRL's: the
+    median over rounds of the ratio within a round, whose algorithms ran minutes apart."""
     from trpo_rlhf.experiments.trl_adapter import trl_available
 
-    result: dict = {}
+    algorithms = list(args.algorithms)
+    if "trl_ppo" in algorithms and not trl_available():
+        print("TRL's PPO is not installed (pip install -e .[trl-ppo]): leaving it out.", file=sys.stderr)
+        algorithms.remove("trl_ppo")
     output_dir = Path(tempfile.mkdtemp(prefix="trpo_benchmark_steps_"))
-    for algorithm in args.algorithms:
-        if algorithm == "trl_ppo" and not trl_available():
-            print("TRL's PPO is not installed (pip install -e .[trl-ppo]): leaving it out.", file=sys.stderr)
-            continue
-        rows = time_whole_steps(algorithm, args, output_dir)
+    rounds: list[dict[str, list[dict]]] = []
+    for index, order in enumerate(round_orders(algorithms, args.rounds)):
+        print(f"round {index + 1}/{args.rounds}: {' '.join(order)}", file=sys.stderr)
+        timed = {}
+        for algorithm in order:
+            timed[algorithm] = time_whole_steps(algorithm, args, output_dir / f"round-{index}")
+            seconds = statistics.median(row["time/step"] for row in timed[algorithm])
+            print(f"{algorithm}: {seconds:.2f} s/step", file=sys.stderr)
+        rounds.append(timed)
+
+    result: dict = {}
+    for algorithm in algorithms:
+        rows = [row for timed in rounds for row in timed[algorithm]]
         result[f"{algorithm}_step_s"] = statistics.median(row["time/step"] for row in rows)
+        result[f"{algorithm}_step_s_rounds"] = [
+            statistics.median(row["time/step"] for row in timed[algorithm]) for timed in rounds
+        ]
         for phase in STEP_PHASES:
             if all(f"time/{phase}" in row for row in rows):
                 result[f"{algorithm}_{phase}_s"] = statistics.median(row[f"time/{phase}"] for row in rows)
         if torch.cuda.is_available():  # per step on a GPU; on a CPU the process's lifetime peak, shared by all
             result[f"{algorithm}_peak_mb"] = max(row["memory/peak_mb"] for row in rows)
-        print(f"{algorithm}: {result[f'{algorithm}_step_s']:.2f} s/step", file=sys.stderr)
     for algorithm in ("trpo", "ppo"):
         if f"{algorithm}_step_s" in result and "trl_ppo_step_s" in result:
-            result[f"{algorithm}_step_over_trl_ppo"] = result[f"{algorithm}_step_s"] / result["trl_ppo_step_s"]
+            ratios = [
+                ours / trl
+                for ours, trl in zip(result[f"{algorithm}_step_s_rounds"], result["trl_ppo_step_s_rounds"], strict=True)
+            ]
+            result[f"{algorithm}_step_over_trl_ppo"] = statistics.median(ratios)
+            result[f"{algorithm}_step_over_trl_ppo_rounds"] = ratios
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result.update(
         {
@@ -267,6 +304,7 @@ def whole_step(args: argparse.Namespace, threads: int) -> dict:
             "batch_size": args.batch_size,
             "max_new_tokens": args.max_new_tokens,
             "steps": args.steps,
+            "rounds": args.rounds,
             "cg_iters": args.cg_iters,
             "max_kl": args.max_kl,
             "value_epochs": RLConfig.value_epochs,
@@ -284,8 +322,14 @@ def whole_step(args: argparse.Namespace, threads: int) -> dict:
     return result
 
 
+def five_digits(value):
+    if isinstance(value, float):
+        return float(f"{value:.5g}")
+    return [five_digits(v) for v in value] if isinstance(value, list) else value
+
+
 def print_row(result: dict, output: Path | None) -> None:
-    row = json_safe({k: float(f"{v:.5g}") if isinstance(v, float) else v for k, v in result.items()})  # 5 digits
+    row = json_safe({key: five_digits(value) for key, value in result.items()})
     print(json.dumps(row, allow_nan=False))
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,10 @@ import torch
 from trpo_rlhf.profiling import PeakMemory
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "recipes"))
+
+import benchmark  # noqa: E402
+
 KEYS = ("trpo_update_s", "ppo_update_s", "trpo_peak_mb", "ppo_peak_mb", "fvp_s", "fwd_bwd_s", "cg_iters", "device")
 
 
@@ -71,6 +75,8 @@ def test_whole_step_times_each_trainer_and_its_phases(tmp_path):
             "tiny",
             "--whole_step",
             "--steps",
+            "1",
+            "--rounds",
             "2",
             "--batch_size",
             "4",
@@ -97,10 +103,26 @@ def test_whole_step_times_each_trainer_and_its_phases(tmp_path):
         assert all(p > 0 for p in phases), algorithm
         # The phases are parts of the step they were timed in.
         assert sum(phases) < row[f"{algorithm}_step_s"], algorithm
-        assert row[f"{algorithm}_step_over_trl_ppo"] == pytest.approx(
-            row[f"{algorithm}_step_s"] / row["trl_ppo_step_s"], rel=1e-3
-        )
-    assert row["steps"] == 2 and row["cg_iters"] == 2
+        # The ratio pairs the algorithms within each round, then takes the median over rounds.
+        ratios = [ours / trl for ours, trl in zip(row[f"{algorithm}_step_s_rounds"], row["trl_ppo_step_s_rounds"])]
+        assert row[f"{algorithm}_step_over_trl_ppo_rounds"] == pytest.approx(ratios, rel=1e-3)
+        assert row[f"{algorithm}_step_over_trl_ppo"] == pytest.approx(sum(ratios) / 2, rel=1e-3)
+    for algorithm in ("trpo", "ppo", "trl_ppo"):
+        assert len(row[f"{algorithm}_step_s_rounds"]) == 2, algorithm
+        assert row[f"{algorithm}_step_s"] == pytest.approx(sum(row[f"{algorithm}_step_s_rounds"]) / 2, rel=1e-3)
+    assert "round 1/2: trpo ppo trl_ppo" in result.stderr
+    assert "round 2/2: trl_ppo ppo trpo" in result.stderr
+    assert row["steps"] == 1 and row["rounds"] == 2 and row["cg_iters"] == 2
+
+
+def test_rounds_alternate_the_order_of_the_algorithms():
+    assert benchmark.round_orders(["trpo", "ppo", "trl_ppo"], 3) == [
+        ["trpo", "ppo", "trl_ppo"],
+        ["trl_ppo", "ppo", "trpo"],
+        ["trpo", "ppo", "trl_ppo"],
+    ]
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--whole_step", "--rounds", "0"])
 
 
 def test_peak_memory_sees_a_short_lived_allocation():

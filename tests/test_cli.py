@@ -82,7 +82,7 @@ def test_the_argparse_recipes_read_their_yaml():
         Path("runs/benchmark.jsonl"),
     )
     steps = benchmark.parse_args(["--config", str(CONFIGS / "benchmark_whole_step.yaml")])
-    assert steps.whole_step and steps.steps == 3 and steps.algorithms == ["trpo", "ppo", "trl_ppo"]
+    assert steps.whole_step and (steps.steps, steps.rounds) == (3, 2) and steps.algorithms == ["trpo", "ppo", "trl_ppo"]
     scale = benchmark.parse_args(["--config", str(CONFIGS / "benchmark_8b.yaml")])
     assert (scale.model, scale.model_dtype, scale.batch_size, scale.max_new_tokens) == (
         "random:8b",

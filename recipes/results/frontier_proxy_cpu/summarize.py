@@ -39,6 +39,7 @@ VARIANTS = {
     "trpo_mkl": "TRPO, the δ-0.04 defaults, step length from the measured KL (`fisher_quadratic measured_kl`)",
     "trpo_mkl_kl034": "TRPO, `fisher_quadratic measured_kl` at δ 0.034 (the defaults)",
     "trpo_mkl034_cl6_all": "TRPO, the defaults, critic on the top 6 layers with LoRA on all 7 linear modules",
+    "trpo_mkl034_cl12_all": "TRPO, the defaults, critic on the top 12 layers with LoRA on all 7 linear modules",
     "trpo_mom09_kl015": "TRPO, the defaults with momentum 0.9 at δ 0.015",
     "ppo": "PPO (ours), lr 1e-3",
 }
@@ -100,6 +101,7 @@ COST_LEVERS = (
     "trpo_cl12_vlr1e-3",
     "trpo_mkl",
     "trpo_mkl034_cl6_all",
+    "trpo_mkl034_cl12_all",
     "trpo_mom09_kl015",
     "ppo",
 )
