@@ -83,6 +83,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="The frozen base's dtype (RLConfig.model_dtype); LoRA, value head and CG stay float32.",
     )
     parser.add_argument("--critic", default=RLConfig.critic, choices=CRITICS, help="RLConfig.critic.")
+    parser.add_argument(
+        "--critic_layer_fraction",
+        type=float,
+        default=RLConfig.critic_layer_fraction,
+        help="RLConfig.critic_layer_fraction.",
+    )
     parser.add_argument("--critic_layers", type=int, default=RLConfig.critic_layers, help="RLConfig.critic_layers.")
     parser.add_argument(
         "--critic_lora_target_modules",
@@ -210,6 +216,7 @@ def trainer_configs(args: argparse.Namespace, task, output_dir: str, max_steps: 
         lora_target_modules=args.lora_target_modules or task.lora_target_modules,
         model_dtype=args.model_dtype,
         critic=args.critic,
+        critic_layer_fraction=args.critic_layer_fraction,
         critic_layers=args.critic_layers,
         critic_lora_target_modules=args.critic_lora_target_modules,
     )
@@ -266,28 +273,25 @@ def whole_step(args: argparse.Namespace, threads: int) -> dict:
         print("TRL's PPO is not installed (pip install -e .[trl-ppo]): leaving it out.", file=sys.stderr)
         algorithms.remove("trl_ppo")
     output_dir = Path(tempfile.mkdtemp(prefix="trpo_benchmark_steps_"))
-    rounds: list[dict[str, list[dict]]] = []
+    rows: dict[str, list[dict]] = {algorithm: [] for algorithm in algorithms}
+    step_s_rounds: dict[str, list[float]] = {algorithm: [] for algorithm in algorithms}
     for index, order in enumerate(round_orders(algorithms, args.rounds)):
         print(f"round {index + 1}/{args.rounds}: {' '.join(order)}", file=sys.stderr)
-        timed = {}
         for algorithm in order:
-            timed[algorithm] = time_whole_steps(algorithm, args, output_dir / f"round-{index}")
-            seconds = statistics.median(row["time/step"] for row in timed[algorithm])
-            print(f"{algorithm}: {seconds:.2f} s/step", file=sys.stderr)
-        rounds.append(timed)
+            timed = time_whole_steps(algorithm, args, output_dir / f"round-{index}")
+            rows[algorithm] += timed
+            step_s_rounds[algorithm].append(statistics.median(row["time/step"] for row in timed))
+            print(f"{algorithm}: {step_s_rounds[algorithm][-1]:.2f} s/step", file=sys.stderr)
 
     result: dict = {}
     for algorithm in algorithms:
-        rows = [row for timed in rounds for row in timed[algorithm]]
-        result[f"{algorithm}_step_s"] = statistics.median(row["time/step"] for row in rows)
-        result[f"{algorithm}_step_s_rounds"] = [
-            statistics.median(row["time/step"] for row in timed[algorithm]) for timed in rounds
-        ]
+        result[f"{algorithm}_step_s"] = statistics.median(row["time/step"] for row in rows[algorithm])
+        result[f"{algorithm}_step_s_rounds"] = step_s_rounds[algorithm]
         for phase in STEP_PHASES:
-            if all(f"time/{phase}" in row for row in rows):
-                result[f"{algorithm}_{phase}_s"] = statistics.median(row[f"time/{phase}"] for row in rows)
+            if all(f"time/{phase}" in row for row in rows[algorithm]):
+                result[f"{algorithm}_{phase}_s"] = statistics.median(row[f"time/{phase}"] for row in rows[algorithm])
         if torch.cuda.is_available():  # per step on a GPU; on a CPU the process's lifetime peak, shared by all
-            result[f"{algorithm}_peak_mb"] = max(row["memory/peak_mb"] for row in rows)
+            result[f"{algorithm}_peak_mb"] = max(row["memory/peak_mb"] for row in rows[algorithm])
     for algorithm in ("trpo", "ppo"):
         if f"{algorithm}_step_s" in result and "trl_ppo_step_s" in result:
             ratios = [
@@ -310,6 +314,7 @@ def whole_step(args: argparse.Namespace, threads: int) -> dict:
             "value_epochs": RLConfig.value_epochs,
             "value_minibatch_size": RLConfig.value_minibatch_size,
             "critic": args.critic,
+            "critic_layer_fraction": args.critic_layer_fraction,
             "critic_layers": args.critic_layers,
             "critic_lora_target_modules": args.critic_lora_target_modules,
             "fisher_quadratic": args.fisher_quadratic,

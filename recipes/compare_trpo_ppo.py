@@ -67,6 +67,7 @@ TRPO_SOLVER_FLAGS = (
 # RLConfig critic fields for TRPO and our PPO; unset ones keep RLConfig's defaults.
 CRITIC_FLAGS = (
     "critic",
+    "critic_layer_fraction",
     "critic_layers",
     "critic_lora_target_modules",
     "value_lr",
@@ -139,18 +140,25 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="TRPO's and our PPO's critic (RLConfig.critic). Default: RLConfig's ('adapter').",
     )
     parser.add_argument(
+        "--critic_layer_fraction",
+        type=float,
+        default=None,
+        help="TRPO's and our PPO's critic adapter on this top share of the decoder layers "
+        "(RLConfig.critic_layer_fraction; 1.0: every layer). Default: RLConfig's (0.4).",
+    )
+    parser.add_argument(
         "--critic_layers",
         type=int,
         default=None,
-        help="TRPO's and our PPO's critic adapter on the top N decoder layers only (RLConfig.critic_layers). "
-        "Default: RLConfig's.",
+        help="TRPO's and our PPO's critic adapter on the top N decoder layers only (RLConfig.critic_layers, "
+        "overrides the fraction). Default: RLConfig's.",
     )
     parser.add_argument(
         "--critic_lora_target_modules",
         nargs="+",
         default=None,
         help="The modules of TRPO's and our PPO's critic adapter (RLConfig.critic_lora_target_modules). Default: "
-        "the task's policy adapter's.",
+        "RLConfig's (every linear module of the critic's layers).",
     )
     parser.add_argument(
         "--value_lr", type=float, default=None, help="TRPO's and our PPO's critic Adam rate. Default: RLConfig's."

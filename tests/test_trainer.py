@@ -655,6 +655,23 @@ def strict_rows(path):
     return [json.loads(line, parse_constant=reject) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.parametrize("algorithm", ["trpo", "ppo"])
+def test_update_cosine_compares_consecutive_changes_of_the_policy(make_trainer, word_tokenizer, tmp_path, algorithm):
+    from test_ppo import make_ppo
+
+    trainer = make_trainer() if algorithm == "trpo" else make_ppo(tmp_path, word_tokenizer)
+    snapshots, stats = [policy_snapshot(trainer)], []
+    for _ in range(3):
+        stats.append(trainer.step())
+        snapshots.append(policy_snapshot(trainer))
+    changes = [torch.cat([(b - a).flatten() for a, b in zip(x, y)]) for x, y in zip(snapshots, snapshots[1:])]
+    assert "policy/update_cosine" not in stats[0]
+    for k in (1, 2):
+        assert changes[k].norm() > 0 and changes[k - 1].norm() > 0
+        expected = torch.dot(changes[k], changes[k - 1]) / (changes[k].norm() * changes[k - 1].norm())
+        assert stats[k]["policy/update_cosine"] == pytest.approx(expected.item(), abs=1e-5)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_a_non_finite_reward_rejects_the_step_and_restores_the_trainer(make_trainer, tmp_path, bad):
     from trpo_rlhf.experiments.toy import WordScoreReward
@@ -674,7 +691,9 @@ def test_a_non_finite_reward_rejects_the_step_and_restores_the_trainer(make_trai
     assert stats["update/nonfinite"] == 1.0 and "trpo/kl" not in stats
     now = trainer.actor_critic.trainable_tensors()
     assert all(torch.equal(after_step_1[n], now[n]) for n in now)
-    assert trainer.step()["update/nonfinite"] == 0.0  # the run goes on
+    stats = trainer.step()
+    assert stats["update/nonfinite"] == 0.0  # the run goes on
+    assert "policy/update_cosine" in stats  # against step 1's change: the undone one left none
     rows = strict_rows(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert rows[1]["reward/mean"] is None  # the non-finite mean, as JSON null

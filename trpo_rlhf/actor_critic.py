@@ -4,9 +4,10 @@
 * the reference: base with adapters disabled (no second copy of the weights),
 * the critic: base + a second LoRA adapter named ``"value"`` + a scalar head (``critic="adapter"``),
   or a scalar head on the policy's detached last hidden states (``critic="policy_features"``).
-  With ``critic_layers`` N the critic's adapter sits on the top N decoder layers only; below them
-  the critic is the frozen base, the reference's own, so its passes start from the hidden states
-  the rollout's reference forward already computed there and run N layers, not all of them.
+  The critic's adapter sits on the top decoder layers only (``critic_layer_fraction`` of them, or
+  ``critic_layers`` N) and adapts every linear module there; below them the critic is the frozen
+  base, the reference's own, so its passes start from the hidden states the rollout's reference
+  forward already computed there and run N layers, not all of them.
 
 `double_backward_attention` runs the policy's attention on a path that allows the second backward
 the Fisher-vector products need.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +31,8 @@ from torch import nn
 from .sharding import decoder_layers
 
 VALUE_ADAPTER = "value"
+# Every linear (and GPT-2 Conv1D) module of the decoder layers, as PEFT's shorthand names it.
+ALL_LINEAR = "all-linear"
 
 
 def base_model_of(model: nn.Module) -> nn.Module:
@@ -98,13 +102,55 @@ def layer_stack(backbone: nn.Module) -> tuple[str, nn.ModuleList]:
     )
 
 
-def _linear_module_suffixes(model: nn.Module) -> list[str]:
-    names = {
-        name.rsplit(".", 1)[-1]
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
-    }
+def critic_adapter_layers(backbone: nn.Module, config) -> tuple[str, list[int]] | None:
+    """(the layer list's name, indices) of the top decoder layers the critic's adapter sits on:
+    `config.critic_layers` of them, else `round(critic_layer_fraction * n)` (at least one); None
+    for every layer (a fraction of 1, or a backbone with no layer list under a fraction)."""
+    count = getattr(config, "critic_layers", None)
+    fraction = getattr(config, "critic_layer_fraction", 1.0)
+    if count is None and fraction >= 1.0:
+        return None
+    try:
+        name, stack = layer_stack(backbone)
+    except ValueError:
+        if count is not None:
+            raise
+        warnings.warn(
+            f"critic_layer_fraction={fraction}: {type(backbone).__name__} has no list of decoder layers to take the "
+            "top ones of, so the critic's adapter spans every layer (set critic_layer_fraction=1.0 to silence this).",
+            stacklevel=3,
+        )
+        return None
+    if count is None:
+        count = max(1, round(fraction * len(stack)))
+    if count > len(stack):
+        raise ValueError(
+            f"critic_layers={count}: {type(backbone).__name__} has {len(stack)} decoder layers; "
+            f"pass at most {len(stack)}, e.g. --critic_layers {max(1, len(stack) // 5)}."
+        )
+    return name, list(range(len(stack) - count, len(stack)))
+
+
+def linear_module_names(modules: list[nn.Module]) -> list[str]:
+    """The names (last dotted part) of the linear and GPT-2 Conv1D modules in `modules`; a module
+    PEFT already wraps counts by its own name, not its inner layers'."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    names = set()
+    for root in modules:
+        wrapped: list[str] = []
+        for path, module in root.named_modules():
+            if not path or any(path.startswith(f"{w}.") for w in wrapped):
+                continue
+            if isinstance(module, BaseTunerLayer):
+                wrapped.append(path)
+            if isinstance(module, (nn.Linear, BaseTunerLayer)) or type(module).__name__ == "Conv1D":
+                names.add(path.rsplit(".", 1)[-1])
     return sorted(names)
+
+
+def _linear_module_suffixes(model: nn.Module) -> list[str]:
+    return linear_module_names([model])
 
 
 def unmatched_target_modules(model: nn.Module, targets: list[str] | str | None) -> list[str]:
@@ -122,15 +168,22 @@ def _add_lora(
     adapter_name: str,
     layers: tuple[str, list[int]] | None = None,
     targets_field: str = "lora_target_modules",
+    unset_targets: list[str] | str | None = None,
 ):
     """Wrap `model` (or extend a PeftModel) with a LoRA adapter on the modules named by the config
-    field `targets_field` (on the `layers` of `lora_config_from` only, when given), turning PEFT's
-    terse error about missing target modules into one that lists the modules the model has."""
+    field `targets_field` (`unset_targets` when it is None; on the `layers` of `lora_config_from` only,
+    when given), turning PEFT's terse error about missing target modules into one that lists the
+    modules the model has."""
     from peft import PeftModel, get_peft_model
 
     targets = getattr(config, targets_field)
-    lora = lora_config_from(config, target_modules=targets, layers=layers)
+    if targets is None:
+        targets = unset_targets
     base = model.get_base_model() if isinstance(model, PeftModel) else model
+    if targets in (ALL_LINEAR, [ALL_LINEAR]):
+        # Named here rather than through PEFT's shorthand, which it refuses beside layers_to_transform.
+        targets = linear_module_names(decoder_layers(base)) or ALL_LINEAR
+    lora = lora_config_from(config, target_modules=targets, layers=layers)
     unmatched = unmatched_target_modules(base, targets)
     if unmatched:
         # PEFT adapts the names that match and ignores the rest: a typo would silently shrink the adapter.
@@ -225,33 +278,25 @@ class LoraActorCritic(nn.Module):
         for param in peft_model.get_base_model().parameters():
             param.requires_grad_(False)
         critic = getattr(config, "critic", "adapter")
-        critic_layers = getattr(config, "critic_layers", None) if critic == "adapter" else None
-        layers = name = None
-        if critic_layers is not None:
-            backbone = peft_model.get_base_model().base_model
-            name, stack = layer_stack(backbone)
-            if critic_layers > len(stack):
-                raise ValueError(
-                    f"critic_layers={critic_layers}: {type(backbone).__name__} has {len(stack)} decoder layers; "
-                    f"pass at most {len(stack)}, e.g. --critic_layers {max(1, len(stack) // 5)}."
-                )
-            layers = (name, list(range(len(stack) - critic_layers, len(stack))))
+        layers = critic_adapter_layers(peft_model.get_base_model().base_model, config) if critic == "adapter" else None
         if critic == "adapter" and VALUE_ADAPTER not in peft_model.peft_config:
-            own_targets = getattr(config, "critic_lora_target_modules", None) is not None
-            _add_lora(
-                peft_model,
-                config,
-                VALUE_ADAPTER,
-                layers,
-                "critic_lora_target_modules" if own_targets else "lora_target_modules",
-            )
+            _add_lora(peft_model, config, VALUE_ADAPTER, layers, "critic_lora_target_modules", ALL_LINEAR)
         peft_model.set_adapter(policy_adapter)
         hidden_size = peft_model.get_base_model().config.get_text_config().hidden_size
         head = ValueHead(hidden_size).to(next(peft_model.parameters()).device)
         autocast_dtype = torch.bfloat16 if getattr(config, "bf16", False) else None
+        name, indices = layers if layers is not None else (None, None)
+        critic_layers = len(indices) if indices is not None else None
         actor_critic = cls(peft_model, policy_adapter, head, autocast_dtype, critic, critic_layers, name)
         if critic_layers is not None:
-            actor_critic.check_critic_layers()
+            try:
+                actor_critic.check_critic_layers()
+            except ValueError:
+                if getattr(config, "critic_layers", None) is not None:
+                    raise
+                # Under critic_layer_fraction the adapter stays on the top layers, and its passes run
+                # every layer from input_ids: the same critic, without the shortcut.
+                actor_critic.critic_layers = None
         return actor_critic
 
     @property
@@ -492,7 +537,7 @@ class LoraActorCritic(nn.Module):
 
     def load_value_function(self, path: str | os.PathLike) -> None:
         """Load a critic written by `save_pretrained(path)`."""
-        from peft.utils import set_peft_model_state_dict
+        from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
         from safetensors.torch import load_file
 
         adapter_file = Path(path) / VALUE_ADAPTER / VALUE_ADAPTER / "adapter_model.safetensors"
@@ -503,5 +548,17 @@ class LoraActorCritic(nn.Module):
                 f"build the trainer with critic={saved!r} to load it."
             )
         if self.has_value_adapter:
-            set_peft_model_state_dict(self.peft_model, load_file(adapter_file), adapter_name=VALUE_ADAPTER)
+            saved_state = load_file(adapter_file)
+            own = get_peft_model_state_dict(self.peft_model, adapter_name=VALUE_ADAPTER, save_embedding_layers=False)
+            if set(saved_state) != set(own):
+                # PEFT loads whatever keys match and skips the rest: a critic saved on other layers or
+                # modules would come back half-trained.
+                raise ValueError(
+                    f"{path} holds a critic adapter on other layers or modules ({len(saved_state)} tensors, e.g. "
+                    f"{sorted(set(saved_state) - set(own))[:1]}) than this model's ({len(own)} tensors): build the "
+                    "trainer with the critic_layer_fraction, critic_layers and critic_lora_target_modules it was "
+                    "saved with (its trainer_config.json; runs saved before critic_layer_fraction existed used "
+                    "--critic_layer_fraction 1.0 --critic_lora_target_modules set to their lora_target_modules)."
+                )
+            set_peft_model_state_dict(self.peft_model, saved_state, adapter_name=VALUE_ADAPTER)
         self.value_head.load_state_dict(load_file(Path(path) / VALUE_ADAPTER / "value_head.safetensors"))

@@ -122,21 +122,31 @@ class RLConfig:
             "rollout forward; its update trains the head alone on those cached features, with no model pass."
         },
     )
+    critic_layer_fraction: float = field(
+        default=0.4,
+        metadata={
+            "help": "critic='adapter': put the critic's LoRA adapter on the top round(fraction x n) of the model's n "
+            "decoder layers (at least one; 12 of SmolLM2's 30). Below them the critic is the frozen base, which the "
+            "rollout's reference forward already runs, so the critic's passes (its rollout forward and every pass of "
+            "its update) start from the hidden states that forward computed and run those layers instead of all; on "
+            "a backbone that cannot be entered at a layer (GPT-2 adds position embeddings to its input) they run "
+            "every layer. 1.0: the adapter spans every layer. critic_layers, when set, overrides it."
+        },
+    )
     critic_layers: int | None = field(
         default=None,
         metadata={
-            "help": "critic='adapter': put the critic's LoRA adapter on the top N decoder layers only. Below them the "
-            "critic is the frozen base, which the rollout's reference forward already runs, so the critic's passes "
-            "(its rollout forward and every pass of its update) start from the hidden states that forward computed "
-            "and run N layers instead of all. None: the adapter spans every layer and its passes run them all."
+            "help": "critic='adapter': put the critic's LoRA adapter on the top N decoder layers (instead of "
+            "critic_layer_fraction of them), its passes run from the reference forward's hidden states below them; "
+            "a backbone that cannot be entered at a layer is refused. None: critic_layer_fraction sets the layers."
         },
     )
     critic_lora_target_modules: list[str] | None = field(
         default=None,
         metadata={
-            "help": "critic='adapter': the modules the critic's LoRA adapter adapts, e.g. q_proj k_proj v_proj o_proj "
-            "gate_proj up_proj down_proj. None: those of the policy (lora_target_modules). With critic_layers, the top "
-            "layers can carry more adapted modules for little cost: the frozen base's matmuls dominate a pass."
+            "help": "critic='adapter': the modules the critic's LoRA adapter adapts on its layers, e.g. q_proj v_proj. "
+            "None (or all-linear): every linear module of those layers but the output head (PEFT's all-linear), "
+            "cheap on the top layers since the frozen base's matmuls dominate a pass."
         },
     )
     value_lr: float = field(
@@ -258,6 +268,11 @@ class RLConfig:
             f"model_dtype={self.model_dtype!r} is not one of {MODEL_DTYPES} (e.g. --model_dtype bfloat16).",
         )
         _require(self.critic in CRITICS, f"critic={self.critic!r} is not one of {CRITICS} (e.g. --critic adapter).")
+        _require(
+            0.0 < self.critic_layer_fraction <= 1.0,
+            f"critic_layer_fraction={self.critic_layer_fraction} must be in (0, 1] (1.0: every layer), e.g. "
+            "--critic_layer_fraction 0.4.",
+        )
         _require(
             self.critic_layers is None or self.critic_layers >= 1,
             f"critic_layers={self.critic_layers} must be >= 1 (or None: every layer), e.g. --critic_layers 6.",

@@ -57,14 +57,14 @@ from .checkpointing import (
 )
 from .config import RLConfig
 from .loading import cast_frozen_base, context_length, ensure_pad_token, load_causal_lm
-from .metrics import append_jsonl
+from .metrics import UpdateCosine, append_jsonl
 from .profiling import PhaseTimer, peak_memory_mb
 from .prompts import check_prompt_strings, prompts_from_dataset
 from .rewards import RewardFn, build_reward_fn, score_batch
 from .rollout import Rollout, evaluate_rollout, gather_tokens, log_softmax_, sample_completions
 from .sharding import fsdp_requested, shard_frozen_base
 from .tracking import RunTrackers, tracker_names
-from .trust_region import categorical_kl
+from .trust_region import categorical_kl, flat_concat
 
 METRICS_FILE = "metrics.jsonl"
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -203,6 +203,7 @@ class RLTrainer:
         self.nonfinite_streak = 0
         # The state at the end of the last completed step: a failed or non-finite step rolls back to it.
         self._completed_state: TrainingState | None = None
+        self.policy_update_cosine = UpdateCosine()
 
     # ------------------------------------------------------------------ setup checks
     def _check_distributed_type(self) -> None:
@@ -387,8 +388,10 @@ class RLTrainer:
             batch, shaping_stats = self.collect_batch(timer)
             try:
                 self._require_finite_batch(batch)
+                policy_before = self._flat_policy()
                 with timer("policy_update"):
                     policy_stats = self.policy_update(batch)
+                policy_stats.update(self._update_cosine(policy_before))
                 with timer("value_update"):
                     value_stats = self.value_update(batch)
                 require_finite("trainable tensors after the update", *self.actor_critic.trainable_tensors().values())
@@ -420,6 +423,16 @@ class RLTrainer:
         if cfg.log_completions_steps and self.global_step % cfg.log_completions_steps == 0:
             self.trackers.log_completions(batch.prompts, batch.completions, batch.scores.tolist(), self.global_step)
         return stats
+
+    def _flat_policy(self) -> torch.Tensor:
+        return flat_concat([p.detach() for p in self.actor_critic.policy_parameters()]).clone()
+
+    def _update_cosine(self, policy_before: torch.Tensor) -> dict[str, float]:
+        """`policy/update_cosine`: the cosine between this update's change of the policy's LoRA
+        tensors and the last completed one's (absent on a run's first step). Below 0 the updates
+        undo each other, and the KL to the reference grows slower than their own KLs add up."""
+        cosine = self.policy_update_cosine(self._flat_policy() - policy_before)
+        return {} if cosine is None else {"policy/update_cosine": cosine}
 
     def _require_finite_batch(self, batch: Rollout) -> None:
         local = {"reward": batch.scores, "advantage": batch.advantages, "return": batch.returns}
@@ -506,9 +519,9 @@ class RLTrainer:
         return history
 
     # ------------------------------------------------------------------ state, checkpoints, resume
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        """The optimizers whose state a checkpoint keeps, by name."""
-        return {"value": self.value_optimizer}
+    def optimizers(self) -> dict[str, torch.optim.Optimizer | UpdateCosine]:
+        """The optimizers whose state a checkpoint keeps, by name (and the diagnostics' state)."""
+        return {"value": self.value_optimizer, "policy_update_cosine": self.policy_update_cosine}
 
     def capture_state(self) -> TrainingState:
         """A copy of everything the next step depends on (see `TrainingState`)."""
@@ -532,6 +545,9 @@ class RLTrainer:
                 for name, tensor in self.actor_critic.trainable_tensors().items():
                     tensor.copy_(state.tensors[name])
         for name, optimizer in self.optimizers().items():
+            if name == "policy_update_cosine" and name not in state.optimizers:
+                optimizer.last_change = None  # a checkpoint from before the diagnostic existed
+                continue
             # A deep copy: load_state_dict keeps the given tensors, and Adam updates them in place.
             optimizer.load_state_dict(copy.deepcopy(state.optimizers[name]))
         if not rng:

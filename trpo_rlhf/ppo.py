@@ -17,6 +17,7 @@ import torch
 from .advantages import masked_mean
 from .config import RLConfig, _require
 from .engine import RLTrainer, require_finite
+from .metrics import UpdateCosine
 from .profiling import PhaseTimer
 from .rollout import Rollout, token_logprobs
 
@@ -92,7 +93,7 @@ class PPOTrainer(RLTrainer):
         super().__init__(config, *args, **kwargs)
         self.policy_optimizer = torch.optim.Adam(self.actor_critic.policy_parameters(), lr=config.learning_rate)
 
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+    def optimizers(self) -> dict[str, torch.optim.Optimizer | UpdateCosine]:
         return super().optimizers() | {"policy": self.policy_optimizer}
 
     def policy_update(self, batch: Rollout) -> dict[str, float]:

@@ -21,6 +21,7 @@ from torch.autograd import forward_ad
 from .actor_critic import double_backward_attention
 from .config import RLConfig, _require
 from .engine import RLTrainer, require_finite
+from .metrics import UpdateCosine
 from .profiling import PhaseTimer
 from .rollout import Rollout, log_softmax_, token_logprobs
 from .trust_region import (
@@ -308,7 +309,9 @@ class TRPOTrainer(RLTrainer):
 
     def optimizers(
         self,
-    ) -> dict[str, torch.optim.Optimizer | HeavyBallDirection | GradientRMSPreconditioner | MeasuredKLCurvature]:
+    ) -> dict[
+        str, torch.optim.Optimizer | UpdateCosine | HeavyBallDirection | GradientRMSPreconditioner | MeasuredKLCurvature
+    ]:
         """The optimizers' state and the solver's own state across updates, by name."""
         extra = {
             "policy_momentum": self.heavy_ball,

@@ -3,7 +3,7 @@ three of compare.md and the candidates added to them), over the KL range all of 
 the δ-0.04 defaults, the same with momentum 0.9, the defaults with momentum 0.9 at δ 0.015 and PPO
 over the wider range those four reach;
 then the defaults, the δ-0.04 defaults, PPO and the whole step's cost levers over the range they
-all reach.
+all reach; then how consecutive updates of the defaults and of PPO add up (`policy/update_cosine`).
 
     python recipes/results/frontier_proxy_cpu/summarize.py
 
@@ -37,11 +37,12 @@ VARIANTS = {
     "trpo_cl12": "TRPO, the δ-0.04 defaults, critic on the top 12 of 30 layers (`critic_layers 12`)",
     "trpo_cl12_vlr1e-3": "TRPO, the δ-0.04 defaults, `critic_layers 12`, critic lr 1e-3",
     "trpo_mkl": "TRPO, the δ-0.04 defaults, step length from the measured KL (`fisher_quadratic measured_kl`)",
-    "trpo_mkl_kl034": "TRPO, `fisher_quadratic measured_kl` at δ 0.034 (the defaults)",
-    "trpo_mkl034_cl6_all": "TRPO, the defaults, critic on the top 6 layers with LoRA on all 7 linear modules",
-    "trpo_mkl034_cl12_all": "TRPO, the defaults, critic on the top 12 layers with LoRA on all 7 linear modules",
+    "trpo_mkl_kl034": "TRPO, `fisher_quadratic measured_kl` at δ 0.034 (the defaults before the top-layer critic)",
+    "trpo_mkl034_cl6_all": "TRPO, the defaults with the critic on the top 6 layers (all 7 linear modules)",
+    "trpo_mkl034_cl12_all": "TRPO, the defaults: critic on the top 12 layers with LoRA on all 7 linear modules",
     "trpo_mom09_kl015": "TRPO, the defaults with momentum 0.9 at δ 0.015",
-    "ppo": "PPO (ours), lr 1e-3",
+    "ppo": "PPO (ours), lr 1e-3, critic on every layer (q, v)",
+    "ppo_top_critic": "PPO (ours), lr 1e-3, the default critic (top 12 layers, all 7 linear modules)",
 }
 
 
@@ -88,10 +89,13 @@ def main() -> None:
     plot(runs, HERE / "candidates.png")
     print_wide_range({v: runs[v] for v in WIDE_RANGE if v in runs})
     print_wide_range({v: runs[v] for v in COST_LEVERS if v in runs})
+    print_update_cosine({v: runs[v] for v in COSINE if v in runs})
 
 
 # The δ-0.04 defaults, the same with momentum 0.9, the defaults with momentum 0.9 at δ 0.015, and PPO.
 WIDE_RANGE = ("trpo_cg1_kl04_rms", "trpo_cg1_kl04_rms_mom09", "trpo_mom09_kl015", "ppo")
+# The runs that log policy/update_cosine.
+COSINE = ("trpo_mkl034_cl12_all", "ppo_top_critic")
 # The defaults, the δ-0.04 defaults, PPO, the whole step's cost levers and momentum at a smaller δ.
 COST_LEVERS = (
     "trpo_mkl_kl034",
@@ -104,6 +108,7 @@ COST_LEVERS = (
     "trpo_mkl034_cl12_all",
     "trpo_mom09_kl015",
     "ppo",
+    "ppo_top_critic",
 )
 
 
@@ -127,6 +132,33 @@ def print_wide_range(runs: dict[str, list[list[dict]]]) -> None:
             f"{statistics.mean(means):.3f} ({', '.join(f'{m:.3f}' for m in means)})",
             mean_or_dash([statistics.mean(r["value/explained_variance"] for r in rows[1:]) for rows in seeds]),
             f"{statistics.median(r['time/step'] for rows in seeds for r in rows):.1f}",
+        ]
+        print("| " + " | ".join(cells) + " |")
+
+
+def print_update_cosine(runs: dict[str, list[list[dict]]]) -> None:
+    """How consecutive updates add up: the cosine between consecutive changes of the policy's LoRA
+    tensors, beside each update's own KL and the drift from the reference it buys."""
+    print()
+    print(
+        "| update | seeds with the cosine | update cosine, median (per seed) | share of updates with cosine < 0 | "
+        "update KL, median | KL to ref, last 5 steps (per completion) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for variant, seeds in runs.items():
+        seeds = [rows for rows in seeds if any("policy/update_cosine" in r for r in rows)]
+        if not seeds:
+            continue
+        cosines = [[r["policy/update_cosine"] for r in rows if "policy/update_cosine" in r] for rows in seeds]
+        every = [c for per_seed in cosines for c in per_seed]
+        update_kl = [r.get("trpo/kl", r.get("ppo/kl")) for rows in seeds for r in rows]
+        cells = [
+            VARIANTS[variant],
+            str(len(seeds)),
+            f"{statistics.median(every):.3f} ({', '.join(f'{statistics.median(c):.2f}' for c in cosines)})",
+            f"{sum(c < 0 for c in every) / len(every):.0%}",
+            f"{statistics.median(update_kl):.4f}",
+            mean_or_dash([statistics.mean(r["kl/ref"] for r in rows[-5:]) for rows in seeds]),
         ]
         print("| " + " | ".join(cells) + " |")
 
