@@ -40,7 +40,8 @@ VARIANTS = {
     "trpo_mkl_kl034": "TRPO, `fisher_quadratic measured_kl` at δ 0.034 (the defaults before the top-layer critic)",
     "trpo_mkl034_cl6_all": "TRPO, the defaults with the critic on the top 6 layers (all 7 linear modules)",
     "trpo_mkl034_cl12_all": "TRPO, the defaults: critic on the top 12 layers with LoRA on all 7 linear modules",
-    "trpo_mom09_kl015": "TRPO, the defaults with momentum 0.9 at δ 0.015",
+    "trpo_mom09_kl015": "TRPO, the defaults before the top-layer critic, momentum 0.9 at δ 0.015",
+    "trpo_mom05": "TRPO, the defaults with momentum 0.5",
     "ppo": "PPO (ours), lr 1e-3, critic on every layer (q, v)",
     "ppo_top_critic": "PPO (ours), lr 1e-3, the default critic (top 12 layers, all 7 linear modules)",
 }
@@ -95,7 +96,7 @@ def main() -> None:
 # The δ-0.04 defaults, the same with momentum 0.9, the defaults with momentum 0.9 at δ 0.015, and PPO.
 WIDE_RANGE = ("trpo_cg1_kl04_rms", "trpo_cg1_kl04_rms_mom09", "trpo_mom09_kl015", "ppo")
 # The runs that log policy/update_cosine.
-COSINE = ("trpo_mkl034_cl12_all", "ppo_top_critic")
+COSINE = ("trpo_mkl034_cl12_all", "trpo_mom05", "ppo_top_critic")
 # The defaults, the δ-0.04 defaults, PPO, the whole step's cost levers and momentum at a smaller δ.
 COST_LEVERS = (
     "trpo_mkl_kl034",
@@ -107,6 +108,7 @@ COST_LEVERS = (
     "trpo_mkl034_cl6_all",
     "trpo_mkl034_cl12_all",
     "trpo_mom09_kl015",
+    "trpo_mom05",
     "ppo",
     "ppo_top_critic",
 )
