@@ -98,15 +98,20 @@ def full_pass_values(actor_critic, batch) -> torch.Tensor:
     return actor_critic.value_head(hidden[:, -T - 1 : -1])
 
 
-def test_critic_layers_adapt_the_top_layers_and_read_the_reference_pass(make_trainer):
-    trainer = make_trainer(critic_layers=1)
-    actor_critic = trainer.actor_critic
-    assert value_adapter_layers(actor_critic) == {1}  # the tiny model has layers 0 and 1
-    with torch.no_grad():  # an adapter and head that change the values, so that the check below can fail
+def randomize_critic(actor_critic) -> None:
+    """Random values in the critic adapter's B tensors (zero at init) and its head's weights."""
+    with torch.no_grad():
         for name, p in actor_critic.peft_model.named_parameters():
             if f"lora_B.{VALUE_ADAPTER}." in name:
                 p.normal_(std=0.5)
         actor_critic.value_head.summary.weight.normal_()
+
+
+def test_critic_layers_adapt_the_top_layers_and_read_the_reference_pass(make_trainer):
+    trainer = make_trainer(critic_layers=1)
+    actor_critic = trainer.actor_critic
+    assert value_adapter_layers(actor_critic) == {1}  # the tiny model has layers 0 and 1
+    randomize_critic(actor_critic)  # an adapter and head that change the values, so that the check below can fail
     batch, _ = trainer.collect_batch()
     B, T = batch.response_mask.shape
     assert batch.features.shape == (B, batch.input_ids.shape[1], actor_critic.peft_model.config.hidden_size)
@@ -249,17 +254,9 @@ def test_gpt2_keeps_the_top_layer_critic_and_runs_every_layer(make_trainer, word
     names = [n for n, _ in actor_critic.peft_model.named_parameters() if f"lora_A.{VALUE_ADAPTER}." in n]
     assert names and all(".h.1." in n for n in names)
     assert {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n in names} == {"c_attn", "c_proj", "c_fc"}
-    with torch.no_grad():
-        for name, p in actor_critic.peft_model.named_parameters():
-            if f"lora_B.{VALUE_ADAPTER}." in name:
-                p.normal_(std=0.5)
-        actor_critic.value_head.summary.weight.normal_()
+    randomize_critic(actor_critic)
     batch, _ = trainer.collect_batch()
-    backbone = actor_critic.peft_model.get_base_model().base_model
-    inputs = batch.model_inputs()
-    T = inputs.pop("response_length")
-    with torch.no_grad(), actor_critic._adapter(VALUE_ADAPTER):
-        expected = actor_critic.value_head(backbone(**inputs, use_cache=False).last_hidden_state[:, -T - 1 : -1])
+    expected = full_pass_values(actor_critic, batch)
     torch.testing.assert_close(batch.values, expected * batch.response_mask, rtol=1e-5, atol=1e-5)
     assert batch.values.abs().sum() > 0
 

@@ -149,10 +149,6 @@ def linear_module_names(modules: list[nn.Module]) -> list[str]:
     return sorted(names)
 
 
-def _linear_module_suffixes(model: nn.Module) -> list[str]:
-    return linear_module_names([model])
-
-
 def unmatched_target_modules(model: nn.Module, targets: list[str] | str | None) -> list[str]:
     """The names in `targets` that match no module of `model` (PEFT matches a name to a module whose
     dotted path is that name or ends with it). A regex string or None (PEFT's default) is not checked."""
@@ -189,7 +185,7 @@ def _add_lora(
         # PEFT adapts the names that match and ignores the rest: a typo would silently shrink the adapter.
         raise ValueError(
             f"{targets_field}={targets}: {unmatched} match no module of {type(base).__name__}. "
-            f"Its linear layers are named {_linear_module_suffixes(base)}; pass some of them, e.g. --{targets_field} q_proj v_proj."
+            f"Its linear layers are named {linear_module_names([base])}; pass some of them, e.g. --{targets_field} q_proj v_proj."
         )
     try:
         if isinstance(model, PeftModel):
@@ -201,7 +197,7 @@ def _add_lora(
             raise
         raise ValueError(
             f"{targets_field}={targets} matches no module of {type(base).__name__}. "
-            f"Its linear layers are named {_linear_module_suffixes(base)}; pass some of them, e.g. "
+            f"Its linear layers are named {linear_module_names([base])}; pass some of them, e.g. "
             f"--{targets_field} q_proj v_proj, or leave it unset for PEFT's default. ({exc})"
         ) from exc
 
