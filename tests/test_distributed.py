@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from trpo_rlhf.experiments.toy import build_tiny_lm, build_word_tokenizer
+from trpo_rlhf.sharding import deepspeed_zero_stage
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
@@ -49,9 +50,16 @@ def run_two_processes(name: str, output_dir: Path, algorithm: str = "trpo") -> l
     return json.loads((output_dir / "ranks.json").read_text())
 
 
+def needs_deepspeed(launch: str) -> None:
+    """`accelerate launch` refuses a DeepSpeed config without the package (the `deepspeed` extra)."""
+    if "deepspeed" in launch.lower():
+        pytest.importorskip("deepspeed")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["torchrun", "accelerate multi_gpu.yaml"])
+@pytest.mark.parametrize("name", ["torchrun", "accelerate multi_gpu.yaml", "accelerate deepspeed_zero2.yaml"])
 def test_two_processes_stay_in_sync(name, tmp_path):
+    needs_deepspeed(name)
     reports = run_two_processes(name, tmp_path)
     assert [r["world"] for r in reports] == [2, 2]
     # different prompts on each rank (the batch is sharded) ...
@@ -67,14 +75,25 @@ def test_two_processes_stay_in_sync(name, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["trpo", "ppo", "trpo_top_critic"])
-def test_fsdp_shards_the_frozen_layers_and_takes_the_replicated_runs_steps(algorithm, tmp_path):
-    """Under fsdp.yaml each process holds about half of the frozen base (every decoder layer split
-    in two), and both policy steps and the critic's land on exactly the tensors of the replicated run:
-    TRPO at its defaults, whose second step probes the KL for its length, and with the critic on
-    the top layer and the forward-mode quadratic (`trpo_top_critic`), which probes nothing."""
+@pytest.mark.parametrize(
+    "algorithm, launch",
+    [
+        ("trpo", "fsdp.yaml"),
+        ("ppo", "fsdp.yaml"),
+        ("trpo_top_critic", "fsdp.yaml"),
+        ("trpo", "deepspeed_zero3.yaml"),
+        ("ppo", "deepspeed_zero3.yaml"),
+    ],
+)
+def test_a_sharded_launch_shards_the_frozen_layers_and_takes_the_replicated_runs_steps(algorithm, launch, tmp_path):
+    """Under fsdp.yaml or deepspeed_zero3.yaml each process holds about half of the frozen base
+    (every decoder layer split in two), and both policy steps and the critic's land on exactly the
+    tensors of the replicated run: TRPO at its defaults, whose second step probes the KL for its
+    length, and with the critic on the top layer and the forward-mode quadratic
+    (`trpo_top_critic`), which probes nothing."""
+    needs_deepspeed(launch)
     replicated = run_two_processes("accelerate multi_gpu.yaml", tmp_path / "replicated", algorithm)
-    sharded = run_two_processes("accelerate fsdp.yaml", tmp_path / "fsdp", algorithm)
+    sharded = run_two_processes(f"accelerate {launch}", tmp_path / "sharded", algorithm)
     layers = len(build_tiny_lm(build_word_tokenizer()).model.layers)
     assert [r["sharded_layers"] for r in sharded] == [layers, layers]
     for report in sharded:
@@ -87,17 +106,37 @@ def test_fsdp_shards_the_frozen_layers_and_takes_the_replicated_runs_steps(algor
         assert sharded[0]["kl_probes"][0] == 0 and sharded[0]["kl_probes"][1] >= 1
     if algorithm == "trpo_top_critic":
         assert sharded[0]["kl_probes"] == [0, 0]
-    assert (tmp_path / "fsdp" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "sharded" / "adapter_model.safetensors").exists()
 
 
-@pytest.mark.parametrize("kind", ["DEEPSPEED", "MEGATRON_LM"])
-def test_an_unsupported_backend_is_refused_at_construction(kind, make_trainer, monkeypatch):
+def test_megatron_is_refused_at_construction(make_trainer, monkeypatch):
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
-    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType[kind]))
-    with pytest.raises(ValueError, match=f"distributed_type is {DistributedType[kind].value}: .*fsdp.yaml"):
+    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.MEGATRON_LM))
+    with pytest.raises(ValueError, match="distributed_type is MEGATRON_LM: .*fsdp.yaml or deepspeed_zero3.yaml"):
         make_trainer()
+
+
+# How accelerate reports each sharded launch: FSDP and DEEPSPEED on GPUs, MULTI_CPU on CPUs, where
+# only the launcher's environment says which it was.
+SHARDED_LAUNCHES = {
+    "fsdp gpu": ("FSDP", {"ACCELERATE_USE_FSDP": "true"}),
+    "fsdp cpu": ("MULTI_CPU", {"ACCELERATE_USE_FSDP": "true"}),
+    "zero3 gpu": ("DEEPSPEED", {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}),
+    "zero3 cpu": ("MULTI_CPU", {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}),
+}
+
+
+def launched_as(monkeypatch, kind: str, environ: dict[str, str]) -> None:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    if environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+        pytest.importorskip("deepspeed")  # accelerate's Accelerator refuses a DeepSpeed launch without it
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType[kind]))
 
 
 @pytest.mark.parametrize(
@@ -105,13 +144,77 @@ def test_an_unsupported_backend_is_refused_at_construction(kind, make_trainer, m
     [{"cg_iters": 3}, {"cg_stop": "held_out", "cg_iters": 3}, {"fisher_quadratic": "product"}],
     ids=["cg_iters 3", "held-out stop", "product quadratic"],
 )
-@pytest.mark.parametrize("kind", ["FSDP", "MULTI_CPU"])
-def test_fisher_products_are_refused_under_fsdp_before_anything_is_sharded(kind, settings, make_trainer, monkeypatch):
-    """accelerate reports FSDP on GPUs and MULTI_CPU (with the launcher's ACCELERATE_USE_FSDP) on CPUs."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType
-
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType[kind]))
-    with pytest.raises(ValueError, match=r"under FSDP: .*cg_iters 1 .*multi_gpu.yaml"):
+@pytest.mark.parametrize("launch", SHARDED_LAUNCHES)
+def test_fisher_products_are_refused_with_a_sharded_base_before_anything_is_sharded(
+    launch, settings, make_trainer, monkeypatch
+):
+    launched_as(monkeypatch, *SHARDED_LAUNCHES[launch])
+    with pytest.raises(ValueError, match=r"sharded \(fsdp.yaml, deepspeed_zero3.yaml\): .*cg_iters 1 .*multi_gpu.yaml"):
         make_trainer(**settings)
+
+
+@pytest.mark.parametrize("stage", ["0", "1", "2"])
+def test_zero_stages_below_3_train_replicas(stage, make_trainer, monkeypatch):
+    """ZeRO-1/2 partition optimizer states and gradients only (the LoRA tensors'), so the frozen base stays whole."""
+    launched_as(
+        monkeypatch, "DEEPSPEED", {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": stage}
+    )
+    trainer = make_trainer(cg_iters=3)  # products are fine on a whole base
+    assert trainer.sharded is False
+
+
+def test_deepspeed_offload_is_refused_at_construction(make_trainer, monkeypatch):
+    launched_as(
+        monkeypatch,
+        "DEEPSPEED",
+        {
+            "ACCELERATE_USE_DEEPSPEED": "true",
+            "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+            "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "cpu",
+        },
+    )
+    with pytest.raises(ValueError, match="offload_param_device='cpu' .*does not offload. Set it to none"):
+        make_trainer()
+
+
+@pytest.mark.parametrize(
+    "environ, expected",
+    [
+        ({}, None),
+        ({"ACCELERATE_USE_FSDP": "true"}, None),
+        ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, 2),
+        ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, 3),
+        ({"ACCELERATE_USE_DEEPSPEED": "false", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, None),
+    ],
+)
+def test_deepspeed_zero_stage_from_the_launch_environment(environ, expected):
+    assert deepspeed_zero_stage("MULTI_CPU", environ) == expected
+
+
+def test_deepspeed_zero_stage_from_a_deepspeed_config_file(tmp_path):
+    config = tmp_path / "ds.json"
+    environ = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(config)}
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_param": {"device": "none"}}}))
+    assert deepspeed_zero_stage("DEEPSPEED", environ) == 3
+    config.write_text(json.dumps({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}))
+    with pytest.raises(ValueError, match=f"offload_optimizer='cpu' \\(zero_optimization in {config}\\)"):
+        deepspeed_zero_stage("DEEPSPEED", environ)
+
+
+@pytest.mark.parametrize(
+    "environ, message",
+    [
+        ({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "4"}, "zero_stage='4' .*set 0, 1, 2 \\(replicas\\) or 3"),
+        (
+            {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3", "ACCELERATE_DEEPSPEED_ZERO3_INIT": "true"},
+            "zero3_init_flag=true: .*Set zero3_init_flag: false",
+        ),
+        (
+            {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "2", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "nvme"},
+            "offload_optimizer_device='nvme'",
+        ),
+    ],
+)
+def test_deepspeed_settings_the_trainer_does_not_carry_out_are_refused(environ, message):
+    with pytest.raises(ValueError, match=message):
+        deepspeed_zero_stage("DEEPSPEED", {"ACCELERATE_USE_DEEPSPEED": "true", **environ})

@@ -62,7 +62,7 @@ from .profiling import PhaseTimer, peak_memory_mb
 from .prompts import check_prompt_strings, prompts_from_dataset
 from .rewards import RewardFn, build_reward_fn, score_batch
 from .rollout import Rollout, evaluate_rollout, gather_tokens, log_softmax_, sample_completions
-from .sharding import fsdp_requested, shard_frozen_base
+from .sharding import deepspeed_zero_stage, fsdp_requested, shard_frozen_base
 from .tracking import RunTrackers, tracker_names
 from .trust_region import categorical_kl, flat_concat
 
@@ -208,16 +208,16 @@ class RLTrainer:
     # ------------------------------------------------------------------ setup checks
     def _check_distributed_type(self) -> None:
         # The trainer averages g, Fisher quadratics and products, line-search measurements and
-        # critic gradients itself; it shards the frozen base with FSDP2 (`sharding`), never through
-        # accelerate's prepare, whose other backends it does not support.
+        # critic gradients itself, and shards the frozen base with FSDP2 (`sharding`) for fsdp.yaml
+        # and DeepSpeed ZeRO-3 alike; it never goes through accelerate's prepare.
         kind = self.accelerator.distributed_type
-        if kind in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        if kind == DistributedType.MEGATRON_LM:
             raise ValueError(
                 f"accelerate's distributed_type is {kind.value}: this trainer does not run under it. Launch with "
-                "recipes/accelerate_configs/fsdp.yaml (the frozen base sharded, as ZeRO-3 would) or multi_gpu.yaml "
-                "(one replica per GPU)."
+                "recipes/accelerate_configs/fsdp.yaml or deepspeed_zero3.yaml (the frozen base sharded) or "
+                "multi_gpu.yaml (one replica per GPU)."
             )
-        self.sharded = fsdp_requested(kind)
+        self.sharded = fsdp_requested(kind) or deepspeed_zero_stage(kind) == 3
         if self.sharded:
             self._check_shardable()
 

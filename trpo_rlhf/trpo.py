@@ -300,9 +300,9 @@ class TRPOTrainer(RLTrainer):
         cfg = self.config
         if cfg.needs_fisher_products:
             raise ValueError(
-                f"cg_iters={cfg.cg_iters}, cg_stop={cfg.cg_stop!r}, fisher_quadratic={cfg.fisher_quadratic!r} under FSDP: "
-                "Fisher-vector products run several "
-                "backward passes over one forward's graph, whose gathered layer weights FSDP frees after the first. "
+                f"cg_iters={cfg.cg_iters}, cg_stop={cfg.cg_stop!r}, fisher_quadratic={cfg.fisher_quadratic!r} with the frozen base "
+                "sharded (fsdp.yaml, deepspeed_zero3.yaml): Fisher-vector products run several backward passes over "
+                "one forward's graph, whose gathered layer weights the sharding frees after the first. "
                 "Use cg_iters 1 with fisher_quadratic 'measured_kl' or 'forward_mode' (no product; the defaults) or "
                 "recipes/accelerate_configs/multi_gpu.yaml."
             )
