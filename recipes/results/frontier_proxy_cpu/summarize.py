@@ -44,6 +44,9 @@ VARIANTS = {
     "trpo_mom05": "TRPO, the defaults with momentum 0.5",
     "ppo": "PPO (ours), lr 1e-3, critic on every layer (q, v)",
     "ppo_top_critic": "PPO (ours), lr 1e-3, the default critic (top 12 layers, all 7 linear modules)",
+    "trpo_mom07": "TRPO, the defaults with momentum 0.7",
+    "ppo_lr3e-4": "PPO (ours), lr 3e-4, the default critic",
+    "ppo_lr3e-3": "PPO (ours), lr 3e-3, the default critic",
 }
 
 
@@ -87,16 +90,36 @@ def main() -> None:
             f"{statistics.median(r['time/value_update'] for r in steps):.2f}",
         ]
         print("| " + " | ".join(cells) + " |")
-    plot(runs, HERE / "candidates.png")
+    plot({v: runs[v] for v in PLOTTED if v in runs}, HERE / "candidates.png")
     print_wide_range({v: runs[v] for v in WIDE_RANGE if v in runs})
     print_wide_range({v: runs[v] for v in COST_LEVERS if v in runs})
     print_update_cosine({v: runs[v] for v in COSINE if v in runs})
+    print_wide_range({v: runs[v] for v in PPO_RATES if v in runs}, kls=(2.0, 4.0, 6.0))
+
+
+# The curves of candidates.png: the steps the defaults came from, the defaults, momentum on them and
+# PPO at its three rates (a legend of every variant above would be unreadable).
+PLOTTED = (
+    "trpo",
+    "trpo_cg1",
+    "trpo_cg1_kl04_rms",
+    "trpo_mkl_kl034",
+    "trpo_mkl034_cl12_all",
+    "trpo_mom05",
+    "trpo_mom07",
+    "trpo_mom09_kl015",
+    "ppo_lr3e-4",
+    "ppo_top_critic",
+    "ppo_lr3e-3",
+)
+# The defaults and momentum on them against our PPO at each of its three rates, all on the default critic.
+PPO_RATES = ("trpo_mkl034_cl12_all", "trpo_mom05", "trpo_mom07", "ppo_lr3e-4", "ppo_top_critic", "ppo_lr3e-3")
 
 
 # The δ-0.04 defaults, the same with momentum 0.9, the defaults with momentum 0.9 at δ 0.015, and PPO.
 WIDE_RANGE = ("trpo_cg1_kl04_rms", "trpo_cg1_kl04_rms_mom09", "trpo_mom09_kl015", "ppo")
 # The runs that log policy/update_cosine.
-COSINE = ("trpo_mkl034_cl12_all", "trpo_mom05", "ppo_top_critic")
+COSINE = ("trpo_mkl034_cl12_all", "trpo_mom05", "trpo_mom07", "ppo_lr3e-4", "ppo_top_critic", "ppo_lr3e-3")
 # The defaults, the δ-0.04 defaults, PPO, the whole step's cost levers and momentum at a smaller δ.
 COST_LEVERS = (
     "trpo_mkl_kl034",
@@ -114,22 +137,23 @@ COST_LEVERS = (
 )
 
 
-def print_wide_range(runs: dict[str, list[list[dict]]]) -> None:
+def print_wide_range(runs: dict[str, list[list[dict]]], kls: tuple[float, ...] = (2.0, 4.0)) -> None:
     kl_max = common_kl(runs)
     print()
     print(
-        f"| update | seeds | reward @ 2 nats | reward @ 4 nats | frontier AUC, 0–{kl_max:.2f} nats "
-        "(per seed) | mean reward, 16 steps (per seed) | critic explained variance | s/step |"
+        "| update | seeds | "
+        + "".join(f"reward @ {kl:g} nats | " for kl in kls)
+        + f"frontier AUC, 0–{kl_max:.2f} nats (per seed) | mean reward, 16 steps (per seed) | critic explained "
+        "variance | s/step |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|" + "---:|" * (len(kls) + 4))
     for variant, seeds in runs.items():
         aucs = [frontier_auc(rows, kl_max) for rows in seeds]
         means = [statistics.mean(r["reward/mean"] for r in rows) for rows in seeds]
         cells = [
             VARIANTS[variant],
             str(len(seeds)),
-            mean_of_reaching([reward_at_kl(rows, 2.0) for rows in seeds]),
-            mean_of_reaching([reward_at_kl(rows, 4.0) for rows in seeds]),
+            *(mean_of_reaching([reward_at_kl(rows, kl) for rows in seeds]) for kl in kls),
             f"{statistics.mean(aucs):.3f} ({', '.join(f'{a:.3f}' for a in aucs)})",
             f"{statistics.mean(means):.3f} ({', '.join(f'{m:.3f}' for m in means)})",
             mean_or_dash([statistics.mean(r["value/explained_variance"] for r in rows[1:]) for rows in seeds]),
