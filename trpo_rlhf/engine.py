@@ -71,6 +71,10 @@ TRAINER_STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 FINAL_STAGING = ".final.tmp"
 # Settings a resumed run may change without changing what its steps compute.
+# State across updates whose empty state is "nothing yet" (every entry None), which a checkpoint
+# may lack: one saved before the update cosine was logged, or with momentum 0 (resumed with momentum
+# on, as the settings warning says). It starts empty again; any other missing state is an error.
+STARTS_EMPTY_IF_UNSAVED = {"policy_update_cosine", "policy_momentum"}
 RESUME_MAY_CHANGE = {
     "output_dir",
     "max_steps",
@@ -545,9 +549,14 @@ class RLTrainer:
                 for name, tensor in self.actor_critic.trainable_tensors().items():
                     tensor.copy_(state.tensors[name])
         for name, optimizer in self.optimizers().items():
-            if name == "policy_update_cosine" and name not in state.optimizers:
-                optimizer.last_change = None  # a checkpoint from before the diagnostic existed
+            if name not in state.optimizers and name in STARTS_EMPTY_IF_UNSAVED:
+                optimizer.load_state_dict(dict.fromkeys(optimizer.state_dict(), None))
                 continue
+            if name not in state.optimizers:
+                raise ValueError(
+                    f"The checkpoint holds no {name!r} state, which these settings need: it was saved with other "
+                    f"settings. Resume with those of its trainer_config.json (it holds: {sorted(state.optimizers)})."
+                )
             # A deep copy: load_state_dict keeps the given tensors, and Adam updates them in place.
             optimizer.load_state_dict(copy.deepcopy(state.optimizers[name]))
         if not rng:

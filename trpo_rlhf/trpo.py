@@ -175,8 +175,11 @@ class TRPOConfig(RLConfig):
             "'forward_mode'."
         },
     )
+    # 0.5: trust-region steps from one batch each are orthogonal from update to update (a random walk
+    # in the LoRA tensors); carrying half of the last direction aligns them and buys reward per step,
+    # with a frontier inside the seeds' spread of the plain step's (README, "TRPO vs PPO").
     momentum: float = field(
-        default=0.0,
+        default=0.5,
         metadata={
             "help": "mu of a heavy-ball direction across updates: CG solves (F + cI) x = m, m = g + mu * m_prev, so "
             "that one batch's gradient noise is averaged with the last few batches' (Polyak 1964; the momentum of "
