@@ -47,11 +47,23 @@ VARIANTS = {
     "trpo_mom07": "TRPO, the defaults before momentum 0.5, with momentum 0.7",
     "ppo_lr3e-4": "PPO (ours), lr 3e-4, the default critic",
     "ppo_lr3e-3": "PPO (ours), lr 3e-3, the default critic",
+    "trl_ppo": "PPO (TRL 1.12), lr 1e-3",
 }
 
 
 def load(variant: str) -> list[list[dict]]:
     return [read_metrics(p) for p in sorted((HERE / variant).glob("seed-*/metrics.jsonl"))]
+
+
+def critic_fit(rows: list[dict]) -> float | None:
+    """The critic's explained variance over steps 2-16 (None for TRL's PPO, which does not log it)."""
+    values = [r["value/explained_variance"] for r in rows[1:] if "value/explained_variance" in r]
+    return statistics.mean(values) if values else None
+
+
+def median_or_dash(values, digits: int) -> str:
+    values = [v for v in values if v is not None]
+    return f"{statistics.median(values):.{digits}f}" if values else "–"
 
 
 def mean_or_dash(values) -> str:
@@ -85,9 +97,9 @@ def main() -> None:
             mean_or_dash([statistics.mean(r["reward/mean"] for r in rows) for rows in seeds]),
             mean_or_dash([statistics.mean(r["kl/ref"] for r in rows[-5:]) for rows in seeds]),
             f"{statistics.median(update_kl):.4f} ({max(update_kl):.4f})",
-            mean_or_dash([statistics.mean(r["value/explained_variance"] for r in rows[1:]) for rows in seeds]),
+            mean_or_dash([critic_fit(rows) for rows in seeds]),
             f"{statistics.median(r['time/step'] for r in steps):.1f}",
-            f"{statistics.median(r['time/value_update'] for r in steps):.2f}",
+            median_or_dash([r.get("time/value_update") for r in steps], 2),
         ]
         print("| " + " | ".join(cells) + " |")
     plot({v: runs[v] for v in PLOTTED if v in runs}, HERE / "candidates.png")
@@ -111,9 +123,19 @@ PLOTTED = (
     "ppo_lr3e-4",
     "ppo_top_critic",
     "ppo_lr3e-3",
+    "trl_ppo",
 )
-# The defaults and momentum on them against our PPO at each of its three rates, all on the default critic.
-PPO_RATES = ("trpo_mkl034_cl12_all", "trpo_mom05", "trpo_mom07", "ppo_lr3e-4", "ppo_top_critic", "ppo_lr3e-3")
+# The step without momentum and with it against our PPO at each of its three rates (all on the default
+# critic) and TRL's PPO.
+PPO_RATES = (
+    "trpo_mkl034_cl12_all",
+    "trpo_mom05",
+    "trpo_mom07",
+    "ppo_lr3e-4",
+    "ppo_top_critic",
+    "ppo_lr3e-3",
+    "trl_ppo",
+)
 
 
 # The δ-0.04 defaults, the same with momentum 0.9, the defaults with momentum 0.9 at δ 0.015, and PPO.
@@ -156,7 +178,7 @@ def print_wide_range(runs: dict[str, list[list[dict]]], kls: tuple[float, ...] =
             *(mean_of_reaching([reward_at_kl(rows, kl) for rows in seeds]) for kl in kls),
             f"{statistics.mean(aucs):.3f} ({', '.join(f'{a:.3f}' for a in aucs)})",
             f"{statistics.mean(means):.3f} ({', '.join(f'{m:.3f}' for m in means)})",
-            mean_or_dash([statistics.mean(r["value/explained_variance"] for r in rows[1:]) for rows in seeds]),
+            mean_or_dash([critic_fit(rows) for rows in seeds]),
             f"{statistics.median(r['time/step'] for rows in seeds for r in rows):.1f}",
         ]
         print("| " + " | ".join(cells) + " |")
