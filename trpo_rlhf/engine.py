@@ -71,10 +71,6 @@ TRAINER_STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 FINAL_STAGING = ".final.tmp"
 # Settings a resumed run may change without changing what its steps compute.
-# State across updates whose empty state is "nothing yet" (every entry None), which a checkpoint
-# may lack: one saved before the update cosine was logged, or with momentum 0 (resumed with momentum
-# on, as the settings warning says). It starts empty again; any other missing state is an error.
-STARTS_EMPTY_IF_UNSAVED = {"policy_update_cosine", "policy_momentum"}
 RESUME_MAY_CHANGE = {
     "output_dir",
     "max_steps",
@@ -549,8 +545,11 @@ class RLTrainer:
                 for name, tensor in self.actor_critic.trainable_tensors().items():
                     tensor.copy_(state.tensors[name])
         for name, optimizer in self.optimizers().items():
-            if name not in state.optimizers and name in STARTS_EMPTY_IF_UNSAVED:
-                optimizer.load_state_dict(dict.fromkeys(optimizer.state_dict(), None))
+            # State whose empty value means "nothing yet" (a `reset` method: the heavy ball's direction,
+            # the cosine's last change) starts empty when a checkpoint lacks it, saved with momentum 0
+            # or before the cosine was logged; any other missing state is an error.
+            if name not in state.optimizers and hasattr(optimizer, "reset"):
+                optimizer.reset()
                 continue
             if name not in state.optimizers:
                 raise ValueError(

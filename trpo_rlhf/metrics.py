@@ -47,6 +47,10 @@ class UpdateCosine:
     def __init__(self):
         self.last_change: torch.Tensor | None = None
 
+    def reset(self) -> None:
+        """Forget the last change: the next update logs no cosine."""
+        self.last_change = None
+
     def __call__(self, change: torch.Tensor) -> float | None:
         previous, self.last_change = self.last_change, change.detach().clone()
         if previous is None:

@@ -461,6 +461,10 @@ class HeavyBallDirection:
         self.momentum = momentum
         self.direction: torch.Tensor | None = None
 
+    def reset(self) -> None:
+        """Forget the last direction: the next update starts from its own gradient."""
+        self.direction = None
+
     def __call__(self, grad: torch.Tensor) -> torch.Tensor:
         direction = grad
         if self.direction is not None:
