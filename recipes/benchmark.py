@@ -116,6 +116,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cg_damping", type=float, default=TRPOConfig.cg_damping)
     parser.add_argument("--max_kl", type=float, default=TRPOConfig.max_kl)
     parser.add_argument("--lora_target_modules", nargs="+", default=None)
+    parser.add_argument(
+        "--compile_generation",
+        action="store_true",
+        help="RLConfig.compile_generation: a static KV cache and a compiled decode step (our trainers only).",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=None, help="Append the JSON line to this file.")
     parser.add_argument(
@@ -219,6 +224,7 @@ def trainer_configs(args: argparse.Namespace, task, output_dir: str, max_steps: 
         critic_layer_fraction=args.critic_layer_fraction,
         critic_layers=args.critic_layers,
         critic_lora_target_modules=args.critic_lora_target_modules,
+        compile_generation=args.compile_generation,
     )
     trpo = TRPOConfig(
         **common,
@@ -238,7 +244,7 @@ def trainer_configs(args: argparse.Namespace, task, output_dir: str, max_steps: 
 
 
 def time_whole_steps(algorithm: str, args: argparse.Namespace, output_dir: Path) -> list[dict]:
-    """The metrics of `args.steps` training steps of `algorithm` after one warm-up step, on a fresh
+    """The metrics of one warm-up step and `args.steps` training steps of `algorithm`, on a fresh
     copy of the task (its own model, LoRA initialisation and prompt order)."""
     task = task_for_model(args.model, args.seed, getattr(torch, args.model_dtype))
     trpo_config, ppo_config = trainer_configs(args, task, str(output_dir / algorithm), max_steps=1 + args.steps)
@@ -247,14 +253,13 @@ def time_whole_steps(algorithm: str, args: argparse.Namespace, output_dir: Path)
         from trpo_rlhf.metrics import read_metrics
 
         build_trl_ppo_for_task(task, ppo_config).train()
-        return read_metrics(Path(ppo_config.output_dir) / "metrics.jsonl")[1:]
+        return read_metrics(Path(ppo_config.output_dir) / "metrics.jsonl")
     trainer = (
         TRPOTrainer(trpo_config, task.model, task.tokenizer, task.reward_model, task.prompts)
         if algorithm == "trpo"
         else PPOTrainer(ppo_config, task.model, task.tokenizer, task.reward_model, task.prompts)
     )
-    rows = [trainer.step() for _ in range(1 + args.steps)]
-    return rows[1:]
+    return [trainer.step() for _ in range(1 + args.steps)]
 
 
 def round_orders(algorithms: list[str], rounds: int) -> list[list[str]]:
@@ -275,10 +280,13 @@ def whole_step(args: argparse.Namespace, threads: int) -> dict:
     output_dir = Path(tempfile.mkdtemp(prefix="trpo_benchmark_steps_"))
     rows: dict[str, list[dict]] = {algorithm: [] for algorithm in algorithms}
     step_s_rounds: dict[str, list[float]] = {algorithm: [] for algorithm in algorithms}
+    # The warm-up step's generation: where compile_generation pays its compilation.
+    warm_up_generate_s: dict[str, list[float | None]] = {algorithm: [] for algorithm in algorithms}
     for index, order in enumerate(round_orders(algorithms, args.rounds)):
         print(f"round {index + 1}/{args.rounds}: {' '.join(order)}", file=sys.stderr)
         for algorithm in order:
-            timed = time_whole_steps(algorithm, args, output_dir / f"round-{index}")
+            warm_up, *timed = time_whole_steps(algorithm, args, output_dir / f"round-{index}")
+            warm_up_generate_s[algorithm].append(warm_up.get("time/generate"))
             rows[algorithm] += timed
             step_s_rounds[algorithm].append(statistics.median(row["time/step"] for row in timed))
             print(f"{algorithm}: {step_s_rounds[algorithm][-1]:.2f} s/step", file=sys.stderr)
@@ -290,6 +298,8 @@ def whole_step(args: argparse.Namespace, threads: int) -> dict:
         for phase in STEP_PHASES:
             if all(f"time/{phase}" in row for row in rows[algorithm]):
                 result[f"{algorithm}_{phase}_s"] = statistics.median(row[f"time/{phase}"] for row in rows[algorithm])
+        if None not in warm_up_generate_s[algorithm]:
+            result[f"{algorithm}_warm_up_generate_s"] = warm_up_generate_s[algorithm]
         if torch.cuda.is_available():  # per step on a GPU; on a CPU the process's lifetime peak, shared by all
             result[f"{algorithm}_peak_mb"] = max(row["memory/peak_mb"] for row in rows[algorithm])
     for algorithm in ("trpo", "ppo"):
@@ -319,6 +329,7 @@ def whole_step(args: argparse.Namespace, threads: int) -> dict:
             "critic_lora_target_modules": args.critic_lora_target_modules,
             "fisher_quadratic": args.fisher_quadratic,
             "model_dtype": args.model_dtype,
+            "compile_generation": args.compile_generation,
             "ppo_epochs": args.ppo_epochs,
             "num_minibatches": args.num_minibatches,
             "torch": torch.__version__,

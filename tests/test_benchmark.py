@@ -113,6 +113,9 @@ def test_whole_step_times_each_trainer_and_its_phases(tmp_path):
     assert "round 1/2: trpo ppo trl_ppo" in result.stderr
     assert "round 2/2: trl_ppo ppo trpo" in result.stderr
     assert row["steps"] == 1 and row["rounds"] == 2 and row["cg_iters"] == 2
+    # The untimed warm-up step's generation, one a round, where compile_generation pays its compilation.
+    assert len(row["trpo_warm_up_generate_s"]) == 2 and all(s > 0 for s in row["trpo_warm_up_generate_s"])
+    assert row["compile_generation"] is False
 
 
 def test_rounds_alternate_the_order_of_the_algorithms():

@@ -153,6 +153,13 @@ def test_fisher_products_are_refused_with_a_sharded_base_before_anything_is_shar
         make_trainer(**settings)
 
 
+@pytest.mark.parametrize("launch", ["fsdp cpu", "zero3 gpu"])
+def test_compiled_generation_is_refused_with_a_sharded_base(launch, make_trainer, monkeypatch):
+    launched_as(monkeypatch, *SHARDED_LAUNCHES[launch])
+    with pytest.raises(ValueError, match=r"compile_generation=True with the frozen base sharded.*--compile_generation"):
+        make_trainer(compile_generation=True)
+
+
 @pytest.mark.parametrize("stage", ["0", "1", "2"])
 def test_zero_stages_below_3_train_replicas(stage, make_trainer, monkeypatch):
     """ZeRO-1/2 partition optimizer states and gradients only (the LoRA tensors'), so the frozen base stays whole."""

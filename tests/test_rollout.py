@@ -98,3 +98,38 @@ def test_sampling_logits_stand_in_for_the_policy_forward(tiny_lm, word_tokenizer
         torch.testing.assert_close(getattr(from_sampling, name), getattr(from_forward, name), atol=1e-5, rtol=1e-5)
     for name in ("logp_ref", "values"):
         assert torch.equal(getattr(from_sampling, name), getattr(from_forward, name))
+
+
+def test_compiled_static_cache_samples_the_current_policy_without_retracing(tiny_lm, word_tokenizer):
+    """With `static_cache_length` generation decodes through a compiled step over a fixed-size cache:
+    it samples from the policy's own distribution, sees the LoRA tensors as an update leaves them
+    (written in place, as both trainers do), and runs a batch of other prompt lengths through the
+    same graph."""
+    actor_critic = actor_critic_for(tiny_lm)
+    cache_length = max(len(word_tokenizer(p)["input_ids"]) for p in TOY_PROMPTS) + 8
+
+    def sampled_matches_policy(prompts):
+        rollout, scores = sample_completions(
+            actor_critic.peft_model,
+            word_tokenizer,
+            prompts,
+            8,
+            0.7,
+            return_scores=True,
+            static_cache_length=cache_length,
+        )
+        mask = rollout.response_mask.bool()
+        assert mask.sum() > mask.shape[0]  # more than one decoded token a row
+        policy = actor_critic.policy_logits(**rollout.model_inputs(), temperature=0.7)
+        torch.testing.assert_close(
+            torch.log_softmax(policy, -1)[mask], torch.log_softmax(scores.float(), -1)[mask], atol=1e-4, rtol=1e-4
+        )
+
+    torch.manual_seed(0)
+    sampled_matches_policy(TOY_PROMPTS[:6])
+    with torch.no_grad():  # a policy update: the LoRA tensors change in place
+        for p in actor_critic.policy_parameters():
+            p.add_(torch.randn_like(p), alpha=0.3)
+    shorter = [" ".join(p.split()[:2]) for p in TOY_PROMPTS[6:12]]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        sampled_matches_policy(shorter)

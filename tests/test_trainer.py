@@ -615,6 +615,28 @@ def test_bf16_autocast_trains_with_float32_trust_region(make_trainer):
     assert all(p.dtype == torch.float32 for p in trainer.actor_critic.policy_parameters())
 
 
+def test_compiled_generation_samples_the_updated_policy_and_compiles_once(make_trainer):
+    """After a step (a policy update, the critic's adapter trained and switched back) the compiled
+    decode step samples the new policy, whose log-probs the rollout takes as logp_old, through the
+    graph the first step compiled."""
+    from torch._dynamo.utils import counters
+
+    from trpo_rlhf.rollout import gather_tokens
+
+    trainer = make_trainer(compile_generation=True)
+    before = policy_snapshot(trainer)
+    counters.clear()
+    assert trainer.step()["trpo/accepted"] == 1.0
+    assert counters["stats"]["unique_graphs"] >= 1  # the decode step was compiled
+    assert not bitwise_equal(before, policy_snapshot(trainer))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        batch, _ = trainer.collect_batch()
+    mask = batch.response_mask.bool()
+    with torch.no_grad():
+        logp_now = gather_tokens(trainer.policy_log_probs(batch), batch.response_ids)
+    torch.testing.assert_close(logp_now[mask], batch.logp_old[mask], atol=1e-4, rtol=1e-4)
+
+
 def fixed_value_batch(trainer):
     """A batch with spread-out returns, sampled with a fixed seed."""
     from trpo_rlhf.rollout import evaluate_rollout, sample_completions

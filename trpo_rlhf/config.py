@@ -91,6 +91,14 @@ class RLConfig:
             "exactly the distribution sampled from; no top-k/top-p truncation."
         },
     )
+    compile_generation: bool = field(
+        default=False,
+        metadata={
+            "help": "Decode with a static KV cache sized to the longest prompt plus max_new_tokens and the decode step "
+            "compiled with torch.compile (on CUDA in mode reduce-overhead: CUDA graphs). The first step pays the "
+            "compilation; later ones sample the same distribution with fewer kernel launches. Not with a sharded base."
+        },
+    )
     # Reward shaping (Ziegler et al. 2019, eq. 2): r_t = -beta * (log pi - log pi_ref), score at the last token.
     init_kl_coef: float = field(
         default=0.05, metadata={"help": "beta, the per-token KL penalty to the reference (TRL PPO's kl_coef)."}

@@ -218,6 +218,12 @@ class RLTrainer:
                 "multi_gpu.yaml (one replica per GPU)."
             )
         self.sharded = fsdp_requested(kind) or deepspeed_zero_stage(kind) == 3
+        if self.sharded and self.config.compile_generation:
+            raise ValueError(
+                "compile_generation=True with the frozen base sharded (fsdp.yaml, deepspeed_zero3.yaml): the compiled "
+                "decode step would gather the sharded layers inside its graph, which this trainer does not support. "
+                "Leave --compile_generation off, or launch with multi_gpu.yaml (one replica per GPU)."
+            )
         if self.sharded:
             self._check_shardable()
 
@@ -279,6 +285,7 @@ class RLTrainer:
                 "train_dataset is empty: pass at least one prompt (a list of strings or a Dataset with a 'prompt' column)."
             )
         lengths = [len(ids) for ids in self.tokenizer(prompts)["input_ids"]]
+        self.longest_prompt_tokens = max(lengths, default=0)
         empty = [i for i, n in enumerate(lengths) if n == 0]
         if empty:
             raise ValueError(
@@ -351,6 +358,9 @@ class RLTrainer:
                 self.config.max_new_tokens,
                 self.config.temperature,
                 return_scores=return_scores,
+                static_cache_length=(
+                    self.longest_prompt_tokens + self.config.max_new_tokens if self.config.compile_generation else None
+                ),
             )
 
     def collect_batch(self, timer: PhaseTimer | None = None) -> tuple[Rollout, dict[str, float]]:

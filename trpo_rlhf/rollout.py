@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import CompileConfig, GenerationConfig, PreTrainedTokenizerBase, StaticCache
 
 from .actor_critic import LoraActorCritic, base_model_of
 
@@ -109,6 +109,23 @@ def sampling_generation_config(
     )
 
 
+def compiled_decode_config(device: torch.device) -> CompileConfig:
+    """How generate() compiles the decode step of a static KV cache: transformers' default on
+    CUDA (mode reduce-overhead: CUDA graphs, which pay where one token's kernels are launch-bound),
+    plain inductor kernels elsewhere, where transformers would not compile at all."""
+    if device.type == "cuda":
+        return CompileConfig()
+    config = CompileConfig(mode="default")
+    config._compile_all_devices = True  # transformers' switch for compiling off CUDA
+    return config
+
+
+def static_decode_cache(model: torch.nn.Module, length: int) -> StaticCache:
+    """A KV cache of `length` positions whose shapes never change, so the compiled decode step is
+    traced once: a cache sized to each batch's prompts would retrace whenever a longer one came."""
+    return StaticCache(config=base_model_of(model).config, max_cache_len=length)
+
+
 @contextlib.contextmanager
 def _checkpoint_generation_defaults_removed(model: torch.nn.Module) -> Iterator[None]:
     # Fields a checkpoint may set whose "off" value is None (suppress_tokens, bad_words_ids,
@@ -139,18 +156,31 @@ def sample_completions(
     max_new_tokens: int,
     temperature: float,
     return_scores: bool = False,
+    static_cache_length: int | None = None,
 ) -> tuple[Rollout, torch.Tensor | None]:
     """Generate one completion per prompt (batched, left-padded, KV cache, each row stops at EOS).
 
     Returns a Rollout with ids, masks and decoded completions (no log-probs yet) and, when
     `return_scores`, the processed logits generate() sampled from: [B, T, V].
+
+    `static_cache_length` (None: a dynamic cache, eager) decodes with a static KV cache of at least
+    that many positions and a compiled decode step (`compiled_decode_config`); pass the longest
+    prompt plus `max_new_tokens` so every batch runs the same compiled graph.
     """
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
     generation_config = sampling_generation_config(tokenizer, max_new_tokens, temperature, output_scores=return_scores)
+    cache = {}
+    if static_cache_length is not None:
+        generation_config.compile_config = compiled_decode_config(device)
+        length = max(static_cache_length, enc["input_ids"].shape[1] + max_new_tokens)
+        cache["past_key_values"] = static_decode_cache(model, length)
     with _checkpoint_generation_defaults_removed(model):
         out = model.generate(
-            input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], generation_config=generation_config
+            input_ids=enc["input_ids"],
+            attention_mask=enc["attention_mask"],
+            generation_config=generation_config,
+            **cache,
         )
     prompt_length = enc["input_ids"].shape[1]
     response_ids = out.sequences[:, prompt_length:]
