@@ -190,6 +190,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--parallel", type=int, default=1, help="Runs at once (one H100 holds about nine).")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for every run's forwards (GPUs).")
     parser.add_argument(
+        "--compile_generation",
+        action="store_true",
+        help="RLConfig.compile_generation for our trainers' runs: a static KV cache and a compiled decode step.",
+    )
+    parser.add_argument(
         "--kl_target",
         type=float,
         default=None,
@@ -321,6 +326,7 @@ def run_worker(args: argparse.Namespace, output_dir: Path) -> None:
         seed=args.seed,
         lora_target_modules=task.lora_target_modules,
         bf16=args.bf16,
+        compile_generation=args.compile_generation,
     )
     for key in CRITIC_FLAGS:
         if getattr(args, key) is not None:
@@ -340,6 +346,7 @@ def run_worker(args: argparse.Namespace, output_dir: Path) -> None:
         )
     else:
         common.pop("save_steps")
+        common.pop("compile_generation")  # TRL generates its own way
         for key in CRITIC_FLAGS:  # TRL trains its own full value model jointly with the policy
             common.pop(key, None)
         from trpo_rlhf.experiments.trl_adapter import build_trl_ppo_for_task
@@ -379,7 +386,8 @@ def worker_command(args: argparse.Namespace, algorithm: str, seed: int, output_d
         value = getattr(args, flag)
         if value is not None:
             command += [f"--{flag}", *map(str, value)] if isinstance(value, list) else [f"--{flag}", str(value)]
-    return command + (["--bf16"] if args.bf16 else [])
+    switches = [f"--{flag}" for flag in ("bf16", "compile_generation") if getattr(args, flag)]
+    return command + switches
 
 
 @dataclass

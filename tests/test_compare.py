@@ -218,6 +218,17 @@ def test_critic_flags_reach_every_worker_of_trpo_and_our_ppo(tmp_path):
     assert not compare_trpo_ppo.worker_accepts(["--critic", "value_head"])
 
 
+def test_switches_reach_every_worker():
+    command = compare_trpo_ppo.worker_command(
+        compare_trpo_ppo.parse_args(["--bf16", "--compile_generation"]), "ppo", 1, Path("run")
+    )
+    worker_args = compare_trpo_ppo.parse_args(command[2:])
+    assert worker_args.bf16 and worker_args.compile_generation
+    assert "--compile_generation" not in compare_trpo_ppo.worker_command(
+        compare_trpo_ppo.parse_args([]), "ppo", 1, Path("run")
+    )
+
+
 def test_the_binary_sentiment_task_thresholds_vader():
     from trpo_rlhf.experiments import build_task
 
