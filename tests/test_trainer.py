@@ -232,6 +232,10 @@ def test_bad_reward_outputs_raise_clear_errors(make_trainer, returned, match):
         ({"momentum": -0.1}, r"momentum=-0.1"),
         ({"logit_damping": 0.1, "fvp_method": "kl_hessian"}, r"logit_damping=0.1 needs fvp_method='gauss_newton'"),
         ({"temperature": 0.0}, r"temperature=0.0"),
+        (
+            {"compile_generation": True, "bf16": True},
+            r"compile_generation=True with bf16=True over a float32 base.*--model_dtype bfloat16",
+        ),
     ],
 )
 def test_invalid_config_raises(overrides, match):
@@ -635,6 +639,14 @@ def test_compiled_generation_samples_the_updated_policy_and_compiles_once(make_t
     with torch.no_grad():
         logp_now = gather_tokens(trainer.policy_log_probs(batch), batch.response_ids)
     torch.testing.assert_close(logp_now[mask], batch.logp_old[mask], atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_generation_runs_on_a_bfloat16_base_under_autocast(make_trainer):
+    """The setting the float32-base refusal points to: one static cache holds bfloat16 keys and values."""
+    trainer = make_trainer(model_dtype="bfloat16", bf16=True, compile_generation=True)
+    assert trainer.step()["trpo/accepted"] == 1.0
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert trainer.step()["trpo/kl"] <= trainer.config.kl_tolerance * trainer.config.max_kl
 
 
 def fixed_value_batch(trainer):

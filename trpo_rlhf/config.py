@@ -96,7 +96,8 @@ class RLConfig:
         metadata={
             "help": "Decode with a static KV cache sized to the longest prompt plus max_new_tokens and the decode step "
             "compiled with torch.compile (on CUDA in mode reduce-overhead: CUDA graphs). The first step pays the "
-            "compilation; later ones sample the same distribution with fewer kernel launches. Not with a sharded base."
+            "compilation; later ones sample the same distribution with fewer kernel launches. Not with a sharded base, "
+            "nor with bf16 over a float32 base (set model_dtype bfloat16)."
         },
     )
     # Reward shaping (Ziegler et al. 2019, eq. 2): r_t = -beta * (log pi - log pi_ref), score at the last token.
@@ -274,6 +275,13 @@ class RLConfig:
         _require(
             self.model_dtype in MODEL_DTYPES,
             f"model_dtype={self.model_dtype!r} is not one of {MODEL_DTYPES} (e.g. --model_dtype bfloat16).",
+        )
+        _require(
+            not (self.compile_generation and self.bf16 and self.model_dtype == "float32"),
+            "compile_generation=True with bf16=True over a float32 base: under autocast the keys leave the rotary "
+            "embedding in float32 and the values the projection in bfloat16, which one static KV cache cannot hold. "
+            "Set --model_dtype bfloat16 (the base's weights in bfloat16, with or without --bf16), or leave "
+            "--compile_generation off.",
         )
         _require(self.critic in CRITICS, f"critic={self.critic!r} is not one of {CRITICS} (e.g. --critic adapter).")
         _require(
