@@ -125,8 +125,12 @@ def test_compiled_static_cache_samples_the_current_policy_without_retracing(tiny
             torch.log_softmax(policy, -1)[mask], torch.log_softmax(scores.float(), -1)[mask], atol=1e-4, rtol=1e-4
         )
 
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     torch.manual_seed(0)
     sampled_matches_policy(TOY_PROMPTS[:6])
+    assert counters["stats"]["unique_graphs"] >= 1  # the decode step was compiled
     with torch.no_grad():  # a policy update: the LoRA tensors change in place
         for p in actor_critic.policy_parameters():
             p.add_(torch.randn_like(p), alpha=0.3)

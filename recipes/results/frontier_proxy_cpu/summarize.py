@@ -48,6 +48,8 @@ VARIANTS = {
     "ppo_lr3e-4": "PPO (ours), lr 3e-4, the default critic",
     "ppo_lr3e-3": "PPO (ours), lr 3e-3, the default critic",
     "trl_ppo": "PPO (TRL 1.12), lr 1e-3",
+    "trl_ppo_lr3e-4": "PPO (TRL 1.12), lr 3e-4",
+    "trl_ppo_lr3e-3": "PPO (TRL 1.12), lr 3e-3",
 }
 
 
@@ -107,6 +109,21 @@ def main() -> None:
     print_wide_range({v: runs[v] for v in COST_LEVERS if v in runs})
     print_update_cosine({v: runs[v] for v in COSINE if v in runs})
     print_wide_range({v: runs[v] for v in PPO_RATES if v in runs}, kls=(2.0, 4.0, 6.0))
+    print_difference(runs, "trpo_mom05", ("ppo_lr3e-4", "ppo_top_critic", "ppo_lr3e-3", "trl_ppo"))
+
+
+def print_difference(runs: dict[str, list[list[dict]]], ours: str, others: tuple[str, ...]) -> None:
+    """The defaults' mean reward over the 16 steps minus each other's, with the standard error of
+    that difference over seeds (Welch: the two sets of seeds are independent)."""
+    print()
+    print("| against | seeds (ours, theirs) | mean reward, ours − theirs | standard error | difference / error |")
+    print("|---|---:|---:|---:|---:|")
+    per_seed = {v: [statistics.mean(r["reward/mean"] for r in rows) for rows in runs[v]] for v in (ours, *others)}
+    for other in others:
+        a, b = per_seed[ours], per_seed[other]
+        difference = statistics.mean(a) - statistics.mean(b)
+        error = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
+        print(f"| {VARIANTS[other]} | {len(a)}, {len(b)} | {difference:+.3f} | {error:.3f} | {difference / error:+.1f} |")
 
 
 # The curves of candidates.png: the steps the defaults came from, the defaults, momentum on them and
@@ -123,7 +140,9 @@ PLOTTED = (
     "ppo_lr3e-4",
     "ppo_top_critic",
     "ppo_lr3e-3",
+    "trl_ppo_lr3e-4",
     "trl_ppo",
+    "trl_ppo_lr3e-3",
 )
 # The step without momentum and with it against our PPO at each of its three rates (all on the default
 # critic) and TRL's PPO.
@@ -134,7 +153,9 @@ PPO_RATES = (
     "ppo_lr3e-4",
     "ppo_top_critic",
     "ppo_lr3e-3",
+    "trl_ppo_lr3e-4",
     "trl_ppo",
+    "trl_ppo_lr3e-3",
 )
 
 
