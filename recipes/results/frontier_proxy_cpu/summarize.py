@@ -6,6 +6,7 @@ then the defaults, the δ-0.04 defaults, PPO and the whole step's cost levers ov
 all reach; then how consecutive updates of the defaults and of PPO add up (`policy/update_cosine`).
 
     python recipes/results/frontier_proxy_cpu/summarize.py
+    python recipes/results/frontier_proxy_cpu/summarize.py --binary   # the binary task's default-critic runs
 
 Reward at K nats: the mean over the seeds that reach K, their number in brackets where not all do.
 candidates.png: reward against KL to the reference, each seed's curve faint (reward and kl/ref as
@@ -53,8 +54,28 @@ VARIANTS = {
 }
 
 
-def load(variant: str) -> list[list[dict]]:
-    return [read_metrics(p) for p in sorted((HERE / variant).glob("seed-*/metrics.jsonl"))]
+# The binary task's runs at the default critic (`--binary`).
+BINARY = HERE.parent / "frontier_proxy_binary_cpu" / "default_critic"
+BINARY_VARIANTS = {
+    "trpo": "TRPO without momentum (the defaults before)",
+    "trpo_mom05": "TRPO, momentum 0.5 (the defaults)",
+    "ppo": "PPO (ours), lr 1e-3",
+    "trl_ppo": "PPO (TRL 1.12), lr 1e-3",
+}
+
+
+def load(variant: str, root: Path = HERE) -> list[list[dict]]:
+    return [read_metrics(p) for p in sorted((root / variant).glob("seed-*/metrics.jsonl"))]
+
+
+def summarize_binary() -> None:
+    """The binary task: the step without momentum, the defaults, and both PPOs, at 2, 4 and 6 nats,
+    and their frontiers in default_critic/frontier.png."""
+    runs = {v: load(v, BINARY) for v in BINARY_VARIANTS if (BINARY / v).is_dir()}
+    VARIANTS.update(BINARY_VARIANTS)
+    print_wide_range(runs, kls=(2.0, 4.0, 6.0))
+    print_difference(runs, "trpo_mom05", tuple(v for v in ("ppo", "trl_ppo") if v in runs))
+    plot(runs, BINARY / "frontier.png", task="Binary sentiment", reward="reward (VADER >= 0.5)", palette="tab10")
 
 
 def critic_fit(rows: list[dict]) -> float | None:
@@ -232,7 +253,13 @@ def print_update_cosine(runs: dict[str, list[list[dict]]]) -> None:
         print("| " + " | ".join(cells) + " |")
 
 
-def plot(runs: dict[str, list[list[dict]]], path: Path) -> None:
+def plot(
+    runs: dict[str, list[list[dict]]],
+    path: Path,
+    task: str = "Embedded sentiment",
+    reward: str = "reward (VADER)",
+    palette: str = "tab20",
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -242,11 +269,11 @@ def plot(runs: dict[str, list[list[dict]]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     top = max(rows[-1]["kl/ref"] for seeds in runs.values() for rows in seeds)
     grid = np.linspace(0.0, max(top, 1.0), 101)
-    for (variant, seeds), color in zip(runs.items(), plt.cm.tab20.colors):
+    for (variant, seeds), color in zip(runs.items(), plt.get_cmap(palette).colors):
         plot_frontier(ax, seeds, grid, color, VARIANTS[variant], seed_alpha=0.15)
     ax.set_xlabel("KL to the reference (nats per completion)")
-    ax.set_ylabel("reward (VADER), running mean of 5 steps")
-    ax.set_title("Embedded sentiment, 2-core CPU: 16 steps x 16 prompts")
+    ax.set_ylabel(f"{reward}, running mean of 5 steps")
+    ax.set_title(f"{task}, 2-core CPU: 16 steps x 16 prompts")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -254,4 +281,6 @@ def plot(runs: dict[str, list[list[dict]]], path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    summarize_binary() if "--binary" in sys.argv[1:] else main()
