@@ -49,6 +49,7 @@ VARIANTS = {
     "ppo_lr3e-4": "PPO (ours), lr 3e-4, the default critic",
     "ppo_lr3e-3": "PPO (ours), lr 3e-3, the default critic",
     "trl_ppo": "PPO (TRL 1.12), lr 1e-3",
+    "trpo_kl068": "TRPO, the defaults at δ 0.068 (twice theirs)",
     "trl_ppo_lr3e-4": "PPO (TRL 1.12), lr 3e-4",
     "trl_ppo_lr3e-3": "PPO (TRL 1.12), lr 3e-3",
 }
@@ -130,13 +131,17 @@ def main() -> None:
     print_wide_range({v: runs[v] for v in COST_LEVERS if v in runs})
     print_update_cosine({v: runs[v] for v in COSINE if v in runs})
     print_wide_range({v: runs[v] for v in PPO_RATES if v in runs}, kls=(2.0, 4.0, 6.0))
-    print_difference(runs, "trpo_mom05", ("ppo_lr3e-4", "ppo_top_critic", "ppo_lr3e-3", "trl_ppo"))
+    ppos = tuple(v for v in PPO_RATES if v.startswith(("ppo", "trl")) and v in runs)
+    print_difference(runs, "trpo_mom05", ppos)
+    if "trpo_kl068" in runs:
+        print_difference(runs, "trpo_kl068", ppos)
 
 
 def print_difference(runs: dict[str, list[list[dict]]], ours: str, others: tuple[str, ...]) -> None:
-    """The defaults' mean reward over the 16 steps minus each other's, with the standard error of
-    that difference over seeds (Welch: the two sets of seeds are independent)."""
+    """`ours`' mean reward over the 16 steps minus each other's, with the standard error of that
+    difference over seeds (Welch: the two sets of seeds are independent)."""
     print()
+    print(f"{VARIANTS[ours]}:")
     print("| against | seeds (ours, theirs) | mean reward, ours − theirs | standard error | difference / error |")
     print("|---|---:|---:|---:|---:|")
     per_seed = {v: [statistics.mean(r["reward/mean"] for r in rows) for rows in runs[v]] for v in (ours, *others)}
@@ -158,6 +163,7 @@ PLOTTED = (
     "trpo_mom05",
     "trpo_mom07",
     "trpo_mom09_kl015",
+    "trpo_kl068",
     "ppo_lr3e-4",
     "ppo_top_critic",
     "ppo_lr3e-3",
@@ -171,6 +177,7 @@ PPO_RATES = (
     "trpo_mkl034_cl12_all",
     "trpo_mom05",
     "trpo_mom07",
+    "trpo_kl068",
     "ppo_lr3e-4",
     "ppo_top_critic",
     "ppo_lr3e-3",
@@ -183,7 +190,15 @@ PPO_RATES = (
 # The δ-0.04 defaults, the same with momentum 0.9, the defaults with momentum 0.9 at δ 0.015, and PPO.
 WIDE_RANGE = ("trpo_cg1_kl04_rms", "trpo_cg1_kl04_rms_mom09", "trpo_mom09_kl015", "ppo")
 # The runs that log policy/update_cosine.
-COSINE = ("trpo_mkl034_cl12_all", "trpo_mom05", "trpo_mom07", "ppo_lr3e-4", "ppo_top_critic", "ppo_lr3e-3")
+COSINE = (
+    "trpo_mkl034_cl12_all",
+    "trpo_mom05",
+    "trpo_mom07",
+    "trpo_kl068",
+    "ppo_lr3e-4",
+    "ppo_top_critic",
+    "ppo_lr3e-3",
+)
 # The defaults, the δ-0.04 defaults, PPO, the whole step's cost levers and momentum at a smaller δ.
 COST_LEVERS = (
     "trpo_mkl_kl034",
