@@ -127,6 +127,12 @@ def main() -> None:
         ]
         print("| " + " | ".join(cells) + " |")
     plot({v: runs[v] for v in PLOTTED if v in runs}, HERE / "candidates.png")
+    plot(
+        {v: runs[v] for v in DEFAULTS_AGAINST_PPO if v in runs},
+        HERE / "defaults_vs_ppo.png",
+        palette="tab10",
+        labels={"trpo_mom05": "TRPO, the defaults (momentum 0.5)"},
+    )
     print_wide_range({v: runs[v] for v in WIDE_RANGE if v in runs})
     print_wide_range({v: runs[v] for v in COST_LEVERS if v in runs})
     print_update_cosine({v: runs[v] for v in COSINE if v in runs})
@@ -164,6 +170,16 @@ PLOTTED = (
     "trpo_mom07",
     "trpo_mom09_kl015",
     "trpo_kl068",
+    "ppo_lr3e-4",
+    "ppo_top_critic",
+    "ppo_lr3e-3",
+    "trl_ppo_lr3e-4",
+    "trl_ppo",
+    "trl_ppo_lr3e-3",
+)
+# defaults_vs_ppo.png: the defaults against both PPOs at every rate run.
+DEFAULTS_AGAINST_PPO = (
+    "trpo_mom05",
     "ppo_lr3e-4",
     "ppo_top_critic",
     "ppo_lr3e-3",
@@ -274,6 +290,7 @@ def plot(
     task: str = "Embedded sentiment",
     reward: str = "reward (VADER)",
     palette: str = "tab20",
+    labels: dict[str, str] | None = None,
 ) -> None:
     import matplotlib
 
@@ -281,16 +298,16 @@ def plot(
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(11, 5))
     top = max(rows[-1]["kl/ref"] for seeds in runs.values() for rows in seeds)
     grid = np.linspace(0.0, max(top, 1.0), 101)
     for (variant, seeds), color in zip(runs.items(), plt.get_cmap(palette).colors):
-        plot_frontier(ax, seeds, grid, color, VARIANTS[variant], seed_alpha=0.15)
+        plot_frontier(ax, seeds, grid, color, {**VARIANTS, **(labels or {})}[variant], seed_alpha=0.15)
     ax.set_xlabel("KL to the reference (nats per completion)")
     ax.set_ylabel(f"{reward}, running mean of 5 steps")
     ax.set_title(f"{task}, 2-core CPU: 16 steps x 16 prompts")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
