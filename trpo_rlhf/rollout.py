@@ -170,17 +170,17 @@ def sample_completions(
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
     generation_config = sampling_generation_config(tokenizer, max_new_tokens, temperature, output_scores=return_scores)
-    cache = {}
+    static_cache = {}
     if static_cache_length is not None:
         generation_config.compile_config = compiled_decode_config(device)
         length = max(static_cache_length, enc["input_ids"].shape[1] + max_new_tokens)
-        cache["past_key_values"] = static_decode_cache(model, length)
+        static_cache["past_key_values"] = static_decode_cache(model, length)
     with _checkpoint_generation_defaults_removed(model):
         out = model.generate(
             input_ids=enc["input_ids"],
             attention_mask=enc["attention_mask"],
             generation_config=generation_config,
-            **cache,
+            **static_cache,
         )
     prompt_length = enc["input_ids"].shape[1]
     response_ids = out.sequences[:, prompt_length:]
