@@ -139,7 +139,7 @@ def main() -> None:
     print_wide_range({v: runs[v] for v in COST_LEVERS if v in runs})
     print_update_cosine({v: runs[v] for v in COSINE if v in runs})
     print_wide_range({v: runs[v] for v in PPO_RATES if v in runs}, kls=(2.0, 4.0, 6.0))
-    ppos = tuple(v for v in PPO_RATES if v.startswith(("ppo", "trl")) and v in every_run)
+    ppos = tuple(v for v in PPO_AT_EVERY_RATE if v in every_run)
     print_difference(every_run, "trpo_mom05", ppos)
     if "trpo_kl068" in every_run:
         print_difference(every_run, "trpo_kl068", ppos)
@@ -165,6 +165,8 @@ def print_difference(runs: dict[str, list[list[dict]]], ours: str, others: tuple
         print(f"| {VARIANTS[other]} | {len(a)}, {len(b)} | {difference:+.3f} | {error:.3f} | {difference / error:+.1f} |")
 
 
+# Our PPO and TRL's at every rate run (all on the default critic).
+PPO_AT_EVERY_RATE = ("ppo_lr3e-4", "ppo_top_critic", "ppo_lr3e-3", "trl_ppo_lr3e-4", "trl_ppo", "trl_ppo_lr3e-3")
 # The curves of candidates.png: the steps the defaults came from, the defaults, momentum on them and
 # PPO at its three rates (a legend of every variant above would be unreadable).
 PLOTTED = (
@@ -177,39 +179,20 @@ PLOTTED = (
     "trpo_mom07",
     "trpo_mom09_kl015",
     "trpo_kl068",
-    "ppo_lr3e-4",
-    "ppo_top_critic",
-    "ppo_lr3e-3",
-    "trl_ppo_lr3e-4",
-    "trl_ppo",
-    "trl_ppo_lr3e-3",
+    *PPO_AT_EVERY_RATE,
 )
 # Runs left out of every table's common KL range (TRL's PPO at 3e-4 ends 0.4 nats from the
 # reference); the last table compares them over the range they reach.
 BELOW_THE_RANGE = ("trl_ppo_lr3e-4",)
 # defaults_vs_ppo.png: the defaults against both PPOs at every rate run.
-DEFAULTS_AGAINST_PPO = (
-    "trpo_mom05",
-    "ppo_lr3e-4",
-    "ppo_top_critic",
-    "ppo_lr3e-3",
-    "trl_ppo_lr3e-4",
-    "trl_ppo",
-    "trl_ppo_lr3e-3",
-)
-# The step without momentum and with it against our PPO at each of its three rates (all on the default
-# critic) and TRL's PPO.
+DEFAULTS_AGAINST_PPO = ("trpo_mom05", *PPO_AT_EVERY_RATE)
+# The step without momentum, with momentum 0.5, 0.7 and at twice δ, against both PPOs at every rate.
 PPO_RATES = (
     "trpo_mkl034_cl12_all",
     "trpo_mom05",
     "trpo_mom07",
     "trpo_kl068",
-    "ppo_lr3e-4",
-    "ppo_top_critic",
-    "ppo_lr3e-3",
-    "trl_ppo_lr3e-4",
-    "trl_ppo",
-    "trl_ppo_lr3e-3",
+    *PPO_AT_EVERY_RATE,
 )
 
 
