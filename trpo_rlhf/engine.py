@@ -285,7 +285,7 @@ class RLTrainer:
                 "train_dataset is empty: pass at least one prompt (a list of strings or a Dataset with a 'prompt' column)."
             )
         lengths = [len(ids) for ids in self.tokenizer(prompts)["input_ids"]]
-        self.longest_prompt_tokens = max(lengths, default=0)
+        self.longest_prompt_tokens = max(lengths)
         empty = [i for i, n in enumerate(lengths) if n == 0]
         if empty:
             raise ValueError(
@@ -558,14 +558,14 @@ class RLTrainer:
             # State whose empty value means "nothing yet" (a `reset` method: the heavy ball's direction,
             # the cosine's last change) starts empty when a checkpoint lacks it, saved with momentum 0
             # or before the cosine was logged; any other missing state is an error.
-            if name not in state.optimizers and hasattr(optimizer, "reset"):
+            if name not in state.optimizers:
+                if not hasattr(optimizer, "reset"):
+                    raise ValueError(
+                        f"The checkpoint holds no {name!r} state, which these settings need: it was saved with other "
+                        f"settings. Resume with those of its trainer_config.json (it holds: {sorted(state.optimizers)})."
+                    )
                 optimizer.reset()
                 continue
-            if name not in state.optimizers:
-                raise ValueError(
-                    f"The checkpoint holds no {name!r} state, which these settings need: it was saved with other "
-                    f"settings. Resume with those of its trainer_config.json (it holds: {sorted(state.optimizers)})."
-                )
             # A deep copy: load_state_dict keeps the given tensors, and Adam updates them in place.
             optimizer.load_state_dict(copy.deepcopy(state.optimizers[name]))
         if not rng:
