@@ -195,6 +195,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="RLConfig.compile_generation for our trainers' runs: a static KV cache and a compiled decode step.",
     )
     parser.add_argument(
+        "--held_out_kl_prompts",
+        type=int,
+        default=0,
+        help="RLConfig.held_out_kl_prompts for our trainers' runs: each update's KL(pi_old||pi_new) on this many "
+        "prompts outside its batch (policy/kl_held_out), sampled apart so the runs are unchanged. 0: off.",
+    )
+    parser.add_argument(
         "--kl_target",
         type=float,
         default=None,
@@ -327,6 +334,7 @@ def run_worker(args: argparse.Namespace, output_dir: Path) -> None:
         lora_target_modules=task.lora_target_modules,
         bf16=args.bf16,
         compile_generation=args.compile_generation,
+        held_out_kl_prompts=args.held_out_kl_prompts,
     )
     for key in CRITIC_FLAGS:
         if getattr(args, key) is not None:
@@ -347,6 +355,7 @@ def run_worker(args: argparse.Namespace, output_dir: Path) -> None:
     else:
         common.pop("save_steps")
         common.pop("compile_generation")  # TRL generates its own way
+        common.pop("held_out_kl_prompts")  # and updates inside its own loop
         for key in CRITIC_FLAGS:  # TRL trains its own full value model jointly with the policy
             common.pop(key, None)
         from trpo_rlhf.experiments.trl_adapter import build_trl_ppo_for_task
@@ -381,6 +390,8 @@ def worker_command(args: argparse.Namespace, algorithm: str, seed: int, output_d
         str(args.ppo_epochs),
         "--save_steps",
         str(args.save_steps),
+        "--held_out_kl_prompts",
+        str(args.held_out_kl_prompts),
     ]
     for flag in ("model_name_or_path", "reward_model", "dataset", *TRPO_SOLVER_FLAGS, *CRITIC_FLAGS):
         value = getattr(args, flag)

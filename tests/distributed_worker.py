@@ -1,7 +1,8 @@
 """Run by test_distributed.py under `torchrun --nproc_per_node 2` or `accelerate launch`: two TRPO
 (or, given `ppo`, PPO; given `trpo_top_critic`, TRPO with the critic on the top layer and the
-forward-mode quadratic) steps on the tiny model, then every rank reports a digest of its
-policy and critic tensors and how much of the frozen base it holds."""
+forward-mode quadratic) steps on the tiny model, with `policy/kl_held_out` on 2 prompts per rank,
+then every rank reports a digest of its policy and critic tensors and how much of the frozen base
+it holds."""
 
 import hashlib
 import json
@@ -37,6 +38,7 @@ def main(output_dir: str, algorithm: str = "trpo") -> None:
         lora_target_modules=["q_proj", "v_proj", "lm_head"],
         value_epochs=1,
         value_minibatch_size=2,
+        held_out_kl_prompts=2,
     )
     trainer = trainer_class(
         config=config,
@@ -46,6 +48,7 @@ def main(output_dir: str, algorithm: str = "trpo") -> None:
         train_dataset=TOY_PROMPTS,
     )
     first_prompts = trainer._next_prompts()
+    first_held_out = trainer._held_out_prompts()
     trainer._prompt_order = [trainer.prompts.index(p) for p in first_prompts] + trainer._prompt_order  # put them back
     history = trainer.train()
     trainable = {id(t) for t in trainer.actor_critic.trainable_tensors().values()}
@@ -59,6 +62,7 @@ def main(output_dir: str, algorithm: str = "trpo") -> None:
         "policy": digest(trainer.actor_critic.policy_parameters()),
         "value": digest(trainer.actor_critic.value_parameters()),
         "prompts": first_prompts,
+        "held_out_prompts": first_held_out,
         "accepted": [h.get("trpo/accepted", 1.0) for h in history],
         "kl_probes": [h.get("trpo/kl_probes", 0.0) for h in history],
     }

@@ -67,6 +67,7 @@ def test_the_ppo_recipes_read_their_yaml(recipe, config_class):
 def test_the_argparse_recipes_read_their_yaml():
     compare = compare_trpo_ppo.parse_args(["--config", str(CONFIGS / "compare_trpo_ppo.yaml"), "--seeds", "2"])
     assert [v.name for v in compare.variants][-2:] == ["trpo_kl02", "trpo_cg10"] and compare.parallel == 9
+    assert compare.held_out_kl_prompts == 16
     assert (compare.task, compare.steps, compare.seeds, compare.batch_size) == ("sentiment", 50, 2, 32)
     assert compare.learning_rates == [3e-4, 1e-3, 3e-3]
     assert [v.name for v in compare.variants if v.algorithm == "trl_ppo"] == [

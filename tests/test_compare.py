@@ -28,6 +28,7 @@ RESULT_KEYS = {
     "final_reward_std",
     "kl_ref_final",
     "kl_exceed_fraction",
+    "held_out_kl",
     "seconds_per_step",
     "policy_update_seconds_per_step",
     "peak_memory_mb",
@@ -63,6 +64,8 @@ def test_comparison_runs_all_algorithms_with_tiny_settings(tmp_path):
         "2",
         "--save_steps",
         "1",
+        "--held_out_kl_prompts",
+        "2",
         "--output_dir",
         str(out),
     ]
@@ -82,6 +85,11 @@ def test_comparison_runs_all_algorithms_with_tiny_settings(tmp_path):
         assert results[algorithm]["seeds"] == 2 and results[algorithm]["steps"] == 2
         assert 0 <= results[algorithm]["kl_exceed_fraction"] <= 1
     assert results["trl_ppo"]["policy_update_seconds_per_step"] is None  # TRL does not time it apart
+    # Our updates' KL on prompts outside their batch; TRL's updates run inside its own loop.
+    for variant in ("trpo", "trpo_cg1", "ppo"):
+        held_out = results[variant]["held_out_kl"]
+        assert 0 < held_out["median"] <= held_out["max"], variant
+    assert results["trl_ppo"]["held_out_kl"] is None
     assert results["trpo"]["policy_update_seconds_per_step"] > 0
     assert results["settings"]["task"] == "toy" and results["settings"]["cg_iters"] == 2
     trpo_rows = [json.loads(line) for line in (out / "trpo" / "seed-0" / "metrics.jsonl").read_text().splitlines()]
@@ -93,6 +101,7 @@ def test_comparison_runs_all_algorithms_with_tiny_settings(tmp_path):
     table = (out / "compare.md").read_text()
     assert table in result.stdout and "| PPO (TRL 1.12) |" in table and "TRPO (ours) [trpo_cg1]" in table
     assert "**TRPO (ours)" in table and "(best)" in table  # two TRPO variants: the better one is marked
+    assert "update KL on held-out prompts" in table
     for algorithm in ALGORITHMS:
         for seed in (0, 1):
             assert len((out / algorithm / f"seed-{seed}" / "metrics.jsonl").read_text().splitlines()) == 2
@@ -220,10 +229,13 @@ def test_critic_flags_reach_every_worker_of_trpo_and_our_ppo(tmp_path):
 
 def test_switches_reach_every_worker():
     command = compare_trpo_ppo.worker_command(
-        compare_trpo_ppo.parse_args(["--bf16", "--compile_generation"]), "ppo", 1, Path("run")
+        compare_trpo_ppo.parse_args(["--bf16", "--compile_generation", "--held_out_kl_prompts", "8"]),
+        "ppo",
+        1,
+        Path("run"),
     )
     worker_args = compare_trpo_ppo.parse_args(command[2:])
-    assert worker_args.bf16 and worker_args.compile_generation
+    assert worker_args.bf16 and worker_args.compile_generation and worker_args.held_out_kl_prompts == 8
     assert "--compile_generation" not in compare_trpo_ppo.worker_command(
         compare_trpo_ppo.parse_args([]), "ppo", 1, Path("run")
     )

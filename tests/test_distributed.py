@@ -64,6 +64,11 @@ def test_two_processes_stay_in_sync(name, tmp_path):
     assert [r["world"] for r in reports] == [2, 2]
     # different prompts on each rank (the batch is sharded) ...
     assert set(reports[0]["prompts"]).isdisjoint(reports[1]["prompts"])
+    # each rank holds out prompts of its own, outside every rank's batch
+    batch = set(reports[0]["prompts"]) | set(reports[1]["prompts"])
+    held_out = [set(r["held_out_prompts"]) for r in reports]
+    assert [len(h) for h in held_out] == [2, 2] and held_out[0].isdisjoint(held_out[1])
+    assert batch.isdisjoint(held_out[0] | held_out[1])
     # ... but identical parameters after the all-reduced TRPO and critic updates
     assert reports[0]["policy"] == reports[1]["policy"]
     assert reports[0]["value"] == reports[1]["value"]
@@ -71,6 +76,7 @@ def test_two_processes_stay_in_sync(name, tmp_path):
     assert [r["sharded_layers"] for r in reports] == [0, 0]
     rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 2  # written once, by the main process
+    assert all(json.loads(row)["policy/kl_held_out"] > 0 for row in rows)
     assert (tmp_path / "adapter_model.safetensors").exists()
 
 

@@ -232,6 +232,7 @@ def test_bad_reward_outputs_raise_clear_errors(make_trainer, returned, match):
         ({"momentum": -0.1}, r"momentum=-0.1"),
         ({"logit_damping": 0.1, "fvp_method": "kl_hessian"}, r"logit_damping=0.1 needs fvp_method='gauss_newton'"),
         ({"temperature": 0.0}, r"temperature=0.0"),
+        ({"held_out_kl_prompts": -1}, r"held_out_kl_prompts=-1 must be >= 0"),
         (
             {"compile_generation": True, "bf16": True},
             r"compile_generation=True with bf16=True over a float32 base.*--model_dtype bfloat16",
@@ -860,3 +861,67 @@ def test_a_missing_local_model_path_is_named(make_trainer, tmp_path, path):
 def test_wrong_types_and_non_finite_settings_are_refused(overrides, match):
     with pytest.raises(ValueError, match=match):
         TRPOConfig(**overrides)
+
+
+@pytest.mark.parametrize("algorithm", ["trpo", "ppo"])
+def test_held_out_kl_measures_the_update_on_other_prompts_and_leaves_the_run_unchanged(
+    make_trainer, word_tokenizer, tmp_path, algorithm, monkeypatch
+):
+    from test_ppo import make_ppo
+
+    def build(held_out_kl_prompts, folder):
+        if algorithm == "trpo":
+            return make_trainer(output_dir=str(tmp_path / folder), held_out_kl_prompts=held_out_kl_prompts)
+        return make_ppo(tmp_path / folder, word_tokenizer, held_out_kl_prompts=held_out_kl_prompts)
+
+    # One after the other: both seed the process's random stream at construction.
+    plain = build(0, "plain")
+    plain_rows = [plain.step() for _ in range(2)]
+    measured = build(4, "measured")
+    seen = []  # (batch prompts, held-out rollout, pi_old's log-probs on it, pi_old's LoRA tensors)
+    collect_batch, sample_held_out = measured.collect_batch, measured.sample_held_out
+
+    def spy_collect(timer=None):
+        batch, stats = collect_batch(timer)
+        seen.append([batch.prompts])
+        return batch, stats
+
+    def spy_sample():
+        rollout, logp_all_old = sample_held_out()
+        seen[-1] += [rollout, logp_all_old, policy_snapshot(measured)]
+        return rollout, logp_all_old
+
+    monkeypatch.setattr(measured, "collect_batch", spy_collect)
+    monkeypatch.setattr(measured, "sample_held_out", spy_sample)
+    for plain_stats in plain_rows:
+        measured_stats = measured.step()
+        batch_prompts, rollout, logp_all_old, policy_old = seen[-1]
+        # Other prompts than the batch's, sampled from the policy before the update.
+        assert len(rollout.prompts) == 4 and not set(rollout.prompts) & set(batch_prompts)
+        after = policy_snapshot(measured)
+        for p, old in zip(measured.actor_critic.policy_parameters(), policy_old):
+            p.data.copy_(old)
+        with torch.no_grad():
+            assert torch.allclose(measured.policy_log_probs(rollout), logp_all_old, atol=1e-6)
+        for p, new in zip(measured.actor_critic.policy_parameters(), after):
+            p.data.copy_(new)
+        # The exact KL(pi_old || pi_new) over the vocabulary, averaged over the completions' tokens.
+        with torch.no_grad():
+            logp_all_new = measured.policy_log_probs(rollout)
+        per_token = (logp_all_old.exp() * (logp_all_old - logp_all_new)).sum(-1)
+        expected = (per_token * rollout.response_mask).sum() / rollout.response_mask.sum()
+        assert measured_stats["policy/kl_held_out"] > 0
+        assert measured_stats["policy/kl_held_out"] == pytest.approx(expected.item(), rel=1e-4)
+        assert measured_stats["time/held_out_kl"] > 0
+        # The measurement draws on a random stream of its own: the run is the one without it.
+        shared = {k: v for k, v in plain_stats.items() if not k.startswith(("time/", "memory/"))}
+        assert {k: measured_stats[k] for k in shared} == pytest.approx(shared, nan_ok=True)
+        assert "policy/kl_held_out" not in plain_stats
+    assert bitwise_equal(policy_snapshot(plain), policy_snapshot(measured))
+
+
+def test_held_out_kl_needs_prompts_outside_the_batch(make_trainer):
+    # 12 toy prompts, 8 a batch: 4 can be held out, 5 cannot.
+    make_trainer(held_out_kl_prompts=4)
+    with pytest.raises(ValueError, match=r"held_out_kl_prompts=5 .* 12 prompts, 13 are needed.*--held_out_kl_prompts"):
+        make_trainer(held_out_kl_prompts=5)

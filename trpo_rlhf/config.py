@@ -223,6 +223,15 @@ class RLConfig:
             "help": "Log a table of the batch's prompts, completions and rewards to the trackers every this many steps (0: never)."
         },
     )
+    held_out_kl_prompts: int = field(
+        default=0,
+        metadata={
+            "help": "Per process and step, sample completions from pi_old for this many prompts outside the step's batch "
+            "and log policy/kl_held_out, the update's mean per-token KL(pi_old || pi_new) on them: whether the trust "
+            "region holds out of sample. Sampled on a random stream of their own, so the run's trajectory is the one "
+            "it has without them; costs their generation and two forwards. 0: off."
+        },
+    )
     model_dtype: str = field(
         default="float32",
         metadata={
@@ -334,6 +343,10 @@ class RLConfig:
             f"save_total_limit={self.save_total_limit} must be >= 1, or None to keep every checkpoint.",
         )
         _require(self.max_nonfinite_steps >= 1, f"max_nonfinite_steps={self.max_nonfinite_steps} must be >= 1.")
+        _require(
+            self.held_out_kl_prompts >= 0,
+            f"held_out_kl_prompts={self.held_out_kl_prompts} must be >= 0 (0: off), e.g. --held_out_kl_prompts 16.",
+        )
         _require(
             self.log_completions_steps >= 0,
             f"log_completions_steps={self.log_completions_steps} must be >= 0 (0: never).",

@@ -80,6 +80,7 @@ RESUME_MAY_CHANGE = {
     "max_nonfinite_steps",
 }
 KL_CHUNK_POSITIONS = 64  # positions per chunk of the no-grad KL: [64, V] temporaries, ~12 MB at V = 49k
+HELD_OUT_SEED_STRIDE = 1_000_003  # a prime above any step count: (seed, step) pairs map to distinct seeds
 
 
 class NonFiniteUpdate(Exception):
@@ -184,6 +185,7 @@ class RLTrainer:
         self._check_vocabulary(model)
 
         self.prompts = self._validate_prompts(train_dataset, model)
+        self._check_held_out_prompts()
         self.actor_critic = LoraActorCritic.build(model, config)
         if self.sharded:
             shard_frozen_base(
@@ -199,6 +201,7 @@ class RLTrainer:
         self.minibatch_generator = torch.Generator().manual_seed(config.seed + 1)
         torch.manual_seed(config.seed + self.accelerator.process_index)
         self._prompt_order: list[int] = []
+        self._batch_prompt_indices: list[int] = []
         self.global_step = 0
         self.nonfinite_streak = 0
         # The state at the end of the last completed step: a failed or non-finite step rolls back to it.
@@ -303,6 +306,16 @@ class RLTrainer:
                 )
         return prompts
 
+    def _check_held_out_prompts(self) -> None:
+        world, count = self.accelerator.num_processes, self.config.held_out_kl_prompts
+        needed = world * (self.config.batch_size + count)
+        if count and len(self.prompts) < needed:
+            raise ValueError(
+                f"held_out_kl_prompts={count} holds out {world * count} prompts beside each step's batch of "
+                f"{world * self.config.batch_size}: train_dataset has {len(self.prompts)} prompts, {needed} are needed. "
+                "Pass more prompts, or lower --held_out_kl_prompts (0: off)."
+            )
+
     # ------------------------------------------------------------------ distributed helpers
     def reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         """Mean over processes (identity with one process): every process then takes the same step."""
@@ -342,7 +355,33 @@ class RLTrainer:
         while len(self._prompt_order) < world * batch:
             self._prompt_order += torch.randperm(len(self.prompts), generator=self.prompt_generator).tolist()
         take, self._prompt_order = self._prompt_order[: world * batch], self._prompt_order[world * batch :]
+        self._batch_prompt_indices = take
         return [self.prompts[i] for i in take[rank * batch : (rank + 1) * batch]]
+
+    def _held_out_seed(self) -> int:
+        # A seed of the run's seed and the step alone, so a resumed run holds out what the
+        # uninterrupted one did without a generator state in its checkpoints.
+        return (self.config.seed * HELD_OUT_SEED_STRIDE + self.global_step) % 2**63
+
+    def _held_out_prompts(self) -> list[str]:
+        """This process's `held_out_kl_prompts` prompts, drawn without replacement from those outside
+        the step's batch (every process's)."""
+        rank, count = self.accelerator.process_index, self.config.held_out_kl_prompts
+        in_batch = set(self._batch_prompt_indices)
+        outside = [i for i in range(len(self.prompts)) if i not in in_batch]
+        chosen = torch.randperm(len(outside), generator=torch.Generator().manual_seed(self._held_out_seed()))
+        return [self.prompts[outside[i]] for i in chosen[rank * count : (rank + 1) * count].tolist()]
+
+    @torch.no_grad()
+    def sample_held_out(self) -> tuple[Rollout, torch.Tensor]:
+        """Completions of pi_old for prompts outside the step's batch, and pi_old's log-probs over the
+        vocabulary at their response positions, for `policy/kl_held_out`. They are sampled on a
+        forked random state, so the training stream, and the run, stay those of a run without them."""
+        prompts = self._held_out_prompts()
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self._held_out_seed() + self.accelerator.process_index)
+            rollout, _ = self._sample(prompts)
+        return rollout, self.policy_log_probs(rollout)
 
     # ------------------------------------------------------------------ public API
     def generate(self, prompts: list[str]) -> list[str]:
@@ -396,12 +435,20 @@ class RLTrainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         with timer("step"):
             batch, shaping_stats = self.collect_batch(timer)
+            held_out = None
+            if cfg.held_out_kl_prompts:
+                with timer("held_out_kl"):
+                    held_out = self.sample_held_out()
             try:
                 self._require_finite_batch(batch)
                 policy_before = self._flat_policy()
                 with timer("policy_update"):
                     policy_stats = self.policy_update(batch)
                 policy_stats.update(self._update_cosine(policy_before))
+                if held_out is not None:
+                    with timer("held_out_kl"):
+                        policy_stats["policy/kl_held_out"] = self.mean_kl(*held_out)
+                    held_out = None  # its [B, T, V] log-probs, before the critic's update needs the memory
                 with timer("value_update"):
                     value_stats = self.value_update(batch)
                 require_finite("trainable tensors after the update", *self.actor_critic.trainable_tensors().values())
@@ -852,8 +899,16 @@ class RLTrainer:
         gain = self.surrogate(batch, gather_tokens(logp_all, actions)) - self.surrogate(
             batch, gather_tokens(logp_all_old, actions)
         )
+        return self.reduce_mean(gain).item(), self.mean_kl(batch, logp_all_old, logp_all)
+
+    @torch.no_grad()
+    def mean_kl(self, batch: Rollout, logp_all_old: torch.Tensor, logp_all: torch.Tensor | None = None) -> float:
+        """Mean over `batch`'s valid tokens of the exact KL(pi_old || pi_theta) over the vocabulary,
+        averaged across processes; `logp_all` from a forward at the current parameters unless given."""
+        if logp_all is None:
+            logp_all = self.policy_log_probs(batch)
         kl = masked_mean(categorical_kl(logp_all_old, logp_all, chunk_size=KL_CHUNK_POSITIONS), batch.response_mask)
-        return self.reduce_mean(gain).item(), self.reduce_mean(kl).item()
+        return self.reduce_mean(kl).item()
 
     def _progress_fields(self, stats: dict[str, float]) -> dict[str, str]:
         return {}

@@ -100,8 +100,10 @@ def summarize_runs(
     """Per variant (an algorithm, or one of its settings), from one metrics list per seed: the
     final reward (mean of the last 10 % of steps) as mean and std over seeds, the KL to the
     reference at the end (same window, mean over seeds), the fraction of all updates whose
-    measured KL exceeded `kl_target`, mean seconds per step and per policy update (None where the
-    algorithm does not time it separately), peak memory, and the frontier: `reward_at_kl` at 2, 4
+    measured KL exceeded `kl_target`, the median and largest `policy/kl_held_out` (the update's KL
+    on prompts outside its batch; None where the runs did not measure it), mean seconds per step
+    and per policy update (None where the algorithm does not time it separately), peak memory, and
+    the frontier: `reward_at_kl` at 2, 4
     and 6 nats and `frontier_auc` up to `frontier_kl` (the KL every run reaches), each as mean,
     min and max over seeds (None where a seed does not reach it). `algorithms` maps a variant to
     its algorithm (default: the variant's name)."""
@@ -115,6 +117,9 @@ def summarize_runs(
         update_kl = [r[UPDATE_KL_KEY[algorithm]] for rows in seeds for r in rows if UPDATE_KL_KEY[algorithm] in r]
         step_s = [r["time/step"] for rows in seeds for r in rows]
         policy_s = [r["time/policy_update"] for rows in seeds for r in rows if "time/policy_update" in r]
+        held_out_kl = [
+            r["policy/kl_held_out"] for rows in seeds for r in rows if r.get("policy/kl_held_out") is not None
+        ]
         results[variant] = {
             "algorithm": algorithm,
             "final_reward_mean": statistics.mean(finals),
@@ -122,6 +127,9 @@ def summarize_runs(
             "mean_reward": statistics.mean(statistics.mean(r["reward/mean"] for r in rows) for rows in seeds),
             "kl_ref_final": statistics.mean(kl_end),
             "kl_exceed_fraction": sum(kl > kl_target for kl in update_kl) / len(update_kl) if update_kl else None,
+            "held_out_kl": (
+                {"median": statistics.median(held_out_kl), "max": max(held_out_kl)} if held_out_kl else None
+            ),
             "reward_at_kl": {
                 f"{nats:g}": spread([reward_at_kl(rows, nats) for rows in seeds]) for nats in FRONTIER_NATS
             },
@@ -170,8 +178,9 @@ def markdown_table(results: dict[str, dict], kl_target: float) -> str:
     nats = " | ".join(f"reward @ {n:g} nats" for n in FRONTIER_NATS)
     lines = [
         f"| variant | final reward (mean ± std over seeds) | mean reward | {nats} | frontier AUC, 0–{kl_max:.2f} nats "
-        f"| KL to ref at the end | updates with KL > {kl_target:g} | s/step | policy update s/step | peak MB |",
-        "|---|---:|---:|" + "---:|" * len(FRONTIER_NATS) + "---:|---:|---:|---:|---:|---:|",
+        f"| KL to ref at the end | updates with KL > {kl_target:g} | update KL on held-out prompts, median (max) "
+        "| s/step | policy update s/step | peak MB |",
+        "|---|---:|---:|" + "---:|" * len(FRONTIER_NATS) + "---:|---:|---:|---:|---:|---:|---:|",
     ]
     for variant, r in results.items():
         name = label(variant, r["algorithm"])
@@ -185,6 +194,7 @@ def markdown_table(results: dict[str, dict], kl_target: float) -> str:
             frontier(r["frontier_auc"]),
             f"{r['kl_ref_final']:.3f}",
             fmt(r["kl_exceed_fraction"], ".0%"),
+            "n/a" if r["held_out_kl"] is None else f"{r['held_out_kl']['median']:.4f} ({r['held_out_kl']['max']:.4f})",
             f"{r['seconds_per_step']:.2f}",
             fmt(r["policy_update_seconds_per_step"], ".2f"),
             f"{r['peak_memory_mb']:.0f}",
