@@ -10,7 +10,8 @@ variant's reward-vs-KL-to-reference frontier.
 A variant (`--variant NAME:FLAGS`, repeated) is a run of TRPO, or of the algorithm FLAGS start
 with (`--variant "ppo_e8:ppo --ppo_epochs 8"`), with FLAGS added to the shared ones. With
 `--learning_rates`, our PPO and TRL's run at each rate and the table marks each one's best (by
-its frontier AUC), as a frontier comparison shows each method at its best.
+its frontier AUC); a second table shows each algorithm at its best at every point, the best of its
+variants at 2, 4 and 6 nats and in mean reward (the envelope a frontier comparison draws).
 
 `toy`: a tiny random Llama with a word-level tokenizer, rewarded for each "good" it writes (LoRA on
 q_proj, v_proj and lm_head). `sentiment`: the task of the sentiment recipes (embedded SmolLM2 +
@@ -38,6 +39,8 @@ from trpo_rlhf.experiments.cli import add_config_flag, apply_config_file
 from trpo_rlhf.experiments.comparison import (
     ALGORITHMS,
     best_variants,
+    envelope_table,
+    frontier_envelope,
     label,
     markdown_table,
     plot_comparison,
@@ -53,6 +56,8 @@ TASK_DEFAULTS = {
     "sentiment_binary": {"max_new_tokens": 24, "max_kl": TRPOConfig.max_kl, "learning_rate": 1e-4},
 }
 
+# results.json's keys beside the variants' names.
+RESULTS_KEYS = ("best", "envelope", "settings")
 # TRPOConfig fields the comparison can set; unset ones keep TRPOConfig's defaults.
 TRPO_SOLVER_FLAGS = (
     "cg_iters",
@@ -281,6 +286,11 @@ def plan_variants(args: argparse.Namespace) -> list[Variant]:
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise ValueError(f"variant names must differ: {names}")
+    reserved = sorted(set(names) & set(RESULTS_KEYS))
+    if reserved:
+        raise ValueError(
+            f"--variant name {reserved[0]!r} is a key of results.json of its own {RESULTS_KEYS}: rename it."
+        )
     for v in variants:
         if not worker_accepts(v.flags):
             raise ValueError(
@@ -499,9 +509,16 @@ def main(argv=None) -> int:
         hidden = {"worker", "seed", "reuse_finished", "resume_from_checkpoint", "resume_worker", "variants"}
         settings = {k: v for k, v in vars(args).items() if k not in hidden}
         settings["variants"] = {v.name: {"algorithm": v.algorithm, "flags": v.flags} for v in args.variants}
-        report = {**results, "best": best_variants(results), "settings": settings}
+        report = {
+            **results,
+            "best": best_variants(results),
+            "envelope": frontier_envelope(results),
+            "settings": settings,
+        }
         (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
         table = markdown_table(results, args.kl_target)
+        if len(results) > len({r["algorithm"] for r in results.values()}):  # some algorithm has several variants
+            table += "\n\n" + envelope_table(results)
         (out / "compare.md").write_text(table + "\n")
         plot_comparison(
             runs,

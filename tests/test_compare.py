@@ -12,8 +12,10 @@ from trpo_rlhf.experiments.comparison import (
     ALGORITHMS,
     best_variants,
     common_kl,
+    envelope_table,
     frontier_auc,
     frontier_curve,
+    frontier_envelope,
     reward_at_kl,
     summarize_runs,
 )
@@ -73,7 +75,7 @@ def test_comparison_runs_all_algorithms_with_tiny_settings(tmp_path):
     result = subprocess.run(command + variant, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
-    assert set(ALGORITHMS) | {"trpo_cg1", "best", "settings"} == set(results)
+    assert set(ALGORITHMS) | {"trpo_cg1", "best", "envelope", "settings"} == set(results)
     # The variant is a TRPO run whose own flag overrides the shared --cg_iters 2.
     assert results["trpo_cg1"]["algorithm"] == "trpo" and RESULT_KEYS <= set(results["trpo_cg1"])
     assert json.loads((out / "trpo_cg1" / "seed-1" / "trainer_config.json").read_text())["cg_iters"] == 1
@@ -102,6 +104,11 @@ def test_comparison_runs_all_algorithms_with_tiny_settings(tmp_path):
     assert table in result.stdout and "| PPO (TRL 1.12) |" in table and "TRPO (ours) [trpo_cg1]" in table
     assert "**TRPO (ours)" in table and "(best)" in table  # two TRPO variants: the better one is marked
     assert "update KL on held-out prompts" in table
+    # Each algorithm at its best at every point: the envelope over its variants.
+    assert set(results["envelope"]) == set(ALGORITHMS)
+    best_mean = max(results[v]["mean_reward"] for v in ("trpo", "trpo_cg1"))
+    assert results["envelope"]["trpo"]["mean_reward"]["mean"] == best_mean
+    assert "| at its best" in table and f"{best_mean:.3f} (" in table
     for algorithm in ALGORITHMS:
         for seed in (0, 1):
             assert len((out / algorithm / f"seed-{seed}" / "metrics.jsonl").read_text().splitlines()) == 2
@@ -116,7 +123,7 @@ def test_comparison_runs_all_algorithms_with_tiny_settings(tmp_path):
     assert again.stdout.count("reusing the finished run") == 3
     assert "TRPO (ours) seed 0: 2 steps" in again.stdout
     assert (out / "ppo" / "seed-1" / "metrics.jsonl").read_text() == kept
-    assert set(json.loads((out / "results.json").read_text())) == {"trpo", "ppo", "best", "settings"}
+    assert set(json.loads((out / "results.json").read_text())) == {"trpo", "ppo", "best", "envelope", "settings"}
 
     # --resume_from_checkpoint: a run stopped after step 1 continues from checkpoint-1 to the same rows.
     run = out / "ppo" / "seed-0"
@@ -196,6 +203,29 @@ def test_best_variants_pick_the_largest_frontier_auc_per_algorithm():
     assert best_variants(results) == {"ppo": "ppo_lr1e-3", "trpo": "trpo"}
 
 
+def test_the_envelope_takes_each_point_from_the_variant_best_there():
+    def result(algorithm, mean_reward, at_2, at_4):
+        spread = {"2": {"mean": at_2}, "4": None if at_4 is None else {"mean": at_4}, "6": None}
+        return {"algorithm": algorithm, "mean_reward": mean_reward, "reward_at_kl": spread}
+
+    results = {
+        "ppo_lr1e-3": result("ppo", 0.30, 0.40, 0.50),
+        "ppo_lr3e-3": result("ppo", 0.45, 0.20, 0.30),
+        "ppo_lr3e-4": result("ppo", 0.10, 0.45, None),  # a seed never reaches 4 nats
+        "trpo": result("trpo", 0.35, 0.35, 0.55),
+    }
+    envelope = frontier_envelope(results)
+    assert envelope["ppo"]["reward_at_kl"] == {
+        "2": {"mean": 0.45, "variant": "ppo_lr3e-4"},
+        "4": {"mean": 0.50, "variant": "ppo_lr1e-3"},
+        "6": None,
+    }
+    assert envelope["ppo"]["mean_reward"] == {"mean": 0.45, "variant": "ppo_lr3e-3"}
+    assert envelope["trpo"]["reward_at_kl"]["4"] == {"mean": 0.55, "variant": "trpo"}
+    table = envelope_table(results)
+    assert "| PPO (ours) | 0.450 (ppo_lr3e-4) | 0.500 (ppo_lr1e-3) | – | 0.450 (ppo_lr3e-3) |" in table
+
+
 def test_variants_parse_and_bad_ones_fail_before_anything_runs(capsys):
     assert parse_variant("trpo_cg1:--cg_iters 1") == Variant("trpo_cg1", "trpo", ["--cg_iters", "1"])
     assert parse_variant("ppo_e8:ppo --ppo_epochs 8") == Variant("ppo_e8", "ppo", ["--ppo_epochs", "8"])
@@ -206,6 +236,7 @@ def test_variants_parse_and_bad_ones_fail_before_anything_runs(capsys):
         (["--variant", "nocolon"], "expected NAME:FLAGS"),
         (["--variant", "x:--no_such_flag 1"], "not valid flags"),
         (["--variant", "trpo:--cg_iters 1"], "variant names must differ"),
+        (["--variant", "envelope:--cg_iters 1"], "'envelope' is a key of results.json"),
     ]:
         with pytest.raises(SystemExit):
             compare_trpo_ppo.parse_args(bad)

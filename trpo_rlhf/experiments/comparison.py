@@ -156,6 +156,40 @@ def best_variants(results: dict[str, dict]) -> dict[str, str]:
     return best
 
 
+def frontier_envelope(results: dict[str, dict]) -> dict[str, dict]:
+    """Per algorithm, each method at its best at every point: `reward_at_kl` at 2, 4 and 6 nats and
+    `mean_reward`, each {"mean", "variant"} from the variant with the largest mean there (of those
+    whose every seed reaches that KL; None where none does). This is the upper envelope of a
+    method's runs, which Rafailov et al. 2023 (Fig. 2) draw as its frontier; `best_variants` picks
+    one variant for the whole range instead.
+
+    >>> results = {"ppo_lr1e-3": {"algorithm": "ppo", "mean_reward": 0.3, "reward_at_kl": {"2": {"mean": 0.4}}},
+    ...            "ppo_lr3e-3": {"algorithm": "ppo", "mean_reward": 0.5, "reward_at_kl": {"2": {"mean": 0.2}}}}
+    >>> envelope = frontier_envelope(results)["ppo"]
+    >>> envelope["reward_at_kl"]["2"], envelope["mean_reward"], envelope["reward_at_kl"]["4"]
+    ({'mean': 0.4, 'variant': 'ppo_lr1e-3'}, {'mean': 0.5, 'variant': 'ppo_lr3e-3'}, None)
+    """
+
+    def best_of(variants: dict[str, dict], value_of) -> dict | None:
+        scored = [(value_of(r), v) for v, r in variants.items() if value_of(r) is not None]
+        if not scored:
+            return None
+        value, variant = max(scored, key=lambda pair: pair[0])
+        return {"mean": value, "variant": variant}
+
+    envelope = {}
+    for algorithm in dict.fromkeys(r["algorithm"] for r in results.values()):
+        own = {v: r for v, r in results.items() if r["algorithm"] == algorithm}
+        envelope[algorithm] = {
+            "reward_at_kl": {
+                f"{n:g}": best_of(own, lambda r, key=f"{n:g}": ((r["reward_at_kl"].get(key)) or {}).get("mean"))
+                for n in FRONTIER_NATS
+            },
+            "mean_reward": best_of(own, lambda r: r["mean_reward"]),
+        }
+    return envelope
+
+
 def label(variant: str, algorithm: str) -> str:
     return (
         LABELS.get(algorithm, algorithm) if variant == algorithm else f"{LABELS.get(algorithm, algorithm)} [{variant}]"
@@ -200,6 +234,24 @@ def markdown_table(results: dict[str, dict], kl_target: float) -> str:
             f"{r['peak_memory_mb']:.0f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def envelope_table(results: dict[str, dict]) -> str:
+    """One row per algorithm: its `frontier_envelope`, each cell the best reading and the variant
+    it comes from."""
+
+    def cell(best):
+        return "–" if best is None else f"{best['mean']:.3f} ({best['variant']})"
+
+    nats = " | ".join(f"reward @ {n:g} nats" for n in FRONTIER_NATS)
+    lines = [
+        f"| at its best (each cell the best variant there) | {nats} | mean reward |",
+        "|---|" + "---:|" * (len(FRONTIER_NATS) + 1),
+    ]
+    for algorithm, best in frontier_envelope(results).items():
+        cells = [LABELS.get(algorithm, algorithm), *(cell(best["reward_at_kl"][f"{n:g}"]) for n in FRONTIER_NATS)]
+        lines.append("| " + " | ".join([*cells, cell(best["mean_reward"])]) + " |")
     return "\n".join(lines)
 
 
