@@ -103,10 +103,9 @@ def summarize_runs(
     measured KL exceeded `kl_target`, the median and largest `policy/kl_held_out` (the update's KL
     on prompts outside its batch; None where the runs did not measure it), mean seconds per step
     and per policy update (None where the algorithm does not time it separately), peak memory, and
-    the frontier: `reward_at_kl` at 2, 4
-    and 6 nats and `frontier_auc` up to `frontier_kl` (the KL every run reaches), each as mean,
-    min and max over seeds (None where a seed does not reach it). `algorithms` maps a variant to
-    its algorithm (default: the variant's name)."""
+    the frontier: `reward_at_kl` at 2, 4 and 6 nats and `frontier_auc` up to `frontier_kl` (the KL
+    every run reaches), each as mean, min and max over seeds (None where a seed does not reach
+    it). `algorithms` maps a variant to its algorithm (default: the variant's name)."""
     algorithms = algorithms or {}
     kl_max = common_kl(runs)
     results = {}
@@ -171,7 +170,7 @@ def frontier_envelope(results: dict[str, dict]) -> dict[str, dict]:
     """
 
     def best_of(variants: dict[str, dict], value_of) -> dict | None:
-        scored = [(value_of(r), v) for v, r in variants.items() if value_of(r) is not None]
+        scored = [(value, v) for v, r in variants.items() if (value := value_of(r)) is not None]
         if not scored:
             return None
         value, variant = max(scored, key=lambda pair: pair[0])
@@ -182,7 +181,7 @@ def frontier_envelope(results: dict[str, dict]) -> dict[str, dict]:
         own = {v: r for v, r in results.items() if r["algorithm"] == algorithm}
         envelope[algorithm] = {
             "reward_at_kl": {
-                f"{n:g}": best_of(own, lambda r, key=f"{n:g}": ((r["reward_at_kl"].get(key)) or {}).get("mean"))
+                f"{n:g}": best_of(own, lambda r, key=f"{n:g}": (r["reward_at_kl"].get(key) or {}).get("mean"))
                 for n in FRONTIER_NATS
             },
             "mean_reward": best_of(own, lambda r: r["mean_reward"]),
