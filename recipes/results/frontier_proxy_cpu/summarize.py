@@ -6,13 +6,16 @@ then the defaults, the δ-0.04 defaults, PPO and the whole step's cost levers ov
 all reach; then how consecutive updates of the defaults and of PPO add up (`policy/update_cosine`).
 
     python recipes/results/frontier_proxy_cpu/summarize.py
-    python recipes/results/frontier_proxy_cpu/summarize.py --binary   # the binary task's default-critic runs
+    python recipes/results/frontier_proxy_cpu/summarize.py --binary     # the binary task's default-critic runs
+    python recipes/results/frontier_proxy_cpu/summarize.py --held_out   # each update's KL on held-out prompts
+    python recipes/results/frontier_proxy_cpu/summarize.py --steps32    # the defaults and PPO over 32 steps
 
 Reward at K nats: the mean over the seeds that reach K, their number in brackets where not all do.
 candidates.png: reward against KL to the reference, each seed's curve faint (reward and kl/ref as
 running means over 5 steps), the thick line the mean over the seeds that reach that KL.
 """
 
+import json
 import statistics
 from pathlib import Path
 
@@ -65,6 +68,20 @@ BINARY_VARIANTS = {
 }
 
 
+# Each update's KL on prompts outside its batch (`--held_out_kl_prompts 16`): runs of seeds 0 and 1
+# that repeat, but for that measurement, the defaults' and PPO's runs of the same seeds.
+HELD_OUT = HERE / "held_out_kl"
+HELD_OUT_REPEATS = {"trpo": "trpo_mom05", "ppo": "ppo_top_critic"}
+DELTA = 0.034
+# The defaults and our PPO at 1e-3 and 3e-3 over 32 steps (`--steps32`).
+STEPS32 = HERE / "steps32"
+STEPS32_VARIANTS = {
+    "trpo": "TRPO, the defaults, 32 steps",
+    "ppo_lr1e-3": "PPO (ours), lr 1e-3, 32 steps",
+    "ppo_lr3e-3": "PPO (ours), lr 3e-3, 32 steps",
+}
+
+
 def load(variant: str, root: Path = HERE) -> list[list[dict]]:
     return [read_metrics(p) for p in sorted((root / variant).glob("seed-*/metrics.jsonl"))]
 
@@ -77,6 +94,48 @@ def summarize_binary() -> None:
     print_wide_range(runs, kls=(2.0, 4.0, 6.0))
     print_difference(runs, "trpo_mom05", tuple(v for v in ("ppo", "trl_ppo") if v in runs))
     plot(runs, BINARY / "frontier.png", task="Binary sentiment", reward="reward (VADER >= 0.5)", palette="tab10")
+
+
+def summarize_held_out() -> None:
+    """Per run: whether it repeats, metric for metric, the run of the same seed without the
+    measurement, and its updates' KL(pi_old || pi_new) on their batch and on held-out prompts."""
+
+    def metrics_but_timings(path: Path) -> list[dict]:
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        skip = ("time/", "memory/", "policy/kl_held_out")
+        return [{k: v for k, v in row.items() if not k.startswith(skip)} for row in rows]
+
+    print(
+        "| update | seed | every metric that of the run without it | update KL on its batch, median (largest) | "
+        "on held-out prompts, median (largest) | held-out over batch KL, median | updates with held-out KL > 1.5δ |"
+    )
+    print("|---|---:|---|---:|---:|---:|---:|")
+    for variant, repeated in HELD_OUT_REPEATS.items():
+        for path in sorted((HELD_OUT / variant).glob("seed-*/metrics.jsonl")):
+            rows = read_metrics(path)
+            same = metrics_but_timings(path) == metrics_but_timings(HERE / repeated / path.parent.name / "metrics.jsonl")
+            batch = [r.get("trpo/kl", r.get("ppo/kl")) for r in rows]
+            held_out = [r["policy/kl_held_out"] for r in rows]
+            ratio = [h / b for h, b in zip(held_out, batch) if b > 0]
+            cells = [
+                "TRPO, the defaults" if variant == "trpo" else "PPO (ours), lr 1e-3",
+                path.parent.name.removeprefix("seed-"),
+                "yes" if same else "no",
+                f"{statistics.median(batch):.4f} ({max(batch):.4f})",
+                f"{statistics.median(held_out):.4f} ({max(held_out):.4f})",
+                f"{statistics.median(ratio):.2f}",
+                f"{sum(h > 1.5 * DELTA for h in held_out)} of {len(held_out)}",
+            ]
+            print("| " + " | ".join(cells) + " |")
+
+
+def summarize_steps32() -> None:
+    """The defaults and our PPO at 1e-3 and 3e-3 over 32 steps, and their frontiers in steps32/frontier.png."""
+    runs = {v: load(v, STEPS32) for v in STEPS32_VARIANTS if (STEPS32 / v).is_dir()}
+    VARIANTS.update(STEPS32_VARIANTS)
+    print_wide_range(runs, kls=(2.0, 4.0, 6.0))
+    print_difference(runs, "trpo", tuple(v for v in runs if v != "trpo"))
+    plot(runs, STEPS32 / "frontier.png", palette="tab10")
 
 
 def critic_fit(rows: list[dict]) -> float | None:
@@ -148,7 +207,7 @@ def main() -> None:
 
 
 def print_difference(runs: dict[str, list[list[dict]]], ours: str, others: tuple[str, ...]) -> None:
-    """`ours`' mean reward over the 16 steps minus each other's, with the standard error of that
+    """`ours`' mean reward over all steps minus each other's, with the standard error of that
     difference over seeds (Welch: the two sets of seeds are independent)."""
     print()
     print(f"{VARIANTS[ours]}:")
@@ -231,8 +290,8 @@ def print_wide_range(runs: dict[str, list[list[dict]]], kls: tuple[float, ...] =
     print(
         "| update | seeds | "
         + "".join(f"reward @ {kl:g} nats | " for kl in kls)
-        + f"frontier AUC, 0–{kl_max:.2f} nats (per seed) | mean reward, 16 steps (per seed) | critic explained "
-        "variance | s/step |"
+        + f"frontier AUC, 0–{kl_max:.2f} nats (per seed) | mean reward, {steps(runs)} steps (per seed) | critic "
+        "explained variance | s/step |"
     )
     print("|---|---:|" + "---:|" * (len(kls) + 4))
     for variant, seeds in runs.items():
@@ -277,6 +336,10 @@ def print_update_cosine(runs: dict[str, list[list[dict]]]) -> None:
         print("| " + " | ".join(cells) + " |")
 
 
+def steps(runs: dict[str, list[list[dict]]]) -> int:
+    return min(len(rows) for seeds in runs.values() for rows in seeds)
+
+
 def plot(
     runs: dict[str, list[list[dict]]],
     path: Path,
@@ -298,7 +361,7 @@ def plot(
         plot_frontier(ax, seeds, grid, color, {**VARIANTS, **(labels or {})}[variant], seed_alpha=0.15)
     ax.set_xlabel("KL to the reference (nats per completion)")
     ax.set_ylabel(f"{reward}, running mean of 5 steps")
-    ax.set_title(f"{task}, 2-core CPU: 16 steps x 16 prompts")
+    ax.set_title(f"{task}, 2-core CPU: {steps(runs)} steps x 16 prompts")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
@@ -308,4 +371,5 @@ def plot(
 if __name__ == "__main__":
     import sys
 
-    summarize_binary() if "--binary" in sys.argv[1:] else main()
+    modes = {"--binary": summarize_binary, "--held_out": summarize_held_out, "--steps32": summarize_steps32}
+    modes.get(next(iter(sys.argv[1:]), ""), main)()
