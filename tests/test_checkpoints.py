@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,16 @@ def test_two_steps_and_a_resume_equal_four_straight_steps_bitwise(algorithm, set
         loaded = list(state_leaves(resumed.optimizers()[name].state_dict()))
         assert saved and len(saved) == len(loaded), name
         assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b for a, b in zip(saved, loaded)), name
+
+
+def test_a_resume_may_start_the_held_out_measurement_without_a_warning(tmp_path, word_tokenizer):
+    make("trpo", word_tokenizer, tmp_path / "run", max_steps=2, save_steps=2).train()
+    resumed = make("trpo", word_tokenizer, tmp_path / "run", max_steps=3, held_out_kl_prompts=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = resumed.train(resume_from_checkpoint=True)
+    assert not [w for w in caught if "changed settings" in str(w.message)]
+    assert history[0]["step"] == 3 and history[0]["policy/kl_held_out"] > 0
 
 
 def test_a_checkpoint_without_momentum_or_cosine_state_resumes_with_them_starting_empty(tmp_path, word_tokenizer):
