@@ -509,16 +509,12 @@ def main(argv=None) -> int:
         hidden = {"worker", "seed", "reuse_finished", "resume_from_checkpoint", "resume_worker", "variants"}
         settings = {k: v for k, v in vars(args).items() if k not in hidden}
         settings["variants"] = {v.name: {"algorithm": v.algorithm, "flags": v.flags} for v in args.variants}
-        report = {
-            **results,
-            "best": best_variants(results),
-            "envelope": frontier_envelope(results),
-            "settings": settings,
-        }
+        envelope = frontier_envelope(results)
+        report = {**results, "best": best_variants(results), "envelope": envelope, "settings": settings}
         (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
         table = markdown_table(results, args.kl_target)
         if len(results) > len({r["algorithm"] for r in results.values()}):  # some algorithm has several variants
-            table += "\n\n" + envelope_table(results)
+            table += "\n\n" + envelope_table(envelope)
         (out / "compare.md").write_text(table + "\n")
         plot_comparison(
             runs,

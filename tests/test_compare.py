@@ -222,7 +222,7 @@ def test_the_envelope_takes_each_point_from_the_variant_best_there():
     }
     assert envelope["ppo"]["mean_reward"] == {"mean": 0.45, "variant": "ppo_lr3e-3"}
     assert envelope["trpo"]["reward_at_kl"]["4"] == {"mean": 0.55, "variant": "trpo"}
-    table = envelope_table(results)
+    table = envelope_table(envelope)
     assert "| PPO (ours) | 0.450 (ppo_lr3e-4) | 0.500 (ppo_lr1e-3) | – | 0.450 (ppo_lr3e-3) |" in table
 
 

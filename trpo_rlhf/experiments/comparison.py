@@ -236,8 +236,8 @@ def markdown_table(results: dict[str, dict], kl_target: float) -> str:
     return "\n".join(lines)
 
 
-def envelope_table(results: dict[str, dict]) -> str:
-    """One row per algorithm: its `frontier_envelope`, each cell the best reading and the variant
+def envelope_table(envelope: dict[str, dict]) -> str:
+    """One row per algorithm of a `frontier_envelope`, each cell the best reading and the variant
     it comes from."""
 
     def cell(best):
@@ -248,7 +248,7 @@ def envelope_table(results: dict[str, dict]) -> str:
         f"| at its best (each cell the best variant there) | {nats} | mean reward |",
         "|---|" + "---:|" * (len(FRONTIER_NATS) + 1),
     ]
-    for algorithm, best in frontier_envelope(results).items():
+    for algorithm, best in envelope.items():
         cells = [LABELS.get(algorithm, algorithm), *(cell(best["reward_at_kl"][f"{n:g}"]) for n in FRONTIER_NATS)]
         lines.append("| " + " | ".join([*cells, cell(best["mean_reward"])]) + " |")
     return "\n".join(lines)
