@@ -121,6 +121,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="RLConfig.compile_generation: a static KV cache and a compiled decode step (our trainers only).",
     )
+    parser.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="RLConfig.gradient_checkpointing: each decoder layer recomputes its activations in the backward "
+        "(both updates, the critic's, and the fwd_bwd_s pass).",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=None, help="Append the JSON line to this file.")
     parser.add_argument(
@@ -225,6 +231,7 @@ def trainer_configs(args: argparse.Namespace, task, output_dir: str, max_steps: 
         critic_layers=args.critic_layers,
         critic_lora_target_modules=args.critic_lora_target_modules,
         compile_generation=args.compile_generation,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     trpo = TRPOConfig(
         **common,
@@ -330,6 +337,7 @@ def whole_step(args: argparse.Namespace, threads: int) -> dict:
             "fisher_quadratic": args.fisher_quadratic,
             "model_dtype": args.model_dtype,
             "compile_generation": args.compile_generation,
+            "gradient_checkpointing": args.gradient_checkpointing,
             "ppo_epochs": args.ppo_epochs,
             "num_minibatches": args.num_minibatches,
             "torch": torch.__version__,
@@ -434,6 +442,7 @@ def main(argv=None) -> int:
         "cg_preconditioner": args.cg_preconditioner,
         "fvp_method": args.fvp_method,
         "model_dtype": args.model_dtype,
+        "gradient_checkpointing": args.gradient_checkpointing,
         "cg_damping": args.cg_damping,
         "ppo_epochs": args.ppo_epochs,
         "num_minibatches": args.num_minibatches,

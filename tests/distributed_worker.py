@@ -1,8 +1,9 @@
 """Run by test_distributed.py under `torchrun --nproc_per_node 2` or `accelerate launch`: two TRPO
 (or, given `ppo`, PPO; given `trpo_top_critic`, TRPO with the critic on the top layer and the
-forward-mode quadratic) steps on the tiny model, with `policy/kl_held_out` on 2 prompts per rank,
-then every rank reports a digest of its policy and critic tensors and how much of the frozen base
-it holds."""
+forward-mode quadratic; given `trpo_checkpointed`, TRPO with `gradient_checkpointing`) steps on
+the tiny model, with `policy/kl_held_out` on 2 prompts per rank, then every rank reports a digest
+of its policy and critic tensors, how much of the frozen base it holds and how many of its decoder
+layers recompute their activations."""
 
 import hashlib
 import json
@@ -27,7 +28,10 @@ def digest(tensors):
 def main(output_dir: str, algorithm: str = "trpo") -> None:
     tokenizer = build_word_tokenizer()
     config_class, trainer_class = (PPOConfig, PPOTrainer) if algorithm == "ppo" else (TRPOConfig, TRPOTrainer)
-    variant = {"critic_layers": 1, "fisher_quadratic": "forward_mode"} if algorithm == "trpo_top_critic" else {}
+    variant = {
+        "trpo_top_critic": {"critic_layers": 1, "fisher_quadratic": "forward_mode"},
+        "trpo_checkpointed": {"gradient_checkpointing": True},
+    }.get(algorithm, {})
     config = config_class(
         **variant,
         output_dir=output_dir,
@@ -55,6 +59,8 @@ def main(output_dir: str, algorithm: str = "trpo") -> None:
     frozen = [p for p in trainer.actor_critic.peft_model.parameters() if id(p) not in trainable]
     report = {
         "sharded_layers": sum(isinstance(m, FSDPModule) for m in trainer.actor_critic.peft_model.modules()),
+        # FSDP2 renames the layers' classes, so they are counted by the forward checkpointing gives them.
+        "checkpointed_layers": sum("forward" in vars(m) for m in trainer.actor_critic.peft_model.modules()),
         "frozen_numel": sum(p.numel() for p in frozen),
         "frozen_local_numel": sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in frozen),
         "rank": trainer.accelerator.process_index,

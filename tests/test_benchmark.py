@@ -36,6 +36,7 @@ def test_benchmark_prints_one_json_line_with_the_documented_keys(tmp_path):
             "2",
             "--cg_iters",
             "3",
+            "--gradient_checkpointing",  # through every pass, Fisher products and all
             "--output",
             str(output),
         ],
@@ -49,6 +50,7 @@ def test_benchmark_prints_one_json_line_with_the_documented_keys(tmp_path):
     assert len(lines) == 1
     row = json.loads(lines[0])
     assert output.read_text().strip() == lines[0]
+    assert row["gradient_checkpointing"] is True
     for key in KEYS:
         assert key in row, key
     assert (

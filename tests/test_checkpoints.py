@@ -122,14 +122,17 @@ def test_two_steps_and_a_resume_equal_four_straight_steps_bitwise(algorithm, set
         assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b for a, b in zip(saved, loaded)), name
 
 
-def test_a_resume_may_start_the_held_out_measurement_without_a_warning(tmp_path, word_tokenizer):
+@pytest.mark.parametrize("setting", [{"held_out_kl_prompts": 4}, {"gradient_checkpointing": True}])
+def test_a_resume_may_start_a_measurement_or_checkpointing_without_a_warning(setting, tmp_path, word_tokenizer):
     make("trpo", word_tokenizer, tmp_path / "run", max_steps=2, save_steps=2).train()
-    resumed = make("trpo", word_tokenizer, tmp_path / "run", max_steps=3, held_out_kl_prompts=4)
+    resumed = make("trpo", word_tokenizer, tmp_path / "run", max_steps=3, **setting)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         history = resumed.train(resume_from_checkpoint=True)
     assert not [w for w in caught if "changed settings" in str(w.message)]
-    assert history[0]["step"] == 3 and history[0]["policy/kl_held_out"] > 0
+    assert history[0]["step"] == 3
+    if "held_out_kl_prompts" in setting:
+        assert history[0]["policy/kl_held_out"] > 0
 
 
 def test_a_checkpoint_without_momentum_or_cosine_state_resumes_with_them_starting_empty(tmp_path, word_tokenizer):

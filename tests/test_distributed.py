@@ -115,6 +115,21 @@ def test_a_sharded_launch_shards_the_frozen_layers_and_takes_the_replicated_runs
     assert (tmp_path / "sharded" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.slow
+def test_checkpointed_layers_under_fsdp_take_the_plain_replicated_runs_steps(tmp_path):
+    """Each sharded layer's weights are gathered again for the recomputation in its backward
+    (FSDP2's hooks stay outside the checkpoint): the two steps land on the replicated run's tensors
+    without checkpointing."""
+    replicated = run_two_processes("accelerate multi_gpu.yaml", tmp_path / "replicated", "trpo")
+    sharded = run_two_processes("accelerate fsdp.yaml", tmp_path / "sharded", "trpo_checkpointed")
+    layers = len(build_tiny_lm(build_word_tokenizer()).model.layers)
+    assert [r["sharded_layers"] for r in sharded] == [layers, layers]
+    assert [r["checkpointed_layers"] for r in sharded] == [layers, layers]
+    assert [r["checkpointed_layers"] for r in replicated] == [0, 0]
+    for key in ("policy", "value", "accepted", "prompts", "kl_probes"):
+        assert [r[key] for r in sharded] == [r[key] for r in replicated], key
+
+
 def test_megatron_is_refused_at_construction(make_trainer, monkeypatch):
     from accelerate import Accelerator
     from accelerate.utils import DistributedType

@@ -19,13 +19,17 @@ the Fisher-vector products need.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import os
 import shutil
+import types
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from .sharding import decoder_layers
@@ -60,12 +64,21 @@ def double_backward_attention(model: nn.Module) -> Iterator[None]:
     switched = original not in ("eager", "sdpa")
     if switched:
         base.set_attn_implementation("sdpa")
+    token = _DOUBLE_BACKWARD_MODEL.set(model)
     try:
         with sdpa_kernel(SDPBackend.MATH):
             yield
     finally:
+        _DOUBLE_BACKWARD_MODEL.reset(token)
         if switched:
             base.set_attn_implementation(original)
+
+
+# The model inside `double_backward_attention`, if any: a checkpointed layer's recomputation in the
+# backward (outside that context) must run the attention its forward ran.
+_DOUBLE_BACKWARD_MODEL: contextvars.ContextVar[nn.Module | None] = contextvars.ContextVar(
+    "double_backward_model", default=None
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,6 +112,69 @@ def layer_stack(backbone: nn.Module) -> tuple[str, nn.ModuleList]:
     raise ValueError(
         f"critic_layers: {type(backbone).__name__} has no child list of decoder layers (`_no_split_modules` "
         f"classes) to take the top layers of; leave critic_layers unset (the critic adapts every layer)."
+    )
+
+
+class _ReenterableContext:
+    """A context manager made anew by `make` at each entry: a checkpoint enters its recomputation
+    context once for every backward through the layer (twice where a gradient is differentiated)."""
+
+    def __init__(self, make):
+        self.make = make
+        self.entered = []
+
+    def __enter__(self):
+        context = self.make()
+        self.entered.append(context)
+        return context.__enter__()
+
+    def __exit__(self, *exc):
+        return self.entered.pop().__exit__(*exc)
+
+
+def checkpoint_decoder_layers(model: nn.Module, enabled: bool = True) -> int:
+    """Make each decoder layer of `model` (`decoder_layers`; the outer one of nested layers) keep only
+    its inputs in a graph and recompute its activations in the backward; passes without a graph run
+    as before. `enabled=False` undoes it. Returns the number of (outer) decoder layers.
+
+        >>> checkpoint_decoder_layers(model)  # doctest: +SKIP
+        30
+    """
+    layers = decoder_layers(model)
+    if not layers and enabled:
+        raise ValueError(
+            f"gradient_checkpointing: {type(model).__name__} names no decoder layer classes (`_no_split_modules`) "
+            "whose activations could be recomputed; leave gradient_checkpointing off."
+        )
+    nested = {id(inner) for layer in layers for inner in layer.modules() if inner is not layer}
+    outer = [layer for layer in layers if id(layer) not in nested]
+    for layer in outer:
+        if enabled:
+            layer.forward = types.MethodType(_checkpointed_forward, layer)
+        elif getattr(layer.__dict__.get("forward"), "__func__", None) is _checkpointed_forward:
+            del layer.forward
+    return len(outer)
+
+
+def _checkpointed_forward(layer: nn.Module, *args, **kwargs):
+    # The checkpoint wraps `forward`, not `__call__`, as transformers' own does: module hooks (FSDP2's
+    # gathers) stay outside the recomputation. The class's forward is looked up at each call, so the
+    # class FSDP2 swaps in runs. Non-reentrant checkpointing also serves the double backward of the
+    # Fisher-vector products (its recomputation under the forward's double-backward attention, which
+    # the fused kernels' saved tensors would not match), and replays the forward's random state (LoRA
+    # dropout in the critic).
+    forward = functools.partial(type(layer).forward, layer)
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    model = _DOUBLE_BACKWARD_MODEL.get()
+    if model is None:
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    def forward_and_recompute_contexts():
+        return contextlib.nullcontext(), _ReenterableContext(lambda: double_backward_attention(model))
+
+    return torch.utils.checkpoint.checkpoint(
+        forward, *args, use_reentrant=False, context_fn=forward_and_recompute_contexts, **kwargs
     )
 
 
@@ -273,6 +349,7 @@ class LoraActorCritic(nn.Module):
             peft_model = _add_lora(model, config, policy_adapter)
         for param in peft_model.get_base_model().parameters():
             param.requires_grad_(False)
+        checkpoint_decoder_layers(peft_model.get_base_model(), getattr(config, "gradient_checkpointing", False))
         critic = getattr(config, "critic", "adapter")
         layers = critic_adapter_layers(peft_model.get_base_model().base_model, config) if critic == "adapter" else None
         if critic == "adapter" and VALUE_ADAPTER not in peft_model.peft_config:

@@ -100,6 +100,16 @@ class RLConfig:
             "nor with bf16 over a float32 base (set model_dtype bfloat16)."
         },
     )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep only each decoder layer's inputs in the graph of every pass that builds one (the policy "
+            "gradient, Fisher-vector products, PPO's minibatches, the critic's update) and recompute the layer's "
+            "activations during the backward (Chen et al. 2016): the activations of one layer at a time instead of all, "
+            "for about one more forward per backward. The gradients are those without it (the recomputation replays "
+            "the forward's random state)."
+        },
+    )
     # Reward shaping (Ziegler et al. 2019, eq. 2): r_t = -beta * (log pi - log pi_ref), score at the last token.
     init_kl_coef: float = field(
         default=0.05, metadata={"help": "beta, the per-token KL penalty to the reference (TRL PPO's kl_coef)."}

@@ -79,6 +79,7 @@ RESUME_MAY_CHANGE = {
     "overwrite_output_dir",
     "max_nonfinite_steps",
     "held_out_kl_prompts",  # sampled on a random stream of its own: a measurement, not part of the run
+    "gradient_checkpointing",  # recomputes the same activations: memory, not part of the run
 }
 KL_CHUNK_POSITIONS = 64  # positions per chunk of the no-grad KL: [64, V] temporaries, ~12 MB at V = 49k
 HELD_OUT_SEED_STRIDE = 1_000_003  # a prime above any step count: (seed, step) pairs map to distinct seeds
