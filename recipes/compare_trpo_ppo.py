@@ -68,6 +68,7 @@ TRPO_SOLVER_FLAGS = (
     "momentum",
     "cg_preconditioner",
     "fisher_quadratic",
+    "max_token_kl",
 )
 # RLConfig critic fields for TRPO and our PPO; unset ones keep RLConfig's defaults.
 CRITIC_FLAGS = (
@@ -130,6 +131,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--momentum", type=float, default=None, help="TRPO's heavy-ball momentum across updates. Default: TRPOConfig's."
+    )
+    parser.add_argument(
+        "--max_token_kl",
+        type=float,
+        default=None,
+        help="TRPO's per-token trust region (TRPOConfig.max_token_kl). Default: TRPOConfig's (off).",
     )
     parser.add_argument(
         "--learning_rate",

@@ -8,6 +8,8 @@ from conftest import bitwise_equal, policy_snapshot, toy_eval_reward
 
 from trpo_rlhf import RewardError, TRPOConfig
 from trpo_rlhf.experiments.toy import TOY_PROMPTS, WordCountReward, build_tiny_lm
+from trpo_rlhf.rollout import token_logprobs
+from trpo_rlhf.trust_region import flat_grad, token_trust_weights
 
 REQUIRED_METRICS = (
     "step reward/mean reward/std kl/ref kl/coef trpo/kl trpo/step_frac trpo/accepted trpo/surrogate_gain "
@@ -233,6 +235,9 @@ def test_bad_reward_outputs_raise_clear_errors(make_trainer, returned, match):
         ({"logit_damping": 0.1, "fvp_method": "kl_hessian"}, r"logit_damping=0.1 needs fvp_method='gauss_newton'"),
         ({"temperature": 0.0}, r"temperature=0.0"),
         ({"held_out_kl_prompts": -1}, r"held_out_kl_prompts=-1 must be >= 0"),
+        ({"max_token_kl": 0.0}, r"max_token_kl=0.0 must be a positive number of nats"),
+        ({"max_token_kl": 0.3, "cg_iters": 3}, r"max_token_kl=0.3 reweights the one-iteration step.*cg_iters=3"),
+        ({"max_token_kl": 0.3, "fisher_quadratic": "product"}, r"max_token_kl=0.3 .*fisher_quadratic='product'"),
         (
             {"compile_generation": True, "bf16": True},
             r"compile_generation=True with bf16=True over a float32 base.*--model_dtype bfloat16",
@@ -538,6 +543,65 @@ def test_measured_kl_is_the_fisher_quadratic_of_the_exact_kl_and_sizes_later_ste
     second = trainer.policy_update(batch_of_unequal_lengths(trainer))
     assert second["trpo/kl_probes"] >= 1 and second["trpo/fvp_count"] == 0 and second["trpo/accepted"] == 1.0
     assert 0 < second["trpo/kl"] <= trainer.config.kl_tolerance * trainer.config.max_kl
+
+
+def test_the_per_token_trust_region_steps_along_the_gradient_of_the_capped_advantages(make_trainer):
+    """`max_token_kl`: the one-iteration step along g is sized on the mean KL, its per-token KL is
+    measured at its full length, and the update steps along the gradient of the surrogate whose
+    advantages carry `token_trust_weights` of those KLs, recomputed here by hand."""
+    trainer = make_trainer(momentum=0.0, cg_preconditioner="none", fisher_quadratic="forward_mode", max_kl=0.02)
+    batch = batch_of_unequal_lengths(trainer)
+    params = trainer.actor_critic.policy_parameters()
+    mask = batch.response_mask.bool()
+    with torch.no_grad():
+        logp_all_old = trainer.policy_log_probs(batch)
+
+    def gradient(advantages):
+        weighted = dataclasses.replace(batch, advantages=advantages)
+        logprobs = token_logprobs(trainer.policy_logits(weighted), weighted.response_ids)
+        return flat_grad(trainer.surrogate(weighted, logprobs), params)
+
+    grad = gradient(batch.advantages)
+    full_step_scale = math.sqrt(2 * trainer.config.max_kl / trainer.fisher_quadratic(batch, grad))
+    token_kl = trainer.token_kl_along(batch, logp_all_old, grad, full_step_scale)
+    cap = torch.quantile(token_kl[mask], 0.9).item()
+    config = dataclasses.replace(trainer.config, max_token_kl=cap)
+    expected = gradient(batch.advantages * token_trust_weights(token_kl, batch.response_mask, cap))
+
+    followed, stats = trainer.token_trust_region_gradient(batch, batch, logp_all_old, grad, None, None, None, config)
+    assert torch.allclose(followed, expected, rtol=1e-4, atol=1e-7)
+    assert 0 < stats["trpo/capped_tokens"] <= 0.12
+    assert stats["trpo/token_kl_max"] == pytest.approx(token_kl[mask].max().item(), rel=1e-5)
+    assert torch.nn.functional.cosine_similarity(followed, grad, dim=0) < 0.9999
+
+    before = torch.cat([p.detach().reshape(-1).clone() for p in params])
+    update = trainer.policy_update(batch, config=config)
+    step = torch.cat([p.detach().reshape(-1) for p in params]) - before
+    assert update["trpo/accepted"] == 1.0 and update["trpo/capped_tokens"] == stats["trpo/capped_tokens"]
+    assert torch.nn.functional.cosine_similarity(step, expected, dim=0) > 0.9999
+
+
+def test_a_per_token_cap_no_token_reaches_leaves_the_run_bitwise(make_trainer, tmp_path):
+    """A cap above every token's KL measures the step and changes nothing: every metric and
+    tensor of the run without it, the heavy ball and the probe scale included."""
+    runs = {}
+    for name, cap in (("plain", None), ("capped", 1e9)):
+        trainer = make_trainer(output_dir=str(tmp_path / name), max_token_kl=cap)
+        history = trainer.train()
+        runs[name] = (history, policy_snapshot(trainer), trainer.heavy_ball.direction.clone())
+    capped_history = runs["capped"][0]
+    assert all(row["trpo/capped_tokens"] == 0.0 and row["trpo/token_kl_max"] > 0 for row in capped_history)
+    token_keys = ("trpo/capped_tokens", "trpo/token_kl_max", "trpo/token_kl_probes")
+
+    def comparable(rows):
+        return [
+            {k: v for k, v in row.items() if not k.startswith(("time/", "memory/")) and k not in token_keys}
+            for row in rows
+        ]
+
+    assert json.dumps(comparable(runs["plain"][0])) == json.dumps(comparable(capped_history))
+    assert bitwise_equal(runs["plain"][1], runs["capped"][1])
+    assert torch.equal(runs["plain"][2], runs["capped"][2])
 
 
 def test_momentum_carries_the_last_direction_into_the_next_step_inside_the_trust_region(make_trainer):

@@ -907,10 +907,18 @@ class RLTrainer:
     def mean_kl(self, batch: Rollout, logp_all_old: torch.Tensor, logp_all: torch.Tensor | None = None) -> float:
         """Mean over `batch`'s valid tokens of the exact KL(pi_old || pi_theta) over the vocabulary,
         averaged across processes; `logp_all` from a forward at the current parameters unless given."""
+        kl = masked_mean(self.token_kl(batch, logp_all_old, logp_all), batch.response_mask)
+        return self.reduce_mean(kl).item()
+
+    @torch.no_grad()
+    def token_kl(
+        self, batch: Rollout, logp_all_old: torch.Tensor, logp_all: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The exact KL(pi_old || pi_theta) over the vocabulary at each of `batch`'s positions ([B, T],
+        this process's); `logp_all` from a forward at the current parameters unless given."""
         if logp_all is None:
             logp_all = self.policy_log_probs(batch)
-        kl = masked_mean(categorical_kl(logp_all_old, logp_all, chunk_size=KL_CHUNK_POSITIONS), batch.response_mask)
-        return self.reduce_mean(kl).item()
+        return categorical_kl(logp_all_old, logp_all, chunk_size=KL_CHUNK_POSITIONS)
 
     def _progress_fields(self, stats: dict[str, float]) -> dict[str, str]:
         return {}

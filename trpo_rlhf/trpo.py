@@ -44,6 +44,7 @@ from .trust_region import (
     set_to_step,
     snapshot,
     surrogate_gradient,
+    token_trust_weights,
 )
 
 CG_STOPS = ("iterations", "held_out")
@@ -187,6 +188,16 @@ class TRPOConfig(RLConfig):
             "g^T m <= 0, m restarts at g. 0: each update from its own batch alone, as in the paper."
         },
     )
+    max_token_kl: float | None = field(
+        default=None,
+        metadata={
+            "help": "kappa of a per-token trust region beside the mean one (token-level trust regions: TROLL, "
+            "arXiv 2510.03817): the one-iteration step's full length is measured token by token, and each token whose "
+            "KL(pi_old || pi_new) there exceeds kappa has its advantage scaled by sqrt(kappa / KL_t) in a second "
+            "gradient pass, whose direction the step then takes (sized and line-searched on the mean KL as always). "
+            "Costs that forward and the second gradient pass. None: the mean KL alone, as in the paper."
+        },
+    )
     fvp_method: str = field(
         default="gauss_newton",
         metadata={
@@ -255,6 +266,16 @@ class TRPOConfig(RLConfig):
         )
         _require(
             self.logit_damping >= 0, f"logit_damping={self.logit_damping} must be >= 0 (0: the exact natural gradient)."
+        )
+        _require(
+            self.max_token_kl is None or self.max_token_kl > 0,
+            f"max_token_kl={self.max_token_kl} must be a positive number of nats, e.g. --max_token_kl 0.3 (None: off).",
+        )
+        _require(
+            self.max_token_kl is None or not self.needs_fisher_products,
+            f"max_token_kl={self.max_token_kl} reweights the one-iteration step's gradient: it needs cg_iters 1, "
+            f"cg_stop 'iterations' and fisher_quadratic 'measured_kl' or 'forward_mode' (got cg_iters={self.cg_iters}, "
+            f"cg_stop={self.cg_stop!r}, fisher_quadratic={self.fisher_quadratic!r}).",
         )
         _require(
             self.logit_damping == 0 or self.fvp_method == "gauss_newton",
@@ -461,14 +482,76 @@ class TRPOTrainer(RLTrainer):
     def measured_kl_along(self, batch: Rollout, logp_all_old: torch.Tensor, z: torch.Tensor, scale: float) -> float:
         """The measured mean KL(pi_old || pi_theta) on `batch` at theta = theta_old + scale * z, from one
         forward without a graph; the policy is restored bitwise after."""
+        return self._at_step(z, scale, lambda: self.measure_policy_change(batch, logp_all_old)[1])
+
+    @torch.no_grad()
+    def token_kl_along(self, batch: Rollout, logp_all_old: torch.Tensor, z: torch.Tensor, scale: float) -> torch.Tensor:
+        """`token_kl` on `batch` at theta = theta_old + scale * z ([B, T], this process's), from one
+        forward without a graph; the policy is restored bitwise after."""
+        return self._at_step(z, scale, lambda: self.token_kl(batch, logp_all_old))
+
+    def _at_step(self, z: torch.Tensor, scale: float, measure: Callable[[], object]):
         params = self.actor_critic.policy_parameters()
         origin = snapshot(params)
         try:
             set_to_step(params, origin, z, scale)
-            _, kl = self.measure_policy_change(batch, logp_all_old)
+            return measure()
         finally:
             restore(params, origin)
-        return kl
+
+    def one_iteration_quadratic(
+        self,
+        batch: Rollout,
+        fisher_batch: Rollout,
+        logp_all_old: torch.Tensor,
+        z: torch.Tensor,
+        cfg: TRPOConfig,
+        curvature: MeasuredKLCurvature | None,
+    ) -> tuple[float, int]:
+        """(z^T (F + cI) z, KL probes taken) for a one-iteration step along z: from the measured KL
+        where `curvature` has a scale, else from forward-mode passes (`fisher_quadratic`)."""
+        z_fz, probes = None, 0
+        if curvature is not None:
+            z_fz, probes = curvature(lambda scale: self.measured_kl_along(batch, logp_all_old, z, scale), cfg.max_kl)
+        if z_fz is None:
+            return self.fisher_quadratic(fisher_batch, z, cfg), probes
+        return z_fz + cfg.cg_damping * torch.dot(z, z).item(), probes
+
+    def token_trust_region_gradient(
+        self,
+        batch: Rollout,
+        fisher_batch: Rollout,
+        logp_all_old: torch.Tensor,
+        grad: torch.Tensor,
+        heavy_ball: HeavyBallDirection | None,
+        precondition: GradientRMSPreconditioner | None,
+        curvature: MeasuredKLCurvature | None,
+        cfg: TRPOConfig,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """(the gradient the step follows, stats) under `max_token_kl`: the one-iteration step along
+        `grad`'s direction is sized as usual, its per-token KL measured at its full length, and,
+        where a token exceeds the cap on any process, g is taken again with `token_trust_weights` on
+        the advantages. A sampled token's surrogate term ratio_t * A_t is one sample's estimate, and
+        the mean-KL region lets a few high-|A| tokens move far on it while most barely move; PPO's
+        clipping stops those tokens' gradient, this scales it back to the cap."""
+        direction = heavy_ball.peek(grad) if heavy_ball is not None else grad
+        z = precondition(direction) if precondition is not None else direction
+        z_az, probes = self.one_iteration_quadratic(batch, fisher_batch, logp_all_old, z, cfg, curvature)
+        mask = batch.response_mask
+        token_kl = self.token_kl_along(batch, logp_all_old, z, math.sqrt(2 * cfg.max_kl / z_az))
+        weights = token_trust_weights(token_kl, mask, cfg.max_token_kl)
+        capped = self.reduce_mean(((weights < 1).float() * mask).sum() / mask.sum().clamp(min=1)).item()
+        stats = {
+            "trpo/token_kl_max": self.reduce_mean((token_kl * mask).max()).item(),
+            "trpo/capped_tokens": capped,
+            "trpo/token_kl_probes": float(probes + 1),
+        }
+        if capped == 0:
+            return grad, stats
+        weighted = dataclasses.replace(batch, advantages=batch.advantages * weights)
+        followed, _, _, _ = self.chunked_gradient(weighted, cfg.fisher_chunks)
+        require_finite("token-capped policy gradient", followed)
+        return followed, stats
 
     def policy_update(self, batch: Rollout, config: TRPOConfig | None = None) -> dict[str, float]:
         """One TRPO step (Schulman et al. 2015, Appendix C):
@@ -527,7 +610,6 @@ class TRPOTrainer(RLTrainer):
         # The heavy ball and the preconditioner carry the run's state across updates: a probe with
         # its own `config` (step_quality.py) sees them as the run's update would, on copies.
         heavy_ball = self.heavy_ball if config is None else copy.deepcopy(self.heavy_ball)
-        direction = heavy_ball(grad) if heavy_ball is not None else grad
         precondition = self.cg_preconditioner(cfg)
         if precondition is not None:
             precondition = precondition if config is None else copy.deepcopy(precondition)
@@ -553,6 +635,13 @@ class TRPOTrainer(RLTrainer):
             # keeps none, starts without one (forward mode).
             curvature = self.measured_curvature if config is None else copy.deepcopy(self.measured_curvature)
             curvature = curvature if curvature is not None else MeasuredKLCurvature()
+        followed, token_stats = grad, {}
+        if cfg.max_token_kl is not None:
+            with timer("token_trust_region"):
+                followed, token_stats = self.token_trust_region_gradient(
+                    batch, fisher_batch, logp_all_old, grad, heavy_ball, precondition, curvature, cfg
+                )
+        direction = heavy_ball(followed) if heavy_ball is not None else followed
         z = None
         kl_probes = 0
         with timer("cg"):
@@ -562,15 +651,7 @@ class TRPOTrainer(RLTrainer):
                 # x = (m.z / z^T (F + cI) z) z, z = P^-1 m: CG's first iterate. A logit damping
                 # changes only the length of z, which the trust region sets again below.
                 z = direction if precondition is None else precondition(direction)
-                z_fz = None
-                if curvature is not None:
-                    z_fz, kl_probes = curvature(
-                        lambda scale: self.measured_kl_along(batch, logp_all_old, z, scale), cfg.max_kl
-                    )
-                if z_fz is None:
-                    z_az = self.fisher_quadratic(fisher_batch, z, cfg)
-                else:
-                    z_az = z_fz + cfg.cg_damping * torch.dot(z, z).item()
+                z_az, kl_probes = self.one_iteration_quadratic(batch, fisher_batch, logp_all_old, z, cfg, curvature)
                 cg = cg_first_iterate(direction, z, z_az)
                 x_fx = cg.x_ax
             else:
@@ -601,6 +682,7 @@ class TRPOTrainer(RLTrainer):
             "trpo/fvp_count": float(fvp_calls),
             "trpo/kl_probes": float(kl_probes),
             "trpo/surrogate_old": surrogate_old,
+            **token_stats,
         }
         if not x_fx > 0:
             # g = 0 (e.g. all advantages equal): no direction to take.

@@ -200,6 +200,18 @@ def categorical_kl(logp: torch.Tensor, logq: torch.Tensor, chunk_size: int | Non
     return kl.view(logp.shape[:-1])
 
 
+def token_trust_weights(token_kl: torch.Tensor, mask: torch.Tensor, max_token_kl: float) -> torch.Tensor:
+    """w_t = min(1, sqrt(max_token_kl / KL_t)) on valid tokens (1 elsewhere): the factor on a token's
+    advantage that brings the KL its own push causes back to the cap, since that KL grows with the
+    square of the push (the Fisher is the KL's Hessian).
+
+    >>> token_trust_weights(torch.tensor([[0.01, 0.4, 1.6]]), torch.tensor([[1.0, 1.0, 0.0]]), 0.1)
+    tensor([[1.0000, 0.5000, 1.0000]])
+    """
+    over = (token_kl > max_token_kl) & mask.bool()
+    return torch.where(over, (max_token_kl / token_kl.clamp(min=max_token_kl)).sqrt(), torch.ones_like(token_kl))
+
+
 def fisher_vector_product(
     mean_kl: torch.Tensor,
     params: Params,
@@ -466,13 +478,16 @@ class HeavyBallDirection:
         self.direction = None
 
     def __call__(self, grad: torch.Tensor) -> torch.Tensor:
-        direction = grad
-        if self.direction is not None:
-            direction = grad + self.momentum * self.direction
-            if torch.dot(grad, direction) <= 0:
-                direction = grad
+        direction = self.peek(grad)
         self.direction = direction.detach().clone()
         return direction
+
+    def peek(self, grad: torch.Tensor) -> torch.Tensor:
+        """The direction `grad` would give, without keeping it."""
+        if self.direction is None:
+            return grad
+        direction = grad + self.momentum * self.direction
+        return grad if torch.dot(grad, direction) <= 0 else direction
 
     def state_dict(self) -> dict[str, torch.Tensor | None]:
         return {"direction": self.direction}

@@ -9,6 +9,7 @@ all reach; then how consecutive updates of the defaults and of PPO add up (`poli
     python recipes/results/frontier_proxy_cpu/summarize.py --binary     # the binary task's default-critic runs
     python recipes/results/frontier_proxy_cpu/summarize.py --held_out   # each update's KL on held-out prompts
     python recipes/results/frontier_proxy_cpu/summarize.py --steps32    # the defaults and PPO over 32 steps
+    python recipes/results/frontier_proxy_cpu/summarize.py --token_trust_region   # max_token_kl 0.25 and 0.1
 
 Reward at K nats: the mean over the seeds that reach K, their number in brackets where not all do.
 candidates.png: reward against KL to the reference, each seed's curve faint (reward and kl/ref as
@@ -80,6 +81,15 @@ STEPS32_VARIANTS = {
     "ppo_lr3e-3": "PPO (ours), lr 3e-3, 32 steps",
 }
 
+# The per-token trust region (`--token_trust_region`): two caps (seeds 0-5 and 0-1), beside copies of
+# the defaults' runs of seeds 0-5.
+TOKEN_TRUST = HERE / "token_trust_region"
+TOKEN_TRUST_VARIANTS = {
+    "trpo": "TRPO, the defaults",
+    "trpo_tok025": "TRPO, the defaults with `max_token_kl 0.25`",
+    "trpo_tok01": "TRPO, the defaults with `max_token_kl 0.1`",
+}
+
 
 def load(variant: str, root: Path = HERE) -> list[list[dict]]:
     return [read_metrics(p) for p in sorted((root / variant).glob("seed-*/metrics.jsonl"))]
@@ -136,6 +146,38 @@ def summarize_steps32() -> None:
     print_wide_range(runs, kls=(2.0, 4.0, 6.0))
     print_difference(runs, "trpo", tuple(v for v in runs if v != "trpo"))
     plot(runs, STEPS32 / "frontier.png", palette="tab10")
+
+
+def summarize_token_trust_region() -> None:
+    """The per-token trust region at two caps against the defaults and our PPO at 1e-3 and 3e-3,
+    seeds 0-5 where run (PPO at 3e-3: 0 and 1); the share of tokens each cap scaled back and what it
+    cost; the frontiers in token_trust_region/frontier.png."""
+    runs = {v: load(v, TOKEN_TRUST) for v in TOKEN_TRUST_VARIANTS if (TOKEN_TRUST / v).is_dir()}
+    runs |= {v: load(v)[:6] for v in ("ppo_top_critic", "ppo_lr3e-3")}
+    VARIANTS.update(TOKEN_TRUST_VARIANTS)
+    print_wide_range(runs, kls=(2.0, 4.0, 6.0))
+    print()
+    print(
+        "| update | tokens scaled back, mean | largest token KL of the uncapped step, median | update KL, median "
+        "(largest) | policy update s/step |"
+    )
+    print("|---|---:|---:|---:|---:|")
+    for variant in ("trpo", "trpo_tok025", "trpo_tok01"):
+        steps = [r for rows in runs[variant] for r in rows]
+        capped = [r["trpo/capped_tokens"] for r in steps if "trpo/capped_tokens" in r]
+        largest = [r["trpo/token_kl_max"] for r in steps if "trpo/token_kl_max" in r]
+        update_kl = [r["trpo/kl"] for r in steps]
+        cells = [
+            VARIANTS[variant],
+            f"{statistics.mean(capped):.3f}" if capped else "–",
+            f"{statistics.median(largest):.2f}" if largest else "–",
+            f"{statistics.median(update_kl):.4f} ({max(update_kl):.4f})",
+            f"{statistics.median(r['time/policy_update'] for r in steps):.1f}",
+        ]
+        print("| " + " | ".join(cells) + " |")
+    for capped in ("trpo_tok025", "trpo_tok01"):
+        print_difference(runs, capped, ("trpo",))
+    plot(runs, TOKEN_TRUST / "frontier.png", palette="tab10")
 
 
 def critic_fit(rows: list[dict]) -> float | None:
@@ -371,5 +413,10 @@ def plot(
 if __name__ == "__main__":
     import sys
 
-    modes = {"--binary": summarize_binary, "--held_out": summarize_held_out, "--steps32": summarize_steps32}
+    modes = {
+        "--binary": summarize_binary,
+        "--held_out": summarize_held_out,
+        "--steps32": summarize_steps32,
+        "--token_trust_region": summarize_token_trust_region,
+    }
     modes.get(next(iter(sys.argv[1:]), ""), main)()
