@@ -581,6 +581,20 @@ def test_the_per_token_trust_region_steps_along_the_gradient_of_the_capped_advan
     assert torch.nn.functional.cosine_similarity(step, expected, dim=0) > 0.9999
 
 
+@pytest.mark.parametrize("max_token_kl", [None, 0.1])
+def test_a_batch_without_a_gradient_takes_no_step(make_trainer, max_token_kl):
+    """All advantages 0: g = 0, no direction, the policy stays bitwise where it was."""
+    trainer = make_trainer(max_token_kl=max_token_kl)
+    trainer.step()
+    batch, _ = trainer.collect_batch()
+    before = policy_snapshot(trainer)
+    stats = trainer.policy_update(dataclasses.replace(batch, advantages=torch.zeros_like(batch.advantages)))
+    assert stats["trpo/grad_norm"] == 0.0 and stats["trpo/accepted"] == 0.0
+    assert bitwise_equal(before, policy_snapshot(trainer))
+    if max_token_kl is not None:
+        assert stats["trpo/capped_tokens"] == 0.0
+
+
 def test_a_per_token_cap_no_token_reaches_leaves_the_run_bitwise(make_trainer, tmp_path):
     """A cap above every token's KL measures the step and changes nothing: every metric and
     tensor of the run without it, the heavy ball and the probe scale included."""

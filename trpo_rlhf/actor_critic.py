@@ -47,6 +47,13 @@ def base_model_of(model: nn.Module) -> nn.Module:
 # --------------------------------------------------------------------------------------------
 # Attention for the double backward
 # --------------------------------------------------------------------------------------------
+# The model inside `double_backward_attention`, if any: a checkpointed layer's recomputation in the
+# backward (outside that context) must run the attention its forward ran.
+_DOUBLE_BACKWARD_MODEL: contextvars.ContextVar[nn.Module | None] = contextvars.ContextVar(
+    "double_backward_model", default=None
+)
+
+
 @contextlib.contextmanager
 def double_backward_attention(model: nn.Module) -> Iterator[None]:
     """Run attention through a path that supports a second backward.
@@ -72,13 +79,6 @@ def double_backward_attention(model: nn.Module) -> Iterator[None]:
         _DOUBLE_BACKWARD_MODEL.reset(token)
         if switched:
             base.set_attn_implementation(original)
-
-
-# The model inside `double_backward_attention`, if any: a checkpointed layer's recomputation in the
-# backward (outside that context) must run the attention its forward ran.
-_DOUBLE_BACKWARD_MODEL: contextvars.ContextVar[nn.Module | None] = contextvars.ContextVar(
-    "double_backward_model", default=None
-)
 
 
 # --------------------------------------------------------------------------------------------

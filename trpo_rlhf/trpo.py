@@ -537,6 +537,8 @@ class TRPOTrainer(RLTrainer):
         direction = heavy_ball.peek(grad) if heavy_ball is not None else grad
         z = precondition(direction) if precondition is not None else direction
         z_az, probes = self.one_iteration_quadratic(batch, fisher_batch, logp_all_old, z, cfg, curvature)
+        if not z_az > 0:  # g = 0 (e.g. all advantages equal): no step to measure, none will be taken
+            return grad, {"trpo/token_kl_max": 0.0, "trpo/capped_tokens": 0.0, "trpo/token_kl_probes": float(probes)}
         mask = batch.response_mask
         token_kl = self.token_kl_along(batch, logp_all_old, z, math.sqrt(2 * cfg.max_kl / z_az))
         weights = token_trust_weights(token_kl, mask, cfg.max_token_kl)
