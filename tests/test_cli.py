@@ -67,7 +67,18 @@ def test_the_ppo_recipes_read_their_yaml(recipe, config_class):
 def test_the_argparse_recipes_read_their_yaml():
     compare = compare_trpo_ppo.parse_args(["--config", str(CONFIGS / "compare_trpo_ppo.yaml"), "--seeds", "2"])
     assert [v.name for v in compare.variants][-2:] == ["trpo_kl02", "trpo_cg10"] and compare.parallel == 9
-    assert compare.held_out_kl_prompts == 16
+    assert compare.held_out_kl_prompts == 16 and compare.reuse_finished
+    assert "trpo_tok01" in [v.name for v in compare.variants]
+    # The headline runs first, in the same folder with the same settings; the full protocol then
+    # reuses its runs and adds the TRPO variants.
+    headline = compare_trpo_ppo.parse_args(["--config", str(CONFIGS / "compare_trpo_ppo_headline.yaml")])
+    full = compare_trpo_ppo.parse_args(["--config", str(CONFIGS / "compare_trpo_ppo.yaml")])
+    full_only = [v for v in full.variants if v.name not in {h.name for h in headline.variants}]
+    assert [v.name for v in headline.variants] == [v.name for v in full.variants if v not in full_only]
+    assert full_only and all(v.algorithm == "trpo" and v.flags for v in full_only)
+    assert {k: v for k, v in vars(headline).items() if k not in ("variant", "variants", "config")} == {
+        k: v for k, v in vars(full).items() if k not in ("variant", "variants", "config")
+    }
     assert (compare.task, compare.steps, compare.seeds, compare.batch_size) == ("sentiment", 50, 2, 32)
     assert compare.learning_rates == [3e-4, 1e-3, 3e-3]
     assert [v.name for v in compare.variants if v.algorithm == "trl_ppo"] == [
