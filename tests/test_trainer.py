@@ -602,7 +602,8 @@ def test_a_per_token_cap_no_token_reaches_leaves_the_run_bitwise(make_trainer, t
     for name, cap in (("plain", None), ("capped", 1e9)):
         trainer = make_trainer(output_dir=str(tmp_path / name), max_token_kl=cap)
         history = trainer.train()
-        runs[name] = (history, policy_snapshot(trainer), trainer.heavy_ball.direction.clone())
+        state = (trainer.heavy_ball.direction.clone(), trainer.measured_curvature.scale)
+        runs[name] = (history, policy_snapshot(trainer), state)
     capped_history = runs["capped"][0]
     assert all(row["trpo/capped_tokens"] == 0.0 and row["trpo/token_kl_max"] > 0 for row in capped_history)
     token_keys = ("trpo/capped_tokens", "trpo/token_kl_max", "trpo/token_kl_probes")
@@ -615,7 +616,8 @@ def test_a_per_token_cap_no_token_reaches_leaves_the_run_bitwise(make_trainer, t
 
     assert json.dumps(comparable(runs["plain"][0])) == json.dumps(comparable(capped_history))
     assert bitwise_equal(runs["plain"][1], runs["capped"][1])
-    assert torch.equal(runs["plain"][2], runs["capped"][2])
+    assert torch.equal(runs["plain"][2][0], runs["capped"][2][0])
+    assert runs["plain"][2][1] == runs["capped"][2][1] is not None
 
 
 def test_momentum_carries_the_last_direction_into_the_next_step_inside_the_trust_region(make_trainer):

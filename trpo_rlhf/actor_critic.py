@@ -167,11 +167,12 @@ def _checkpointed_forward(layer: nn.Module, *args, **kwargs):
     if not torch.is_grad_enabled():
         return forward(*args, **kwargs)
     model = _DOUBLE_BACKWARD_MODEL.get()
-    if model is None:
-        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
     def forward_and_recompute_contexts():
-        return contextlib.nullcontext(), _ReenterableContext(lambda: double_backward_attention(model))
+        recompute = (
+            contextlib.nullcontext() if model is None else _ReenterableContext(lambda: double_backward_attention(model))
+        )
+        return contextlib.nullcontext(), recompute
 
     return torch.utils.checkpoint.checkpoint(
         forward, *args, use_reentrant=False, context_fn=forward_and_recompute_contexts, **kwargs
