@@ -34,7 +34,7 @@ from pathlib import Path
 
 from trpo_rlhf import TRPOConfig
 from trpo_rlhf.checkpointing import latest_checkpoint
-from trpo_rlhf.config import CRITICS
+from trpo_rlhf.config import CRITICS, KL_PENALTIES
 from trpo_rlhf.experiments.cli import add_config_flag, apply_config_file
 from trpo_rlhf.experiments.comparison import (
     ALGORITHMS,
@@ -70,6 +70,9 @@ TRPO_SOLVER_FLAGS = (
     "fisher_quadratic",
     "max_token_kl",
 )
+# RLConfig fields of the reward's shaping for TRPO and our PPO (TRL's PPO shapes its own way);
+# unset ones keep RLConfig's defaults.
+SHAPING_FLAGS = ("kl_penalty",)
 # RLConfig critic fields for TRPO and our PPO; unset ones keep RLConfig's defaults.
 CRITIC_FLAGS = (
     "critic",
@@ -145,6 +148,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="PPO's (ours and TRL's). Default: 1e-3 (toy), 1e-4 (sentiment).",
     )
     parser.add_argument("--ppo_epochs", type=int, default=4)
+    parser.add_argument(
+        "--kl_penalty",
+        choices=KL_PENALTIES,
+        default=None,
+        help="How TRPO's and our PPO's runs penalise the KL to the reference (RLConfig.kl_penalty). Default: "
+        "RLConfig's ('reward'). TRL's PPO takes its own sampled estimate in the reward, and is refused with another.",
+    )
     parser.add_argument(
         "--critic",
         choices=CRITICS,
@@ -303,6 +313,12 @@ def plan_variants(args: argparse.Namespace) -> list[Variant]:
             raise ValueError(
                 f"variant {v.name!r}: {' '.join(v.flags)!r} are not valid flags of this recipe (see --help)."
             )
+        kl_penalty = parse_args(["--worker", v.algorithm, *v.flags]).kl_penalty or args.kl_penalty
+        if v.algorithm == "trl_ppo" and kl_penalty not in (None, "reward"):
+            raise ValueError(
+                f"variant {v.name!r}: TRL's PPO takes the sampled KL in its reward; --kl_penalty {kl_penalty} is "
+                "ours (TRPO, ppo): run trl_ppo without it, e.g. give it to TRPO's variants alone."
+            )
     return variants
 
 
@@ -353,7 +369,7 @@ def run_worker(args: argparse.Namespace, output_dir: Path) -> None:
         compile_generation=args.compile_generation,
         held_out_kl_prompts=args.held_out_kl_prompts,
     )
-    for key in CRITIC_FLAGS:
+    for key in (*SHAPING_FLAGS, *CRITIC_FLAGS):
         if getattr(args, key) is not None:
             common[key] = getattr(args, key)
     resume = True if args.resume_worker else None
@@ -375,6 +391,7 @@ def run_worker(args: argparse.Namespace, output_dir: Path) -> None:
         common.pop("held_out_kl_prompts")  # and updates inside its own loop
         for key in CRITIC_FLAGS:  # TRL trains its own full value model jointly with the policy
             common.pop(key, None)
+        common.pop("kl_penalty", None)  # plan_variants refused any but the sampled one TRL takes
         from trpo_rlhf.experiments.trl_adapter import build_trl_ppo_for_task
 
         config = PPOConfig(**common, learning_rate=args.learning_rate, ppo_epochs=args.ppo_epochs)
@@ -410,7 +427,7 @@ def worker_command(args: argparse.Namespace, algorithm: str, seed: int, output_d
         "--held_out_kl_prompts",
         str(args.held_out_kl_prompts),
     ]
-    for flag in ("model_name_or_path", "reward_model", "dataset", *TRPO_SOLVER_FLAGS, *CRITIC_FLAGS):
+    for flag in ("model_name_or_path", "reward_model", "dataset", *TRPO_SOLVER_FLAGS, *SHAPING_FLAGS, *CRITIC_FLAGS):
         value = getattr(args, flag)
         if value is not None:
             command += [f"--{flag}", *map(str, value)] if isinstance(value, list) else [f"--{flag}", str(value)]

@@ -31,6 +31,7 @@ def main(output_dir: str, algorithm: str = "trpo") -> None:
     variant = {
         "trpo_top_critic": {"critic_layers": 1, "fisher_quadratic": "forward_mode"},
         "trpo_checkpointed": {"gradient_checkpointing": True},
+        "trpo_kl_loss": {"kl_penalty": "loss"},
     }.get(algorithm, {})
     config = config_class(
         **variant,

@@ -22,7 +22,7 @@ SCORES = torch.tensor([3.0, -1.0])
 
 
 def test_token_rewards_by_hand():
-    rewards = token_rewards(SCORES, LOGP_OLD, LOGP_REF, MASK, kl_coef=0.1)
+    rewards = token_rewards(SCORES, LOGP_OLD - LOGP_REF, MASK, kl_coef=0.1)
     expected = torch.tensor(
         [
             # -0.1 * (old - ref); the score lands on the EOS token; padding gets nothing

@@ -5,7 +5,7 @@ including the first EOS and 0 after it (a valid prefix of every row).
 
     >>> import torch
     >>> mask = torch.tensor([[1.0, 1.0, 0.0]])
-    >>> rewards = token_rewards(torch.tensor([2.0]), torch.zeros(1, 3), torch.zeros(1, 3), mask, kl_coef=0.1)
+    >>> rewards = token_rewards(torch.tensor([2.0]), torch.zeros(1, 3), mask, kl_coef=0.1)
     >>> rewards
     tensor([[0., 2., 0.]])
     >>> advantages, returns = gae(rewards, torch.zeros(1, 3), mask, gamma=1.0, gae_lambda=1.0)
@@ -35,13 +35,19 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return sum_sq / (count - 1).clamp(min=1)
 
 
+def whitening_factor(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """1 / std over the valid positions (float64), the factor `masked_whiten` scales by. The
+    moments are taken in float64: squared float32 values overflow from |x| ~ 1.8e19 (a reward of
+    1e30 would turn every advantage into NaN), squared float64 ones only past 1e154."""
+    return torch.rsqrt(masked_var(values.double(), mask.double()) + eps)
+
+
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the valid positions; invalid positions come back as 0. The moments are
-    taken in float64: squared float32 values overflow from |x| ~ 1.8e19 (a reward of 1e30 would
-    turn every advantage into NaN), squared float64 ones only past 1e154."""
+    """(x - mean) / std over the valid positions (in float64, `whitening_factor`); invalid
+    positions come back as 0."""
     wide, wide_mask = values.double(), mask.double()
     mean = masked_mean(wide, wide_mask)
-    whitened = (wide - mean) * torch.rsqrt(masked_var(wide, wide_mask) + eps)
+    whitened = (wide - mean) * whitening_factor(values, mask, eps)
     return (whitened * wide_mask).to(values.dtype)
 
 
@@ -50,16 +56,12 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     return (mask.sum(dim=1).long() - 1).clamp(min=0)
 
 
-def token_rewards(
-    scores: torch.Tensor,
-    logp_old: torch.Tensor,
-    logp_ref: torch.Tensor,
-    mask: torch.Tensor,
-    kl_coef: float,
-) -> torch.Tensor:
-    """Per-token rewards r_t = -beta * (log pi_old(a_t|s_t) - log pi_ref(a_t|s_t)), plus the sequence
-    score on the last valid token (Ziegler et al. 2019, eq. 2; Stiennon et al. 2020)."""
-    rewards = kl_coef * (logp_ref - logp_old) * mask
+def token_rewards(scores: torch.Tensor, token_kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Per-token rewards r_t = -beta * KL_t, plus the sequence score on the last valid token
+    (Ziegler et al. 2019, eq. 2; Stiennon et al. 2020). KL_t estimates the KL to the reference at
+    token t: the sampled log-ratio log pi_old(a_t|s_t) - log pi_ref(a_t|s_t) (Ziegler et al.), or its
+    expectation over a_t, the exact KL(pi_old(.|s_t) || pi_ref(.|s_t)) (`kl_penalty`)."""
+    rewards = -kl_coef * token_kl * mask
     rows = torch.arange(scores.shape[0], device=rewards.device)
     rewards[rows, last_token_index(mask)] += scores.to(device=rewards.device, dtype=rewards.dtype)
     return rewards

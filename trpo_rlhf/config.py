@@ -23,6 +23,7 @@ from pathlib import Path
 from .tracking import check_report_to
 
 CRITICS = ("adapter", "policy_features")
+KL_PENALTIES = ("reward", "exact_reward", "loss")
 MODEL_DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes
 
 
@@ -113,6 +114,22 @@ class RLConfig:
     # Reward shaping (Ziegler et al. 2019, eq. 2): r_t = -beta * (log pi - log pi_ref), score at the last token.
     init_kl_coef: float = field(
         default=0.05, metadata={"help": "beta, the per-token KL penalty to the reference (TRL PPO's kl_coef)."}
+    )
+    # Where beta's KL to the reference enters. 'reward' is Ziegler et al.'s sampled log-ratio;
+    # 'exact_reward' its expectation given the state (the same objective, less variance); 'loss' the
+    # exact KL at the batch's states as a term of the policy's objective, where each update's
+    # line search measures it (the KL regulariser of GRPO, Shao et al. 2024, taken exactly).
+    kl_penalty: str = field(
+        default="reward",
+        metadata={
+            "help": "How the KL to the reference is penalised. 'reward': r_t = -beta (log pi_old(a_t|s_t) - "
+            "log pi_ref(a_t|s_t)), the sampled token's log-ratio (Ziegler et al. 2019). 'exact_reward': r_t = -beta "
+            "KL(pi_old(.|s_t) || pi_ref(.|s_t)), exact over the vocabulary. 'loss': the reward is the score alone and "
+            "the policy's objective subtracts beta / sigma times the mean over the batch's tokens of the exact "
+            "KL(pi_theta(.|s_t) || pi_ref(.|s_t)), sigma the advantages' whitening scale; both trainers' updates "
+            "(TRPO's gradient and line search, PPO's loss) see it. The non-default modes hold pi_ref over the "
+            "vocabulary through the rollout forward ('loss': through the update)."
+        },
     )
     target_kl_ref: float | None = field(
         default=None,
@@ -287,6 +304,10 @@ class RLConfig:
         _require(
             self.target_kl_ref is None or self.target_kl_ref > 0,
             f"target_kl_ref={self.target_kl_ref} must be > 0, or None for a fixed KL coefficient.",
+        )
+        _require(
+            self.kl_penalty in KL_PENALTIES,
+            f"kl_penalty={self.kl_penalty!r} is not one of {KL_PENALTIES}; e.g. --kl_penalty exact_reward.",
         )
         _require(self.kl_horizon >= 1, f"kl_horizon={self.kl_horizon} must be >= 1.")
         _require(0.0 <= self.gamma <= 1.0, f"gamma={self.gamma} must be in [0, 1].")

@@ -39,6 +39,7 @@ from .advantages import (
     sequence_kl,
     token_rewards,
     value_loss,
+    whitening_factor,
 )
 from .checkpointing import (
     CHECKPOINT_PREFIX,
@@ -64,7 +65,7 @@ from .rewards import RewardFn, build_reward_fn, score_batch
 from .rollout import Rollout, evaluate_rollout, gather_tokens, log_softmax_, sample_completions
 from .sharding import deepspeed_zero_stage, fsdp_requested, shard_frozen_base
 from .tracking import RunTrackers, tracker_names
-from .trust_region import categorical_kl, flat_concat
+from .trust_region import KL_CHUNK_POSITIONS, categorical_kl, flat_concat
 
 METRICS_FILE = "metrics.jsonl"
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -81,7 +82,6 @@ RESUME_MAY_CHANGE = {
     "held_out_kl_prompts",  # sampled on a random stream of its own: a measurement, not part of the run
     "gradient_checkpointing",  # recomputes the same activations: memory, not part of the run
 }
-KL_CHUNK_POSITIONS = 64  # positions per chunk of the no-grad KL: [64, V] temporaries, ~12 MB at V = 49k
 HELD_OUT_SEED_STRIDE = 1_000_003  # a prime above any step count: (seed, step) pairs map to distinct seeds
 
 
@@ -134,6 +134,17 @@ def use_cpu_accelerator() -> bool:
         )
         return True
     return False
+
+
+def reference_kl_term(batch: Rollout, logp_all: torch.Tensor | None) -> torch.Tensor:
+    """kl_loss_coef * the mean over `batch`'s valid tokens of the exact KL(pi_theta(.|s_t) ||
+    pi_ref(.|s_t)), `logp_all` log pi_theta over the vocabulary ([B, T, V], with a graph where a
+    gradient is wanted): kl_penalty 'loss''s term of the policy's objective. Its gradient is the KL's
+    at the batch's states (not through the states it leads to, which the reward's KL reaches)."""
+    if logp_all is None:
+        raise ValueError("kl_penalty='loss' needs log pi_theta over the vocabulary (logp_all) for the KL term.")
+    kl = categorical_kl(logp_all, batch.ref_log_probs)
+    return batch.kl_loss_coef * masked_mean(kl, batch.response_mask)
 
 
 class RLTrainer:
@@ -418,7 +429,7 @@ class RLTrainer:
         with timer("score"):
             scores = score_batch(self.reward_fn, rollout.prompts, rollout.completions, self.global_step).to(self.device)
         with timer("rollout_forward"):
-            rollout = evaluate_rollout(self.actor_critic, rollout, cfg.temperature, sampling_logits)
+            rollout = evaluate_rollout(self.actor_critic, rollout, cfg.temperature, sampling_logits, cfg.kl_penalty)
             del sampling_logits
         return self._advantages(dataclasses.replace(rollout, scores=scores))
 
@@ -836,8 +847,16 @@ class RLTrainer:
         cfg = self.config
         mask = rollout.response_mask
         kl_coef = self.kl_ctl.value
-        rewards = token_rewards(rollout.scores, rollout.logp_old, rollout.logp_ref, mask, kl_coef)
+        if cfg.kl_penalty == "reward":
+            rewards = token_rewards(rollout.scores, rollout.logp_old - rollout.logp_ref, mask, kl_coef)
+        elif cfg.kl_penalty == "exact_reward":
+            rewards = token_rewards(rollout.scores, rollout.kl_ref, mask, kl_coef)
+        else:  # "loss": the KL is a term of the policy's objective (`surrogate`), not of the return
+            rewards = token_rewards(rollout.scores, rollout.kl_ref, mask, 0.0)
         advantages, returns = gae(rewards, rollout.values, mask, cfg.gamma, cfg.gae_lambda)
+        # Whitening scales the return's gradient by 1/sigma; the KL term takes the same factor, so the
+        # objective's gradient stays that of E[score] - beta * KL.
+        advantage_scale = whitening_factor(advantages, mask).item() if cfg.whiten_advantages else 1.0
         if cfg.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
         kl_ref = self.reduce_mean(sequence_kl(rollout.logp_old, rollout.logp_ref, mask).mean()).item()
@@ -846,7 +865,13 @@ class RLTrainer:
             "kl/coef": kl_coef,
             "value/explained_variance": explained_variance(rollout.values, returns, mask),
         }
-        return dataclasses.replace(rollout, advantages=advantages, returns=returns), stats
+        if rollout.kl_ref is not None:
+            stats["kl/ref_exact"] = self.reduce_mean(rollout.kl_ref.sum(dim=1).mean()).item()
+        kl_loss_coef = 0.0
+        if cfg.kl_penalty == "loss":
+            kl_loss_coef = kl_coef * advantage_scale
+            stats["kl/loss_coef"] = self.reduce_mean(torch.tensor(kl_loss_coef, device=mask.device)).item()
+        return dataclasses.replace(rollout, advantages=advantages, returns=returns, kl_loss_coef=kl_loss_coef), stats
 
     def value_update(self, batch: Rollout) -> dict[str, float]:
         """Minibatch Adam on the (clipped) value loss towards the GAE returns. Only the critic's
@@ -885,10 +910,19 @@ class RLTrainer:
         return torch.log_softmax(logits, dim=-1) if torch.is_grad_enabled() else log_softmax_(logits)
 
     @staticmethod
-    def surrogate(batch: Rollout, logp: torch.Tensor) -> torch.Tensor:
+    def surrogate(batch: Rollout, logp: torch.Tensor, logp_all: torch.Tensor | None = None) -> torch.Tensor:
         """L = mean over valid tokens of exp(logp_theta - logp_old) * A_t (Schulman et al. 2015, eq. 14), `logp` the
-        log-probs of the taken tokens."""
-        return masked_mean(torch.exp(logp - batch.logp_old) * batch.advantages, batch.response_mask)
+        log-probs of the taken tokens. With kl_penalty 'loss' (`batch.ref_log_probs` set) it also subtracts
+        `reference_kl_term`, which needs `logp_all`, log pi_theta over the vocabulary."""
+        gain = masked_mean(torch.exp(logp - batch.logp_old) * batch.advantages, batch.response_mask)
+        if batch.ref_log_probs is None:
+            return gain
+        return gain - reference_kl_term(batch, logp_all)
+
+    @staticmethod
+    def needs_vocabulary_log_probs(batch: Rollout) -> bool:
+        """Whether `surrogate` on `batch` reads log pi_theta over the vocabulary (kl_penalty 'loss')."""
+        return batch.ref_log_probs is not None
 
     @torch.no_grad()
     def measure_policy_change(self, batch: Rollout, logp_all_old: torch.Tensor) -> tuple[float, float]:
@@ -898,8 +932,8 @@ class RLTrainer:
         `ppo/surrogate_gain` all come from here, so the two updates are measured alike."""
         logp_all = self.policy_log_probs(batch)
         actions = batch.response_ids
-        gain = self.surrogate(batch, gather_tokens(logp_all, actions)) - self.surrogate(
-            batch, gather_tokens(logp_all_old, actions)
+        gain = self.surrogate(batch, gather_tokens(logp_all, actions), logp_all) - self.surrogate(
+            batch, gather_tokens(logp_all_old, actions), logp_all_old
         )
         return self.reduce_mean(gain).item(), self.mean_kl(batch, logp_all_old, logp_all)
 

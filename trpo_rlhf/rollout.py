@@ -21,6 +21,7 @@ import torch
 from transformers import CompileConfig, GenerationConfig, PreTrainedTokenizerBase, StaticCache
 
 from .actor_critic import LoraActorCritic, base_model_of
+from .trust_region import KL_CHUNK_POSITIONS, categorical_kl
 
 
 @dataclass
@@ -37,6 +38,12 @@ class Rollout:
     scores: torch.Tensor | None = None  # [B]
     advantages: torch.Tensor | None = None  # [B, T]
     returns: torch.Tensor | None = None  # [B, T]
+    # kl_penalty 'exact_reward' and 'loss': the exact KL(pi_old(.|s_t) || pi_ref(.|s_t)) over the
+    # vocabulary [B, T]; 'loss' also keeps log pi_ref over the vocabulary [B, T, V] and the weight
+    # of the KL term in the policy's objective (`RLTrainer.surrogate`).
+    kl_ref: torch.Tensor | None = None
+    ref_log_probs: torch.Tensor | None = None
+    kl_loss_coef: float = 0.0
     # The critic's cached input: the policy's last hidden states at the response positions [B, T, H]
     # (critic="policy_features"), or the reference's hidden states entering the critic's first layer
     # [B, P+T, H] (critic_layers).
@@ -216,10 +223,15 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_rollout(
-    actor_critic: LoraActorCritic, rollout: Rollout, temperature: float, sampling_logits: torch.Tensor | None = None
+    actor_critic: LoraActorCritic,
+    rollout: Rollout,
+    temperature: float,
+    sampling_logits: torch.Tensor | None = None,
+    kl_penalty: str = "reward",
 ) -> Rollout:
     """Fill in logp_old, logp_ref, values and entropy (and, with critic="policy_features" or
-    `critic_layers`, the features the values were read from) for a sampled rollout (no gradients).
+    `critic_layers`, the features the values were read from) for a sampled rollout (no gradients);
+    with `kl_penalty` 'exact_reward' also `kl_ref`, with 'loss' `kl_ref` and `ref_log_probs`.
 
     `sampling_logits`, the logits / temperature generation sampled from (`sample_completions(...,
     return_scores=True)`, [B, T, V]), stand in for the policy's forward: they are the same
@@ -241,21 +253,31 @@ def evaluate_rollout(
         policy_logits, features = actor_critic.policy_logits_and_features(**inputs, temperature=temperature)
     logp_old = token_logprobs(policy_logits, actions)
     entropy = entropy_from_logits(policy_logits)
+    exact_kl = kl_penalty != "reward"
+    # Not in place: the logits may be the caller's sampling logits.
+    policy_log_probs = torch.log_softmax(policy_logits, dim=-1) if exact_kl else None
     del policy_logits
     if actor_critic.critic_reads_reference:  # the critic's top layers start where the reference's lower ones end
         reference_logits, features = actor_critic.reference_logits_and_critic_inputs(**inputs, temperature=temperature)
     else:
         reference_logits = actor_critic.reference_logits(**inputs, temperature=temperature)
     logp_ref = token_logprobs(reference_logits, actions)
+    mask = rollout.response_mask
+    kl_ref = ref_log_probs = None
+    if exact_kl:
+        ref_log_probs = log_softmax_(reference_logits)
+        kl_ref = categorical_kl(policy_log_probs, ref_log_probs, chunk_size=KL_CHUNK_POSITIONS) * mask
+        del policy_log_probs
     del reference_logits
     values = actor_critic.values(**inputs, features=features).float()
-    mask = rollout.response_mask
     return dataclasses.replace(
         rollout,
         logp_old=logp_old * mask,
         logp_ref=logp_ref * mask,
         values=values * mask,
         entropy=entropy * mask,
+        kl_ref=kl_ref,
+        ref_log_probs=ref_log_probs if kl_penalty == "loss" else None,
         features=features,
     )
 

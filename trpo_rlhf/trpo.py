@@ -241,6 +241,12 @@ class TRPOConfig(RLConfig):
             f"cg_stop='held_out' holds out sequences of each batch: batch_size={self.batch_size} must be >= 2.",
         )
         _require(
+            self.cg_stop != "held_out" or self.kl_penalty != "loss",
+            "cg_stop='held_out' scores CG's iterates on the surrogate of held-out sequences, and kl_penalty='loss' "
+            "puts a KL term of every sequence in it: use kl_penalty 'reward' or 'exact_reward' with it, or "
+            "cg_stop 'iterations'.",
+        )
+        _require(
             0.0 < self.held_out_fraction < 1.0,
             f"held_out_fraction={self.held_out_fraction} must lie strictly between 0 and 1, e.g. 0.5.",
         )
@@ -414,15 +420,16 @@ class TRPOTrainer(RLTrainer):
         for i, (chunk, share) in enumerate(self.sequence_chunks(batch, chunks)):
             logits = self.policy_logits(chunk)
             logprobs = token_logprobs(logits, chunk.response_ids)
+            logp_all = torch.log_softmax(logits, dim=-1) if self.needs_vocabulary_log_probs(chunk) else None
             if held_out_chunks is not None:
                 held_out_chunk, _ = held_out_chunks[i]
-                held_out_surrogate = share * self.surrogate(held_out_chunk, logprobs)
+                held_out_surrogate = share * self.surrogate(held_out_chunk, logprobs, logp_all)
                 held_out_grads.append(flat_grad(held_out_surrogate, params, retain_graph=True))
-            surrogate = share * self.surrogate(chunk, logprobs)
+            surrogate = share * self.surrogate(chunk, logprobs, logp_all)
             grads.append(flat_grad(surrogate, params))
             surrogates.append(surrogate.detach())
             logp_all_old.append(log_softmax_(logits.detach()))
-            del logits, logprobs, surrogate
+            del logits, logprobs, logp_all, surrogate
         grad = self.reduce_mean(torch.stack(grads).sum(dim=0))
         held_out_grad = self.reduce_mean(torch.stack(held_out_grads).sum(dim=0)) if held_out_grads else None
         return grad, self.reduce_mean(torch.stack(surrogates).sum()).item(), torch.cat(logp_all_old), held_out_grad
@@ -591,14 +598,15 @@ class TRPOTrainer(RLTrainer):
             else:
                 logits = self.fisher_logits(batch) if shared_forward else self.policy_logits(batch)
                 logprobs = token_logprobs(logits, batch.response_ids)
-                surrogate = self.surrogate(batch, logprobs)
+                logp_all = torch.log_softmax(logits, dim=-1) if self.needs_vocabulary_log_probs(batch) else None
+                surrogate = self.surrogate(batch, logprobs, logp_all)
                 surrogate_old = self.reduce_mean(surrogate.detach()).item()
                 if held_out is not None:
                     # The held-out sequences' share of the surrogate: one more backward, kept graph.
                     held_out_grad = self.reduce_mean(
-                        flat_grad(self.surrogate(held_out, logprobs), params, retain_graph=True)
+                        flat_grad(self.surrogate(held_out, logprobs, logp_all), params, retain_graph=True)
                     )
-                del logprobs
+                del logprobs, logp_all
                 grad, jacobian = surrogate_gradient(
                     surrogate,
                     logits,

@@ -186,6 +186,9 @@ def conjugate_gradient(
     return cg_solve(fvp, b, iters, residual_tol).x
 
 
+KL_CHUNK_POSITIONS = 64  # positions per chunk of the no-grad KL: [64, V] temporaries, ~12 MB at V = 49k
+
+
 def categorical_kl(logp: torch.Tensor, logq: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
     """KL(p || q) = sum_a p(a) (log p(a) - log q(a)) over the last (vocabulary) dimension, exact.
 
