@@ -259,8 +259,8 @@ def test_the_kl_penalty_reaches_our_trainers_workers_and_is_refused_for_trls(tmp
     variant = compare_trpo_ppo.parse_args(["--algorithms", "trpo", "--variant", "trpo_kl_loss:--kl_penalty loss"])
     assert variant.variants[1].flags == ["--kl_penalty", "loss"]
     for bad in (
-        ["--algorithms", "trl_ppo", "--kl_penalty", "exact_reward"],
-        ["--algorithms", "trpo", "--variant", "trl_exact:trl_ppo --kl_penalty exact_reward"],
+        ["--algorithms", "trl_ppo", "--kl_penalty", "exact"],
+        ["--algorithms", "trpo", "--variant", "trl_exact:trl_ppo --kl_penalty exact"],
     ):
         with pytest.raises(SystemExit):
             compare_trpo_ppo.parse_args(bad)

@@ -1,5 +1,5 @@
-"""`kl_penalty`: where the KL to the reference enters (the sampled log-ratio in the reward, its exact
-expectation in the reward, or the exact KL as a term of the policy's objective)."""
+"""`kl_penalty`: how the gradient of the KL to the reference is estimated (the sampled log-ratio in
+the reward, or exactly over the vocabulary: in the reward and the objective, or in the objective alone)."""
 
 import dataclasses
 
@@ -9,8 +9,9 @@ from conftest import bitwise_equal, policy_snapshot
 
 from trpo_rlhf import PPOConfig, PPOTrainer, TRPOConfig
 from trpo_rlhf.advantages import gae, masked_mean, masked_whiten, token_rewards, whitening_factor
+from trpo_rlhf.engine import reference_kl_term
 from trpo_rlhf.experiments.toy import TOY_PROMPTS, WordCountReward, build_tiny_lm
-from trpo_rlhf.rollout import token_logprobs
+from trpo_rlhf.rollout import Rollout, token_logprobs
 from trpo_rlhf.trust_region import categorical_kl, flat_grad
 
 
@@ -28,7 +29,7 @@ def vocabulary_log_probs(trainer, batch, reference=False):
     return torch.log_softmax(logits, dim=-1)
 
 
-@pytest.mark.parametrize("kl_penalty", ["reward", "exact_reward", "loss"])
+@pytest.mark.parametrize("kl_penalty", ["reward", "exact", "loss"])
 def test_the_rollout_holds_the_exact_kl_to_the_reference_where_the_penalty_needs_it(make_trainer, kl_penalty):
     trainer = make_trainer(kl_penalty=kl_penalty, temperature=0.8)
     move_off_the_reference(trainer)
@@ -43,17 +44,14 @@ def test_the_rollout_holds_the_exact_kl_to_the_reference_where_the_penalty_needs
     torch.testing.assert_close(batch.kl_ref, expected, rtol=1e-4, atol=1e-6)
     assert (batch.kl_ref[mask.bool()] > 0).all()
     assert stats["kl/ref_exact"] == pytest.approx(expected.sum(dim=1).mean().item(), rel=1e-4)
-    if kl_penalty == "loss":
-        torch.testing.assert_close(batch.ref_log_probs, reference, rtol=1e-5, atol=1e-5)
-    else:
-        assert batch.ref_log_probs is None
+    torch.testing.assert_close(batch.ref_log_probs, reference, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kl_penalty", ["reward", "exact_reward", "loss"])
-def test_the_advantages_carry_the_penalty_of_their_mode_and_the_loss_its_weight(make_trainer, kl_penalty):
-    """'reward' and 'exact_reward' subtract beta times the sampled log-ratio or the exact KL from the
-    reward; 'loss' leaves the score alone and weighs the objective's KL term by beta / sigma, sigma
-    the whitening scale, so that the objective's gradient stays that of E[score] - beta KL."""
+@pytest.mark.parametrize("kl_penalty", ["reward", "exact", "loss"])
+def test_the_advantages_carry_the_penalty_of_their_mode_and_the_objective_its_weight(make_trainer, kl_penalty):
+    """'reward' and 'exact' subtract beta times the sampled log-ratio or the exact KL from the
+    reward, 'loss' leaves the score alone; both exact modes weigh the objective's KL term by
+    beta / sigma, sigma the whitening scale, so that the gradient stays that of E[score] - beta KL."""
     beta = 0.2
     trainer = make_trainer(kl_penalty=kl_penalty, init_kl_coef=beta)
     move_off_the_reference(trainer)
@@ -61,16 +59,16 @@ def test_the_advantages_carry_the_penalty_of_their_mode_and_the_loss_its_weight(
     mask = batch.response_mask
     token_kl = {
         "reward": batch.logp_old - batch.logp_ref,
-        "exact_reward": batch.kl_ref,
+        "exact": batch.kl_ref,
         "loss": torch.zeros_like(mask),
     }[kl_penalty]
     rewards = token_rewards(batch.scores, token_kl, mask, beta)
     advantages, returns = gae(rewards, batch.values, mask, trainer.config.gamma, trainer.config.gae_lambda)
     torch.testing.assert_close(batch.returns, returns)
     torch.testing.assert_close(batch.advantages, masked_whiten(advantages, mask))
-    expected_coef = beta * whitening_factor(advantages, mask).item() if kl_penalty == "loss" else 0.0
+    expected_coef = beta * whitening_factor(advantages, mask).item() if kl_penalty != "reward" else 0.0
     assert batch.kl_loss_coef == pytest.approx(expected_coef, rel=1e-6)
-    if kl_penalty == "loss":
+    if kl_penalty != "reward":
         assert expected_coef != pytest.approx(beta, rel=0.05)  # whitening's scale really is in it
         assert stats["kl/loss_coef"] == pytest.approx(expected_coef, rel=1e-6)
     else:
@@ -146,7 +144,36 @@ def test_an_update_on_the_kl_term_alone_moves_the_policy_back_towards_the_refere
     assert not bitwise_equal(before, policy_snapshot(trainer))
 
 
-@pytest.mark.parametrize("kl_penalty", ["exact_reward", "loss"])
+def test_the_objectives_kl_term_has_the_expected_gradient_of_the_sampled_penalty():
+    """The sampled penalty's score-function term, grad log pi(a) * (log pi(a) - log pi_ref(a)) with
+    a ~ pi, is in expectation the gradient of KL(pi || pi_ref) at that state: what the objective's
+    exact term differentiates. A KL in the reward, which does not depend on a, carries none of it,
+    which is why 'exact' needs the term beside its reward."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 11, generator=generator, requires_grad=True)
+    ref_log_probs = torch.log_softmax(torch.randn(2, 3, 11, generator=generator), dim=-1)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    batch = Rollout(
+        prompts=["a", "b"],
+        completions=["", ""],
+        input_ids=torch.zeros(2, 5, dtype=torch.long),
+        attention_mask=torch.ones(2, 5),
+        response_mask=mask,
+        ref_log_probs=ref_log_probs,
+        kl_loss_coef=0.7,
+    )
+    (term_grad,) = torch.autograd.grad(reference_kl_term(batch, torch.log_softmax(logits, dim=-1)), logits)
+    with torch.no_grad():
+        log_probs = torch.log_softmax(logits, dim=-1)
+        probs = log_probs.exp()
+        log_ratio = log_probs - ref_log_probs
+        # d log pi(a) / d logits = onehot(a) - pi: the expectation over a ~ pi, exactly, per position
+        score_term = probs * log_ratio - probs * (probs * log_ratio).sum(dim=-1, keepdim=True)
+        expected = 0.7 * score_term * (mask / mask.sum()).unsqueeze(-1)
+    torch.testing.assert_close(term_grad, expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kl_penalty", ["exact", "loss"])
 def test_both_trainers_train_with_the_exact_kl(make_trainer, word_tokenizer, tmp_path, kl_penalty):
     trpo = make_trainer(kl_penalty=kl_penalty, max_steps=2)
     config = PPOConfig(
@@ -169,7 +196,7 @@ def test_both_trainers_train_with_the_exact_kl(make_trainer, word_tokenizer, tmp
     "overrides, match",
     [
         ({"kl_penalty": "sampled"}, "kl_penalty='sampled' is not one of"),
-        ({"kl_penalty": "loss", "cg_stop": "held_out"}, "kl_penalty 'reward' or 'exact_reward'"),
+        ({"kl_penalty": "exact", "cg_stop": "held_out"}, "use kl_penalty 'reward' with it"),
     ],
 )
 def test_bad_kl_penalties_are_refused(overrides, match):

@@ -23,7 +23,7 @@ from pathlib import Path
 from .tracking import check_report_to
 
 CRITICS = ("adapter", "policy_features")
-KL_PENALTIES = ("reward", "exact_reward", "loss")
+KL_PENALTIES = ("reward", "exact", "loss")
 MODEL_DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes
 
 
@@ -115,20 +115,25 @@ class RLConfig:
     init_kl_coef: float = field(
         default=0.05, metadata={"help": "beta, the per-token KL penalty to the reference (TRL PPO's kl_coef)."}
     )
-    # Where beta's KL to the reference enters. 'reward' is Ziegler et al.'s sampled log-ratio;
-    # 'exact_reward' its expectation given the state (the same objective, less variance); 'loss' the
-    # exact KL at the batch's states as a term of the policy's objective, where each update's
-    # line search measures it (the KL regulariser of GRPO, Shao et al. 2024, taken exactly).
+    # How the gradient of -beta * E[sum_t KL_t] is estimated. Its two parts: the KL at later states,
+    # which earlier tokens change (credited through the return), and KL_t's own dependence on
+    # pi_theta(.|s_t). 'reward' estimates both from the sampled token's log-ratio (Ziegler et al.
+    # 2019): the score function of log pi(a_t) - log pi_ref(a_t) is KL_t's own gradient in expectation.
+    # 'exact' takes both exactly over the vocabulary: KL_t in the reward for the first part (a reward
+    # that does not depend on a_t carries no gradient of its own), the direct gradient in the
+    # objective for the second. 'loss' keeps the second alone (GRPO's KL term, Shao et al. 2024,
+    # exact rather than sampled).
     kl_penalty: str = field(
         default="reward",
         metadata={
             "help": "How the KL to the reference is penalised. 'reward': r_t = -beta (log pi_old(a_t|s_t) - "
-            "log pi_ref(a_t|s_t)), the sampled token's log-ratio (Ziegler et al. 2019). 'exact_reward': r_t = -beta "
-            "KL(pi_old(.|s_t) || pi_ref(.|s_t)), exact over the vocabulary. 'loss': the reward is the score alone and "
-            "the policy's objective subtracts beta / sigma times the mean over the batch's tokens of the exact "
-            "KL(pi_theta(.|s_t) || pi_ref(.|s_t)), sigma the advantages' whitening scale; both trainers' updates "
-            "(TRPO's gradient and line search, PPO's loss) see it. The non-default modes hold pi_ref over the "
-            "vocabulary through the rollout forward ('loss': through the update)."
+            "log pi_ref(a_t|s_t)), the sampled token's log-ratio (Ziegler et al. 2019). 'exact': r_t = -beta "
+            "KL(pi_old(.|s_t) || pi_ref(.|s_t)), exact over the vocabulary, and the policy's objective subtracts "
+            "beta / sigma times the mean over the batch's tokens of the exact KL(pi_theta(.|s_t) || pi_ref(.|s_t)), "
+            "sigma the advantages' whitening scale: the same gradient as 'reward' in expectation, with no sampling in "
+            "the KL. 'loss': that objective term alone, the reward the score alone. The objective's term is seen by "
+            "both trainers' updates (TRPO's gradient and line search, PPO's loss). The exact modes hold pi_ref over "
+            "the vocabulary through the update."
         },
     )
     target_kl_ref: float | None = field(
@@ -307,7 +312,7 @@ class RLConfig:
         )
         _require(
             self.kl_penalty in KL_PENALTIES,
-            f"kl_penalty={self.kl_penalty!r} is not one of {KL_PENALTIES}; e.g. --kl_penalty exact_reward.",
+            f"kl_penalty={self.kl_penalty!r} is not one of {KL_PENALTIES}; e.g. --kl_penalty exact.",
         )
         _require(self.kl_horizon >= 1, f"kl_horizon={self.kl_horizon} must be >= 1.")
         _require(0.0 <= self.gamma <= 1.0, f"gamma={self.gamma} must be in [0, 1].")

@@ -139,10 +139,13 @@ def use_cpu_accelerator() -> bool:
 def reference_kl_term(batch: Rollout, logp_all: torch.Tensor | None) -> torch.Tensor:
     """kl_loss_coef * the mean over `batch`'s valid tokens of the exact KL(pi_theta(.|s_t) ||
     pi_ref(.|s_t)), `logp_all` log pi_theta over the vocabulary ([B, T, V], with a graph where a
-    gradient is wanted): kl_penalty 'loss''s term of the policy's objective. Its gradient is the KL's
-    at the batch's states (not through the states it leads to, which the reward's KL reaches)."""
+    gradient is wanted): the policy objective's term of kl_penalty 'exact' and 'loss'. Its gradient is
+    each KL's own dependence on pi_theta at the batch's states; how the states' distribution changes
+    with the earlier tokens is the reward's KL's part (`kl_penalty` 'exact')."""
     if logp_all is None:
-        raise ValueError("kl_penalty='loss' needs log pi_theta over the vocabulary (logp_all) for the KL term.")
+        raise ValueError(
+            "kl_penalty 'exact' or 'loss' needs log pi_theta over the vocabulary (logp_all) for the KL term."
+        )
     kl = categorical_kl(logp_all, batch.ref_log_probs)
     return batch.kl_loss_coef * masked_mean(kl, batch.response_mask)
 
@@ -849,13 +852,11 @@ class RLTrainer:
         kl_coef = self.kl_ctl.value
         if cfg.kl_penalty == "reward":
             rewards = token_rewards(rollout.scores, rollout.logp_old - rollout.logp_ref, mask, kl_coef)
-        elif cfg.kl_penalty == "exact_reward":
-            rewards = token_rewards(rollout.scores, rollout.kl_ref, mask, kl_coef)
-        else:  # "loss": the KL is a term of the policy's objective (`surrogate`), not of the return
-            rewards = token_rewards(rollout.scores, rollout.kl_ref, mask, 0.0)
+        else:  # the exact KL at each state; "loss" leaves the later states' KL out of the return
+            rewards = token_rewards(rollout.scores, rollout.kl_ref, mask, kl_coef if cfg.kl_penalty == "exact" else 0.0)
         advantages, returns = gae(rewards, rollout.values, mask, cfg.gamma, cfg.gae_lambda)
-        # Whitening scales the return's gradient by 1/sigma; the KL term takes the same factor, so the
-        # objective's gradient stays that of E[score] - beta * KL.
+        # Whitening scales the return's gradient by 1/sigma; the objective's KL term takes the same
+        # factor, so the gradient stays that of E[score] - beta * KL.
         advantage_scale = whitening_factor(advantages, mask).item() if cfg.whiten_advantages else 1.0
         if cfg.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
@@ -868,7 +869,7 @@ class RLTrainer:
         if rollout.kl_ref is not None:
             stats["kl/ref_exact"] = self.reduce_mean(rollout.kl_ref.sum(dim=1).mean()).item()
         kl_loss_coef = 0.0
-        if cfg.kl_penalty == "loss":
+        if cfg.kl_penalty != "reward":
             kl_loss_coef = kl_coef * advantage_scale
             stats["kl/loss_coef"] = self.reduce_mean(torch.tensor(kl_loss_coef, device=mask.device)).item()
         return dataclasses.replace(rollout, advantages=advantages, returns=returns, kl_loss_coef=kl_loss_coef), stats

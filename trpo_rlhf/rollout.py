@@ -38,9 +38,9 @@ class Rollout:
     scores: torch.Tensor | None = None  # [B]
     advantages: torch.Tensor | None = None  # [B, T]
     returns: torch.Tensor | None = None  # [B, T]
-    # kl_penalty 'exact_reward' and 'loss': the exact KL(pi_old(.|s_t) || pi_ref(.|s_t)) over the
-    # vocabulary [B, T]; 'loss' also keeps log pi_ref over the vocabulary [B, T, V] and the weight
-    # of the KL term in the policy's objective (`RLTrainer.surrogate`).
+    # kl_penalty 'exact' and 'loss': the exact KL(pi_old(.|s_t) || pi_ref(.|s_t)) over the vocabulary
+    # [B, T], log pi_ref over the vocabulary [B, T, V] and the weight of the KL term in the policy's
+    # objective (`RLTrainer.surrogate`).
     kl_ref: torch.Tensor | None = None
     ref_log_probs: torch.Tensor | None = None
     kl_loss_coef: float = 0.0
@@ -231,7 +231,7 @@ def evaluate_rollout(
 ) -> Rollout:
     """Fill in logp_old, logp_ref, values and entropy (and, with critic="policy_features" or
     `critic_layers`, the features the values were read from) for a sampled rollout (no gradients);
-    with `kl_penalty` 'exact_reward' also `kl_ref`, with 'loss' `kl_ref` and `ref_log_probs`.
+    with `kl_penalty` 'exact' or 'loss' also `kl_ref` and `ref_log_probs`.
 
     `sampling_logits`, the logits / temperature generation sampled from (`sample_completions(...,
     return_scores=True)`, [B, T, V]), stand in for the policy's forward: they are the same
@@ -277,7 +277,7 @@ def evaluate_rollout(
         values=values * mask,
         entropy=entropy * mask,
         kl_ref=kl_ref,
-        ref_log_probs=ref_log_probs if kl_penalty == "loss" else None,
+        ref_log_probs=ref_log_probs,
         features=features,
     )
 

@@ -241,10 +241,10 @@ class TRPOConfig(RLConfig):
             f"cg_stop='held_out' holds out sequences of each batch: batch_size={self.batch_size} must be >= 2.",
         )
         _require(
-            self.cg_stop != "held_out" or self.kl_penalty != "loss",
-            "cg_stop='held_out' scores CG's iterates on the surrogate of held-out sequences, and kl_penalty='loss' "
-            "puts a KL term of every sequence in it: use kl_penalty 'reward' or 'exact_reward' with it, or "
-            "cg_stop 'iterations'.",
+            self.cg_stop != "held_out" or self.kl_penalty == "reward",
+            f"cg_stop='held_out' scores CG's iterates on the surrogate of held-out sequences, and "
+            f"kl_penalty={self.kl_penalty!r} puts a KL term of every sequence in it: use kl_penalty 'reward' with "
+            "it, or cg_stop 'iterations'.",
         )
         _require(
             0.0 < self.held_out_fraction < 1.0,

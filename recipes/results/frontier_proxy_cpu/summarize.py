@@ -10,6 +10,7 @@ all reach; then how consecutive updates of the defaults and of PPO add up (`poli
     python recipes/results/frontier_proxy_cpu/summarize.py --held_out   # each update's KL on held-out prompts
     python recipes/results/frontier_proxy_cpu/summarize.py --steps32    # the defaults and PPO over 32 steps
     python recipes/results/frontier_proxy_cpu/summarize.py --token_trust_region   # max_token_kl 0.25 and 0.1
+    python recipes/results/frontier_proxy_cpu/summarize.py --kl_penalty   # the KL to the reference, exact
 
 Reward at K nats: the mean over the seeds that reach K, their number in brackets where not all do.
 candidates.png: reward against KL to the reference, each seed's curve faint (reward and kl/ref as
@@ -65,6 +66,8 @@ BINARY_VARIANTS = {
     "trpo": "TRPO without momentum (the defaults before)",
     "trpo_mom05": "TRPO, momentum 0.5 (the defaults)",
     "ppo": "PPO (ours), lr 1e-3",
+    "ppo_lr3e-4": "PPO (ours), lr 3e-4",
+    "ppo_lr3e-3": "PPO (ours), lr 3e-3",
     "trl_ppo": "PPO (TRL 1.12), lr 1e-3",
 }
 
@@ -90,18 +93,28 @@ TOKEN_TRUST_VARIANTS = {
     "trpo_tok01": "TRPO, the defaults with `max_token_kl 0.1`",
 }
 
+# Where the KL to the reference enters (`--kl_penalty`): its exact forms beside copies of the
+# defaults' runs of the same seeds.
+KL_PENALTY = HERE / "kl_penalty"
+KL_PENALTY_VARIANTS = {
+    "trpo": "TRPO, the defaults (the sampled log-ratio in the reward)",
+    "trpo_klexact": "TRPO, the defaults with `kl_penalty exact`",
+    "trpo_klloss": "TRPO, the defaults with `kl_penalty loss`",
+    "trpo_klexact_no_direct": "TRPO, the exact KL in the reward alone (no objective term; not an option)",
+}
+
 
 def load(variant: str, root: Path = HERE) -> list[list[dict]]:
     return [read_metrics(p) for p in sorted((root / variant).glob("seed-*/metrics.jsonl"))]
 
 
 def summarize_binary() -> None:
-    """The binary task: the step without momentum, the defaults, and both PPOs, at 2, 4 and 6 nats,
-    and their frontiers in default_critic/frontier.png."""
+    """The binary task: the step without momentum, the defaults, our PPO at three rates and TRL's,
+    at 2, 4 and 6 nats, and their frontiers in default_critic/frontier.png."""
     runs = {v: load(v, BINARY) for v in BINARY_VARIANTS if (BINARY / v).is_dir()}
     VARIANTS.update(BINARY_VARIANTS)
     print_wide_range(runs, kls=(2.0, 4.0, 6.0))
-    print_difference(runs, "trpo_mom05", tuple(v for v in ("ppo", "trl_ppo") if v in runs))
+    print_difference(runs, "trpo_mom05", tuple(v for v in ("ppo_lr3e-4", "ppo", "ppo_lr3e-3", "trl_ppo") if v in runs))
     plot(runs, BINARY / "frontier.png", task="Binary sentiment", reward="reward (VADER >= 0.5)", palette="tab10")
 
 
@@ -178,6 +191,43 @@ def summarize_token_trust_region() -> None:
     for capped in ("trpo_tok025", "trpo_tok01"):
         print_difference(runs, capped, ("trpo",))
     plot(runs, TOKEN_TRUST / "frontier.png", palette="tab10")
+
+
+def summarize_kl_penalty() -> None:
+    """The exact forms of the KL penalty against the defaults and our PPO at 1e-3 and 3e-3, over the
+    seeds run; the sampled and the exact KL to the reference each run reaches, and the loss term's
+    weight; the frontiers in kl_penalty/frontier.png."""
+    runs = {v: load(v, KL_PENALTY) for v in KL_PENALTY_VARIANTS if (KL_PENALTY / v).is_dir()}
+    seeds = max(len(s) for s in runs.values())
+    runs |= {v: load(v)[:seeds] for v in ("ppo_top_critic", "ppo_lr3e-3")}
+    VARIANTS.update(KL_PENALTY_VARIANTS)
+    print_wide_range(runs, kls=(2.0, 4.0, 6.0))
+    print()
+    print(
+        "| update | KL to ref, sampled (`kl/ref`), last 5 steps | exact (`kl/ref_exact`), last 5 steps | "
+        "`kl/loss_coef`, median | update KL, median (largest) | entropy, last 5 steps | policy update s/step |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for variant in KL_PENALTY_VARIANTS:
+        if variant not in runs:
+            continue
+        last = [r for rows in runs[variant] for r in rows[-5:]]
+        steps = [r for rows in runs[variant] for r in rows]
+        update_kl = [r["trpo/kl"] for r in steps]
+        cells = [
+            VARIANTS[variant],
+            f"{statistics.mean(r['kl/ref'] for r in last):.2f}",
+            mean_or_dash([r.get("kl/ref_exact") for r in last]),
+            median_or_dash([r.get("kl/loss_coef") for r in steps], 3),
+            f"{statistics.median(update_kl):.4f} ({max(update_kl):.4f})",
+            f"{statistics.mean(r['policy/entropy'] for r in last):.2f}",
+            f"{statistics.median(r['time/policy_update'] for r in steps):.1f}",
+        ]
+        print("| " + " | ".join(cells) + " |")
+    for variant in ("trpo_klexact", "trpo_klloss", "trpo_klexact_no_direct"):
+        if variant in runs:
+            print_difference(runs, variant, ("trpo",))
+    plot(runs, KL_PENALTY / "frontier.png", palette="tab10")
 
 
 def critic_fit(rows: list[dict]) -> float | None:
@@ -418,5 +468,6 @@ if __name__ == "__main__":
         "--held_out": summarize_held_out,
         "--steps32": summarize_steps32,
         "--token_trust_region": summarize_token_trust_region,
+        "--kl_penalty": summarize_kl_penalty,
     }
     modes.get(next(iter(sys.argv[1:]), ""), main)()
