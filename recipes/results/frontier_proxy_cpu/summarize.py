@@ -101,6 +101,7 @@ KL_PENALTY_VARIANTS = {
     "trpo_klexact": "TRPO, the defaults with `kl_penalty exact`",
     "trpo_klloss": "TRPO, the defaults with `kl_penalty loss`",
     "trpo_klexact_no_direct": "TRPO, the exact KL in the reward alone (no objective term; not an option)",
+    "ppo_klexact": "PPO (ours), lr 1e-3, with `kl_penalty exact`",
 }
 
 
@@ -208,12 +209,12 @@ def summarize_kl_penalty() -> None:
         "`kl/loss_coef`, median | update KL, median (largest) | entropy, last 5 steps | policy update s/step |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for variant in KL_PENALTY_VARIANTS:
+    for variant in (*KL_PENALTY_VARIANTS, "ppo_top_critic"):
         if variant not in runs:
             continue
         last = [r for rows in runs[variant] for r in rows[-5:]]
         steps = [r for rows in runs[variant] for r in rows]
-        update_kl = [r["trpo/kl"] for r in steps]
+        update_kl = [r.get("trpo/kl", r.get("ppo/kl")) for r in steps]
         cells = [
             VARIANTS[variant],
             f"{statistics.mean(r['kl/ref'] for r in last):.2f}",
@@ -227,6 +228,8 @@ def summarize_kl_penalty() -> None:
     for variant in ("trpo_klexact", "trpo_klloss", "trpo_klexact_no_direct"):
         if variant in runs:
             print_difference(runs, variant, ("trpo",))
+    if "ppo_klexact" in runs:
+        print_difference(runs, "ppo_klexact", ("ppo_top_critic",))
     plot(runs, KL_PENALTY / "frontier.png", palette="tab10")
 
 
