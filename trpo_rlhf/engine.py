@@ -913,7 +913,7 @@ class RLTrainer:
     @staticmethod
     def surrogate(batch: Rollout, logp: torch.Tensor, logp_all: torch.Tensor | None = None) -> torch.Tensor:
         """L = mean over valid tokens of exp(logp_theta - logp_old) * A_t (Schulman et al. 2015, eq. 14), `logp` the
-        log-probs of the taken tokens. With kl_penalty 'loss' (`batch.ref_log_probs` set) it also subtracts
+        log-probs of the taken tokens. With kl_penalty 'exact' or 'loss' (`batch.ref_log_probs` set) it also subtracts
         `reference_kl_term`, which needs `logp_all`, log pi_theta over the vocabulary."""
         gain = masked_mean(torch.exp(logp - batch.logp_old) * batch.advantages, batch.response_mask)
         if batch.ref_log_probs is None:
@@ -922,7 +922,7 @@ class RLTrainer:
 
     @staticmethod
     def needs_vocabulary_log_probs(batch: Rollout) -> bool:
-        """Whether `surrogate` on `batch` reads log pi_theta over the vocabulary (kl_penalty 'loss')."""
+        """Whether `surrogate` on `batch` reads log pi_theta over the vocabulary (kl_penalty 'exact', 'loss')."""
         return batch.ref_log_probs is not None
 
     @torch.no_grad()
