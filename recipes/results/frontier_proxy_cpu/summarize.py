@@ -102,6 +102,8 @@ KL_PENALTY_VARIANTS = {
     "trpo_klloss": "TRPO, the defaults with `kl_penalty loss`",
     "trpo_klexact_no_direct": "TRPO, the exact KL in the reward alone (no objective term; not an option)",
     "ppo_klexact": "PPO (ours), lr 1e-3, with `kl_penalty exact`",
+    "trpo_plain": "TRPO, the defaults without the preconditioner (`cg_preconditioner none`)",
+    "trpo_plain_klexact": "TRPO, the same with `kl_penalty exact`",
 }
 
 
