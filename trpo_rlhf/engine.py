@@ -855,9 +855,11 @@ class RLTrainer:
         else:  # the exact KL at each state; "loss" leaves the later states' KL out of the return
             rewards = token_rewards(rollout.scores, rollout.kl_ref, mask, kl_coef if cfg.kl_penalty == "exact" else 0.0)
         advantages, returns = gae(rewards, rollout.values, mask, cfg.gamma, cfg.gae_lambda)
-        # Whitening scales the return's gradient by 1/sigma; the objective's KL term takes the same
-        # factor, so the gradient stays that of E[score] - beta * KL.
-        advantage_scale = whitening_factor(advantages, mask).item() if cfg.whiten_advantages else 1.0
+        kl_loss_coef = 0.0
+        if cfg.kl_penalty != "reward":
+            # Whitening scales the return's gradient by 1/sigma; the objective's KL term takes the
+            # same factor, so the gradient stays that of E[score] - beta * KL.
+            kl_loss_coef = kl_coef * (whitening_factor(advantages, mask).item() if cfg.whiten_advantages else 1.0)
         if cfg.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
         kl_ref = self.reduce_mean(sequence_kl(rollout.logp_old, rollout.logp_ref, mask).mean()).item()
@@ -866,11 +868,8 @@ class RLTrainer:
             "kl/coef": kl_coef,
             "value/explained_variance": explained_variance(rollout.values, returns, mask),
         }
-        if rollout.kl_ref is not None:
-            stats["kl/ref_exact"] = self.reduce_mean(rollout.kl_ref.sum(dim=1).mean()).item()
-        kl_loss_coef = 0.0
         if cfg.kl_penalty != "reward":
-            kl_loss_coef = kl_coef * advantage_scale
+            stats["kl/ref_exact"] = self.reduce_mean(rollout.kl_ref.sum(dim=1).mean()).item()
             stats["kl/loss_coef"] = self.reduce_mean(torch.tensor(kl_loss_coef, device=mask.device)).item()
         return dataclasses.replace(rollout, advantages=advantages, returns=returns, kl_loss_coef=kl_loss_coef), stats
 
@@ -916,7 +915,7 @@ class RLTrainer:
         log-probs of the taken tokens. With kl_penalty 'exact' or 'loss' (`batch.ref_log_probs` set) it also subtracts
         `reference_kl_term`, which needs `logp_all`, log pi_theta over the vocabulary."""
         gain = masked_mean(torch.exp(logp - batch.logp_old) * batch.advantages, batch.response_mask)
-        if batch.ref_log_probs is None:
+        if not RLTrainer.needs_vocabulary_log_probs(batch):
             return gain
         return gain - reference_kl_term(batch, logp_all)
 
