@@ -69,10 +69,14 @@ TRPO_SOLVER_FLAGS = (
     "cg_preconditioner",
     "fisher_quadratic",
     "max_token_kl",
+    "signal_shrinkage_beta",
 )
 # RLConfig fields of the reward's shaping for TRPO and our PPO (TRL's PPO shapes its own way);
 # unset ones keep RLConfig's defaults.
 SHAPING_FLAGS = ("kl_penalty",)
+# RLConfig fields of the policy's LoRA adapter, for every algorithm (TRL's PPO builds its adapter
+# from them too); unset ones keep RLConfig's defaults.
+ADAPTER_FLAGS = ("lora_r", "lora_alpha")
 # RLConfig critic fields for TRPO and our PPO; unset ones keep RLConfig's defaults.
 CRITIC_FLAGS = (
     "critic",
@@ -142,12 +146,36 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="TRPO's per-token trust region (TRPOConfig.max_token_kl). Default: TRPOConfig's (off).",
     )
     parser.add_argument(
+        "--signal_shrinkage",
+        action="store_true",
+        help="TRPO's per-tensor shrinkage of the step by its running signal share (TRPOConfig.signal_shrinkage).",
+    )
+    parser.add_argument(
+        "--signal_shrinkage_beta",
+        type=float,
+        default=None,
+        help="The decay of signal_shrinkage's running means. Default: TRPOConfig's.",
+    )
+    parser.add_argument(
         "--learning_rate",
         type=float,
         default=None,
         help="PPO's (ours and TRL's). Default: 1e-3 (toy), 1e-4 (sentiment).",
     )
     parser.add_argument("--ppo_epochs", type=int, default=4)
+    parser.add_argument(
+        "--lora_r",
+        type=int,
+        default=None,
+        help="Every algorithm's LoRA rank (RLConfig.lora_r). Default: RLConfig's. Keep lora_alpha / lora_r with "
+        "--lora_alpha to keep the adapter's scale.",
+    )
+    parser.add_argument(
+        "--lora_alpha",
+        type=int,
+        default=None,
+        help="Every algorithm's LoRA alpha (RLConfig.lora_alpha). Default: RLConfig's.",
+    )
     parser.add_argument(
         "--kl_penalty",
         choices=KL_PENALTIES,
@@ -369,14 +397,14 @@ def run_worker(args: argparse.Namespace, output_dir: Path) -> None:
         compile_generation=args.compile_generation,
         held_out_kl_prompts=args.held_out_kl_prompts,
     )
-    for key in (*SHAPING_FLAGS, *CRITIC_FLAGS):
+    for key in (*ADAPTER_FLAGS, *SHAPING_FLAGS, *CRITIC_FLAGS):
         if getattr(args, key) is not None:
             common[key] = getattr(args, key)
     resume = True if args.resume_worker else None
 
     if args.worker == "trpo":
         solver = {key: getattr(args, key) for key in TRPO_SOLVER_FLAGS if getattr(args, key) is not None}
-        config = TRPOConfig(**common, max_kl=args.max_kl, **solver)
+        config = TRPOConfig(**common, max_kl=args.max_kl, signal_shrinkage=args.signal_shrinkage, **solver)
         TRPOTrainer(config, task.model, task.tokenizer, task.reward_model, task.prompts).train(
             resume_from_checkpoint=resume
         )
@@ -427,11 +455,19 @@ def worker_command(args: argparse.Namespace, algorithm: str, seed: int, output_d
         "--held_out_kl_prompts",
         str(args.held_out_kl_prompts),
     ]
-    for flag in ("model_name_or_path", "reward_model", "dataset", *TRPO_SOLVER_FLAGS, *SHAPING_FLAGS, *CRITIC_FLAGS):
+    for flag in (
+        "model_name_or_path",
+        "reward_model",
+        "dataset",
+        *TRPO_SOLVER_FLAGS,
+        *ADAPTER_FLAGS,
+        *SHAPING_FLAGS,
+        *CRITIC_FLAGS,
+    ):
         value = getattr(args, flag)
         if value is not None:
             command += [f"--{flag}", *map(str, value)] if isinstance(value, list) else [f"--{flag}", str(value)]
-    switches = [f"--{flag}" for flag in ("bf16", "compile_generation") if getattr(args, flag)]
+    switches = [f"--{flag}" for flag in ("bf16", "compile_generation", "signal_shrinkage") if getattr(args, flag)]
     return command + switches
 
 

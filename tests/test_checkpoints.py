@@ -87,6 +87,7 @@ def state_leaves(state):
         ("trpo", {"critic": "policy_features"}),
         ("trpo", {"momentum": 0.8, "cg_preconditioner": "gradient_rms"}),
         ("trpo", {"held_out_kl_prompts": 4}),
+        ("trpo", {"signal_shrinkage": True}),
     ],
 )
 def test_two_steps_and_a_resume_equal_four_straight_steps_bitwise(algorithm, settings, tmp_path, word_tokenizer):

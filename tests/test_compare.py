@@ -282,6 +282,33 @@ def test_critic_flags_reach_every_worker_of_trpo_and_our_ppo(tmp_path):
     assert not compare_trpo_ppo.worker_accepts(["--critic", "value_head"])
 
 
+@pytest.mark.parametrize("algorithm", ["trpo", "ppo", "trl_ppo"])
+def test_the_adapters_rank_and_alpha_reach_every_algorithms_worker_config(tmp_path, monkeypatch, algorithm):
+    args = compare_trpo_ppo.parse_args(["--lora_r", "2", "--lora_alpha", "4"])
+    command = compare_trpo_ppo.worker_command(args, algorithm, 0, tmp_path)
+    worker_args = compare_trpo_ppo.parse_args(command[2:])
+    assert (worker_args.lora_r, worker_args.lora_alpha) == (2, 4)
+    assert "--lora_r" not in compare_trpo_ppo.worker_command(compare_trpo_ppo.parse_args([]), algorithm, 0, tmp_path)
+
+    built = {}
+
+    class Capture:
+        def __init__(self, config, *rest):
+            built["config"] = config
+
+        def train(self, **kwargs):
+            pass
+
+    import trpo_rlhf
+    from trpo_rlhf.experiments import trl_adapter
+
+    monkeypatch.setattr(trpo_rlhf, "TRPOTrainer", Capture)
+    monkeypatch.setattr(trpo_rlhf, "PPOTrainer", Capture)
+    monkeypatch.setattr(trl_adapter, "build_trl_ppo_for_task", lambda task, config: Capture(config))
+    compare_trpo_ppo.run_worker(worker_args, tmp_path / "run")
+    assert (built["config"].lora_r, built["config"].lora_alpha) == (2, 4)
+
+
 def test_switches_reach_every_worker():
     command = compare_trpo_ppo.worker_command(
         compare_trpo_ppo.parse_args(["--bf16", "--compile_generation", "--held_out_kl_prompts", "8"]),

@@ -97,7 +97,7 @@ def test_the_loss_terms_gradient_is_that_of_the_surrogate_minus_the_exact_kl(mak
     expected = flat_grad(objective(batch), params)
     without_kl = flat_grad(objective(dataclasses.replace(batch, kl_loss_coef=0.0)), params)
     assert (expected - without_kl).norm() > 0.05 * expected.norm()  # the KL term is a real share of g
-    grad = trainer.chunked_gradient(batch, chunks)[0]
+    grad = trainer.chunked_gradient(batch, chunks).grad
     torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
 
     with torch.no_grad():

@@ -500,7 +500,7 @@ def test_the_one_iteration_step_is_sized_by_the_forward_mode_fisher_quadratic(ma
     fvp = trainer.fisher_product(batch, config=products)
     v = torch.randn(sum(p.numel() for p in params), generator=torch.Generator().manual_seed(0))
     assert trainer.fisher_quadratic(batch, v) == pytest.approx(torch.dot(v, fvp(v)).item(), rel=1e-4)
-    grad = trainer.chunked_gradient(batch, 1)[0]
+    grad = trainer.chunked_gradient(batch, 1).grad
     grad_quadratic = torch.dot(grad, fvp(grad)).item()
     del fvp
     stats = trainer.policy_update(batch)

@@ -14,6 +14,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch.autograd import forward_ad
@@ -32,9 +33,11 @@ from .trust_region import (
     LinearizedLogits,
     LineSearchResult,
     MeasuredKLCurvature,
+    TensorSignalShares,
     backtracking_line_search,
     cg_first_iterate,
     cg_solve,
+    cross_fitted_gain_terms,
     flat_grad,
     forward_tangents,
     held_out_cg_iterations,
@@ -198,6 +201,19 @@ class TRPOConfig(RLConfig):
             "Costs that forward and the second gradient pass. None: the mean KL alone, as in the paper."
         },
     )
+    signal_shrinkage: bool = field(
+        default=False,
+        metadata={
+            "help": "Scale each LoRA tensor's part of the one-iteration step by rho_k in [0, 1], the running share "
+            "of its predicted gain that is signal (cross-fitted over the fisher_chunks chunks of each batch, "
+            "`TensorSignalShares`): the Wiener shrinkage of a noisy step, so that the trust region's KL goes where "
+            "the batch's gradient is signal. The step's length still comes from the Fisher. Needs fisher_chunks >= 2 "
+            "and a one-iteration solve."
+        },
+    )
+    signal_shrinkage_beta: float = field(
+        default=0.9, metadata={"help": "signal_shrinkage: the decay of the per-tensor gains' running means."}
+    )
     fvp_method: str = field(
         default="gauss_newton",
         metadata={
@@ -284,6 +300,23 @@ class TRPOConfig(RLConfig):
             f"cg_stop={self.cg_stop!r}, fisher_quadratic={self.fisher_quadratic!r}).",
         )
         _require(
+            not self.signal_shrinkage or (self.fisher_chunks >= 2 and self.batch_size >= 2),
+            f"signal_shrinkage cross-fits the gradients of fisher_chunks chunks of each batch: it needs "
+            f"fisher_chunks >= 2 and batch_size >= 2 (got {self.fisher_chunks} and {self.batch_size}), e.g. "
+            "--fisher_chunks 4.",
+        )
+        _require(
+            not self.signal_shrinkage or (not self.needs_fisher_products and self.max_token_kl is None),
+            f"signal_shrinkage scales the one-iteration step along the batch's own gradient: it needs cg_iters 1, "
+            f"cg_stop 'iterations', fisher_quadratic 'measured_kl' or 'forward_mode' and no max_token_kl (got "
+            f"cg_iters={self.cg_iters}, cg_stop={self.cg_stop!r}, fisher_quadratic={self.fisher_quadratic!r}, "
+            f"max_token_kl={self.max_token_kl}).",
+        )
+        _require(
+            0.0 <= self.signal_shrinkage_beta < 1.0,
+            f"signal_shrinkage_beta={self.signal_shrinkage_beta} must lie in [0, 1), e.g. 0.9.",
+        )
+        _require(
             self.logit_damping == 0 or self.fvp_method == "gauss_newton",
             f"logit_damping={self.logit_damping} needs fvp_method='gauss_newton' (got {self.fvp_method!r}).",
         )
@@ -300,6 +333,15 @@ class TRPOConfig(RLConfig):
         """Whether the one-iteration step takes z^T F z from the measured KL (`fisher_quadratic`
         'measured_kl' on a solve that forms no products)."""
         return self.fisher_quadratic == "measured_kl" and not self.needs_fisher_products
+
+
+class ChunkedGradient(NamedTuple):
+    grad: torch.Tensor  # g, averaged across processes
+    surrogate_old: float  # L(theta_old), averaged across processes
+    logp_all_old: torch.Tensor  # log pi_old over the vocabulary [B, T, V], this process's
+    held_out_grad: torch.Tensor | None  # the held-out batch's g, averaged across processes
+    chunk_grads: torch.Tensor  # [J, n] this process's chunks' token-share-weighted gradients, summing to its g
+    chunk_shares: torch.Tensor  # [J] their shares of its valid tokens
 
 
 class TRPOTrainer(RLTrainer):
@@ -325,6 +367,7 @@ class TRPOTrainer(RLTrainer):
             else None
         )
         self.measured_curvature = MeasuredKLCurvature() if config.sizes_step_by_measured_kl else None
+        self.signal_shares = TensorSignalShares(config.signal_shrinkage_beta) if config.signal_shrinkage else None
 
     def _check_shardable(self) -> None:
         cfg = self.config
@@ -340,13 +383,20 @@ class TRPOTrainer(RLTrainer):
     def optimizers(
         self,
     ) -> dict[
-        str, torch.optim.Optimizer | UpdateCosine | HeavyBallDirection | GradientRMSPreconditioner | MeasuredKLCurvature
+        str,
+        torch.optim.Optimizer
+        | UpdateCosine
+        | HeavyBallDirection
+        | GradientRMSPreconditioner
+        | MeasuredKLCurvature
+        | TensorSignalShares,
     ]:
         """The optimizers' state and the solver's own state across updates, by name."""
         extra = {
             "policy_momentum": self.heavy_ball,
             "policy_preconditioner": self.preconditioner,
             "policy_step_scale": self.measured_curvature,
+            "policy_signal_shares": self.signal_shares,
         }
         return super().optimizers() | {name: state for name, state in extra.items() if state is not None}
 
@@ -407,15 +457,14 @@ class TRPOTrainer(RLTrainer):
         parts = [batch.select(index) for index in torch.arange(len(batch)).chunk(chunks)]
         return [(part, part.response_mask.sum() / total) for part in parts]
 
-    def chunked_gradient(
-        self, batch: Rollout, chunks: int, held_out: Rollout | None = None
-    ) -> tuple[torch.Tensor, float, torch.Tensor, torch.Tensor | None]:
-        """(g, L(theta_old), log pi_old over the vocabulary, the `held_out` batch's g or None) from
+    def chunked_gradient(self, batch: Rollout, chunks: int, held_out: Rollout | None = None) -> ChunkedGradient:
+        """g, L(theta_old), log pi_old over the vocabulary and the `held_out` batch's g (or None) from
         one forward and backward per chunk (two backwards with `held_out`), no graph kept past its
         chunk: the surrogate is a token mean, so g is the token-share-weighted sum of the chunks'
-        gradients. `held_out` is `batch` with other advantages, so it shares each chunk's forward."""
+        gradients, which come back too (this process's). `held_out` is `batch` with other
+        advantages, so it shares each chunk's forward."""
         params = self.actor_critic.policy_parameters()
-        grads, held_out_grads, surrogates, logp_all_old = [], [], [], []
+        grads, shares, held_out_grads, surrogates, logp_all_old = [], [], [], [], []
         held_out_chunks = self.sequence_chunks(held_out, chunks) if held_out is not None else None
         for i, (chunk, share) in enumerate(self.sequence_chunks(batch, chunks)):
             logits = self.policy_logits(chunk)
@@ -427,12 +476,20 @@ class TRPOTrainer(RLTrainer):
                 held_out_grads.append(flat_grad(held_out_surrogate, params, retain_graph=True))
             surrogate = share * self.surrogate(chunk, logprobs, logp_all)
             grads.append(flat_grad(surrogate, params))
+            shares.append(share)
             surrogates.append(surrogate.detach())
             logp_all_old.append(log_softmax_(logits.detach()))
             del logits, logprobs, logp_all, surrogate
-        grad = self.reduce_mean(torch.stack(grads).sum(dim=0))
+        chunk_grads = torch.stack(grads)
         held_out_grad = self.reduce_mean(torch.stack(held_out_grads).sum(dim=0)) if held_out_grads else None
-        return grad, self.reduce_mean(torch.stack(surrogates).sum()).item(), torch.cat(logp_all_old), held_out_grad
+        return ChunkedGradient(
+            grad=self.reduce_mean(chunk_grads.sum(dim=0)),
+            surrogate_old=self.reduce_mean(torch.stack(surrogates).sum()).item(),
+            logp_all_old=torch.cat(logp_all_old),
+            held_out_grad=held_out_grad,
+            chunk_grads=chunk_grads,
+            chunk_shares=torch.stack(shares),
+        )
 
     def chunked_fisher_product(self, batch: Rollout, cfg: TRPOConfig) -> DampedFisherProduct:
         """(F + cI) v with F the token-share-weighted sum of the chunks' Fishers (the KL is a token
@@ -558,7 +615,7 @@ class TRPOTrainer(RLTrainer):
         if capped == 0:
             return grad, stats
         weighted = dataclasses.replace(batch, advantages=batch.advantages * weights)
-        followed, _, _, _ = self.chunked_gradient(weighted, cfg.fisher_chunks)
+        followed = self.chunked_gradient(weighted, cfg.fisher_chunks).grad
         require_finite("token-capped policy gradient", followed)
         return followed, stats
 
@@ -592,9 +649,9 @@ class TRPOTrainer(RLTrainer):
         logits = jacobian = None
         with timer("gradient"):
             if cfg.fisher_chunks > 1:
-                grad, surrogate_old, logp_all_old, held_out_grad = self.chunked_gradient(
-                    batch, cfg.fisher_chunks, held_out
-                )
+                chunked = self.chunked_gradient(batch, cfg.fisher_chunks, held_out)
+                grad, surrogate_old, logp_all_old = chunked.grad, chunked.surrogate_old, chunked.logp_all_old
+                held_out_grad = chunked.held_out_grad
             else:
                 logits = self.fisher_logits(batch) if shared_forward else self.policy_logits(batch)
                 logprobs = token_logprobs(logits, batch.response_ids)
@@ -621,8 +678,11 @@ class TRPOTrainer(RLTrainer):
         # its own `config` (step_quality.py) sees them as the run's update would, on copies.
         heavy_ball = self.heavy_ball if config is None else copy.deepcopy(self.heavy_ball)
         precondition = self.cg_preconditioner(cfg)
+        prior_precondition = None
         if precondition is not None:
             precondition = precondition if config is None else copy.deepcopy(precondition)
+            # The state before this batch, from which the cross-fit remakes the step on part of it.
+            prior_precondition = copy.deepcopy(precondition) if cfg.fisher_chunks > 1 else None
             precondition.update(grad)
 
         with timer("fvp_graph"):
@@ -651,6 +711,10 @@ class TRPOTrainer(RLTrainer):
                 followed, token_stats = self.token_trust_region_gradient(
                     batch, fisher_batch, logp_all_old, grad, heavy_ball, precondition, curvature, cfg
                 )
+        tensor_weights, noise_stats = None, {}
+        if cfg.fisher_chunks > 1 and len(chunked.chunk_grads) > 1 and followed is grad:
+            # Before the heavy ball takes this batch's gradient: the cross-fit remakes its step.
+            tensor_weights, noise_stats = self.cross_fit(cfg, config, chunked, heavy_ball, prior_precondition)
         direction = heavy_ball(followed) if heavy_ball is not None else followed
         z = None
         kl_probes = 0
@@ -661,6 +725,8 @@ class TRPOTrainer(RLTrainer):
                 # x = (m.z / z^T (F + cI) z) z, z = P^-1 m: CG's first iterate. A logit damping
                 # changes only the length of z, which the trust region sets again below.
                 z = direction if precondition is None else precondition(direction)
+                if tensor_weights is not None:
+                    z = z * self.per_coordinate(tensor_weights)
                 z_az, kl_probes = self.one_iteration_quadratic(batch, fisher_batch, logp_all_old, z, cfg, curvature)
                 cg = cg_first_iterate(direction, z, z_az)
                 x_fx = cg.x_ax
@@ -693,6 +759,7 @@ class TRPOTrainer(RLTrainer):
             "trpo/kl_probes": float(kl_probes),
             "trpo/surrogate_old": surrogate_old,
             **token_stats,
+            **noise_stats,
         }
         if not x_fx > 0:
             # g = 0 (e.g. all advantages equal): no direction to take.
@@ -727,6 +794,64 @@ class TRPOTrainer(RLTrainer):
                 f"this one has cg_preconditioner={self.config.cg_preconditioner!r}."
             )
         return self.preconditioner
+
+    def cross_fitted_tensor_gains(
+        self,
+        chunked: ChunkedGradient,
+        heavy_ball: HeavyBallDirection | None,
+        prior_precondition: GradientRMSPreconditioner | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per policy LoRA tensor, the (cross-fitted, in-sample) first-order gain
+        (`cross_fitted_gain_terms`) of the one-iteration step's direction z = P^-1 m, the heavy
+        ball's m and the preconditioner's P (from its state before this batch) remade from each
+        gradient estimate. Each process cross-fits its own chunks against its own gradient
+        (unbiased on each, so their mean is too); both are averaged across processes."""
+
+        def step_direction(g: torch.Tensor) -> torch.Tensor:
+            m = heavy_ball.peek(g) if heavy_ball is not None else g
+            return prior_precondition.updated(g)(m) if prior_precondition is not None else m
+
+        terms = cross_fitted_gain_terms(chunked.chunk_grads, chunked.chunk_shares, step_direction)
+        sizes = [p.numel() for p in self.actor_critic.policy_parameters()]
+        per_tensor = torch.stack([torch.stack([part.sum() for part in t.split(sizes)]) for t in terms])
+        cross_fitted, in_sample = self.reduce_mean(per_tensor)
+        return cross_fitted, in_sample
+
+    def cross_fit(
+        self,
+        cfg: TRPOConfig,
+        config: TRPOConfig | None,
+        chunked: ChunkedGradient,
+        heavy_ball: HeavyBallDirection | None,
+        prior_precondition: GradientRMSPreconditioner | None,
+    ) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """(the per-tensor weights of this step under `signal_shrinkage`, else None; its stats): the
+        cross-fitted share of the step's predicted gain, and under `signal_shrinkage` the batch's
+        per-tensor gains recorded for the next steps (a probe with its own `config` on a copy)."""
+        cross_fitted, in_sample = self.cross_fitted_tensor_gains(chunked, heavy_ball, prior_precondition)
+        tensor_weights, stats = None, {}
+        if cfg.signal_shrinkage:
+            if self.signal_shares is None:
+                raise ValueError(
+                    "signal_shrinkage needs the running shares of a trainer built with it; this one has "
+                    f"signal_shrinkage={self.config.signal_shrinkage}."
+                )
+            signal_shares = self.signal_shares if config is None else copy.deepcopy(self.signal_shares)
+            # From the batches before this one, so that the step's weights do not fit its own noise.
+            tensor_weights = signal_shares.weights()
+            signal_shares.record(cross_fitted, in_sample)
+            stats["trpo/signal_shrinkage_mean"] = tensor_weights.mean().item() if tensor_weights is not None else 1.0
+        weights = tensor_weights if tensor_weights is not None else torch.ones_like(in_sample)
+        step_in_sample = torch.dot(weights, in_sample).item()
+        stats["trpo/cross_fitted_gain_ratio"] = (
+            torch.dot(weights, cross_fitted).item() / step_in_sample if step_in_sample > 0 else 0.0
+        )
+        return tensor_weights, stats
+
+    def per_coordinate(self, tensor_values: torch.Tensor) -> torch.Tensor:
+        """One value per policy LoRA tensor, repeated over its coordinates (the flat order of g)."""
+        sizes = torch.tensor([p.numel() for p in self.actor_critic.policy_parameters()], device=tensor_values.device)
+        return torch.repeat_interleave(tensor_values, sizes)
 
     @staticmethod
     def _step_stats(

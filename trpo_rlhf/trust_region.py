@@ -462,6 +462,92 @@ def surrogate_gradient(
     return flat_grad(surrogate, params, retain_graph=retain_graph), None
 
 
+def cross_fitted_gain_terms(
+    chunk_grads: torch.Tensor,
+    chunk_shares: torch.Tensor,
+    step_direction: Callable[[torch.Tensor], torch.Tensor] = lambda grad: grad,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per coordinate, the (cross-fitted, in-sample) first-order gain, per unit of step scale, of
+    the step direction z = `step_direction(g)` a gradient estimate makes: g = sum_j c_j the batch
+    gradient from its chunks' share-weighted gradients c_j = w_j g_j (`chunk_grads` [J, n],
+    `chunk_shares` w [J], J >= 2). Their sums are the step's gains (`cross_fitted_gain`).
+
+    In-sample, g * z(g): the batch's noise is in both factors and inflates it. Cross-fitted,
+    sum_j w_j g_j * z(g_-j), g_-j = (g - c_j) / (1 - w_j): each chunk scores the step the others
+    alone would make, everything that depends on the batch (a preconditioner's statistics, a
+    momentum's restart) made from them too; with independent chunks it is unbiased for the gain of
+    such a step (cross-fitting, Chernozhukov et al. 2018).
+    """
+    if chunk_grads.shape[0] < 2:
+        raise ValueError(f"cross-fitting needs >= 2 chunks, got {chunk_grads.shape[0]}.")
+    grad = chunk_grads.sum(dim=0)
+    in_sample = grad * step_direction(grad)
+    cross_fitted = sum(c * step_direction((grad - c) / (1 - w)) for c, w in zip(chunk_grads, chunk_shares.tolist()))
+    return cross_fitted, in_sample
+
+
+def cross_fitted_gain(
+    chunk_grads: torch.Tensor,
+    chunk_shares: torch.Tensor,
+    step_direction: Callable[[torch.Tensor], torch.Tensor] = lambda grad: grad,
+) -> tuple[float, float]:
+    """(cross-fitted, in-sample) first-order gain of the step `step_direction` makes from the batch
+    gradient, summed over coordinates (`cross_fitted_gain_terms`). TRPOTrainer logs their ratio,
+    the share of the predicted gain that is signal, as `trpo/cross_fitted_gain_ratio`.
+
+    >>> g1, g2 = torch.tensor([1.0, 1.0]), torch.tensor([1.0, -1.0])  # the signal [1, 0] and noise
+    >>> cross_fitted_gain(torch.stack([g1, g2]) / 2, torch.tensor([0.5, 0.5]))
+    (0.0, 1.0)
+    """
+    cross_fitted, in_sample = cross_fitted_gain_terms(chunk_grads, chunk_shares, step_direction)
+    return cross_fitted.sum().item(), in_sample.sum().item()
+
+
+class TensorSignalShares:
+    """Per LoRA tensor, rho_k in [0, 1], the running share of its part of the step's predicted gain
+    that is signal: the exponential moving averages of its cross-fitted and in-sample gains
+    (`cross_fitted_gain_terms` summed over the tensor), their ratio clipped to [0, 1]. Scaling each
+    tensor's part of the step by rho_k is the linear shrinkage that minimises its expected squared
+    error against the noise-free step (the Wiener filter; James & Stein 1961 for its empirical
+    form), so the trust region's KL goes where the batch's gradient is signal. It keeps state
+    between updates, checkpointed with the trainer's optimizers; before its first record every
+    rho_k is 1.
+
+    >>> shares = TensorSignalShares(beta=0.0)
+    >>> shares.record(torch.tensor([0.5, -1.0, 3.0, 0.0]), torch.tensor([1.0, 1.0, 2.0, 0.0]))
+    >>> shares.weights()
+    tensor([0.5000, 0.0000, 1.0000, 1.0000])
+    """
+
+    def __init__(self, beta: float):
+        self.beta = beta
+        self.cross_fitted: torch.Tensor | None = None
+        self.in_sample: torch.Tensor | None = None
+
+    def record(self, cross_fitted: torch.Tensor, in_sample: torch.Tensor) -> None:
+        """This update's per-tensor (cross-fitted, in-sample) gains."""
+        if self.cross_fitted is None:
+            self.cross_fitted, self.in_sample = torch.zeros_like(cross_fitted), torch.zeros_like(in_sample)
+        self.cross_fitted.mul_(self.beta).add_(cross_fitted.detach(), alpha=1 - self.beta)
+        self.in_sample.mul_(self.beta).add_(in_sample.detach(), alpha=1 - self.beta)
+
+    def weights(self) -> torch.Tensor | None:
+        """rho per tensor, or None before the first record; 1 for a tensor with no in-sample gain yet
+        (LoRA's A tensors have no gradient while B is 0), 0 for one whose in-sample gain is < 0."""
+        if self.cross_fitted is None:
+            return None
+        ratio = self.cross_fitted / torch.where(self.in_sample == 0, 1.0, self.in_sample)
+        ratio = torch.where(self.in_sample == 0, 1.0, torch.where(self.in_sample < 0, 0.0, ratio))
+        return ratio.clamp(0.0, 1.0)
+
+    def state_dict(self) -> dict:
+        return {"cross_fitted": self.cross_fitted, "in_sample": self.in_sample}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cross_fitted = None if state["cross_fitted"] is None else state["cross_fitted"].detach().clone()
+        self.in_sample = None if state["in_sample"] is None else state["in_sample"].detach().clone()
+
+
 class HeavyBallDirection:
     """The direction m = g + mu * m_prev across updates (Polyak 1964), restarted at g where it
     would not ascend the current batch's surrogate (g^T m <= 0). It keeps state between updates,
@@ -517,6 +603,13 @@ class GradientRMSPreconditioner:
         self.beta, self.eps = beta, eps
         self.second_moment: torch.Tensor | None = None
         self.updates = 0
+
+    def updated(self, grad: torch.Tensor) -> GradientRMSPreconditioner:
+        """A copy updated with `grad`, this one unchanged."""
+        other = GradientRMSPreconditioner(self.beta, self.eps)
+        other.load_state_dict(self.state_dict())
+        other.update(grad)
+        return other
 
     def update(self, grad: torch.Tensor) -> None:
         squared = (grad * grad).detach()
