@@ -4,7 +4,9 @@ over 4 and over 16 chunks of its sequences, against G_-b^T g_b with G_-b the mea
 the other K - 1 batches (unbiased for E[g]^T E[g], as the cross-fit is). Plain gradient steps
 (no preconditioner, no momentum), at the LoRA initialisation or after --warm_steps
 TRPO steps. With --by_group, the in-sample and cross-fitted gains summed over the batches per
-group of LoRA tensors (module, A or B, third of the layers): where the signal is.
+group of LoRA tensors (module, A or B, third of the layers): where the signal is. With
+--pooled, each pair of batches is also cross-fitted as one batch of 32 (its 8 chunks): the signal
+share at twice the batch, from the same sequences.
 
     HF_HUB_OFFLINE=1 python recipes/results/frontier_proxy_cpu/gradient_noise/validate.py > validate.txt
 """
@@ -25,6 +27,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--batches", type=int, default=8)
 parser.add_argument("--warm_steps", type=int, default=0)
 parser.add_argument("--by_group", action="store_true")
+parser.add_argument("--pooled", action="store_true")
 args = parser.parse_args()
 use_all_cpu_cores()
 task = build_task("sentiment", seed=0, model="embedded", reward_model="vader", dataset=None)
@@ -53,10 +56,11 @@ names = {id(p): n for n, p in trainer.actor_critic.named_parameters()}
 groups = [group_of(names[id(p)]) for p in trainer.actor_critic.policy_parameters()]
 sizes = [p.numel() for p in trainer.actor_critic.policy_parameters()]
 group_in_sample, group_cross = defaultdict(float), defaultdict(float)
-rows = []
+rows, pieces = [], []
 for _ in range(args.batches):
     batch = trainer.collect_batch()[0]
     four, sixteen = trainer.chunked_gradient(batch, 4), trainer.chunked_gradient(batch, 16)
+    pieces.append((four.chunk_grads, four.chunk_shares, batch.response_mask.sum().item()))
     if args.by_group:
         g = four.grad
         cross = sum(c * (g - c) / (1 - w) for c, w in zip(four.chunk_grads, four.chunk_shares.tolist()))
@@ -86,3 +90,19 @@ if args.by_group:
     for name in sorted(group_in_sample):
         i, c = group_in_sample[name], group_cross[name]
         print(f"{name} | {i / total_in:.3f} | {c / total_cross:.3f} | {c / i:.4f}")
+if args.pooled:
+    print()
+    print("batches | in-sample g.g | cross-fitted | ratio")
+    singles = [cross_fitted_gain(grads, shares) for grads, shares, _ in pieces]
+    pooled = []
+    for (grads_a, shares_a, tokens_a), (grads_b, shares_b, tokens_b) in zip(pieces[::2], pieces[1::2]):
+        weight_a, weight_b = tokens_a / (tokens_a + tokens_b), tokens_b / (tokens_a + tokens_b)
+        pooled.append(
+            cross_fitted_gain(
+                torch.cat([grads_a * weight_a, grads_b * weight_b]),
+                torch.cat([shares_a * weight_a, shares_b * weight_b]),
+            )
+        )
+    for label, gains in (("16 prompts", singles), ("32 prompts", pooled)):
+        cross, in_sample = statistics.mean(c for c, _ in gains), statistics.mean(i for _, i in gains)
+        print(f"{len(gains)} of {label} | {in_sample:.4g} | {cross:.4g} | {cross / in_sample:.4f}")
