@@ -627,9 +627,13 @@ class TRPOTrainer(RLTrainer):
            with `momentum`), F v = J^T M J v (or by double backprop) over one graph built once: the
            very forward g came from when the Fisher uses the whole batch (`fisher_chunks` = 1). At
            one iteration x is along z = P^-1 m and only z^T F z is needed: forward-mode J z, no product
-           (or, with `fisher_quadratic` 'measured_kl', 2 KL / a^2 from the exact KL measured at a z);
+           (or, with `fisher_quadratic` 'measured_kl', 2 KL / a^2 from the exact KL measured at a z;
+           with `signal_shrinkage`, z scaled per LoRA tensor by its running signal share);
         3. full step s = sqrt(2 delta / x^T F x) x, so that 1/2 s^T F s = delta;
         4. backtracking on the measured exact KL and the surrogate; exact restore on failure.
+
+        With the gradient in chunks, the step's direction is also cross-fitted over them
+        (`trpo/cross_fitted_gain_ratio`, the share of its predicted gain that is signal).
 
         `config` gives this update other solver settings than the trainer's (e.g. to probe a
         variant on the same batch, `recipes/step_quality.py`).
