@@ -127,7 +127,7 @@ def test_signal_shares_are_running_means_of_the_gains_and_survive_a_state_round_
     assert shares.weights() is None
     shares.record(torch.tensor([1.0, 0.2, -0.5]), torch.tensor([2.0, 1.0, 1.0]))
     shares.record(torch.tensor([0.0, 0.2, 0.1]), torch.tensor([2.0, 1.0, 1.0]))
-    # Means 0.25, 0.15, -0.2 over 1.5, 0.75, 0.75 (the first record decayed once from zero).
+    # Moving averages from zero at beta 0.5: 0.25, 0.15, -0.075 over 1.5, 0.75, 0.75; the last clips to 0.
     torch.testing.assert_close(shares.weights(), torch.tensor([0.25 / 1.5, 0.2, 0.0]))
     restored = TensorSignalShares(beta=0.5)
     restored.load_state_dict(shares.state_dict())
