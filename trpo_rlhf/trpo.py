@@ -38,6 +38,7 @@ from .trust_region import (
     cg_first_iterate,
     cg_solve,
     cross_fitted_gain_terms,
+    flat_concat,
     flat_grad,
     forward_tangents,
     held_out_cg_iterations,
@@ -46,6 +47,7 @@ from .trust_region import (
     restore,
     set_to_step,
     snapshot,
+    split_like,
     surrogate_gradient,
     token_trust_weights,
 )
@@ -816,8 +818,8 @@ class TRPOTrainer(RLTrainer):
             return prior_precondition.updated(g)(m) if prior_precondition is not None else m
 
         terms = cross_fitted_gain_terms(chunked.chunk_grads, chunked.chunk_shares, step_direction)
-        sizes = [p.numel() for p in self.actor_critic.policy_parameters()]
-        per_tensor = torch.stack([torch.stack([part.sum() for part in t.split(sizes)]) for t in terms])
+        params = self.actor_critic.policy_parameters()
+        per_tensor = torch.stack([torch.stack([part.sum() for part in split_like(t, params)]) for t in terms])
         cross_fitted, in_sample = self.reduce_mean(per_tensor)
         return cross_fitted, in_sample
 
@@ -854,8 +856,9 @@ class TRPOTrainer(RLTrainer):
 
     def per_coordinate(self, tensor_values: torch.Tensor) -> torch.Tensor:
         """One value per policy LoRA tensor, repeated over its coordinates (the flat order of g)."""
-        sizes = torch.tensor([p.numel() for p in self.actor_critic.policy_parameters()], device=tensor_values.device)
-        return torch.repeat_interleave(tensor_values, sizes)
+        return flat_concat(
+            [value.expand_as(p) for value, p in zip(tensor_values, self.actor_critic.policy_parameters())]
+        )
 
     @staticmethod
     def _step_stats(

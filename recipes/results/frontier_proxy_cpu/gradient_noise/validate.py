@@ -21,7 +21,7 @@ import torch
 from trpo_rlhf import TRPOConfig, TRPOTrainer
 from trpo_rlhf.experiments import build_task
 from trpo_rlhf.experiments.sentiment import use_all_cpu_cores
-from trpo_rlhf.trust_region import cross_fitted_gain
+from trpo_rlhf.trust_region import cross_fitted_gain, cross_fitted_gain_terms
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--batches", type=int, default=8)
@@ -62,9 +62,8 @@ for _ in range(args.batches):
     four, sixteen = trainer.chunked_gradient(batch, 4), trainer.chunked_gradient(batch, 16)
     pieces.append((four.chunk_grads, four.chunk_shares, batch.response_mask.sum().item()))
     if args.by_group:
-        g = four.grad
-        cross = sum(c * (g - c) / (1 - w) for c, w in zip(four.chunk_grads, four.chunk_shares.tolist()))
-        for name, in_part, cross_part in zip(groups, (g * g).split(sizes), cross.split(sizes)):
+        cross, in_sample = cross_fitted_gain_terms(four.chunk_grads, four.chunk_shares)
+        for name, in_part, cross_part in zip(groups, in_sample.split(sizes), cross.split(sizes)):
             group_in_sample[name] += in_part.sum().item()
             group_cross[name] += cross_part.sum().item()
     rows.append(
