@@ -76,7 +76,7 @@ TRPO_SOLVER_FLAGS = (
 SHAPING_FLAGS = ("kl_penalty",)
 # RLConfig fields of the policy's LoRA adapter, for every algorithm (TRL's PPO builds its adapter
 # from them too); unset ones keep RLConfig's defaults.
-ADAPTER_FLAGS = ("lora_r", "lora_alpha")
+ADAPTER_FLAGS = ("lora_r", "lora_alpha", "lora_target_modules")
 # RLConfig critic fields for TRPO and our PPO; unset ones keep RLConfig's defaults.
 CRITIC_FLAGS = (
     "critic",
@@ -175,6 +175,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=int,
         default=None,
         help="Every algorithm's LoRA alpha (RLConfig.lora_alpha). Default: RLConfig's.",
+    )
+    parser.add_argument(
+        "--lora_target_modules",
+        nargs="+",
+        default=None,
+        help="The modules every algorithm's policy adapter adapts (RLConfig.lora_target_modules), e.g. v_proj. "
+        "Default: the task's (PEFT's default for the architecture: q_proj v_proj on the sentiment task).",
     )
     parser.add_argument(
         "--kl_penalty",

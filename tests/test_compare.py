@@ -283,11 +283,14 @@ def test_critic_flags_reach_every_worker_of_trpo_and_our_ppo(tmp_path):
 
 
 @pytest.mark.parametrize("algorithm", ["trpo", "ppo", "trl_ppo"])
-def test_the_adapters_rank_and_alpha_reach_every_algorithms_worker_config(tmp_path, monkeypatch, algorithm):
-    args = compare_trpo_ppo.parse_args(["--lora_r", "2", "--lora_alpha", "4"])
+def test_the_adapters_rank_alpha_and_modules_reach_every_algorithms_worker_config(tmp_path, monkeypatch, algorithm):
+    args = compare_trpo_ppo.parse_args(["--lora_r", "2", "--lora_alpha", "4", "--lora_target_modules", "v_proj"])
     command = compare_trpo_ppo.worker_command(args, algorithm, 0, tmp_path)
     worker_args = compare_trpo_ppo.parse_args(command[2:])
-    assert (worker_args.lora_r, worker_args.lora_alpha) == (2, 4)
+    assert (worker_args.lora_r, worker_args.lora_alpha, worker_args.lora_target_modules) == (2, 4, ["v_proj"])
+    assert "--lora_target_modules" not in compare_trpo_ppo.worker_command(
+        compare_trpo_ppo.parse_args([]), algorithm, 0, tmp_path
+    )
     assert "--lora_r" not in compare_trpo_ppo.worker_command(compare_trpo_ppo.parse_args([]), algorithm, 0, tmp_path)
 
     built = {}
@@ -306,7 +309,11 @@ def test_the_adapters_rank_and_alpha_reach_every_algorithms_worker_config(tmp_pa
     monkeypatch.setattr(trpo_rlhf, "PPOTrainer", Capture)
     monkeypatch.setattr(trl_adapter, "build_trl_ppo_for_task", lambda task, config: Capture(config))
     compare_trpo_ppo.run_worker(worker_args, tmp_path / "run")
-    assert (built["config"].lora_r, built["config"].lora_alpha) == (2, 4)
+    assert (built["config"].lora_r, built["config"].lora_alpha, built["config"].lora_target_modules) == (
+        2,
+        4,
+        ["v_proj"],
+    )
 
 
 def test_switches_reach_every_worker():

@@ -11,6 +11,7 @@ all reach; then how consecutive updates of the defaults and of PPO add up (`poli
     python recipes/results/frontier_proxy_cpu/summarize.py --steps32    # the defaults and PPO over 32 steps
     python recipes/results/frontier_proxy_cpu/summarize.py --token_trust_region   # max_token_kl 0.25 and 0.1
     python recipes/results/frontier_proxy_cpu/summarize.py --kl_penalty   # the KL to the reference, exact
+    python recipes/results/frontier_proxy_cpu/summarize.py --ppo_3e-3_nine_seeds   # PPO at 3e-3, 9 seeds
 
 Reward at K nats: the mean over the seeds that reach K, their number in brackets where not all do.
 candidates.png: reward against KL to the reference, each seed's curve faint (reward and kl/ref as
@@ -139,7 +140,9 @@ def summarize_held_out() -> None:
     for variant, repeated in HELD_OUT_REPEATS.items():
         for path in sorted((HELD_OUT / variant).glob("seed-*/metrics.jsonl")):
             rows = read_metrics(path)
-            same = metrics_but_timings(path) == metrics_but_timings(HERE / repeated / path.parent.name / "metrics.jsonl")
+            same = metrics_but_timings(path) == metrics_but_timings(
+                HERE / repeated / path.parent.name / "metrics.jsonl"
+            )
             batch = [r.get("trpo/kl", r.get("ppo/kl")) for r in rows]
             held_out = [r["policy/kl_held_out"] for r in rows]
             ratio = [h / b for h, b in zip(held_out, batch) if b > 0]
@@ -235,6 +238,24 @@ def summarize_kl_penalty() -> None:
     plot(runs, KL_PENALTY / "frontier.png", palette="tab10")
 
 
+# Seeds 2-8 of our PPO at 3e-3 (`--ppo_3e-3_nine_seeds`); seeds 0 and 1 are `ppo_lr3e-3/`.
+PPO_3E3_SEEDS_2_TO_8 = HERE / "ppo_lr3e-3_nine_seeds" / "ppo_lr3e-3"
+
+
+def summarize_ppo_3e3_nine_seeds() -> None:
+    """The defaults against our PPO at 3e-3 and 1e-3, nine seeds each, and the frontiers in
+    ppo_lr3e-3_nine_seeds/frontier.png."""
+    runs = {
+        "trpo_mom05": load("trpo_mom05"),
+        "ppo_top_critic": load("ppo_top_critic"),
+        "ppo_lr3e-3": load("ppo_lr3e-3") + load(PPO_3E3_SEEDS_2_TO_8.name, PPO_3E3_SEEDS_2_TO_8.parent),
+    }
+    print_wide_range(runs, kls=(2.0, 4.0, 6.0))
+    print_difference(runs, "trpo_mom05", ("ppo_top_critic", "ppo_lr3e-3"))
+    print_update_cosine(runs)
+    plot(runs, PPO_3E3_SEEDS_2_TO_8.parent / "frontier.png", palette="tab10")
+
+
 def critic_fit(rows: list[dict]) -> float | None:
     """The critic's explained variance over steps 2-16 (None for TRL's PPO, which does not log it)."""
     values = [r["value/explained_variance"] for r in rows[1:] if "value/explained_variance" in r]
@@ -318,7 +339,9 @@ def print_difference(runs: dict[str, list[list[dict]]], ours: str, others: tuple
             print(f"| {VARIANTS[other]} | {len(a)}, {len(b)} | {difference:+.3f} | – | – |")
             continue
         error = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
-        print(f"| {VARIANTS[other]} | {len(a)}, {len(b)} | {difference:+.3f} | {error:.3f} | {difference / error:+.1f} |")
+        print(
+            f"| {VARIANTS[other]} | {len(a)}, {len(b)} | {difference:+.3f} | {error:.3f} | {difference / error:+.1f} |"
+        )
 
 
 # Our PPO and TRL's at every rate run (all on the default critic).
@@ -474,5 +497,6 @@ if __name__ == "__main__":
         "--steps32": summarize_steps32,
         "--token_trust_region": summarize_token_trust_region,
         "--kl_penalty": summarize_kl_penalty,
+        "--ppo_3e-3_nine_seeds": summarize_ppo_3e3_nine_seeds,
     }
     modes.get(next(iter(sys.argv[1:]), ""), main)()

@@ -6,12 +6,17 @@ the other K - 1 batches (unbiased for E[g]^T E[g], as the cross-fit is). Plain g
 TRPO steps. With --by_group, the in-sample and cross-fitted gains summed over the batches per
 group of LoRA tensors (module, A or B, third of the layers): where the signal is. With
 --pooled, each pair of batches is also cross-fitted as one batch of 32 (its 8 chunks): the signal
-share at twice the batch, from the same sequences.
+share at twice the batch, from the same sequences. With --advantages, each batch's gradient is
+also taken with other advantage estimators on the same sequences (GAE lambda 1 and 0.8, and no
+critic at all), each scored against the other batches' mean gradient with lambda 1 (the critic
+only a baseline there, so that direction is unbiased): which estimator's step carries the most
+signal per unit of its noise.
 
     HF_HUB_OFFLINE=1 python recipes/results/frontier_proxy_cpu/gradient_noise/validate.py > validate.txt
 """
 
 import argparse
+import dataclasses
 import re
 import statistics
 from collections import defaultdict
@@ -28,6 +33,7 @@ parser.add_argument("--batches", type=int, default=8)
 parser.add_argument("--warm_steps", type=int, default=0)
 parser.add_argument("--by_group", action="store_true")
 parser.add_argument("--pooled", action="store_true")
+parser.add_argument("--advantages", action="store_true")
 args = parser.parse_args()
 use_all_cpu_cores()
 task = build_task("sentiment", seed=0, model="embedded", reward_model="vader", dataset=None)
@@ -57,8 +63,30 @@ groups = [group_of(names[id(p)]) for p in trainer.actor_critic.policy_parameters
 sizes = [p.numel() for p in trainer.actor_critic.policy_parameters()]
 group_in_sample, group_cross = defaultdict(float), defaultdict(float)
 rows, pieces = [], []
+# (name, GAE lambda, whether the critic's values enter): the run's estimator first.
+ESTIMATORS = [("GAE 0.95, critic (the defaults)", 0.95, True), ("GAE 1.0, critic", 1.0, True)]
+ESTIMATORS += [("GAE 0.8, critic", 0.8, True), ("no critic (lambda 1, values 0)", 1.0, False)]
+estimator_grads = defaultdict(list)
+
+
+def advantages_by(batch, gae_lambda: float, with_critic: bool):
+    """`batch` with its advantages taken again by another estimator, on the same sequences."""
+    values = batch.values if with_critic else torch.zeros_like(batch.values)
+    run_config = trainer.config
+    trainer.config = dataclasses.replace(run_config, gae_lambda=gae_lambda)
+    try:
+        return trainer._advantages(dataclasses.replace(batch, values=values))[0]
+    finally:
+        trainer.config = run_config
+
+
 for _ in range(args.batches):
     batch = trainer.collect_batch()[0]
+    if args.advantages:
+        for name, gae_lambda, with_critic in ESTIMATORS:
+            estimator_grads[name].append(
+                trainer.chunked_gradient(advantages_by(batch, gae_lambda, with_critic), 4).grad
+            )
     four, sixteen = trainer.chunked_gradient(batch, 4), trainer.chunked_gradient(batch, 16)
     pieces.append((four.chunk_grads, four.chunk_shares, batch.response_mask.sum().item()))
     if args.by_group:
@@ -105,3 +133,18 @@ if args.pooled:
     for label, gains in (("16 prompts", singles), ("32 prompts", pooled)):
         cross, in_sample = statistics.mean(c for c, _ in gains), statistics.mean(i for _, i in gains)
         print(f"{len(gains)} of {label} | {in_sample:.4g} | {cross:.4g} | {cross / in_sample:.4f}")
+if args.advantages:
+    print()
+    print(
+        "advantages | in-sample g.g | other batches' lambda-1 mean . g | per unit of noise: mean . g / sqrt(g.g) "
+        "| cosine to the defaults' g"
+    )
+    reference = torch.stack(estimator_grads["GAE 1.0, critic"])
+    others = (reference.sum(0) - reference) / (len(reference) - 1)
+    defaults = torch.stack(estimator_grads[ESTIMATORS[0][0]])
+    for name, *_ in ESTIMATORS:
+        grads_e = torch.stack(estimator_grads[name])
+        in_sample = (grads_e * grads_e).sum(1).mean().item()
+        signal = (others * grads_e).sum(1).mean().item()
+        cosine = torch.nn.functional.cosine_similarity(grads_e, defaults, dim=1).mean().item()
+        print(f"{name} | {in_sample:.4g} | {signal:.4g} | {signal / in_sample**0.5:.4g} | {cosine:.3f}")
