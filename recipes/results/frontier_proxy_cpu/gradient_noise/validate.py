@@ -82,12 +82,14 @@ def advantages_by(batch, gae_lambda: float, with_critic: bool):
 
 for _ in range(args.batches):
     batch = trainer.collect_batch()[0]
+    four, sixteen = trainer.chunked_gradient(batch, 4), trainer.chunked_gradient(batch, 16)
     if args.advantages:
-        for name, gae_lambda, with_critic in ESTIMATORS:
+        # The run's own estimator is the batch's advantages as sampled: its gradient is `four`'s.
+        estimator_grads[ESTIMATORS[0][0]].append(four.grad)
+        for name, gae_lambda, with_critic in ESTIMATORS[1:]:
             estimator_grads[name].append(
                 trainer.chunked_gradient(advantages_by(batch, gae_lambda, with_critic), 4).grad
             )
-    four, sixteen = trainer.chunked_gradient(batch, 4), trainer.chunked_gradient(batch, 16)
     pieces.append((four.chunk_grads, four.chunk_shares, batch.response_mask.sum().item()))
     if args.by_group:
         cross, in_sample = cross_fitted_gain_terms(four.chunk_grads, four.chunk_shares)
