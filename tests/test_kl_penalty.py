@@ -10,7 +10,7 @@ from conftest import bitwise_equal, policy_snapshot
 from trpo_rlhf import PPOConfig, PPOTrainer, TRPOConfig
 from trpo_rlhf.advantages import gae, masked_mean, masked_whiten, token_rewards, whitening_factor
 from trpo_rlhf.engine import reference_kl_term
-from trpo_rlhf.experiments.toy import TOY_PROMPTS, WordCountReward, build_tiny_lm
+from trpo_rlhf.experiments.toy import TOY_PROMPTS, WordCountReward, WordScoreReward, build_tiny_lm
 from trpo_rlhf.rollout import Rollout, token_logprobs
 from trpo_rlhf.trust_region import categorical_kl, flat_grad
 
@@ -184,7 +184,8 @@ def test_both_trainers_train_with_the_exact_kl(make_trainer, word_tokenizer, tmp
         lora_target_modules=["q_proj", "v_proj"],
         kl_penalty=kl_penalty,
     )
-    ppo = PPOTrainer(config, build_tiny_lm(word_tokenizer), word_tokenizer, WordCountReward(), TOY_PROMPTS)
+    # A dense reward (every word scored), so that the first batch carries a gradient whatever is sampled.
+    ppo = PPOTrainer(config, build_tiny_lm(word_tokenizer), word_tokenizer, WordScoreReward(), TOY_PROMPTS)
     for trainer, accepted in ((trpo, "trpo/accepted"), (ppo, "ppo/kl")):
         rows = trainer.train()
         assert [r["step"] for r in rows] == [1, 2]
