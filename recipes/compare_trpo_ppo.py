@@ -17,7 +17,9 @@ variants at 2, 4 and 6 nats and in mean reward (the envelope a frontier comparis
 q_proj, v_proj and lm_head). `sentiment`: the task of the sentiment recipes (embedded SmolLM2 +
 VADER offline). `sentiment_binary`: the same with a binary reward, 1 when VADER scores the
 completion at least 0.5 (`trpo_rlhf.experiments.build_task`). Each (algorithm, seed) runs in its own process, so peak memory and random state
-are its own; its metrics.jsonl and log are in DIR/<variant>/seed-<k>/. TRL's PPO runs when the
+are its own; its metrics.jsonl is in DIR/<variant>/seed-<k>/, its log in DIR/<variant>/seed-<k>.log. The
+comparison holds DIR's lock while it runs and refuses a DIR with an earlier comparison in it unless
+--overwrite_output_dir (start over), --reuse_finished or --resume_from_checkpoint. TRL's PPO runs when the
 trl-ppo extra is installed (pip install -e .[trl-ppo]) and is skipped with a note otherwise.
 """
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -47,6 +50,7 @@ from trpo_rlhf.experiments.comparison import (
     summarize_runs,
 )
 from trpo_rlhf.metrics import read_metrics
+from trpo_rlhf.run_directory import RunDirectory, check_output_dir_path
 from trpo_rlhf.trpo import FISHER_QUADRATICS
 
 TASK_DEFAULTS = {
@@ -58,6 +62,9 @@ TASK_DEFAULTS = {
 
 # results.json's keys beside the variants' names.
 RESULTS_KEYS = ("best", "envelope", "settings")
+REPORT_FILES = ("results.json", "compare.md", "compare.png")
+# A variant's name is a folder of DIR: letters, digits, '_', '-', '.' and '+', not starting with a dot.
+VARIANT_NAME = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9_.+-]*$")
 # TRPOConfig fields the comparison can set; unset ones keep TRPOConfig's defaults.
 TRPO_SOLVER_FLAGS = (
     "cg_iters",
@@ -268,6 +275,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--reward_model", default=None, help="sentiment: reward (default: the recipes' choice).")
     parser.add_argument("--dataset", default=None, help="sentiment: prompts (default: the recipes' choice).")
     parser.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Start over in an output_dir that holds an earlier comparison, deleting the files it wrote (only those).",
+    )
+    parser.add_argument(
         "--reuse_finished",
         action="store_true",
         help="Keep every (algorithm, seed) run in output_dir whose metrics.jsonl already has --steps rows; run the rest.",
@@ -295,6 +307,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.kl_target = args.kl_target if args.kl_target is not None else args.max_kl
     if args.steps < 1 or args.seeds < 1 or args.parallel < 1:
         parser.error(f"--steps ({args.steps}), --seeds ({args.seeds}) and --parallel ({args.parallel}) must be >= 1")
+    try:
+        check_output_dir_path(args.output_dir, flag="output_dir")
+    except (ValueError, OSError) as error:
+        parser.error(str(error))
     if not args.worker:
         try:
             args.variants = plan_variants(args)
@@ -315,8 +331,13 @@ class Variant:
 def parse_variant(spec: str) -> Variant:
     """`NAME:FLAGS` (TRPO) or `NAME:ALGORITHM FLAGS`."""
     name, sep, rest = spec.partition(":")
-    if not sep or not name or "/" in name:
+    if not sep or not name:
         raise ValueError(f"--variant {spec!r}: expected NAME:FLAGS, e.g. 'trpo_cg1:--cg_iters 1'.")
+    if not VARIANT_NAME.match(name):
+        raise ValueError(
+            f"--variant {spec!r}: the name {name!r} is a folder of --output_dir, so it takes letters, digits and _ - . + "
+            "only, and no leading dot, e.g. 'trpo_cg1'."
+        )
     flags = shlex.split(rest)
     algorithm = flags.pop(0) if flags and flags[0] in ALGORITHMS else "trpo"
     return Variant(name, algorithm, flags)
@@ -495,11 +516,17 @@ class Job:
     def name(self) -> str:
         return f"{label(self.variant.name, self.variant.algorithm):>15} seed {self.seed}"
 
+    @property
+    def log_path(self) -> Path:
+        """Beside the run's folder, which holds only what the run itself writes."""
+        return self.run_dir.with_name(f"{self.run_dir.name}.log")
 
-def plan_jobs(args: argparse.Namespace, out: Path, runs: dict[str, list[list[dict]]]) -> list[Job]:
+
+def plan_jobs(args: argparse.Namespace, folder: RunDirectory, runs: dict[str, list[list[dict]]]) -> list[Job]:
     """Every (variant, seed) still to run; finished runs kept by --reuse_finished go into `runs`."""
-    jobs = []
+    jobs, out = [], folder.path
     for variant in args.variants:
+        folder.record(variant.name)
         for seed in range(args.seeds):
             run_dir = out / variant.name / f"seed-{seed}"
             if args.reuse_finished and (run_dir / "metrics.jsonl").exists():
@@ -524,13 +551,13 @@ def plan_jobs(args: argparse.Namespace, out: Path, runs: dict[str, list[list[dic
 
 
 def run_jobs(jobs: list[Job], parallel: int, runs: dict[str, list[list[dict]]]) -> list[str]:
-    """Run the jobs, `parallel` at a time, each writing its log.txt; returns the failures. Results
+    """Run the jobs, `parallel` at a time, each writing its log; returns the failures. Results
     go into `runs` in the jobs' order, whatever order they finish in."""
     pending, running, failures = list(jobs), [], []
     while pending or running:
         while pending and len(running) < parallel:
             job = pending.pop(0)
-            with open(job.run_dir / "log.txt", "a" if job.resumed else "w") as log:
+            with open(job.log_path, "a" if job.resumed else "w") as log:
                 job.process = subprocess.Popen(job.command, stdout=log, stderr=subprocess.STDOUT)
             job.started = time.perf_counter()
             running.append(job)
@@ -539,8 +566,8 @@ def run_jobs(jobs: list[Job], parallel: int, runs: dict[str, list[list[dict]]]) 
             running.remove(job)
             seconds, code = time.perf_counter() - job.started, job.process.returncode
             if code != 0:
-                failures.append(f"{job.variant.name} seed {job.seed}: exit {code}, see {job.run_dir / 'log.txt'}")
-                print(f"{job.name}: FAILED (exit {code}); its log: {job.run_dir / 'log.txt'}")
+                failures.append(f"{job.variant.name} seed {job.seed}: exit {code}, see {job.log_path}")
+                print(f"{job.name}: FAILED (exit {code}); its log: {job.log_path}")
                 continue
             job.rows = read_metrics(job.run_dir / "metrics.jsonl")
             print(
@@ -558,14 +585,31 @@ def main(argv=None) -> int:
         run_worker(args, Path(args.output_dir))
         return 0
 
-    out = Path(args.output_dir)
+    folder = RunDirectory(
+        args.output_dir, continue_hint="Complete it with --reuse_finished or --resume_from_checkpoint"
+    )
+    try:
+        with folder.locked():
+            if args.reuse_finished or args.resume_from_checkpoint:
+                folder.adopt()
+            else:
+                folder.claim(args.overwrite_output_dir)
+            return compare(args, folder)
+    except (OSError, RuntimeError) as error:  # a foreign, used, locked or unwritable folder
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def compare(args: argparse.Namespace, folder: RunDirectory) -> int:
+    """Plan, run and summarize the comparison in `folder` (locked and claimed)."""
+    out = folder.path
     from trpo_rlhf.experiments.trl_adapter import trl_available
 
     if any(v.algorithm == "trl_ppo" for v in args.variants) and not trl_available():
         print("TRL's PPO is not installed (pip install -e .[trl-ppo], trl==1.12.0): leaving its runs out.")
         args.variants = [v for v in args.variants if v.algorithm != "trl_ppo"]
     runs: dict[str, list[list[dict]]] = {}
-    jobs = plan_jobs(args, out, runs)
+    jobs = plan_jobs(args, folder, runs)
     failures = run_jobs(jobs, args.parallel, runs)
     # Keep the variants' order (reused runs and new ones alike).
     runs = {v.name: runs[v.name] for v in args.variants if v.name in runs}
@@ -573,11 +617,20 @@ def main(argv=None) -> int:
     if runs:
         algorithms = {v.name: v.algorithm for v in args.variants}
         results = summarize_runs(runs, args.kl_target, algorithms)
-        hidden = {"worker", "seed", "reuse_finished", "resume_from_checkpoint", "resume_worker", "variants"}
+        hidden = {
+            "worker",
+            "seed",
+            "reuse_finished",
+            "resume_from_checkpoint",
+            "resume_worker",
+            "variants",
+            "overwrite_output_dir",
+        }
         settings = {k: v for k, v in vars(args).items() if k not in hidden}
         settings["variants"] = {v.name: {"algorithm": v.algorithm, "flags": v.flags} for v in args.variants}
         envelope = frontier_envelope(results)
         report = {**results, "best": best_variants(results), "envelope": envelope, "settings": settings}
+        folder.record(*REPORT_FILES)
         (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
         table = markdown_table(results, args.kl_target)
         if len(results) > len({r["algorithm"] for r in results.values()}):  # some algorithm has several variants

@@ -44,12 +44,17 @@ def main(output_dir: str, max_steps: int, sleep_seconds: float, resume: str | No
         trainer.train(resume_from_checkpoint=True if resume == "latest" else None)
     except TrainingInterrupted as stop:
         return stop.exit_code
+    write_final_digest(trainer, output_dir)
+    return 0
+
+
+def write_final_digest(trainer, output_dir: str) -> None:
+    """OUTPUT_DIR/final_digest.json: a hash of every trainable tensor, to compare runs by."""
     digest = hashlib.sha256()
     for name, tensor in sorted(trainer.actor_critic.trainable_tensors().items()):
         digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
     with open(f"{output_dir}/final_digest.json", "w") as f:
         json.dump({"digest": digest.hexdigest()}, f)
-    return 0
 
 
 if __name__ == "__main__":

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from trpo_rlhf import PPOConfig, PPOTrainer, TrainingInterrupted, TRPOConfig, TRPOTrainer
-from trpo_rlhf.checkpointing import StopRequest, latest_checkpoint, list_checkpoints, staging_path
+from trpo_rlhf.checkpointing import StopRequest, latest_checkpoint, list_checkpoints, staging_path, verify_checkpoint
 from trpo_rlhf.experiments.toy import TOY_PROMPTS, WordScoreReward, build_tiny_lm
 from trpo_rlhf.metrics import json_safe
+from trpo_rlhf.run_directory import RunDirectory
 
 WORKER = Path(__file__).with_name("resume_worker.py")
 ALGORITHMS = {"trpo": (TRPOTrainer, TRPOConfig, {}), "ppo": (PPOTrainer, PPOConfig, {"learning_rate": 1e-3})}
@@ -55,6 +56,13 @@ def without_timings(rows):
 
 def read_rows(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def forget_file_record(checkpoint):
+    """Make `checkpoint` one saved before trainer_state.json recorded its files' sizes and hashes."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    del state["files"]
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
 
 
 def tensors(trainer):
@@ -147,6 +155,7 @@ def test_a_checkpoint_without_momentum_or_cosine_state_resumes_with_them_startin
     assert "policy_momentum" not in saved
     del saved["policy_update_cosine"]
     torch.save(saved, optimizer_file)
+    forget_file_record(tmp_path / "run" / "checkpoint-2")
 
     resumed = make("trpo", word_tokenizer, tmp_path / "run", max_steps=3, momentum=0.5)
     resumed.policy_update_cosine.last_change = torch.ones(1)  # would leak into step 3 if not emptied
@@ -190,9 +199,13 @@ def test_a_new_run_never_mixes_with_a_previous_one(tmp_path, word_tokenizer):
     ):
         again.train()
     assert len(read_rows(tmp_path / "run" / "metrics.jsonl")) == 2  # untouched
+    previous_run = RunDirectory(tmp_path / "run").run_id()
     make("trpo", word_tokenizer, tmp_path / "run", max_steps=1, overwrite_output_dir=True).train()
     assert [row["step"] for row in read_rows(tmp_path / "run" / "metrics.jsonl")] == [1]
-    assert list_checkpoints(tmp_path / "run") == []  # the previous run's checkpoints are gone
+    # The previous run's checkpoints are gone; the new run's final state is its own checkpoint.
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-1"]
+    new_run = json.loads((tmp_path / "run" / "checkpoint-1" / "trainer_state.json").read_text())["run_id"]
+    assert new_run == RunDirectory(tmp_path / "run").run_id() != previous_run
 
 
 def test_save_total_limit_keeps_the_newest(tmp_path, word_tokenizer):
@@ -207,11 +220,13 @@ def test_a_failed_save_leaves_no_partial_checkpoint(tmp_path, word_tokenizer, mo
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
+    trainer.step()  # step 2, not saved yet
     monkeypatch.setattr(trainer.tokenizer, "save_pretrained", disk_full)
     with pytest.raises(OSError, match="No space left"):
         trainer.save_checkpoint()
-    assert not (tmp_path / "run" / "checkpoint-1").exists()
-    assert not staging_path(tmp_path / "run" / "checkpoint-1").exists()
+    assert not (tmp_path / "run" / "checkpoint-2").exists()
+    assert not staging_path(tmp_path / "run" / "checkpoint-2").exists()
+    assert verify_checkpoint(tmp_path / "run" / "checkpoint-1")["global_step"] == 1
 
 
 def test_an_interrupt_in_the_middle_of_a_step_saves_the_last_completed_step(tmp_path, word_tokenizer):

@@ -213,7 +213,7 @@ def test_bad_reward_outputs_raise_clear_errors(make_trainer, returned, match):
 @pytest.mark.parametrize(
     "overrides,match",
     [
-        ({"max_kl": 0.0}, r"max_kl=0.0 must be a positive"),
+        ({"max_kl": 0.0}, r"max_kl=0.0 must be in \(0, 1.0\] nats per token"),
         ({"max_kl": -1.0}, r"max_kl=-1.0"),
         ({"cg_iters": 0}, r"cg_iters=0 must be >= 1"),
         ({"backtrack_coef": 1.0}, r"backtrack_coef=1.0 must lie strictly between 0 and 1"),

@@ -18,6 +18,8 @@ honours at the next step boundary.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import random
 import re
@@ -32,7 +34,19 @@ import torch
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STAGING_SUFFIX = ".tmp"
+TRAINER_STATE_FILE = "trainer_state.json"
 _CHECKPOINT_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+
+
+class CorruptCheckpointError(ValueError):
+    """A file of a checkpoint is missing, truncated or altered since it was saved."""
+
+    def __init__(self, checkpoint: Path, file: str, why: str):
+        super().__init__(
+            f"Checkpoint {checkpoint} is corrupt: {file} {why}. Resume from another checkpoint "
+            "(resume_from_checkpoint=True takes the newest intact one)."
+        )
+        self.checkpoint, self.file = checkpoint, file
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,6 +81,17 @@ def prepare_staging(target: Path) -> Path:
     return staging
 
 
+def retired_path(target: Path) -> Path:
+    """Where `publish_staging` moves an older `target` while the new one takes its place."""
+    return target.with_name(f".{target.name}.old")
+
+
+def checkpoint_entries(target: Path) -> tuple[str, ...]:
+    """The names a checkpoint's save creates in its parent folder: the checkpoint, its staging
+    folder and the older copy's place."""
+    return target.name, staging_path(target).name, retired_path(target).name
+
+
 def publish_staging(target: Path) -> None:
     """Flush the staging folder of `target` and rename it to `target`, replacing an older
     `target`. The rename is atomic, so a reader sees the old folder, the new one, or none."""
@@ -75,7 +100,7 @@ def publish_staging(target: Path) -> None:
     if target.exists():
         # A re-save of the same step: move the old copy aside first (rename cannot replace a
         # non-empty folder), then drop it.
-        retired = target.with_name(f".{target.name}.old")
+        retired = retired_path(target)
         shutil.rmtree(retired, ignore_errors=True)
         target.rename(retired)
         staging.rename(target)
@@ -112,6 +137,74 @@ def publish_entries(staging: Path, target: Path, last: str) -> None:
         os.replace(entry, destination)
     staging.rmdir()
     _fsync(target)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_manifest(folder: Path, exclude: tuple[str, ...] = (TRAINER_STATE_FILE,)) -> dict[str, dict]:
+    """Size and SHA-256 of every file under `folder` (paths relative to it), for `verify_checkpoint`.
+
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> _ = (folder / "a.txt").write_text("abc")
+    >>> file_manifest(folder)["a.txt"]["size"]
+    3
+    """
+    files = {}
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        name = path.relative_to(folder).as_posix()
+        if name not in exclude:
+            files[name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    return files
+
+
+def read_trainer_state(checkpoint: Path) -> dict:
+    """A checkpoint's trainer_state.json; `CorruptCheckpointError` when it is missing or unreadable."""
+    path = Path(checkpoint) / TRAINER_STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CorruptCheckpointError(checkpoint, TRAINER_STATE_FILE, "is missing") from None
+    except (ValueError, OSError) as exc:
+        raise CorruptCheckpointError(checkpoint, TRAINER_STATE_FILE, f"cannot be read ({exc})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        raise CorruptCheckpointError(checkpoint, TRAINER_STATE_FILE, "holds no global_step")
+    return state
+
+
+def verify_checkpoint(checkpoint: Path) -> dict:
+    """Check every file against the sizes and hashes its trainer_state.json recorded at save, and
+    return that state; `CorruptCheckpointError` names the first file that differs. A checkpoint
+    saved before the record existed is checked for its trainer state alone."""
+    checkpoint = Path(checkpoint)
+    state = read_trainer_state(checkpoint)
+    for name, expected in state.get("files", {}).items():
+        path = checkpoint / name
+        if not path.is_file():
+            raise CorruptCheckpointError(checkpoint, name, "is missing")
+        size = path.stat().st_size
+        if size != expected["size"]:
+            raise CorruptCheckpointError(checkpoint, name, f"is {size} bytes, {expected['size']} were saved")
+        if _sha256(path) != expected["sha256"]:
+            raise CorruptCheckpointError(checkpoint, name, "differs from the saved file (its SHA-256 changed)")
+    return state
+
+
+def load_checkpoint_file(checkpoint: Path, name: str):
+    """`torch.load` of one of a checkpoint's files (tensors and plain containers only), an
+    unreadable one reported as a `CorruptCheckpointError` naming it."""
+    try:
+        return torch.load(Path(checkpoint) / name, weights_only=True)
+    except FileNotFoundError:
+        raise CorruptCheckpointError(checkpoint, name, "is missing") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise CorruptCheckpointError(checkpoint, name, f"cannot be read ({type(exc).__name__}: {exc})") from None
 
 
 def checkpoint_step(path: Path) -> int | None:

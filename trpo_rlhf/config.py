@@ -17,12 +17,16 @@ import numbers
 import os
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .run_directory import check_output_dir_path
 from .tracking import check_report_to
 
 CRITICS = ("adapter", "policy_features")
+SEED_LIMIT = 2**32  # NumPy's seeds, which set_seed passes it, are in [0, 2**32)
+MIN_TEMPERATURE = 1e-2  # below it softmax(logits / T) is one-hot in float32: no token has a gradient
 KL_PENALTIES = ("reward", "exact", "loss")
 MODEL_DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes
 
@@ -79,7 +83,11 @@ class RLConfig:
     """
 
     output_dir: str = field(
-        default="runs/trpo", metadata={"help": "Where metrics.jsonl, checkpoints and the final adapter go."}
+        default="runs/trpo",
+        metadata={
+            "help": "Where metrics.jsonl, checkpoints and the final adapter go: a new or empty folder, or one of an "
+            "earlier run of this toolkit (never the working directory or home; a folder holding anything else is refused)."
+        },
     )
     seed: int = field(default=0, metadata={"help": "Seed for LoRA init, prompt order and sampling."})
     max_steps: int = field(default=100, metadata={"help": "Number of rollout + update iterations `train()` runs."})
@@ -228,8 +236,22 @@ class RLConfig:
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
-            "help": "Start a new run in an output_dir that holds a previous run's metrics or checkpoints, deleting them. "
-            "Without it such a run stops with an error (use --resume_from_checkpoint to continue the previous run)."
+            "help": "Start a new run in an output_dir that holds a previous run, deleting the files that run wrote (and "
+            "nothing else). Without it such a run stops with an error (use --resume_from_checkpoint to continue it)."
+        },
+    )
+    ignore_checkpoint_mismatch: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume from a checkpoint of another run (another output_dir's), or one saved with another base "
+            "model or tokenizer, with a warning instead of the error each of them is otherwise."
+        },
+    )
+    reward_timeout: float | None = field(
+        default=None,
+        metadata={
+            "help": "Seconds a reward function may take on one batch before the run stops with a RewardError naming the "
+            "batch (its last completed step saved). None: no limit."
         },
     )
     max_nonfinite_steps: int = field(
@@ -285,6 +307,8 @@ class RLConfig:
     def __post_init__(self) -> None:
         if isinstance(self.output_dir, os.PathLike):
             self.output_dir = os.fspath(self.output_dir)
+        if isinstance(self.output_dir, str):
+            check_output_dir_path(self.output_dir)
         if isinstance(self.lora_target_modules, tuple):
             self.lora_target_modules = list(self.lora_target_modules)
         if isinstance(self.critic_lora_target_modules, tuple):
@@ -296,14 +320,20 @@ class RLConfig:
         check_field_types(self)
         check_report_to(self.report_to)
         _require(
+            0 <= self.seed < SEED_LIMIT,
+            f"seed={self.seed} must be in [0, 2**32) (NumPy's seed range), e.g. --seed 0.",
+        )
+        _require(
             self.batch_size >= 1,
             f"batch_size={self.batch_size} must be >= 1: set --batch_size to a positive number of prompts.",
         )
         _require(self.max_steps >= 1, f"max_steps={self.max_steps} must be >= 1.")
         _require(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens} must be >= 1.")
         _require(
-            self.temperature > 0,
-            f"temperature={self.temperature} must be > 0 (1.0 samples from the model's own distribution).",
+            self.temperature >= MIN_TEMPERATURE,
+            f"temperature={self.temperature} must be >= {MIN_TEMPERATURE}: lower, softmax(logits / temperature) is one "
+            "token with probability 1 in float32, which leaves no gradient to train on (1.0 samples from the model's "
+            "own distribution).",
         )
         _require(self.init_kl_coef >= 0, f"init_kl_coef={self.init_kl_coef} must be >= 0 (0 disables the KL penalty).")
         _require(
@@ -355,6 +385,12 @@ class RLConfig:
         )
         _require(self.value_lr > 0, f"value_lr={self.value_lr} must be > 0.")
         _require(self.value_epochs >= 0, f"value_epochs={self.value_epochs} must be >= 0 (0 freezes the critic).")
+        if self.value_epochs == 0:
+            warnings.warn(
+                "value_epochs=0: the critic never trains, so GAE's advantages keep its initial values as their "
+                "baseline for the whole run. Set --value_epochs 4 (the default) unless that is the ablation you want.",
+                stacklevel=3,
+            )
         _require(self.value_minibatch_size >= 1, f"value_minibatch_size={self.value_minibatch_size} must be >= 1.")
         _require(
             self.value_clip_range is None or self.value_clip_range > 0,
@@ -382,6 +418,10 @@ class RLConfig:
         _require(
             self.held_out_kl_prompts >= 0,
             f"held_out_kl_prompts={self.held_out_kl_prompts} must be >= 0 (0: off), e.g. --held_out_kl_prompts 16.",
+        )
+        _require(
+            self.reward_timeout is None or self.reward_timeout > 0,
+            f"reward_timeout={self.reward_timeout} must be > 0 seconds, or None for no limit, e.g. --reward_timeout 600.",
         )
         _require(
             self.log_completions_steps >= 0,

@@ -11,6 +11,7 @@ GAE, the critic, logging, checkpoints and exact resume; a subclass adds only its
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -20,7 +21,7 @@ import shutil
 import signal
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -43,32 +44,46 @@ from .advantages import (
 )
 from .checkpointing import (
     CHECKPOINT_PREFIX,
+    TRAINER_STATE_FILE,
+    CorruptCheckpointError,
     StopRequest,
     TrainingInterrupted,
     atomic_directory,
     capture_rng_state,
-    latest_checkpoint,
+    checkpoint_entries,
+    file_manifest,
     list_checkpoints,
+    load_checkpoint_file,
     prepare_staging,
     publish_entries,
+    read_trainer_state,
     remove_stale_staging,
     restore_rng_state,
     rotate_checkpoints,
     staging_path,
+    verify_checkpoint,
 )
 from .config import RLConfig
-from .loading import cast_frozen_base, context_length, ensure_pad_token, load_causal_lm
+from .loading import (
+    cast_frozen_base,
+    context_length,
+    ensure_pad_token,
+    fingerprint_differences,
+    load_causal_lm,
+    model_fingerprint,
+    tokenizer_fingerprint,
+)
 from .metrics import UpdateCosine, append_jsonl
 from .profiling import PhaseTimer, peak_memory_mb
 from .prompts import check_prompt_strings, prompts_from_dataset
 from .rewards import RewardFn, build_reward_fn, score_batch
 from .rollout import Rollout, evaluate_rollout, gather_tokens, log_softmax_, sample_completions
+from .run_directory import RunDirectory, check_output_dir_path
 from .sharding import deepspeed_zero_stage, fsdp_requested, shard_frozen_base
 from .tracking import RunTrackers, tracker_names
 from .trust_region import KL_CHUNK_POSITIONS, categorical_kl, flat_concat
 
 METRICS_FILE = "metrics.jsonl"
-TRAINER_STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 FINAL_STAGING = ".final.tmp"
 # Settings a resumed run may change without changing what its steps compute.
@@ -81,6 +96,8 @@ RESUME_MAY_CHANGE = {
     "max_nonfinite_steps",
     "held_out_kl_prompts",  # sampled on a random stream of its own: a measurement, not part of the run
     "gradient_checkpointing",  # recomputes the same activations: memory, not part of the run
+    "reward_timeout",
+    "ignore_checkpoint_mismatch",
 }
 HELD_OUT_SEED_STRIDE = 1_000_003  # a prime above any step count: (seed, step) pairs map to distinct seeds
 
@@ -177,7 +194,9 @@ class RLTrainer:
         train_dataset: Sequence[str] | object = (),
     ):
         self.config = config
-        self.output_dir = Path(config.output_dir)
+        self.output_dir = check_output_dir_path(config.output_dir)
+        self.run_directory = RunDirectory(self.output_dir)
+        self.run_directory.check_ours()  # before anything is written or loaded
         self._check_output_dir_writable()
         self.accelerator = Accelerator(
             cpu=use_cpu_accelerator(),
@@ -199,6 +218,11 @@ class RLTrainer:
         self.tokenizer = tokenizer
         ensure_pad_token(tokenizer, base_model_of(model))
         self._check_vocabulary(model)
+        # What a checkpoint must have been saved with (checked on resume), taken before any sharding.
+        self.fingerprints = {
+            "base_model": model_fingerprint(base_model_of(model)),
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+        }
 
         self.prompts = self._validate_prompts(train_dataset, model)
         self._check_held_out_prompts()
@@ -220,6 +244,9 @@ class RLTrainer:
         self._batch_prompt_indices: list[int] = []
         self.global_step = 0
         self.nonfinite_streak = 0
+        self.run_id: str | None = None  # output_dir's run, once claimed or resumed (main process)
+        self._output_dir_taken = False  # on every process, once claimed or resumed
+        self._saved_step = 0  # the step of the last checkpoint saved or loaded
         # The state at the end of the last completed step: a failed or non-finite step rolls back to it.
         self._completed_state: TrainingState | None = None
         self.policy_update_cosine = UpdateCosine()
@@ -251,10 +278,6 @@ class RLTrainer:
 
     def _check_output_dir_writable(self) -> None:
         out = self.output_dir
-        if out.exists() and not out.is_dir():
-            raise NotADirectoryError(
-                f"output_dir={str(out)!r} is a file; pass a folder for metrics, checkpoints and the adapter."
-            )
         probe = out / f".write-test-{os.getpid()}"
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -289,6 +312,18 @@ class RLTrainer:
             ) from exc
 
     def _validate_prompts(self, train_dataset, model) -> list[str]:
+        if isinstance(train_dataset, Mapping):
+            # A dict of columns, as datasets.Dataset.from_dict takes it (iterating it would yield its keys).
+            from datasets import Dataset
+
+            try:
+                train_dataset = Dataset.from_dict(dict(train_dataset))
+            except Exception as exc:
+                raise TypeError(
+                    f"train_dataset is a {type(train_dataset).__name__} with keys {list(train_dataset)[:4]}: a mapping is "
+                    "read as a dataset's columns, e.g. {'prompt': ['This movie', ...]}, each a list of one length "
+                    f"({exc})."
+                ) from exc
         if hasattr(train_dataset, "column_names"):
             prompts = prompts_from_dataset(train_dataset)
         elif isinstance(train_dataset, str):
@@ -310,6 +345,13 @@ class RLTrainer:
             raise ValueError(
                 f"Prompt {empty[0]} ({prompts[empty[0]]!r}) tokenizes to nothing; remove empty prompts from train_dataset."
             )
+        unknown = self._unknown_only_prompts(prompts)
+        if unknown:
+            raise ValueError(
+                f"Prompt {unknown[0]} ({prompts[unknown[0]]!r}) tokenizes to unknown tokens only "
+                f"({self.tokenizer.unk_token!r}; {len(unknown)} prompts do): the model would see nothing of it. Pass the "
+                "tokenizer the model was trained with, or remove those prompts."
+            )
         limit = context_length(base_model_of(model))
         if limit is not None:
             too_long = [i for i, n in enumerate(lengths) if n + self.config.max_new_tokens > limit]
@@ -321,6 +363,15 @@ class RLTrainer:
                     "or lower --max_new_tokens."
                 )
         return prompts
+
+    def _unknown_only_prompts(self, prompts: list[str]) -> list[int]:
+        """The prompts whose tokens, special ones aside, are all the unknown token."""
+        unk = self.tokenizer.unk_token_id
+        if unk is None:
+            return []
+        special = set(self.tokenizer.all_special_ids) - {unk}
+        ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        return [i for i, row in enumerate(ids) if unk in row and all(t == unk or t in special for t in row)]
 
     def _check_held_out_prompts(self) -> None:
         world, count = self.accelerator.num_processes, self.config.held_out_kl_prompts
@@ -430,7 +481,9 @@ class RLTrainer:
             # critic needs the policy forward's hidden states anyway.
             rollout, sampling_logits = self._sample(prompts, return_scores=self.actor_critic.has_value_adapter)
         with timer("score"):
-            scores = score_batch(self.reward_fn, rollout.prompts, rollout.completions, self.global_step).to(self.device)
+            scores = score_batch(
+                self.reward_fn, rollout.prompts, rollout.completions, self.global_step, cfg.reward_timeout
+            ).to(self.device)
         with timer("rollout_forward"):
             rollout = evaluate_rollout(self.actor_critic, rollout, cfg.temperature, sampling_logits, cfg.kl_penalty)
             del sampling_logits
@@ -444,6 +497,9 @@ class RLTrainer:
         names the quantity, and `max_nonfinite_steps` such steps in a row raise `NonFiniteError`.
         """
         cfg = self.config
+        if not self._output_dir_taken:
+            # Outside train() (a loop of the caller's own): the first step claims output_dir, unlocked.
+            self._take_output_dir(None)
         if self._completed_state is None:
             self._completed_state = self.capture_state()
         timer = PhaseTimer()
@@ -531,21 +587,28 @@ class RLTrainer:
     def train(self, resume_from_checkpoint: bool | str | os.PathLike | None = None) -> list[dict[str, float]]:
         """Run up to `config.max_steps` iterations with a progress bar, then save to `output_dir`.
 
-        `resume_from_checkpoint`: None starts a new run (an `output_dir` holding a previous run's
-        metrics or checkpoints is an error unless `overwrite_output_dir`); True resumes from the
-        latest `output_dir/checkpoint-<step>`; a path resumes from that checkpoint. A resumed run
-        continues exactly as if it had never stopped, appending to metrics.jsonl.
+        `resume_from_checkpoint`: None starts a new run (an `output_dir` holding a previous run is an
+        error unless `overwrite_output_dir`, which deletes only the files that run wrote); True
+        resumes from the newest intact `output_dir/checkpoint-<step>`; a path resumes from that
+        checkpoint. A resumed run continues exactly as if it had never stopped, appending to
+        metrics.jsonl. The run holds `output_dir`'s lock throughout: a second run into it fails at once.
 
         SIGTERM or SIGINT ends the run after the step in progress, saving `checkpoint-<step>` and
         raising `TrainingInterrupted`. Any other failure (a reward error, a second Ctrl-C) saves
         the last completed step's state, rolled back from a half-finished step, before the
-        exception propagates.
+        exception propagates. The final state is saved as a checkpoint before the final files
+        replace those in `output_dir`, so a run killed during that save is finished by a resume.
 
             >>> trainer.train(resume_from_checkpoint=True)     # doctest: +SKIP
         """
-        checkpoint = self.resolve_checkpoint(resume_from_checkpoint)
-        if checkpoint is not None:
-            self.load_checkpoint(checkpoint)
+        with self._output_dir_locked():
+            checkpoint = self.resolve_checkpoint(resume_from_checkpoint)
+            self._take_output_dir(checkpoint)
+            if checkpoint is not None:
+                self._load_checkpoint(checkpoint)
+            return self._train_steps()
+
+    def _train_steps(self) -> list[dict[str, float]]:
         self._completed_state = self.capture_state()
         history = []
         stop = StopRequest()
@@ -573,6 +636,10 @@ class RLTrainer:
                     # Checked after the periodic save, so a signal that arrives during it stops the run here.
                     if self.any_process(stop.requested):
                         raise TrainingInterrupted(stop.signum or signal.SIGTERM, saved or self.save_checkpoint())
+                if self._saved_step != self.global_step:
+                    # The final save replaces output_dir's files one by one: with the final state in a
+                    # checkpoint first, a run killed during it loses nothing and a resume finishes it.
+                    self.save_checkpoint()
                 self.save_pretrained(self.output_dir)
         except TrainingInterrupted:
             raise
@@ -641,52 +708,110 @@ class RLTrainer:
         self.minibatch_generator.set_state(state.minibatch_generator)
         restore_rng_state(state.rng)
 
+    # ------------------------------------------------------------------ output_dir: ownership, lock, resume
+    @contextlib.contextmanager
+    def _output_dir_locked(self) -> Iterator[None]:
+        """Hold output_dir's lock (the main process takes it) for the duration."""
+        with contextlib.ExitStack() as stack:
+            self._on_main_process(lambda: stack.enter_context(self.run_directory.locked()))
+            yield
+
+    def _on_main_process(self, action) -> None:
+        """Run `action` on the main process; when it fails there, every process raises, so none
+        waits in a collective for the others."""
+        error = None
+        if self.is_main_process:
+            try:
+                action()
+            except (OSError, RuntimeError, ValueError) as exc:  # in use, foreign, used, not writable
+                error = exc
+        if self.any_process(error is not None):
+            raise error or RuntimeError(f"output_dir {self.output_dir}: the main process failed on it (see its error).")
+
     def resolve_checkpoint(self, resume_from_checkpoint: bool | str | os.PathLike | None) -> Path | None:
-        """The checkpoint to resume from (None for a new run), after checking that a new run does
-        not mix with a previous one in `output_dir`. Call it before any compute to fail fast."""
+        """The checkpoint to resume from (None for a new run), after checking, before any compute and
+        without writing anything: output_dir holds nothing foreign; a new run does not mix with a
+        previous one; the checkpoint is intact (True: the newest intact one, corrupt ones skipped with
+        a warning) and of this output_dir's run."""
+        self.run_directory.check_ours()
         if resume_from_checkpoint is None or resume_from_checkpoint is False:
-            self._claim_output_dir()
+            self.run_directory.check_claimable(self.config.overwrite_output_dir)
             return None
         if resume_from_checkpoint is True:
-            path = latest_checkpoint(self.output_dir)
-            if path is None:
-                raise FileNotFoundError(
-                    f"resume_from_checkpoint=True, but {self.output_dir} holds no checkpoint-<step> folder. Start a new run "
-                    "without it, or pass the path of a checkpoint (runs save them every --save_steps steps and when interrupted)."
-                )
+            path = self._newest_intact_checkpoint()
         else:
             path = Path(resume_from_checkpoint)
-        missing = [
-            name
-            for name in (TRAINER_STATE_FILE, OPTIMIZER_FILE, "adapter_model.safetensors")
-            if not (path / name).exists()
-        ]
-        if missing:
-            raise FileNotFoundError(
-                f"{path} is not a resumable checkpoint (missing {', '.join(missing)}): pass a checkpoint-<step> folder written "
-                "by train(), or True for the latest one in output_dir."
+            missing = [
+                name
+                for name in (TRAINER_STATE_FILE, OPTIMIZER_FILE, "adapter_model.safetensors")
+                if not (path / name).exists()
+            ]
+            if missing:
+                raise FileNotFoundError(
+                    f"{path} is not a resumable checkpoint (missing {', '.join(missing)}): pass a checkpoint-<step> folder "
+                    "written by train(), or True for the latest one in output_dir."
+                )
+            verify_checkpoint(path)
+        saved = read_trainer_state(path)
+        self._check_checkpoint_trainer(path, saved)
+        saved_run, this_run = saved.get("run_id"), self.run_directory.run_id()
+        if saved_run is not None and saved_run != this_run:
+            holds = "holds no run yet" if this_run is None else f"holds run {this_run}"
+            self._checkpoint_mismatch(
+                f"{path} is a checkpoint of run {saved_run}, and output_dir {self.output_dir} {holds}: resuming would "
+                "continue another run's steps among this folder's files."
             )
         return path
 
-    def _claim_output_dir(self) -> None:
-        out = self.output_dir
-        previous = [p.name for p in (out / METRICS_FILE, out / "adapter_model.safetensors") if p.exists()]
-        previous += [p.name for p in list_checkpoints(out)]
-        if previous and not self.config.overwrite_output_dir:
-            raise FileExistsError(
-                f"output_dir {str(out)!r} holds a previous run ({', '.join(previous[:4])}{', ...' if len(previous) > 4 else ''}). "
-                "Continue it with --resume_from_checkpoint (train(resume_from_checkpoint=True)), start over in it with "
-                "--overwrite_output_dir (deleting its metrics and checkpoints), or pick another --output_dir."
+    def _newest_intact_checkpoint(self) -> Path:
+        checkpoints = list_checkpoints(self.output_dir)
+        if not checkpoints:
+            raise FileNotFoundError(
+                f"resume_from_checkpoint=True, but {self.output_dir} holds no checkpoint-<step> folder. Start a new run "
+                "without it, or pass the path of a checkpoint (runs save them every --save_steps steps and when interrupted)."
             )
-        self.wait_for_everyone()
-        if previous and self.is_main_process:
-            (out / METRICS_FILE).unlink(missing_ok=True)
-            for path in list_checkpoints(out):
-                shutil.rmtree(path)
-        if self.is_main_process:
-            remove_stale_staging(out)
+        corrupt = []
+        for path in reversed(checkpoints):
+            try:
+                verify_checkpoint(path)
+            except CorruptCheckpointError as exc:
+                corrupt.append(str(exc))
+                continue
+            if corrupt:
+                warnings.warn(f"Resuming from {path}, the newest intact checkpoint. {' '.join(corrupt)}", stacklevel=3)
+            return path
+        raise CorruptCheckpointError(checkpoints[-1], "every checkpoint", "is corrupt: " + " ".join(corrupt))
+
+    def _checkpoint_mismatch(self, message: str) -> None:
+        if self.config.ignore_checkpoint_mismatch:
+            warnings.warn(f"{message} Resuming anyway (ignore_checkpoint_mismatch=True).", stacklevel=3)
+            return
+        raise ValueError(
+            f"{message} Resume from a checkpoint of this run, or pass --ignore_checkpoint_mismatch "
+            "(ignore_checkpoint_mismatch=True) to resume it deliberately."
+        )
+
+    def _take_output_dir(self, checkpoint: Path | None) -> None:
+        """A new run claims output_dir (a previous run's recorded files deleted with
+        overwrite_output_dir, and only those); a resume continues the folder's run."""
+
+        def take() -> None:
+            if checkpoint is None:
+                self.run_id = self.run_directory.claim(self.config.overwrite_output_dir)
+            else:
+                self.run_id = self.run_directory.adopt()
+                remove_stale_staging(self.output_dir)
+
+        self._on_main_process(take)
+        self._output_dir_taken = True
         self.wait_for_everyone()
 
+    def _record(self, *names: str, **progress) -> None:
+        """Note in output_dir's marker the entries about to be written (main process)."""
+        if self.run_id is not None:
+            self.run_directory.record(*names, **progress)
+
+    # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
         """Write `output_dir/checkpoint-<step>` atomically (all processes call it): the model files
         of `save_pretrained` plus the optimizers, random states, prompt order, KL coefficient and
@@ -695,6 +820,7 @@ class RLTrainer:
         state = self.capture_state()
         self.wait_for_everyone()
         if self.is_main_process:
+            self._record(*checkpoint_entries(path))
             prepare_staging(path)
         self.wait_for_everyone()
         self._write_rng_state(staging_path(path), state)
@@ -703,6 +829,7 @@ class RLTrainer:
             self._write_checkpoint(path, state)
             rotate_checkpoints(self.output_dir, self.config.save_total_limit)
         self.wait_for_everyone()
+        self._saved_step = self.global_step
         return path
 
     def _emergency_checkpoint(self) -> None:
@@ -714,6 +841,7 @@ class RLTrainer:
         path = self.output_dir / f"{CHECKPOINT_PREFIX}{state.global_step}"
         if not path.exists():
             self.restore_state(state)
+            self._record(*checkpoint_entries(path))
             prepare_staging(path)
             self._write_rng_state(staging_path(path), state)
             self._write_checkpoint(path, state)
@@ -735,7 +863,8 @@ class RLTrainer:
 
     def _write_checkpoint(self, path: Path, state: TrainingState) -> None:
         """Everything but the random states (written by each process into the prepared staging
-        folder first), then publish: the checkpoint is complete or absent."""
+        folder first), then publish: the checkpoint is complete or absent. trainer_state.json records
+        the run, the base model's and tokenizer's fingerprints and every other file's size and hash."""
         trainer_state = {
             "trainer": type(self).__name__,
             "global_step": state.global_step,
@@ -743,25 +872,42 @@ class RLTrainer:
             "nonfinite_streak": state.nonfinite_streak,
             "prompt_order": state.prompt_order,
             "num_processes": self.accelerator.num_processes,
+            "run_id": self.run_id,
+            **self.fingerprints,
         }
         with atomic_directory(path, prepared=True) as staging:
             self._write_model_files(staging)
             torch.save(state.optimizers, staging / OPTIMIZER_FILE)
+            trainer_state["files"] = file_manifest(staging)
             (staging / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state) + "\n")
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
-        """Restore the state saved by `save_checkpoint` (called by `train(resume_from_checkpoint=...)`)."""
-        path = Path(path)
-        saved = json.loads((path / TRAINER_STATE_FILE).read_text())
-        if saved["trainer"] != type(self).__name__:
+        """Restore the state saved by `save_checkpoint` (called by `train(resume_from_checkpoint=...)`),
+        after checking every file against the sizes and hashes recorded at save."""
+        verify_checkpoint(Path(path))
+        self._load_checkpoint(Path(path))
+
+    def _check_checkpoint_trainer(self, path: Path, saved: dict) -> None:
+        if saved.get("trainer") != type(self).__name__:
             raise ValueError(
-                f"{path} was written by {saved['trainer']}; resume it with that trainer, not {type(self).__name__}."
+                f"{path} was written by {saved.get('trainer')}; resume it with that trainer, not {type(self).__name__}."
             )
+
+    def _load_checkpoint(self, path: Path) -> None:
+        saved = read_trainer_state(path)
+        self._check_checkpoint_trainer(path, saved)
+        for key, what in (("base_model", "base model"), ("tokenizer", "tokenizer")):
+            differ = fingerprint_differences(saved[key], self.fingerprints[key]) if key in saved else []
+            if differ:
+                self._checkpoint_mismatch(
+                    f"{path} was saved with another {what} than this trainer's ({', '.join(differ)} differ): its "
+                    "adapters and KL reference would not mean what they meant."
+                )
         self._warn_on_config_change(path)
         rank = self.accelerator.process_index
         rng_file = path / f"rng_state_{rank}.pth"
         if rng_file.exists():
-            random_state = torch.load(rng_file, weights_only=True)
+            random_state = load_checkpoint_file(path, rng_file.name)
         else:
             random_state = {
                 "rng": capture_rng_state(),
@@ -790,9 +936,10 @@ class RLTrainer:
                 prompt_generator=random_state["prompt_generator"],
                 minibatch_generator=random_state["minibatch_generator"],
                 rng=random_state["rng"],
-                optimizers=torch.load(path / OPTIMIZER_FILE, weights_only=True),
+                optimizers=load_checkpoint_file(path, OPTIMIZER_FILE),
             )
         )
+        self._saved_step = self.global_step
         if self.is_main_process:
             self._truncate_metrics(self.global_step)
         self.wait_for_everyone()
@@ -813,12 +960,28 @@ class RLTrainer:
 
     def _truncate_metrics(self, step: int) -> None:
         """Keep the metrics of steps <= `step` (a killed run may have logged steps after its last
-        checkpoint); the resumed run appends from step + 1."""
+        checkpoint); the resumed run appends from step + 1. A partial last line, what a kill during
+        an append leaves, is dropped with a warning."""
         metrics = self.output_dir / METRICS_FILE
         if not metrics.exists():
             return
-        kept = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        lines = [line for line in metrics.read_text().splitlines() if line.strip()]
+        kept = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                if number < len(lines):
+                    raise ValueError(
+                        f"{metrics}: line {number} of {len(lines)} is not JSON ({line[:60]!r}); only a last line can be "
+                        "cut short by a kill. Repair or remove that line, then resume."
+                    ) from None
+                warnings.warn(f"{metrics}: dropping its last line, cut short ({line[:60]!r}).", stacklevel=3)
+                continue
+            if row["step"] <= step:
+                kept.append(line)
         staged = metrics.with_name(f".{METRICS_FILE}.tmp")
+        self._record(staged.name)
         staged.write_text("".join(line + "\n" for line in kept))
         os.replace(staged, metrics)
 
@@ -827,12 +990,17 @@ class RLTrainer:
         (`path/value`, see `load_value_function`), the tokenizer and the config. The files are
         written into a staging folder and flushed before they replace those in `path`."""
         path = Path(path)
+        into_output_dir = path.resolve() == self.output_dir.resolve()
         self.wait_for_everyone()
         if self.is_main_process:
             staging = path / FINAL_STAGING
+            if into_output_dir:
+                self._record(staging.name)
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
             self._write_model_files(staging)
+            if into_output_dir:
+                self._record(*sorted(entry.name for entry in staging.iterdir()))
             publish_entries(staging, path, last="trainer_config.json")
         self.wait_for_everyone()
 
@@ -960,5 +1128,9 @@ class RLTrainer:
     def _log(self, stats: dict[str, float]) -> None:
         if not self.is_main_process:
             return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        # TensorBoard logs into output_dir/<run name>, from the trackers' first log on (right after this).
+        trackers = [Path(self.trackers.run_name).parts[0]] if self.trackers.enabled else []
+        self._record(
+            METRICS_FILE, *trackers, global_step=stats["step"]
+        )  # fails here if output_dir is no longer writable
         append_jsonl(self.output_dir / METRICS_FILE, stats)

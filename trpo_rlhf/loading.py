@@ -165,3 +165,64 @@ def context_length(model: PreTrainedModel) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# Fingerprints: which base model and tokenizer a checkpoint was saved with
+# --------------------------------------------------------------------------------------------
+_PROBE_VALUES = 16  # per probed matrix
+_PROBE_TOLERANCE = 2e-2  # relative: a model saved in float32 and resumed in bfloat16 (8 bits of mantissa) agrees
+
+
+@torch.no_grad()
+def model_fingerprint(model: PreTrainedModel) -> dict:
+    """The base model's architecture sizes and a few of its frozen weights (evenly spaced entries of
+    its first, middle and last weight matrix), so that a resume can tell another base model from
+    the same one in another dtype (`fingerprint_differences`). LoRA tensors are left out."""
+    config = model.config
+    matrices = [
+        p for name, p in model.named_parameters() if p.ndim >= 2 and "lora_" not in name and "value_head" not in name
+    ]
+    probe = []
+    for matrix in [matrices[0], matrices[len(matrices) // 2], matrices[-1]] if matrices else []:
+        flat = matrix.detach().reshape(-1)
+        positions = (torch.arange(_PROBE_VALUES) * (flat.numel() - 1) // (_PROBE_VALUES - 1)).to(flat.device)
+        probe += flat[positions].float().cpu().tolist()
+    return {
+        "model_type": getattr(config, "model_type", None),
+        "vocab_size": getattr(config, "vocab_size", None),
+        "hidden_size": getattr(config, "hidden_size", getattr(config, "n_embd", None)),
+        "num_hidden_layers": getattr(config, "num_hidden_layers", getattr(config, "n_layer", None)),
+        "weights_probe": probe,
+    }
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> dict:
+    """The tokenizer's size, special-token ids and a SHA-256 of its whole vocabulary."""
+    import hashlib
+    import json
+
+    vocabulary = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode()
+    return {
+        "size": len(tokenizer),
+        "special_ids": [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id],
+        "vocabulary_sha256": hashlib.sha256(vocabulary).hexdigest(),
+    }
+
+
+def fingerprint_differences(saved: dict, current: dict) -> list[str]:
+    """The keys of two fingerprints that differ ("weights_probe" compared within a dtype's rounding).
+
+    >>> fingerprint_differences({"size": 3, "weights_probe": [1.0]}, {"size": 4, "weights_probe": [1.001]})
+    ['size']
+    """
+    differ = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if key == "weights_probe" and a is not None and b is not None and len(a) == len(b):
+            same = all(abs(x - y) <= _PROBE_TOLERANCE * max(abs(x), abs(y)) + 1e-6 for x, y in zip(a, b))
+        else:
+            same = a == b
+        if not same:
+            differ.append(key)
+    return differ

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 from collections.abc import Callable, Sequence
 
 import torch
@@ -121,14 +122,59 @@ def build_reward_fn(reward: RewardFn | str, device: str | torch.device | None = 
     return SequenceClassifierReward(reward, device=device)
 
 
-def score_batch(reward_fn: RewardFn, prompts: list[str], completions: list[str], batch_index: int) -> torch.Tensor:
-    """Call the reward function and check its answer: one number per completion.
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def call_with_timeout(fn: Callable, timeout: float | None, *args):
+    """`fn(*args)`, or `TimeoutError` after `timeout` seconds (None: no limit). The call runs in a
+    daemon thread, which keeps the caller's grad mode; a call still hung when the process exits
+    does not keep it alive.
+
+        >>> call_with_timeout(sum, 1.0, [1, 2])
+        3
+    """
+    if timeout is None:
+        return fn(*args)
+    outcome: dict = {}
+    grad_enabled = torch.is_grad_enabled()
+
+    def run():
+        try:
+            with torch.set_grad_enabled(grad_enabled):
+                outcome["value"] = fn(*args)
+        except BaseException as exc:  # handed to the caller's thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, name="reward", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise TimeoutError(f"no answer within {timeout:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def score_batch(
+    reward_fn: RewardFn,
+    prompts: list[str],
+    completions: list[str],
+    batch_index: int,
+    timeout: float | None = None,
+) -> torch.Tensor:
+    """Call the reward function (allowed `timeout` seconds) and check its answer: one number per
+    completion.
 
     Raises `RewardError` naming the batch (and the offending entry) otherwise. Non-finite numbers
     pass through: the trainer rejects that step's update and says so (see `RLTrainer.step`).
     """
     try:
-        raw = reward_fn(prompts, completions)
+        raw = call_with_timeout(reward_fn, timeout, prompts, completions)
+    except TimeoutError as exc:
+        raise RewardError(
+            f"The reward function gave no scores for batch {batch_index} within reward_timeout={timeout:g} s "
+            f"(first prompt {prompts[0]!r}): it is hung or too slow. Fix it, or raise --reward_timeout."
+        ) from exc
     except Exception as exc:
         raise RewardError(
             f"The reward function raised {type(exc).__name__} on batch {batch_index} "
@@ -152,6 +198,13 @@ def score_batch(reward_fn: RewardFn, prompts: list[str], completions: list[str],
         raise RewardError(
             f"The reward function returned {len(raw)} scores for {len(completions)} completions on batch {batch_index}; "
             "it must return exactly one float per completion."
+        )
+    too_large = [(i, float(s)) for i, s in enumerate(raw) if math.isfinite(float(s)) and abs(float(s)) > FLOAT32_MAX]
+    if too_large:
+        i, s = too_large[0]
+        raise RewardError(
+            f"The reward function returned {s:g} for completion {i} on batch {batch_index}: finite, but beyond float32's "
+            f"range (+-{FLOAT32_MAX:.3g}), in which the trainer computes. Rescale the reward (e.g. divide it or take a log)."
         )
     return torch.tensor([float(s) for s in raw], dtype=torch.float32)
 

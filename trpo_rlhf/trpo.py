@@ -55,6 +55,7 @@ from .trust_region import (
 CG_STOPS = ("iterations", "held_out")
 CG_PRECONDITIONERS = ("none", "gradient_rms")
 FISHER_QUADRATICS = ("forward_mode", "product", "measured_kl")
+MAX_KL_LIMIT = 1.0  # nats per token: a trust region beyond it bounds nothing the quadratic model can size
 # No line search ran: g = 0 left no direction.
 NO_STEP = LineSearchResult(accepted=False, step_frac=0.0, kl=0.0, surrogate_gain=0.0, iterations=0)
 
@@ -228,7 +229,9 @@ class TRPOConfig(RLConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _require(
-            self.max_kl > 0, f"max_kl={self.max_kl} must be a positive number of nats per token, e.g. --max_kl 0.01."
+            0 < self.max_kl <= MAX_KL_LIMIT,
+            f"max_kl={self.max_kl} must be in (0, {MAX_KL_LIMIT}] nats per token, e.g. --max_kl 0.01: the quadratic "
+            "model of the KL that sizes the step holds only near the old policy (Schulman et al. 2015, sec. 6).",
         )
         _require(
             self.kl_tolerance >= 1.0,

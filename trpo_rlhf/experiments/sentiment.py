@@ -158,6 +158,7 @@ def run_sentiment_recipe(trainer_class, config_class, default_output_dir: str, a
     if trainer.is_main_process:
         table = format_before_after(before, after)
         print(table)
+        trainer.run_directory.record("samples.md", "training_curves.png")  # the run's own files, as its marker says
         (trainer.output_dir / "samples.md").write_text(table + "\n")
         curves = plot_training_curves(
             trainer.output_dir / "metrics.jsonl",
