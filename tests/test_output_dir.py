@@ -133,7 +133,7 @@ def test_a_second_run_and_a_resume_fail_at_once_while_a_run_is_live(tmp_path, wo
     """A run in another process holds output_dir: a new run and a resume from this one stop at once,
     naming its pid, and its metrics hold each step once."""
     run = tmp_path / "run"
-    worker = [sys.executable, str(TESTS / "resume_worker.py"), str(run), "4", "1.0"]
+    worker = [sys.executable, str(TESTS / "resume_worker.py"), str(run), "4", "0.6"]
     live = subprocess.Popen(worker, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not (run / "checkpoint-1").exists():  # the run holds the lock, and has a checkpoint to resume

@@ -191,27 +191,19 @@ class RunDirectory:
                 f"with --overwrite_output_dir (deleting only the files that run wrote), or pick another --{self.flag}."
             )
 
-    def claim(self, overwrite: bool, run_id: str | None = None) -> str:
+    def claim(self, overwrite: bool) -> str:
         """Make the folder this run's (under the lock): a previous run's recorded entries are an
         error, or with `overwrite` are deleted (only they); returns the new run's id."""
         self.check_claimable(overwrite)
         self.remove_owned()
-        self._marker = {
-            "run_id": run_id or uuid.uuid4().hex,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "entries": [],
-        }
+        self._marker = _new_marker()
         self._write_marker()
         return self._marker["run_id"]
 
-    def adopt(self, run_id: str | None = None) -> str:
+    def adopt(self) -> str:
         """Continue the folder's run (a resume, under the lock): its marker is kept, or written anew
-        (with `run_id`) for a folder that had none; returns the run's id."""
-        self._marker = self.read_marker() or {
-            "run_id": run_id or uuid.uuid4().hex,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "entries": [],
-        }
+        for a folder that had none; returns the run's id."""
+        self._marker = self.read_marker() or _new_marker()
         self._write_marker()
         return self._marker["run_id"]
 
@@ -256,6 +248,10 @@ class RunDirectory:
                 f"{self.flag} {str(self.path)!r} is not writable ({exc.strerror or exc}): the run cannot record or save "
                 f"anything there. Make it writable, or pick another --{self.flag}."
             ) from exc
+
+
+def _new_marker() -> dict:
+    return {"run_id": uuid.uuid4().hex, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "entries": []}
 
 
 def _lock_exclusively(fd: int) -> None:
