@@ -16,7 +16,11 @@ variants at 2, 4 and 6 nats and in mean reward (the envelope a frontier comparis
 `toy`: a tiny random Llama with a word-level tokenizer, rewarded for each "good" it writes (LoRA on
 q_proj, v_proj and lm_head). `sentiment`: the task of the sentiment recipes (embedded SmolLM2 +
 VADER offline). `sentiment_binary`: the same with a binary reward, 1 when VADER scores the
-completion at least 0.5 (`trpo_rlhf.experiments.build_task`). Each (algorithm, seed) runs in its own process, so peak memory and random state
+completion at least 0.5 (`trpo_rlhf.experiments.build_task`). `exact`: a tiny Llama pretrained on a word
+grammar whose completions of at most 3 tokens are all enumerated (`--reward_model dense` or `sparse`):
+TRPO's and our PPO's runs log the exact reward and KL to the reference of every step's policy, and
+results.json adds each variant's `frontier_efficiency` per KL budget (mean and standard error over
+seeds) against the exact optimal frontier, drawn in compare.png (TRL's PPO is not measured there). Each (algorithm, seed) runs in its own process, so peak memory and random state
 are its own; its metrics.jsonl is in DIR/<variant>/seed-<k>/, its log in DIR/<variant>/seed-<k>.log. The
 comparison holds DIR's lock while it runs and refuses a DIR with an earlier comparison in it unless
 --overwrite_output_dir (start over), --reuse_finished or --resume_from_checkpoint. TRL's PPO runs when the
@@ -49,6 +53,7 @@ from trpo_rlhf.experiments.comparison import (
     plot_comparison,
     summarize_runs,
 )
+from trpo_rlhf.experiments.exact import EXACT_MAX_NEW_TOKENS, efficiency_table, plot_exact
 from trpo_rlhf.metrics import read_metrics
 from trpo_rlhf.run_directory import RunDirectory, check_output_dir_path
 from trpo_rlhf.trpo import FISHER_QUADRATICS
@@ -58,10 +63,11 @@ TASK_DEFAULTS = {
     "toy": {"max_new_tokens": 8, "max_kl": 0.05, "learning_rate": 1e-3},
     "sentiment": {"max_new_tokens": 24, "max_kl": TRPOConfig.max_kl, "learning_rate": 1e-4},
     "sentiment_binary": {"max_new_tokens": 24, "max_kl": TRPOConfig.max_kl, "learning_rate": 1e-4},
+    "exact": {"max_new_tokens": EXACT_MAX_NEW_TOKENS, "max_kl": TRPOConfig.max_kl, "learning_rate": 1e-3},
 }
 
 # results.json's keys beside the variants' names.
-RESULTS_KEYS = ("best", "envelope", "settings")
+RESULTS_KEYS = ("best", "envelope", "settings", "exact")
 REPORT_FILES = ("results.json", "compare.md", "compare.png")
 # A variant's name is a folder of DIR: letters, digits, '_', '-', '.' and '+', not starting with a dot.
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9_.+-]*$")
@@ -404,11 +410,10 @@ def run_worker(args: argparse.Namespace, output_dir: Path) -> None:
     from trpo_rlhf.experiments.sentiment import use_all_cpu_cores
 
     use_all_cpu_cores()
-    task_inputs = (
-        {}
-        if args.task == "toy"
-        else dict(model=args.model_name_or_path, reward_model=args.reward_model, dataset=args.dataset)
-    )
+    task_inputs = {
+        "toy": {},
+        "exact": dict(reward_model=args.reward_model),
+    }.get(args.task, dict(model=args.model_name_or_path, reward_model=args.reward_model, dataset=args.dataset))
     task = build_task(args.task, seed=args.seed, **task_inputs)
     # The main process chose to (re)run this folder: a previous run's files in it are replaced,
     # unless it asked for the run to be resumed.
@@ -433,12 +438,12 @@ def run_worker(args: argparse.Namespace, output_dir: Path) -> None:
     if args.worker == "trpo":
         solver = {key: getattr(args, key) for key in TRPO_SOLVER_FLAGS if getattr(args, key) is not None}
         config = TRPOConfig(**common, max_kl=args.max_kl, signal_shrinkage=args.signal_shrinkage, **solver)
-        TRPOTrainer(config, task.model, task.tokenizer, task.reward_model, task.prompts).train(
-            resume_from_checkpoint=resume
-        )
+        with_exact_metrics(
+            args, TRPOTrainer(config, task.model, task.tokenizer, task.reward_model, task.prompts)
+        ).train(resume_from_checkpoint=resume)
     elif args.worker == "ppo":
         config = PPOConfig(**common, learning_rate=args.learning_rate, ppo_epochs=args.ppo_epochs)
-        PPOTrainer(config, task.model, task.tokenizer, task.reward_model, task.prompts).train(
+        with_exact_metrics(args, PPOTrainer(config, task.model, task.tokenizer, task.reward_model, task.prompts)).train(
             resume_from_checkpoint=resume
         )
     else:
@@ -452,6 +457,19 @@ def run_worker(args: argparse.Namespace, output_dir: Path) -> None:
 
         config = PPOConfig(**common, learning_rate=args.learning_rate, ppo_epochs=args.ppo_epochs)
         build_trl_ppo_for_task(task, config).train()
+
+
+def with_exact_metrics(args: argparse.Namespace, trainer):
+    """On the exact task, the trainer logs exact/reward and exact/kl_ref of its policy at every step."""
+    if args.task == "exact":
+        from trpo_rlhf.experiments.exact import ExactEvaluator
+
+        trainer.metric_hooks.append(
+            ExactEvaluator(
+                trainer.tokenizer, trainer.prompts, args.max_new_tokens, trainer.reward_fn, trainer.config.temperature
+            )
+        )
+    return trainer
 
 
 def worker_command(args: argparse.Namespace, algorithm: str, seed: int, output_dir: Path) -> list[str]:
@@ -579,6 +597,22 @@ def run_jobs(jobs: list[Job], parallel: int, runs: dict[str, list[list[dict]]]) 
     return failures
 
 
+def exact_frontier(
+    args: argparse.Namespace, results: dict[str, dict], runs: dict[str, list[list[dict]]]
+) -> dict | None:
+    """On the exact task: the reference's reward, the optimum at each KL budget and the optimal
+    curve; each variant's `frontier_efficiency` goes into its results. None on other tasks."""
+    if args.task != "exact":
+        return None
+    from trpo_rlhf.experiments import build_task
+    from trpo_rlhf.experiments.exact import efficiency_over_seeds, reference_and_optimum
+
+    exact = reference_and_optimum(build_task("exact", reward_model=args.reward_model), args.max_new_tokens)
+    for variant, result in results.items():
+        result["frontier_efficiency"] = efficiency_over_seeds(runs[variant], exact)
+    return exact
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
@@ -629,19 +663,25 @@ def compare(args: argparse.Namespace, folder: RunDirectory) -> int:
         settings = {k: v for k, v in vars(args).items() if k not in hidden}
         settings["variants"] = {v.name: {"algorithm": v.algorithm, "flags": v.flags} for v in args.variants}
         envelope = frontier_envelope(results)
+        exact = exact_frontier(args, results, runs)
         report = {**results, "best": best_variants(results), "envelope": envelope, "settings": settings}
+        if exact:
+            report["exact"] = exact
         folder.record(*REPORT_FILES)
         (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
         table = markdown_table(results, args.kl_target)
         if len(results) > len({r["algorithm"] for r in results.values()}):  # some algorithm has several variants
             table += "\n\n" + envelope_table(envelope)
+        title = f"{args.task}: {args.steps} steps × {args.batch_size} prompts, {args.seeds} seeds"
+        if exact:
+            labels = {v: label(v, algorithms[v]) for v in results}
+            table += "\n\n" + efficiency_table(results, exact, labels)
+            plot_exact(
+                runs, exact, out / "compare.png", labels, title=f"{title}, {args.reward_model or 'dense'} reward"
+            )
+        else:
+            plot_comparison(runs, out / "compare.png", title=title, algorithms=algorithms)
         (out / "compare.md").write_text(table + "\n")
-        plot_comparison(
-            runs,
-            out / "compare.png",
-            title=f"{args.task}: {args.steps} steps × {args.batch_size} prompts, {args.seeds} seeds",
-            algorithms=algorithms,
-        )
         print(table)
         print(f"Wrote {out / 'results.json'}, {out / 'compare.png'} and {out / 'compare.md'}")
     for failure in failures:

@@ -370,3 +370,28 @@ def test_the_binary_sentiment_task_thresholds_vader():
     assert "VaderReward >= 0.5" in task.describe()
     with pytest.raises(ValueError, match="thresholds VADER"):
         build_task("sentiment_binary", reward_model="lvwerra/distilbert-imdb")
+
+
+@pytest.mark.slow
+def test_the_exact_task_scores_each_variant_against_the_optimal_frontier(tmp_path):
+    out = tmp_path / "exact"
+    command = [sys.executable, str(ROOT / "recipes" / "compare_trpo_ppo.py"), "--task", "exact", "--reward_model"]
+    command += ["sparse", "--algorithms", "trpo", "--steps", "2", "--seeds", "2", "--batch_size", "8"]
+    result = subprocess.run(command + ["--parallel", "2", "--output_dir", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert (
+        set(results["exact"]["optimum"]) == {"0.25", "0.5", "1.0", "2.0"} == set(results["trpo"]["frontier_efficiency"])
+    )
+    assert (
+        0
+        < results["exact"]["reference_reward"]
+        < results["exact"]["optimum"]["0.25"]
+        < results["exact"]["optimum"]["2.0"]
+    )
+    for cell in results["trpo"]["frontier_efficiency"].values():
+        assert cell["seeds"] == 2 and cell["se"] >= 0 and 0 <= cell["mean"] <= 1 + 1e-9
+    rows = [json.loads(line) for line in (out / "trpo" / "seed-0" / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["exact/kl_ref"] > 0 for row in rows)
+    assert "efficiency @ 0.25 nats" in (out / "compare.md").read_text()
+    assert (out / "compare.png").stat().st_size > 10_000

@@ -21,7 +21,7 @@ import shutil
 import signal
 import sys
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -250,6 +250,10 @@ class RLTrainer:
         # The state at the end of the last completed step: a failed or non-finite step rolls back to it.
         self._completed_state: TrainingState | None = None
         self.policy_update_cosine = UpdateCosine()
+        # Functions of the trainer called at the end of each step, after its updates; their metrics
+        # join the step's (e.g. `experiments.exact.ExactEvaluator`: the exact reward and KL). They
+        # must draw no random numbers, so that a run is the same with or without them.
+        self.metric_hooks: list[Callable[[RLTrainer], dict[str, float]]] = []
 
     # ------------------------------------------------------------------ setup checks
     def _check_distributed_type(self) -> None:
@@ -545,6 +549,8 @@ class RLTrainer:
             **{f"time/{k}": v for k, v in timer.seconds.items()},
             "memory/peak_mb": peak_memory_mb(self.device),
         }
+        for hook in self.metric_hooks:
+            stats.update(hook(self))
         self.global_step += 1
         self._completed_state = self.capture_state()
         self._log(stats)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-TASKS = ("toy", "sentiment", "sentiment_binary")
+TASKS = ("toy", "sentiment", "sentiment_binary", "exact")
 BINARY_THRESHOLD = 0.5
 
 
@@ -63,7 +63,9 @@ def build_task(
     recipes' task, `model`, `reward_model` and `dataset` filling in the hub task or the offline one
     (embedded SmolLM2-135M + VADER + the prompts in data/), see `resolve_sentiment_task`.
     `sentiment_binary`: the same policy and prompts with a binary, sparse reward, 1 when VADER's
-    compound score is at least 0.5 and 0 otherwise (a pass/fail judge rather than a graded one)."""
+    compound score is at least 0.5 and 0 otherwise (a pass/fail judge rather than a graded one).
+    `exact`: a tiny Llama pretrained on a word grammar whose completions can all be enumerated
+    (`experiments.exact`), with `reward_model` "dense" (the default) or "sparse"."""
     if name == "toy":
         if (model, reward_model, dataset) != (None, None, None):
             raise ValueError("build_task('toy') takes no model, reward_model or dataset: the toy task is fixed.")
@@ -93,6 +95,14 @@ def build_task(
         task = resolve_sentiment_task(model, VADER, dataset, seed=seed)
         task.name, task.reward_model = name, ThresholdReward(VaderReward(), BINARY_THRESHOLD)
         return task
+    if name == "exact":
+        from .exact import EXACT_REWARDS, build_exact_task
+
+        if (model, dataset) != (None, None) or reward_model not in (None, *EXACT_REWARDS):
+            raise ValueError(
+                f"build_task('exact') takes reward_model one of {EXACT_REWARDS} (default 'dense'), and no model or dataset."
+            )
+        return build_exact_task(reward_model or "dense")
     raise ValueError(f"task {name!r} is not one of {TASKS}.")
 
 
