@@ -20,7 +20,8 @@ completion at least 0.5 (`trpo_rlhf.experiments.build_task`). `exact`: a tiny Ll
 grammar whose completions of at most 3 tokens are all enumerated (`--reward_model dense` or `sparse`):
 TRPO's and our PPO's runs log the exact reward and KL to the reference of every step's policy, and
 results.json adds each variant's `frontier_efficiency` per KL budget (mean and standard error over
-seeds) against the exact optimal frontier, drawn in compare.png (TRL's PPO is not measured there). Each (algorithm, seed) runs in its own process, so peak memory and random state
+seeds) against the exact optimal frontier, drawn in compare.png (TRL's PPO's policy is evaluated
+exactly after each of its updates too). Each (algorithm, seed) runs in its own process, so peak memory and random state
 are its own; its metrics.jsonl is in DIR/<variant>/seed-<k>/, its log in DIR/<variant>/seed-<k>.log. The
 comparison holds DIR's lock while it runs and refuses a DIR with an earlier comparison in it unless
 --overwrite_output_dir (start over), --reuse_finished or --resume_from_checkpoint. TRL's PPO runs when the
@@ -456,19 +457,25 @@ def run_worker(args: argparse.Namespace, output_dir: Path) -> None:
         from trpo_rlhf.experiments.trl_adapter import build_trl_ppo_for_task
 
         config = PPOConfig(**common, learning_rate=args.learning_rate, ppo_epochs=args.ppo_epochs)
-        build_trl_ppo_for_task(task, config).train()
+        hooks = []
+        if args.task == "exact":  # TRL's policy, evaluated exactly after each of its updates
+            hooks.append(exact_evaluator(args, task.tokenizer, task.prompts, task.reward_model).of_peft_model)
+        build_trl_ppo_for_task(task, config, metric_hooks=hooks).train()
+
+
+def exact_evaluator(args: argparse.Namespace, tokenizer, prompts, reward_fn, temperature: float = 1.0):
+    from trpo_rlhf.experiments.exact import ExactEvaluator
+
+    return ExactEvaluator(tokenizer, prompts, args.max_new_tokens, reward_fn, temperature)
 
 
 def with_exact_metrics(args: argparse.Namespace, trainer):
     """On the exact task, the trainer logs exact/reward and exact/kl_ref of its policy at every step."""
     if args.task == "exact":
-        from trpo_rlhf.experiments.exact import ExactEvaluator
-
-        trainer.metric_hooks.append(
-            ExactEvaluator(
-                trainer.tokenizer, trainer.prompts, args.max_new_tokens, trainer.reward_fn, trainer.config.temperature
-            )
+        evaluator = exact_evaluator(
+            args, trainer.tokenizer, trainer.prompts, trainer.reward_fn, trainer.config.temperature
         )
+        trainer.metric_hooks.append(evaluator)
     return trainer
 
 

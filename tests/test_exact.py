@@ -1,6 +1,7 @@
 """The exact task: every completion enumerated, so the expected reward, the KL to the reference and
 the optimal frontier are sums, checked by hand and against sampling."""
 
+import json
 import math
 
 import pytest
@@ -165,3 +166,27 @@ def test_efficiency_over_seeds_gives_mean_and_standard_error_per_budget(tmp_path
     assert "| TRPO | 0.400 ± 0.100 | 0.325 ± 0.175 |" in table and "| TRL | not measured | not measured |" in table
     png = plot_exact({"trpo": seeds}, exact, tmp_path / "compare.png", {"trpo": "TRPO"})
     assert png.stat().st_size > 10_000
+
+
+def test_a_peft_policy_such_as_trls_is_evaluated_against_its_base_in_eval_mode(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from trpo_rlhf.experiments.trl_adapter import MetricsJsonl
+
+    task = build_task("exact", reward_model="sparse")
+    evaluator = ExactEvaluator(task.tokenizer, task.prompts[:4], 3, task.reward_model)
+    policy = get_peft_model(task.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.5))
+    policy.train()
+    at_init = evaluator.of_peft_model(policy)  # LoRA's B = 0: the policy is its base
+    assert abs(at_init["exact/kl_ref"]) < 1e-9 and policy.training
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    moved = evaluator.of_peft_model(policy)
+    assert moved["exact/kl_ref"] > 0.01 and moved == evaluator.of_peft_model(policy)  # deterministic: no dropout
+    callback = MetricsJsonl(tmp_path / "metrics.jsonl", torch.device("cpu"), policy, [evaluator.of_peft_model])
+    state = type("State", (), {"is_world_process_zero": True})()
+    callback.on_log(None, state, None, logs={"objective/scores": 0.5})
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["reward/mean"] == 0.5 and rows[0]["exact/kl_ref"] == moved["exact/kl_ref"]

@@ -280,6 +280,24 @@ class ExactEvaluator:
             )
         return self.expectations(logp, self._reference)
 
+    def of_peft_model(self, model) -> dict[str, float]:
+        """A PEFT policy (TRL's) against its base, the adapter disabled, in eval mode (no dropout)."""
+        device, training = next(model.parameters()).device, model.training
+
+        def logits(input_ids, attention_mask, position_ids, response_length):
+            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+            return out.logits[:, -response_length - 1 : -1].float() / self.temperature
+
+        model.eval()
+        try:
+            logp = self.log_probs(logits, device)
+            if not hasattr(self, "_reference"):
+                with model.disable_adapter():
+                    self._reference = self.log_probs(logits, device)
+        finally:
+            model.train(training)
+        return self.expectations(logp, self._reference)
+
 
 # --------------------------------------------------------------------------------------------
 # The optimal frontier and a run's share of it

@@ -112,10 +112,11 @@ TRL_TO_OURS = {
 
 
 class MetricsJsonl(TrainerCallback):
-    """Append one line per TRL PPO update to metrics.jsonl, under our key names."""
+    """Append one line per TRL PPO update to metrics.jsonl, under our key names, with the metrics
+    of each `metric_hooks` function of the trainer's policy (a PEFT model) after the update."""
 
-    def __init__(self, path: Path, device: torch.device):
-        self.path, self.device = Path(path), device
+    def __init__(self, path: Path, device: torch.device, policy=None, metric_hooks=()):
+        self.path, self.device, self.policy, self.metric_hooks = Path(path), device, policy, list(metric_hooks)
         self.step, self.last = 0, time.perf_counter()
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -134,6 +135,8 @@ class MetricsJsonl(TrainerCallback):
             "time/step": now - self.last,
             "memory/peak_mb": peak_memory_mb(self.device),
         }
+        for hook in self.metric_hooks:
+            row.update(hook(self.policy))
         self.last = now
         append_jsonl(self.path, row)
 
@@ -160,11 +163,13 @@ def build_trl_ppo_trainer(
     prompts: list[str],
     reward_fn: RewardFn,
     lr_scheduler_type: str = "constant",
+    metric_hooks=(),
 ):
     """`trl.experimental.ppo.PPOTrainer` (trl==1.12.0) with the settings of our `PPOConfig`:
     the same batch, response length, temperature, epochs, minibatches, learning rate, clip ranges,
     KL coefficient, GAE and LoRA adapter. TRL keeps its own design where it has one (a full value
-    model trained jointly with vf_coef). Writes metrics.jsonl in config.output_dir.
+    model trained jointly with vf_coef). Writes metrics.jsonl in config.output_dir, each row with the
+    metrics of `metric_hooks` (functions of the PEFT policy, e.g. `ExactEvaluator.of_peft_model`).
 
     The learning rate is constant, as in our PPO, unless `lr_scheduler_type` says otherwise. TRL's
     own default, "linear", decays it to zero over the run, which on short runs is a different
@@ -219,7 +224,10 @@ def build_trl_ppo_trainer(
         peft_config=lora_config_from(config),
     )
     Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-    trainer.add_callback(MetricsJsonl(Path(config.output_dir) / "metrics.jsonl", trainer.accelerator.device))
+    metrics = MetricsJsonl(
+        Path(config.output_dir) / "metrics.jsonl", trainer.accelerator.device, trainer.model.policy, metric_hooks
+    )
+    trainer.add_callback(metrics)
     return trainer
 
 
@@ -235,7 +243,7 @@ def value_model_like(policy: PreTrainedModel) -> PreTrainedModel:
     return value_model.eval()
 
 
-def build_trl_ppo_for_task(task, config, lr_scheduler_type: str = "constant"):
+def build_trl_ppo_for_task(task, config, lr_scheduler_type: str = "constant", metric_hooks=()):
     """TRL's PPOTrainer on a `trpo_rlhf.experiments.Task` with our `PPOConfig`: the task's policy,
     a value model of the same backbone with a scalar head (TRL trains a separate one), its
     prompts and its reward. The comparison and the benchmark build TRL's runs here.
@@ -249,5 +257,12 @@ def build_trl_ppo_for_task(task, config, lr_scheduler_type: str = "constant"):
     else:
         policy, value_model, tokenizer = task.model, value_model_like(task.model), task.tokenizer
     return build_trl_ppo_trainer(
-        config, policy, value_model, tokenizer, task.prompts, build_reward_fn(task.reward_model), lr_scheduler_type
+        config,
+        policy,
+        value_model,
+        tokenizer,
+        task.prompts,
+        build_reward_fn(task.reward_model),
+        lr_scheduler_type,
+        metric_hooks,
     )
