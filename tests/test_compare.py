@@ -337,7 +337,7 @@ def test_the_adapters_rank_alpha_and_modules_reach_every_algorithms_worker_confi
 
     monkeypatch.setattr(trpo_rlhf, "TRPOTrainer", Capture)
     monkeypatch.setattr(trpo_rlhf, "PPOTrainer", Capture)
-    monkeypatch.setattr(trl_adapter, "build_trl_ppo_for_task", lambda task, config: Capture(config))
+    monkeypatch.setattr(trl_adapter, "build_trl_ppo_for_task", lambda task, config, **options: Capture(config))
     compare_trpo_ppo.run_worker(worker_args, tmp_path / "run")
     assert (built["config"].lora_r, built["config"].lora_alpha, built["config"].lora_target_modules) == (
         2,
