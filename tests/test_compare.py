@@ -395,3 +395,9 @@ def test_the_exact_task_scores_each_variant_against_the_optimal_frontier(tmp_pat
     assert all(row["exact/kl_ref"] > 0 for row in rows)
     assert "efficiency @ 0.25 nats" in (out / "compare.md").read_text()
     assert (out / "compare.png").stat().st_size > 10_000
+
+
+def test_each_worker_knows_how_many_runs_share_the_cores(tmp_path):
+    # A worker divides the CPU's cores by --parallel (each run taking all of them oversubscribes).
+    command = compare_trpo_ppo.worker_command(compare_trpo_ppo.parse_args(["--parallel", "3"]), "ppo", 0, tmp_path)
+    assert compare_trpo_ppo.parse_args(command[2:]).parallel == 3

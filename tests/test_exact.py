@@ -195,10 +195,10 @@ def test_a_peft_policy_such_as_trls_is_evaluated_against_its_base_in_eval_mode(t
 
 LEARNING_SEEDS = (0, 1)
 LEARNING_BUDGET = 0.5  # nats per completion
-# The TRPO defaults reach 0.51 and 0.58 of the optimal gain within 0.5 nats on these seeds and
-# settings (12 steps of 16 completions, dense reward; measured 2026-12-02 on the 2-core CPU): a
-# change that halves what the update learns fails here.
-LEARNING_THRESHOLD = 0.25
+# The TRPO defaults reach 0.78 and 0.74 of the optimal gain within 0.5 nats on these seeds and
+# settings (12 steps of 16 completions, dense reward; measured 2026-12-03 on the 2-core CPU, δ 0.003);
+# the former δ 0.034 reached 0.51 and 0.58: a change that loses the finer trust region fails here.
+LEARNING_THRESHOLD = 0.65
 
 
 def test_the_default_update_learns_a_share_of_the_optimal_gain_on_the_exact_task(tmp_path):
