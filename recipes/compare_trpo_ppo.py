@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -407,16 +406,11 @@ def worker_accepts(flags: list[str]) -> bool:
 
 def run_worker(args: argparse.Namespace, output_dir: Path) -> None:
     """One (algorithm, seed) run, in this process."""
-    import torch
-
     from trpo_rlhf import PPOConfig, PPOTrainer, TRPOConfig, TRPOTrainer
     from trpo_rlhf.experiments import build_task
     from trpo_rlhf.experiments.sentiment import use_all_cpu_cores
 
-    if torch.cuda.is_available() or args.parallel == 1:
-        use_all_cpu_cores()
-    else:  # the runs at once share the cores: each taking all of them is 3x slower on 2 cores
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // args.parallel))
+    use_all_cpu_cores(runs_at_once=args.parallel)
     task_inputs = {
         "toy": {},
         "exact": dict(reward_model=args.reward_model),

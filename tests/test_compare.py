@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from trpo_rlhf.experiments.comparison import (
     ALGORITHMS,
@@ -401,3 +402,16 @@ def test_each_worker_knows_how_many_runs_share_the_cores(tmp_path):
     # A worker divides the CPU's cores by --parallel (each run taking all of them oversubscribes).
     command = compare_trpo_ppo.worker_command(compare_trpo_ppo.parse_args(["--parallel", "3"]), "ppo", 0, tmp_path)
     assert compare_trpo_ppo.parse_args(command[2:]).parallel == 3
+
+
+def test_runs_side_by_side_each_take_their_share_of_the_cores(monkeypatch):
+    from trpo_rlhf.experiments.sentiment import use_all_cpu_cores
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cores, threads = len(os.sched_getaffinity(0)), torch.get_num_threads()
+    try:
+        assert use_all_cpu_cores(runs_at_once=cores) == 1
+        assert use_all_cpu_cores(runs_at_once=2 * cores) == 1
+    finally:
+        torch.set_num_threads(threads)

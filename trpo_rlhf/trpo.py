@@ -91,8 +91,8 @@ class TRPOConfig(RLConfig):
     * ``max_kl`` = 0.003 nats per token: on the exact task (docs/results.md) a step of 0.034 reaches
       2 nats from the reference in about 5 updates, so a KL budget of 0.25 holds one or two of them;
       at 0.003 the same 30 updates trace the frontier finely, and the best point within every
-      budget from 0.25 to 2 nats is higher (0.76 vs 0.48 of the optimal gain at 0.25 nats, dense
-      reward, 4 seeds). Long completions spend it on every token: raise it for short runs.
+      budget from 0.25 to 2 nats is higher. Long completions spend it on every token: raise it for
+      short runs.
     * ``cg_damping`` = 1e-3, not the classic 0.1: the Fisher of LoRA tensors is small, so a damping
       of 0.1 would dominate it and the step would realise a fraction of max_kl. The damping also
       keeps the system definite in the LoRA A-block, whose Fisher is zero at init (B = 0).

@@ -77,13 +77,14 @@ def format_before_after(before: list[tuple[str, str, float]], after: list[tuple[
     return "\n".join(lines)
 
 
-def use_all_cpu_cores() -> int:
-    """Give a lone CPU process every core. `accelerate launch` without a config sets
-    OMP_NUM_THREADS=1 on a machine without a GPU, which halves a 2-core step; a single process has
-    nothing to share the cores with. Returns the thread count in use."""
+def use_all_cpu_cores(runs_at_once: int = 1) -> int:
+    """Give a lone CPU process every core, or its share of them when `runs_at_once` such
+    processes run side by side (each taking every core oversubscribes them). `accelerate launch`
+    without a config sets OMP_NUM_THREADS=1 on a machine without a GPU, which halves a 2-core step;
+    a single process has nothing to share the cores with. Returns the thread count in use."""
     alone = int(os.environ.get("WORLD_SIZE", "1")) == 1
-    if alone and not torch.cuda.is_available() and torch.get_num_threads() == 1:
-        torch.set_num_threads(len(os.sched_getaffinity(0)))
+    if alone and not torch.cuda.is_available() and (runs_at_once > 1 or torch.get_num_threads() == 1):
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // runs_at_once))
     return torch.get_num_threads()
 
 
