@@ -40,7 +40,6 @@ ratios are the median over rounds of each round's ratio, and `_rounds` keys list
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import statistics
@@ -59,7 +58,6 @@ from trpo_rlhf.experiments.cli import add_config_flag, apply_config_file
 from trpo_rlhf.metrics import append_jsonl, json_safe
 from trpo_rlhf.profiling import PeakMemory, stopwatch
 from trpo_rlhf.rollout import token_logprobs
-from trpo_rlhf.trpo import FISHER_QUADRATICS
 from trpo_rlhf.trust_region import restore, snapshot
 
 WHOLE_STEP_ALGORITHMS = ("trpo", "ppo", "trl_ppo")
@@ -110,8 +108,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cg_iters", type=int, default=TRPOConfig.cg_iters)
     parser.add_argument("--fvp_subsample", type=float, default=TRPOConfig.fvp_subsample)
     parser.add_argument("--fisher_chunks", type=int, default=TRPOConfig.fisher_chunks)
-    parser.add_argument("--fisher_quadratic", default=TRPOConfig.fisher_quadratic, choices=FISHER_QUADRATICS)
-    parser.add_argument("--cg_preconditioner", default=TRPOConfig.cg_preconditioner, choices=["none", "gradient_rms"])
     parser.add_argument("--fvp_method", default=TRPOConfig.fvp_method, choices=["gauss_newton", "kl_hessian"])
     parser.add_argument("--cg_damping", type=float, default=TRPOConfig.cg_damping)
     parser.add_argument("--max_kl", type=float, default=TRPOConfig.max_kl)
@@ -183,11 +179,10 @@ def time_lever_baselines(trainer: TRPOTrainer, batch) -> dict[str, float]:
     """
     params = trainer.actor_critic.policy_parameters()
     fisher = trainer.fisher_batch(batch)
-    one_pass = dataclasses.replace(trainer.config, fisher_chunks=1)
     v = torch.ones(sum(p.numel() for p in params), device=trainer.device)
     seconds = {}
     with stopwatch(seconds, "fvp_rebuild_s", trainer.device):
-        fvp = trainer.fisher_product(fisher, config=one_pass)
+        fvp = trainer.fisher_product(fisher, trainer.fisher_logits(fisher))  # one graph, whatever fisher_chunks
         fvp(v)
     with stopwatch(seconds, "fvp_s", trainer.device):
         fvp(v)
@@ -238,8 +233,6 @@ def trainer_configs(args: argparse.Namespace, task, output_dir: str, max_steps: 
         cg_iters=args.cg_iters,
         fvp_subsample=args.fvp_subsample,
         fisher_chunks=args.fisher_chunks,
-        fisher_quadratic=args.fisher_quadratic,
-        cg_preconditioner=args.cg_preconditioner,
         fvp_method=args.fvp_method,
         cg_damping=args.cg_damping,
         max_kl=args.max_kl,
@@ -334,7 +327,6 @@ def whole_step(args: argparse.Namespace, threads: int) -> dict:
             "critic_layer_fraction": args.critic_layer_fraction,
             "critic_layers": args.critic_layers,
             "critic_lora_target_modules": args.critic_lora_target_modules,
-            "fisher_quadratic": args.fisher_quadratic,
             "model_dtype": args.model_dtype,
             "compile_generation": args.compile_generation,
             "gradient_checkpointing": args.gradient_checkpointing,
@@ -378,9 +370,6 @@ def main(argv=None) -> int:
     origin = snapshot(params)
 
     time_forward_backward(trpo, batch)  # warm-up: first-call allocations and kernel selection
-    if trpo.measured_curvature is not None:
-        # An untimed update gives the measured-KL quadratic the scale a run has from its second update on.
-        measure_update(trpo, batch, params, origin)
     rows = []
     for repeat in range(args.repeats):
         row = {}
@@ -438,8 +427,6 @@ def main(argv=None) -> int:
         "repeats": args.repeats,
         "fvp_subsample": args.fvp_subsample,
         "fisher_chunks": args.fisher_chunks,
-        "fisher_quadratic": args.fisher_quadratic,
-        "cg_preconditioner": args.cg_preconditioner,
         "fvp_method": args.fvp_method,
         "model_dtype": args.model_dtype,
         "gradient_checkpointing": args.gradient_checkpointing,

@@ -5,7 +5,7 @@ variant's reward-vs-KL-to-reference frontier.
 
     python recipes/compare_trpo_ppo.py --task toy --steps 30 --seeds 3 --output_dir runs/compare_toy
     python recipes/compare_trpo_ppo.py --task sentiment --steps 50 --seeds 3 --batch_size 32 --parallel 9 --bf16 \
-        --learning_rates 3e-4 1e-3 3e-3 --variant "trpo_kl02:--max_kl 0.02" --variant "trpo_cg10:--cg_iters 10 --max_kl 0.02"
+        --learning_rates 3e-4 1e-3 3e-3 --variant "trpo_kl02:--max_kl 0.02" --variant "trpo_cg1:--cg_iters 1"
 
 A variant (`--variant NAME:FLAGS`, repeated) is a run of TRPO, or of the algorithm FLAGS start
 with (`--variant "ppo_e8:ppo --ppo_epochs 8"`), with FLAGS added to the shared ones. With
@@ -57,7 +57,6 @@ from trpo_rlhf.experiments.comparison import (
 from trpo_rlhf.experiments.exact import EXACT_MAX_NEW_TOKENS, efficiency_table, plot_exact
 from trpo_rlhf.metrics import read_metrics
 from trpo_rlhf.run_directory import RunDirectory, check_output_dir_path
-from trpo_rlhf.trpo import FISHER_QUADRATICS
 
 TASK_DEFAULTS = {
     # toy: the tiny random model's LoRA tensors take large rates.
@@ -73,18 +72,7 @@ REPORT_FILES = ("results.json", "compare.md", "compare.png")
 # A variant's name is a folder of DIR: letters, digits, '_', '-', '.' and '+', not starting with a dot.
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9_.+-]*$")
 # TRPOConfig fields the comparison can set; unset ones keep TRPOConfig's defaults.
-TRPO_SOLVER_FLAGS = (
-    "cg_iters",
-    "cg_damping",
-    "logit_damping",
-    "cg_stop",
-    "held_out_fraction",
-    "momentum",
-    "cg_preconditioner",
-    "fisher_quadratic",
-    "max_token_kl",
-    "signal_shrinkage_beta",
-)
+TRPO_SOLVER_FLAGS = ("cg_iters", "cg_damping")
 # RLConfig fields of the reward's shaping for TRPO and our PPO (TRL's PPO shapes its own way);
 # unset ones keep RLConfig's defaults.
 SHAPING_FLAGS = ("kl_penalty",)
@@ -121,54 +109,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--cg_iters",
         type=int,
         default=None,
-        help="TRPO's conjugate-gradient iterations. Default: TRPOConfig's (1).",
+        help="TRPO's conjugate-gradient iterations. Default: TRPOConfig's.",
     )
     parser.add_argument(
         "--cg_damping", type=float, default=None, help="TRPO's damping c in (F + cI) x = g. Default: TRPOConfig's."
-    )
-    parser.add_argument(
-        "--logit_damping", type=float, default=None, help="TRPO's logit-space damping. Default: TRPOConfig's."
-    )
-    parser.add_argument(
-        "--cg_stop",
-        choices=("iterations", "held_out"),
-        default=None,
-        help="TRPO's CG stopping rule. Default: TRPOConfig's ('iterations').",
-    )
-    parser.add_argument(
-        "--held_out_fraction", type=float, default=None, help="TRPO's held-out share with --cg_stop held_out."
-    )
-    parser.add_argument(
-        "--cg_preconditioner",
-        choices=("none", "gradient_rms"),
-        default=None,
-        help="TRPO's CG preconditioner. Default: TRPOConfig's ('gradient_rms').",
-    )
-    parser.add_argument(
-        "--fisher_quadratic",
-        choices=FISHER_QUADRATICS,
-        default=None,
-        help="How TRPO's one-iteration step forms z^T F z. Default: TRPOConfig's.",
-    )
-    parser.add_argument(
-        "--momentum", type=float, default=None, help="TRPO's heavy-ball momentum across updates. Default: TRPOConfig's."
-    )
-    parser.add_argument(
-        "--max_token_kl",
-        type=float,
-        default=None,
-        help="TRPO's per-token trust region (TRPOConfig.max_token_kl). Default: TRPOConfig's (off).",
-    )
-    parser.add_argument(
-        "--signal_shrinkage",
-        action="store_true",
-        help="TRPO's per-tensor shrinkage of the step by its running signal share (TRPOConfig.signal_shrinkage).",
-    )
-    parser.add_argument(
-        "--signal_shrinkage_beta",
-        type=float,
-        default=None,
-        help="The decay of signal_shrinkage's running means. Default: TRPOConfig's.",
     )
     parser.add_argument(
         "--learning_rate",
@@ -438,7 +382,7 @@ def run_worker(args: argparse.Namespace, output_dir: Path) -> None:
 
     if args.worker == "trpo":
         solver = {key: getattr(args, key) for key in TRPO_SOLVER_FLAGS if getattr(args, key) is not None}
-        config = TRPOConfig(**common, max_kl=args.max_kl, signal_shrinkage=args.signal_shrinkage, **solver)
+        config = TRPOConfig(**common, max_kl=args.max_kl, **solver)
         with_exact_metrics(
             args, TRPOTrainer(config, task.model, task.tokenizer, task.reward_model, task.prompts)
         ).train(resume_from_checkpoint=resume)
@@ -522,7 +466,7 @@ def worker_command(args: argparse.Namespace, algorithm: str, seed: int, output_d
         value = getattr(args, flag)
         if value is not None:
             command += [f"--{flag}", *map(str, value)] if isinstance(value, list) else [f"--{flag}", str(value)]
-    switches = [f"--{flag}" for flag in ("bf16", "compile_generation", "signal_shrinkage") if getattr(args, flag)]
+    switches = [f"--{flag}" for flag in ("bf16", "compile_generation") if getattr(args, flag)]
     return command + switches
 
 

@@ -29,8 +29,9 @@ def main(output_dir: str, algorithm: str = "trpo") -> None:
     tokenizer = build_word_tokenizer()
     config_class, trainer_class = (PPOConfig, PPOTrainer) if algorithm == "ppo" else (TRPOConfig, TRPOTrainer)
     variant = {
-        "trpo_top_critic": {"critic_layers": 1, "fisher_quadratic": "forward_mode"},
-        "trpo_checkpointed": {"gradient_checkpointing": True},
+        # A sharded base runs the one-iteration step (no Fisher-vector product).
+        "trpo_cg1": {"cg_iters": 1},
+        "trpo_checkpointed": {"gradient_checkpointing": True, "cg_iters": 1},
         "trpo_kl_loss": {"kl_penalty": "loss"},
     }.get(algorithm, {})
     config = config_class(
@@ -71,7 +72,6 @@ def main(output_dir: str, algorithm: str = "trpo") -> None:
         "prompts": first_prompts,
         "held_out_prompts": first_held_out,
         "accepted": [h.get("trpo/accepted", 1.0) for h in history],
-        "kl_probes": [h.get("trpo/kl_probes", 0.0) for h in history],
     }
     reports = [None] * dist.get_world_size()
     dist.all_gather_object(reports, report)

@@ -237,11 +237,10 @@ def test_variants_parse_and_bad_ones_fail_before_anything_runs(capsys):
     args = compare_trpo_ppo.parse_args(["--algorithms", "trpo", "ppo", "--learning_rates", "3e-4", "1e-3"])
     assert [v.name for v in args.variants] == ["trpo", "ppo_lr3e-4", "ppo_lr1e-3"]
     assert args.variants[1].flags == ["--learning_rate", "0.0003"]
-    assert compare_trpo_ppo.worker_accepts(["--max_token_kl", "0.25", "--momentum", "0.5"])
-    solver = compare_trpo_ppo.parse_args(["--max_token_kl", "0.25"])
+    assert compare_trpo_ppo.worker_accepts(["--cg_iters", "1", "--cg_damping", "0.01"])
+    solver = compare_trpo_ppo.parse_args(["--cg_iters", "1"])
     assert (
-        compare_trpo_ppo.parse_args(compare_trpo_ppo.worker_command(solver, "trpo", 0, Path("run"))[2:]).max_token_kl
-        == 0.25
+        compare_trpo_ppo.parse_args(compare_trpo_ppo.worker_command(solver, "trpo", 0, Path("run"))[2:]).cg_iters == 1
     )
     for bad, message in [
         (["--variant", "nocolon"], "expected NAME:FLAGS"),

@@ -84,19 +84,17 @@ def test_two_processes_stay_in_sync(name, tmp_path):
 @pytest.mark.parametrize(
     "algorithm, launch",
     [
-        ("trpo", "fsdp.yaml"),
+        ("trpo_cg1", "fsdp.yaml"),
         ("ppo", "fsdp.yaml"),
-        ("trpo_top_critic", "fsdp.yaml"),
-        ("trpo", "deepspeed_zero3.yaml"),
+        ("trpo_cg1", "deepspeed_zero3.yaml"),
         ("ppo", "deepspeed_zero3.yaml"),
     ],
 )
 def test_a_sharded_launch_shards_the_frozen_layers_and_takes_the_replicated_runs_steps(algorithm, launch, tmp_path):
     """Under fsdp.yaml or deepspeed_zero3.yaml each process holds about half of the frozen base
     (every decoder layer split in two), and both policy steps and the critic's land on exactly the
-    tensors of the replicated run: TRPO at its defaults, whose second step probes the KL for its
-    length, and with the critic on the top layer and the forward-mode quadratic
-    (`trpo_top_critic`), which probes nothing."""
+    tensors of the replicated run: TRPO's one-iteration step (the one a sharded base can run) and
+    PPO."""
     needs_deepspeed(launch)
     replicated = run_two_processes("accelerate multi_gpu.yaml", tmp_path / "replicated", algorithm)
     sharded = run_two_processes(f"accelerate {launch}", tmp_path / "sharded", algorithm)
@@ -106,12 +104,8 @@ def test_a_sharded_launch_shards_the_frozen_layers_and_takes_the_replicated_runs
         # The layers hold most of the tiny model's frozen weights; their halves are all a rank keeps.
         assert report["frozen_local_numel"] < 0.75 * report["frozen_numel"]
     assert replicated[0]["frozen_local_numel"] == replicated[0]["frozen_numel"]
-    for key in ("policy", "value", "accepted", "prompts", "kl_probes"):
+    for key in ("policy", "value", "accepted", "prompts"):
         assert [r[key] for r in sharded] == [r[key] for r in replicated], key
-    if algorithm == "trpo":
-        assert sharded[0]["kl_probes"][0] == 0 and sharded[0]["kl_probes"][1] >= 1
-    if algorithm == "trpo_top_critic":
-        assert sharded[0]["kl_probes"] == [0, 0]
     assert (tmp_path / "sharded" / "adapter_model.safetensors").exists()
 
 
@@ -133,13 +127,13 @@ def test_checkpointed_layers_under_fsdp_take_the_plain_replicated_runs_steps(tmp
     """Each sharded layer's weights are gathered again for the recomputation in its backward
     (FSDP2's hooks stay outside the checkpoint): the two steps land on the replicated run's tensors
     without checkpointing."""
-    replicated = run_two_processes("accelerate multi_gpu.yaml", tmp_path / "replicated", "trpo")
+    replicated = run_two_processes("accelerate multi_gpu.yaml", tmp_path / "replicated", "trpo_cg1")
     sharded = run_two_processes("accelerate fsdp.yaml", tmp_path / "sharded", "trpo_checkpointed")
     layers = len(build_tiny_lm(build_word_tokenizer()).model.layers)
     assert [r["sharded_layers"] for r in sharded] == [layers, layers]
     assert [r["checkpointed_layers"] for r in sharded] == [layers, layers]
     assert [r["checkpointed_layers"] for r in replicated] == [0, 0]
-    for key in ("policy", "value", "accepted", "prompts", "kl_probes"):
+    for key in ("policy", "value", "accepted", "prompts"):
         assert [r[key] for r in sharded] == [r[key] for r in replicated], key
 
 
@@ -175,15 +169,17 @@ def launched_as(monkeypatch, kind: str, environ: dict[str, str]) -> None:
 
 @pytest.mark.parametrize(
     "settings",
-    [{"cg_iters": 3}, {"cg_stop": "held_out", "cg_iters": 3}, {"fisher_quadratic": "product"}],
-    ids=["cg_iters 3", "held-out stop", "product quadratic"],
+    [{}, {"cg_iters": 3}],
+    ids=["defaults", "cg_iters 3"],
 )
 @pytest.mark.parametrize("launch", SHARDED_LAUNCHES)
 def test_fisher_products_are_refused_with_a_sharded_base_before_anything_is_sharded(
     launch, settings, make_trainer, monkeypatch
 ):
     launched_as(monkeypatch, *SHARDED_LAUNCHES[launch])
-    with pytest.raises(ValueError, match=r"sharded \(fsdp.yaml, deepspeed_zero3.yaml\): .*cg_iters 1 .*multi_gpu.yaml"):
+    with pytest.raises(
+        ValueError, match=r"sharded \(fsdp.yaml, deepspeed_zero3.yaml\): .*--cg_iters 1 .*multi_gpu.yaml"
+    ):
         make_trainer(**settings)
 
 

@@ -195,18 +195,22 @@ def test_a_peft_policy_such_as_trls_is_evaluated_against_its_base_in_eval_mode(t
 
 LEARNING_SEEDS = (0, 1)
 LEARNING_BUDGET = 0.5  # nats per completion
-# The TRPO defaults reach 0.78 and 0.74 of the optimal gain within 0.5 nats on these seeds and
-# settings (12 steps of 16 completions, dense reward; measured 2026-12-03 on the 2-core CPU, δ 0.003);
-# the former δ 0.034 reached 0.51 and 0.58: a change that loses the finer trust region fails here.
-LEARNING_THRESHOLD = 0.65
+# Measured 2026-12-03 on the 2-core CPU (12 steps of 16 completions, dense reward): the TRPO
+# defaults (the classic 10-iteration solve, δ 0.003) reach 0.90 and 0.77 of the optimal gain
+# within 0.5 nats on these seeds, 0.83 on average; the one-iteration step reaches 0.68 and 0.76
+# (0.72), the former defaults (one preconditioned iteration with momentum) 0.78 and 0.74 (0.76), and
+# δ 0.034 0.51 and 0.58: a change that loses the classic solve or the finer trust region fails here.
+LEARNING_THRESHOLD = 0.80
 
 
 def test_the_default_update_learns_a_share_of_the_optimal_gain_on_the_exact_task(tmp_path):
     exact = reference_and_optimum(build_task("exact", reward_model="dense"), 3, budgets=(LEARNING_BUDGET,))
+    efficiencies = []
     for seed in LEARNING_SEEDS:
         trainer = trainer_on(None, tmp_path / f"seed-{seed}", max_steps=12, batch_size=16, seed=seed)
         trainer.metric_hooks.append(ExactEvaluator(trainer.tokenizer, trainer.prompts, 3, trainer.reward_fn))
         rows = trainer.train()
         optimum = {LEARNING_BUDGET: exact["optimum"][str(LEARNING_BUDGET)]}
-        efficiency = frontier_efficiency(rows, optimum, exact["reference_reward"], (LEARNING_BUDGET,))
-        assert efficiency[str(LEARNING_BUDGET)] >= LEARNING_THRESHOLD, (seed, efficiency)
+        efficiencies.append(frontier_efficiency(rows, optimum, exact["reference_reward"], (LEARNING_BUDGET,)))
+    mean = sum(e[str(LEARNING_BUDGET)] for e in efficiencies) / len(efficiencies)
+    assert mean >= LEARNING_THRESHOLD, efficiencies

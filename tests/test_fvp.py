@@ -86,27 +86,24 @@ def jacobian_of_logits(actor_critic, batch):
     return jacrev(logits_of)(theta0), logits_of(theta0)
 
 
-def brute_force_fisher(actor_critic, batch, logit_damping=0.0):
+def brute_force_fisher(actor_critic, batch):
     """F = mean over valid tokens of J_t^T (diag p_t - p_t p_t^T) J_t, with J_t = d logits_t / d theta
     from explicit Jacobians: the Gauss-Newton form of the KL Hessian (Martens, "New insights and
-    perspectives on the natural gradient method", JMLR 2020); with `logit_damping`, plus
-    lambda * mean_t J_t^T (I - 11^T/V) J_t."""
+    perspectives on the natural gradient method", JMLR 2020)."""
     jac, logits = jacobian_of_logits(actor_critic, batch)
     probs = torch.softmax(logits, dim=-1)
-    vocab = probs.shape[-1]
-    centring = torch.eye(vocab) - torch.full((vocab, vocab), 1.0 / vocab)
     fisher = torch.zeros(jac.shape[-1], jac.shape[-1], dtype=torch.float32)
     for b in range(jac.shape[0]):
         for t in range(jac.shape[1]):
             if batch.response_mask[b, t] > 0:
                 p = probs[b, t]
-                M = torch.diag(p) - torch.outer(p, p) + logit_damping * centring
+                M = torch.diag(p) - torch.outer(p, p)
                 J = jac[b, t]
                 fisher += J.T @ M @ J
     return fisher / batch.response_mask.sum()
 
 
-def build_fvp(actor_critic, batch, damping=0.0, method="kl_hessian", logit_damping=0.0):
+def build_fvp(actor_critic, batch, damping=0.0, method="kl_hessian"):
     with double_backward_attention(actor_critic.peft_model):
         logits = actor_critic.policy_logits(**batch.model_inputs(), temperature=TEMPERATURE)
     return kl_fisher_product(
@@ -115,7 +112,6 @@ def build_fvp(actor_critic, batch, damping=0.0, method="kl_hessian", logit_dampi
         actor_critic.policy_parameters(),
         method=method,
         damping=damping,
-        logit_damping=logit_damping,
     )
 
 
@@ -171,25 +167,6 @@ def test_forward_mode_fisher_quadratic_matches_brute_force_and_leaves_the_model_
     with pytest.raises(ValueError, match="not a parameter of the module"):
         with forward_tangents(actor_critic.peft_model, [torch.zeros(3)], torch.zeros(3)):
             pass
-
-
-def test_logit_damping_adds_the_centred_logit_metric_and_reports_its_share(word_tokenizer):
-    """(F + lambda J^T W C J) v against explicit Jacobians, and `logit_quadratic(x)` is that
-    term's x^T (lambda J^T W C J) x, which the step's length leaves out."""
-    actor_critic = tiny_actor_critic(word_tokenizer, "sdpa")
-    batch = padded_batch(word_tokenizer)
-    fvp = build_fvp(actor_critic, batch, method="gauss_newton", logit_damping=0.3)
-    with double_backward_attention(actor_critic.peft_model):
-        fisher = brute_force_fisher(actor_critic, batch)
-        damped = brute_force_fisher(actor_critic, batch, logit_damping=0.3)
-    v = torch.randn(fisher.shape[0], generator=torch.Generator().manual_seed(0))
-    expected = damped @ v
-    assert ((fvp(v) - expected).norm() / expected.norm()).item() <= 1e-4
-    assert ((damped - fisher) @ v).norm() > 0.1 * expected.norm()  # the damping is not negligible here
-    assert fvp.logit_quadratic(v) == pytest.approx((v @ (damped - fisher) @ v).item(), rel=1e-4)
-    assert build_fvp(actor_critic, batch, method="gauss_newton").logit_quadratic(v) == 0.0
-    with pytest.raises(ValueError, match="logit_damping"):
-        build_fvp(actor_critic, batch, method="kl_hessian", logit_damping=0.3)
 
 
 def test_linearized_logits_products_and_the_gradient_from_its_build(word_tokenizer):

@@ -691,9 +691,9 @@ class RLTrainer:
                 for name, tensor in self.actor_critic.trainable_tensors().items():
                     tensor.copy_(state.tensors[name])
         for name, optimizer in self.optimizers().items():
-            # State whose empty value means "nothing yet" (a `reset` method: the heavy ball's direction,
-            # the cosine's last change) starts empty when a checkpoint lacks it, saved with momentum 0
-            # or before the cosine was logged; any other missing state is an error.
+            # State whose empty value means "nothing yet" (a `reset` method: the cosine's last change)
+            # starts empty when a checkpoint lacks it, saved before the cosine was logged; any other
+            # missing state is an error.
             if name not in state.optimizers:
                 if not hasattr(optimizer, "reset"):
                     raise ValueError(

@@ -14,7 +14,6 @@ Everything here works on tensors and parameter lists; nothing knows about langua
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -89,26 +88,17 @@ class CGResult:
 
 
 def cg_solve(
-    fvp: Callable[[torch.Tensor], torch.Tensor],
-    b: torch.Tensor,
-    iters: int,
-    residual_tol: float = 1e-10,
-    on_iterate: Callable[[torch.Tensor, float], bool | None] | None = None,
-    precondition: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    fvp: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: int, residual_tol: float = 1e-10
 ) -> CGResult:
     """Conjugate gradient for A x = b with A symmetric positive definite, given only v -> A v.
 
     Starts at x = 0, calls `fvp` once per iteration and stops early once r.r <= residual_tol, so
     at once for b = 0, whose solution is x = 0 (Schulman et al. 2015, Appendix C; Nocedal & Wright,
-    Algorithm 5.2). `on_iterate(x_k, x_k . A x_k)` is called after each iteration; returning True
-    stops CG there. `precondition` (r -> P^-1 r, P symmetric positive definite) makes it
-    preconditioned CG (Nocedal & Wright, Algorithm 5.3): its first iterate lies along P^-1 b.
+    Algorithm 5.2).
     """
     x = torch.zeros_like(b)
     r = b.clone()
-    z = r if precondition is None else precondition(r)
-    p = z.clone()
-    r_dot_z = torch.dot(r, z)
+    p = r.clone()
     r_dot_r = torch.dot(r, r)
     iterations = 0
     for _ in range(iters):
@@ -116,67 +106,30 @@ def cg_solve(
             break
         Ap = fvp(p)
         iterations += 1
-        alpha = r_dot_z / torch.dot(p, Ap)
+        alpha = r_dot_r / torch.dot(p, Ap)
         x += alpha * p
         r -= alpha * Ap
-        z = r if precondition is None else precondition(r)
-        new_r_dot_z = torch.dot(r, z)
-        p = z + (new_r_dot_z / r_dot_z) * p
-        r_dot_z = new_r_dot_z
-        r_dot_r = r_dot_z if precondition is None else torch.dot(r, r)
-        if on_iterate is not None and on_iterate(x, torch.dot(x, b - r).item()):
-            break
+        new_r_dot_r = torch.dot(r, r)
+        p = r + (new_r_dot_r / r_dot_r) * p
+        r_dot_r = new_r_dot_r
     return CGResult(x=x, residual=r_dot_r.item(), iterations=iterations, x_ax=torch.dot(x, b - r).item())
 
 
-def cg_first_iterate(b: torch.Tensor, z: torch.Tensor, z_az: float) -> CGResult:
+def cg_first_iterate(b: torch.Tensor, b_ab: float) -> CGResult:
     """CG's first iterate from x = 0 (`cg_solve` with one iteration), from the quadratic alone:
-    x = (b.z / z^T A z) z with z = P^-1 b (z = b unpreconditioned). It needs z^T A z, not A z, so a
-    caller that can form the quadratic more cheaply than a product (`logit_fisher_quadratic` on a
-    forward-mode J z) saves the product; the residual, which would need A z, is not formed (NaN).
+    x = (b.b / b^T A b) b. It needs b^T A b, not A b, so a caller that can form the quadratic more
+    cheaply than a product (`logit_fisher_quadratic` on a forward-mode J b) saves the product; the
+    residual, which would need A b, is not formed (NaN).
 
     >>> A, b = torch.tensor([[4.0, 1.0], [1.0, 3.0]]), torch.tensor([1.0, 2.0])
-    >>> first = cg_first_iterate(b, b, torch.dot(b, A @ b).item())
+    >>> first = cg_first_iterate(b, torch.dot(b, A @ b).item())
     >>> torch.allclose(first.x, cg_solve(lambda v: A @ v, b, iters=1).x)
     True
     """
-    if not z_az > 0:  # z = 0 (b = 0): x = 0, where cg_solve would stop before its first product
+    if not b_ab > 0:  # b = 0: x = 0, where cg_solve would stop before its first product
         return CGResult(x=torch.zeros_like(b), residual=torch.dot(b, b).item(), iterations=0, x_ax=0.0)
-    alpha = torch.dot(b, z).item() / z_az
-    return CGResult(x=alpha * z, residual=float("nan"), iterations=1, x_ax=alpha * alpha * z_az)
-
-
-def held_out_cg_iterations(
-    fvp: Callable[[torch.Tensor], torch.Tensor],
-    fit_grad: torch.Tensor,
-    held_out_grad: torch.Tensor,
-    max_iters: int,
-    residual_tol: float = 1e-10,
-    patience: int = 2,
-    precondition: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> tuple[int, list[float]]:
-    """How many CG iterations to run, chosen on held-out data: CG on A x = `fit_grad` (the
-    surrogate gradient of some sequences), scoring each iterate x_k by the gain that a step along
-    it, scaled to the trust region, predicts on the other sequences: held_out_grad . x_k / sqrt(x_k . A x_k).
-
-    Returns the best k (from 1) and every score; stops `patience` iterations after the best.
-    Truncated CG regularises the solve (as early stopping does for least squares): with far more
-    LoRA parameters than sampled tokens, the exact natural gradient fits the batch's noise.
-
-        >>> A = torch.diag(torch.tensor([1.0, 100.0]))
-        >>> k, scores = held_out_cg_iterations(lambda v: A @ v, torch.tensor([1.0, 1.0]), torch.tensor([0.0, 1.0]), 2)
-        >>> k
-        1
-    """
-    scores: list[float] = []
-
-    def score(x: torch.Tensor, x_ax: float) -> bool:
-        scores.append(torch.dot(held_out_grad, x).item() / x_ax**0.5 if x_ax > 0 else 0.0)
-        return len(scores) - 1 - max(range(len(scores)), key=scores.__getitem__) >= patience
-
-    cg_solve(fvp, fit_grad, max_iters, residual_tol, on_iterate=score, precondition=precondition)
-    best = max(range(len(scores)), key=scores.__getitem__) + 1 if scores else 1
-    return best, scores
+    alpha = torch.dot(b, b).item() / b_ab
+    return CGResult(x=alpha * b, residual=float("nan"), iterations=1, x_ax=alpha * alpha * b_ab)
 
 
 def conjugate_gradient(
@@ -201,18 +154,6 @@ def categorical_kl(logp: torch.Tensor, logq: torch.Tensor, chunk_size: int | Non
     flat_p, flat_q = logp.reshape(-1, logp.shape[-1]), logq.reshape(-1, logq.shape[-1])
     kl = torch.cat([categorical_kl(a, b) for a, b in zip(flat_p.split(chunk_size), flat_q.split(chunk_size))])
     return kl.view(logp.shape[:-1])
-
-
-def token_trust_weights(token_kl: torch.Tensor, mask: torch.Tensor, max_token_kl: float) -> torch.Tensor:
-    """w_t = min(1, sqrt(max_token_kl / KL_t)) on valid tokens (1 elsewhere): the factor on a token's
-    advantage that brings the KL its own push causes back to the cap, since that KL grows with the
-    square of the push (the Fisher is the KL's Hessian).
-
-    >>> token_trust_weights(torch.tensor([[0.01, 0.4, 1.6]]), torch.tensor([[1.0, 1.0, 0.0]]), 0.1)
-    tensor([[1.0000, 0.5000, 1.0000]])
-    """
-    over = (token_kl > max_token_kl) & mask.bool()
-    return torch.where(over, (max_token_kl / token_kl.clamp(min=max_token_kl)).sqrt(), torch.ones_like(token_kl))
 
 
 def fisher_vector_product(
@@ -290,9 +231,7 @@ def forward_tangents(module: torch.nn.Module, params: Params, tangent: torch.Ten
 
 class DampedFisherProduct:
     """v -> reduce(F v) + damping * v, in float32, counting its calls in `calls`; `F v` is either
-    form's product on this process (`reduce` averages it across processes). Where the product also
-    carries a logit-space damping term (`gauss_newton_fvp(..., logit_damping=)`), `logit_quadratic(x)`
-    gives that term's x^T D x, so the step can be sized on the Fisher alone.
+    form's product on this process (`reduce` averages it across processes).
 
     A class rather than an attribute on the closure: a closure that refers to itself is a
     reference cycle, which keeps the graph it holds (gigabytes for an LLM) alive after `del` until
@@ -304,27 +243,13 @@ class DampedFisherProduct:
         fisher_product: Callable[[torch.Tensor], torch.Tensor],
         damping: float,
         reduce: Callable[[torch.Tensor], torch.Tensor],
-        logit_quadratic: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         self.fisher_product, self.damping, self.reduce = fisher_product, damping, reduce
-        self._logit_quadratic = logit_quadratic
         self.calls = 0
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         return self.reduce(self.fisher_product(v).float()) + self.damping * v
-
-    def logit_quadratic(self, x: torch.Tensor) -> float:
-        """x^T D x of the logit-space damping inside this product (0 without one); one J x pass."""
-        if self._logit_quadratic is None:
-            return 0.0
-        return self.reduce(self.local_logit_quadratic(x)).item()
-
-    def local_logit_quadratic(self, x: torch.Tensor) -> torch.Tensor:
-        """`logit_quadratic` on this process alone, as a float32 tensor (not reduced, no sync)."""
-        if self._logit_quadratic is None:
-            return torch.zeros((), device=x.device)
-        return self._logit_quadratic(x).float()
 
 
 class LinearizedLogits:
@@ -372,10 +297,9 @@ def gauss_newton_fvp(
     weights: torch.Tensor,
     damping: float,
     reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
-    logit_damping: float = 0.0,
 ) -> DampedFisherProduct:
-    """v -> (F + logit_damping D + damping I) v with F = J^T M J, the Fisher of the weighted
-    KL(pi_old || pi_theta) at theta_old in its Gauss-Newton form (Martens 2014; Schraudolph 2002).
+    """v -> (F + damping I) v with F = J^T M J, the Fisher of the weighted KL(pi_old || pi_theta)
+    at theta_old in its Gauss-Newton form (Martens 2014; Schraudolph 2002).
 
     `jacobian` linearizes the policy's (temperature-scaled) logits [..., V] at theta_old;
     `weights` [...] weigh each position (1/number of valid tokens for the mean KL, 0 for padding).
@@ -384,14 +308,7 @@ def gauss_newton_fvp(
     sum (dKL/dlogits) d^2 logits/dtheta^2, vanishes there because dKL/dlogits = p_theta - p_old = 0.
     The double-backward form (`fisher_vector_product`) still pays for that zero term through every
     layer; this one does not. Each product is two passes over the retained graphs: J v, then
-    J^T (M J v).
-
-    D = J^T W C J, C = I - 11^T/V, is the weighted squared change of the centred logits (centred:
-    a shift of all logits leaves the policy alone). In the logits, M's curvature along a token of
-    probability p is about p, so the natural gradient moves a sampled rare token's logit by A/p;
-    with D it moves it by about A/(p + logit_damping) (Levenberg-Marquardt damping placed in the
-    output space, as Martens & Sutskever 2011 place structural damping in the hidden states).
-    The returned callable counts its calls in `.calls`.
+    J^T (M J v). The returned callable counts its calls in `.calls`.
     """
     probs = torch.softmax(jacobian.logits.detach().float(), dim=-1)
     weights = weights.to(probs.dtype).unsqueeze(-1)
@@ -399,16 +316,9 @@ def gauss_newton_fvp(
     def fisher_product(v: torch.Tensor) -> torch.Tensor:
         jv = jacobian.jvp(v).float()
         # (diag(p) - p p^T) Jv per position, weighted, in float32 whatever the model's dtype.
-        m_jv = weights * probs * (jv - (probs * jv).sum(dim=-1, keepdim=True))
-        if logit_damping:
-            m_jv = m_jv + logit_damping * weights * (jv - jv.mean(dim=-1, keepdim=True))
-        return jacobian.vjp(m_jv)
+        return jacobian.vjp(weights * probs * (jv - (probs * jv).sum(dim=-1, keepdim=True)))
 
-    def logit_quadratic(x: torch.Tensor) -> torch.Tensor:
-        jx = jacobian.jvp(x).float()
-        return logit_damping * (weights * (jx - jx.mean(dim=-1, keepdim=True)).square()).sum()
-
-    return DampedFisherProduct(fisher_product, damping, reduce, logit_quadratic if logit_damping else None)
+    return DampedFisherProduct(fisher_product, damping, reduce)
 
 
 def kl_fisher_product(
@@ -418,7 +328,6 @@ def kl_fisher_product(
     *,
     method: str,
     damping: float,
-    logit_damping: float = 0.0,
     reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
     jacobian: LinearizedLogits | None = None,
 ) -> DampedFisherProduct:
@@ -428,17 +337,13 @@ def kl_fisher_product(
 
     `method` "gauss_newton" (`gauss_newton_fvp`, reusing a `jacobian` already built on these logits)
     or "kl_hessian" (`fisher_vector_product`, double backward through the KL gradient): the same
-    matrix. Logit damping exists in the Gauss-Newton form only.
+    matrix.
     """
     if method not in FVP_METHODS:
         raise ValueError(f"method={method!r} is not one of {FVP_METHODS}.")
     if method == "gauss_newton":
         jacobian = jacobian or LinearizedLogits(logits, params)
-        return gauss_newton_fvp(
-            jacobian, mask / mask.sum().clamp(min=1), damping, reduce=reduce, logit_damping=logit_damping
-        )
-    if logit_damping:
-        raise ValueError(f"logit_damping={logit_damping} needs method='gauss_newton'.")
+        return gauss_newton_fvp(jacobian, mask / mask.sum().clamp(min=1), damping, reduce=reduce)
     logp = torch.log_softmax(logits, dim=-1)
     # KL(stop_grad(pi) || pi): zero value and gradient at theta_old, Hessian = Fisher.
     kl = categorical_kl(logp.detach(), logp)
@@ -460,227 +365,6 @@ def surrogate_gradient(
         jacobian = LinearizedLogits(logits, params, at=surrogate_logits_grad)
         return jacobian.vjp_at, jacobian
     return flat_grad(surrogate, params, retain_graph=retain_graph), None
-
-
-def cross_fitted_gain_terms(
-    chunk_grads: torch.Tensor,
-    chunk_shares: torch.Tensor,
-    step_direction: Callable[[torch.Tensor], torch.Tensor] = lambda grad: grad,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per coordinate, the (cross-fitted, in-sample) first-order gain, per unit of step scale, of
-    the step direction z = `step_direction(g)` a gradient estimate makes: g = sum_j c_j the batch
-    gradient from its chunks' share-weighted gradients c_j = w_j g_j (`chunk_grads` [J, n],
-    `chunk_shares` w [J], J >= 2). Their sums are the step's gains (`cross_fitted_gain`).
-
-    In-sample, g * z(g): the batch's noise is in both factors and inflates it. Cross-fitted,
-    sum_j w_j g_j * z(g_-j), g_-j = (g - c_j) / (1 - w_j): each chunk scores the step the others
-    alone would make, everything that depends on the batch (a preconditioner's statistics, a
-    momentum's restart) made from them too; with independent chunks it is unbiased for the gain of
-    such a step (cross-fitting, Chernozhukov et al. 2018).
-    """
-    if chunk_grads.shape[0] < 2:
-        raise ValueError(f"cross-fitting needs >= 2 chunks, got {chunk_grads.shape[0]}.")
-    grad = chunk_grads.sum(dim=0)
-    in_sample = grad * step_direction(grad)
-    cross_fitted = sum(c * step_direction((grad - c) / (1 - w)) for c, w in zip(chunk_grads, chunk_shares.tolist()))
-    return cross_fitted, in_sample
-
-
-def cross_fitted_gain(
-    chunk_grads: torch.Tensor,
-    chunk_shares: torch.Tensor,
-    step_direction: Callable[[torch.Tensor], torch.Tensor] = lambda grad: grad,
-) -> tuple[float, float]:
-    """(cross-fitted, in-sample) first-order gain of the step `step_direction` makes from the batch
-    gradient, summed over coordinates (`cross_fitted_gain_terms`). TRPOTrainer logs their ratio,
-    the share of the predicted gain that is signal, as `trpo/cross_fitted_gain_ratio`.
-
-    >>> g1, g2 = torch.tensor([1.0, 1.0]), torch.tensor([1.0, -1.0])  # the signal [1, 0] and noise
-    >>> cross_fitted_gain(torch.stack([g1, g2]) / 2, torch.tensor([0.5, 0.5]))
-    (0.0, 1.0)
-    """
-    cross_fitted, in_sample = cross_fitted_gain_terms(chunk_grads, chunk_shares, step_direction)
-    return cross_fitted.sum().item(), in_sample.sum().item()
-
-
-class TensorSignalShares:
-    """Per LoRA tensor, rho_k in [0, 1], the running share of its part of the step's predicted gain
-    that is signal: the exponential moving averages of its cross-fitted and in-sample gains
-    (`cross_fitted_gain_terms` summed over the tensor), their ratio clipped to [0, 1]. Scaling each
-    tensor's part of the step by rho_k is the linear shrinkage that minimises its expected squared
-    error against the noise-free step (the Wiener filter; James & Stein 1961 for its empirical
-    form), so the trust region's KL goes where the batch's gradient is signal. It keeps state
-    between updates, checkpointed with the trainer's optimizers; before its first record every
-    rho_k is 1.
-
-    >>> shares = TensorSignalShares(beta=0.0)
-    >>> shares.record(torch.tensor([0.5, -1.0, 3.0, 0.0]), torch.tensor([1.0, 1.0, 2.0, 0.0]))
-    >>> shares.weights()
-    tensor([0.5000, 0.0000, 1.0000, 1.0000])
-    """
-
-    def __init__(self, beta: float):
-        self.beta = beta
-        self.cross_fitted: torch.Tensor | None = None
-        self.in_sample: torch.Tensor | None = None
-
-    def record(self, cross_fitted: torch.Tensor, in_sample: torch.Tensor) -> None:
-        """This update's per-tensor (cross-fitted, in-sample) gains."""
-        if self.cross_fitted is None:
-            self.cross_fitted, self.in_sample = torch.zeros_like(cross_fitted), torch.zeros_like(in_sample)
-        self.cross_fitted.mul_(self.beta).add_(cross_fitted.detach(), alpha=1 - self.beta)
-        self.in_sample.mul_(self.beta).add_(in_sample.detach(), alpha=1 - self.beta)
-
-    def weights(self) -> torch.Tensor | None:
-        """rho per tensor, or None before the first record; 1 for a tensor with no in-sample gain yet
-        (LoRA's A tensors have no gradient while B is 0), 0 for one whose in-sample gain is < 0."""
-        if self.cross_fitted is None:
-            return None
-        ratio = self.cross_fitted / torch.where(self.in_sample == 0, 1.0, self.in_sample)
-        ratio = torch.where(self.in_sample == 0, 1.0, torch.where(self.in_sample < 0, 0.0, ratio))
-        return ratio.clamp(0.0, 1.0)
-
-    def state_dict(self) -> dict:
-        return {"cross_fitted": self.cross_fitted, "in_sample": self.in_sample}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.cross_fitted = None if state["cross_fitted"] is None else state["cross_fitted"].detach().clone()
-        self.in_sample = None if state["in_sample"] is None else state["in_sample"].detach().clone()
-
-
-class HeavyBallDirection:
-    """The direction m = g + mu * m_prev across updates (Polyak 1964), restarted at g where it
-    would not ascend the current batch's surrogate (g^T m <= 0). It keeps state between updates,
-    so a trainer checkpoints it with its optimizers (`state_dict` / `load_state_dict`).
-
-    >>> heavy_ball = HeavyBallDirection(momentum=0.5)
-    >>> heavy_ball(torch.tensor([1.0, 0.0])), heavy_ball(torch.tensor([0.0, 1.0]))
-    (tensor([1., 0.]), tensor([0.5000, 1.0000]))
-    """
-
-    def __init__(self, momentum: float):
-        self.momentum = momentum
-        self.direction: torch.Tensor | None = None
-
-    def reset(self) -> None:
-        """Forget the last direction: the next update starts from its own gradient."""
-        self.direction = None
-
-    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
-        direction = self.peek(grad)
-        self.direction = direction.detach().clone()
-        return direction
-
-    def peek(self, grad: torch.Tensor) -> torch.Tensor:
-        """The direction `grad` would give, without keeping it."""
-        if self.direction is None:
-            return grad
-        direction = grad + self.momentum * self.direction
-        return grad if torch.dot(grad, direction) <= 0 else direction
-
-    def state_dict(self) -> dict[str, torch.Tensor | None]:
-        return {"direction": self.direction}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor | None]) -> None:
-        saved = state["direction"]
-        self.direction = None if saved is None else saved.detach().clone()
-
-
-class GradientRMSPreconditioner:
-    """P = diag(sqrt(v_hat) + eps), v the exponential moving average of g * g over updates with
-    bias correction, as Adam's second moment (Kingma & Ba 2015, Algorithm 1). In CG it rescales
-    each LoRA coordinate by its gradient's scale: LoRA's A tensors get gradients about |B| times
-    B's (zero at init), so the plain gradient hardly moves them where Adam does. It keeps state
-    between updates, checkpointed with the trainer's optimizers.
-
-    >>> preconditioner = GradientRMSPreconditioner(beta=0.999)
-    >>> preconditioner.update(torch.tensor([2.0, -0.01]))
-    >>> preconditioner(torch.tensor([2.0, -0.01]))
-    tensor([ 1.0000, -1.0000])
-    """
-
-    def __init__(self, beta: float, eps: float = 1e-8):
-        self.beta, self.eps = beta, eps
-        self.second_moment: torch.Tensor | None = None
-        self.updates = 0
-
-    def updated(self, grad: torch.Tensor) -> GradientRMSPreconditioner:
-        """A copy updated with `grad`, this one unchanged."""
-        other = GradientRMSPreconditioner(self.beta, self.eps)
-        other.load_state_dict(self.state_dict())
-        other.update(grad)
-        return other
-
-    def update(self, grad: torch.Tensor) -> None:
-        squared = (grad * grad).detach()
-        if self.second_moment is None:
-            self.second_moment = torch.zeros_like(squared)
-        self.second_moment.mul_(self.beta).add_(squared, alpha=1 - self.beta)
-        self.updates += 1
-
-    def __call__(self, r: torch.Tensor) -> torch.Tensor:
-        if self.second_moment is None:
-            return r
-        v_hat = self.second_moment / (1 - self.beta**self.updates)
-        return r / (v_hat.sqrt() + self.eps)
-
-    def state_dict(self) -> dict:
-        return {"second_moment": self.second_moment, "updates": self.updates}
-
-    def load_state_dict(self, state: dict) -> None:
-        saved = state["second_moment"]
-        self.second_moment = None if saved is None else saved.detach().clone()
-        self.updates = int(state["updates"])
-
-
-class MeasuredKLCurvature:
-    """z^T F z along a step's direction z from the exact KL measured at a probe point, with no
-    derivative: the Fisher is the KL's Hessian at theta_old, so KL(pi_old || pi_{theta_old + a z})
-    = 1/2 a^2 z^T F z + O(a^3) and q = 2 KL(a) / a^2. The probe is taken at the scale a of the last
-    update's full step, about where this one's will land, so q is the exact constraint's curvature
-    where the step meets it; where the measured KL is more than 4x off max_kl, one more probe is
-    taken at the scale the first predicts (`MAX_PROBES`). It keeps that scale between updates,
-    checkpointed with the trainer's optimizers; before the first update it has none, and the
-    caller forms q another way.
-
-    >>> curvature = MeasuredKLCurvature()
-    >>> curvature(lambda a: 0.5 * a**2 * 3.0, max_kl=0.01)  # none recorded yet: (None, 0 probes)
-    (None, 0)
-    >>> curvature.record(0.1)
-    >>> q, probes = curvature(lambda a: 0.5 * a**2 * 3.0, max_kl=0.01)  # KL 0.015 at a = 0.1
-    >>> round(q, 6), probes
-    (3.0, 1)
-    """
-
-    MAX_PROBES = 2
-
-    def __init__(self):
-        self.scale: float | None = None
-
-    def __call__(self, measure_kl: Callable[[float], float], max_kl: float) -> tuple[float | None, int]:
-        """(q, probes taken), `measure_kl(a)` the measured mean KL at theta_old + a z; q is None where
-        there is no scale yet or a probe measured no finite, positive KL."""
-        if self.scale is None:
-            return None, 0
-        scale = self.scale
-        for probe in range(1, self.MAX_PROBES + 1):
-            kl = measure_kl(scale)
-            if not (math.isfinite(kl) and kl > 0):
-                return None, probe
-            if max_kl / 4 <= kl <= 4 * max_kl or probe == self.MAX_PROBES:
-                return 2 * kl / scale**2, probe
-            scale *= math.sqrt(max_kl / kl)
-        raise AssertionError("unreachable")
-
-    def record(self, scale: float) -> None:
-        """The scale a of this update's full step along its direction, where the next probe goes."""
-        self.scale = scale if math.isfinite(scale) and scale > 0 else None
-
-    def state_dict(self) -> dict:
-        return {"scale": self.scale}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.scale = state["scale"]
 
 
 @dataclass
