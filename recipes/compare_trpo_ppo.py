@@ -42,7 +42,7 @@ from pathlib import Path
 
 from trpo_rlhf import TRPOConfig
 from trpo_rlhf.checkpointing import latest_checkpoint
-from trpo_rlhf.config import CRITICS, KL_PENALTIES
+from trpo_rlhf.config import CRITICS
 from trpo_rlhf.experiments.cli import add_config_flag, apply_config_file
 from trpo_rlhf.experiments.comparison import (
     ALGORITHMS,
@@ -73,9 +73,6 @@ REPORT_FILES = ("results.json", "compare.md", "compare.png")
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9_.+-]*$")
 # TRPOConfig fields the comparison can set; unset ones keep TRPOConfig's defaults.
 TRPO_SOLVER_FLAGS = ("cg_iters", "cg_damping")
-# RLConfig fields of the reward's shaping for TRPO and our PPO (TRL's PPO shapes its own way);
-# unset ones keep RLConfig's defaults.
-SHAPING_FLAGS = ("kl_penalty",)
 # RLConfig fields of the policy's LoRA adapter, for every algorithm (TRL's PPO builds its adapter
 # from them too); unset ones keep RLConfig's defaults.
 ADAPTER_FLAGS = ("lora_r", "lora_alpha", "lora_target_modules")
@@ -140,13 +137,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="The modules every algorithm's policy adapter adapts (RLConfig.lora_target_modules), e.g. v_proj. "
         "Default: the task's (PEFT's default for the architecture: q_proj v_proj on the sentiment task).",
-    )
-    parser.add_argument(
-        "--kl_penalty",
-        choices=KL_PENALTIES,
-        default=None,
-        help="How TRPO's and our PPO's runs penalise the KL to the reference (RLConfig.kl_penalty). Default: "
-        "RLConfig's ('reward'). TRL's PPO takes its own sampled estimate in the reward, and is refused with another.",
     )
     parser.add_argument(
         "--critic",
@@ -320,12 +310,6 @@ def plan_variants(args: argparse.Namespace) -> list[Variant]:
             raise ValueError(
                 f"variant {v.name!r}: {' '.join(v.flags)!r} are not valid flags of this recipe (see --help)."
             )
-        kl_penalty = parse_args(["--worker", v.algorithm, *v.flags]).kl_penalty or args.kl_penalty
-        if v.algorithm == "trl_ppo" and kl_penalty not in (None, "reward"):
-            raise ValueError(
-                f"variant {v.name!r}: TRL's PPO takes the sampled KL in its reward; --kl_penalty {kl_penalty} is "
-                "ours (TRPO, ppo): run trl_ppo without it, e.g. give it to TRPO's variants alone."
-            )
     return variants
 
 
@@ -375,7 +359,7 @@ def run_worker(args: argparse.Namespace, output_dir: Path) -> None:
         compile_generation=args.compile_generation,
         held_out_kl_prompts=args.held_out_kl_prompts,
     )
-    for key in (*ADAPTER_FLAGS, *SHAPING_FLAGS, *CRITIC_FLAGS):
+    for key in (*ADAPTER_FLAGS, *CRITIC_FLAGS):
         if getattr(args, key) is not None:
             common[key] = getattr(args, key)
     resume = True if args.resume_worker else None
@@ -397,7 +381,6 @@ def run_worker(args: argparse.Namespace, output_dir: Path) -> None:
         common.pop("held_out_kl_prompts")  # and updates inside its own loop
         for key in CRITIC_FLAGS:  # TRL trains its own full value model jointly with the policy
             common.pop(key, None)
-        common.pop("kl_penalty", None)  # plan_variants refused any but the sampled one TRL takes
         from trpo_rlhf.experiments.trl_adapter import build_trl_ppo_for_task
 
         config = PPOConfig(**common, learning_rate=args.learning_rate, ppo_epochs=args.ppo_epochs)
@@ -460,7 +443,6 @@ def worker_command(args: argparse.Namespace, algorithm: str, seed: int, output_d
         "dataset",
         *TRPO_SOLVER_FLAGS,
         *ADAPTER_FLAGS,
-        *SHAPING_FLAGS,
         *CRITIC_FLAGS,
     ):
         value = getattr(args, flag)

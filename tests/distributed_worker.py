@@ -32,7 +32,6 @@ def main(output_dir: str, algorithm: str = "trpo") -> None:
         # A sharded base runs the one-iteration step (no Fisher-vector product).
         "trpo_cg1": {"cg_iters": 1},
         "trpo_checkpointed": {"gradient_checkpointing": True, "cg_iters": 1},
-        "trpo_kl_loss": {"kl_penalty": "loss"},
     }.get(algorithm, {})
     config = config_class(
         **variant,

@@ -281,24 +281,6 @@ def test_a_used_foreign_or_locked_output_dir_is_refused_before_anything_runs(tmp
     assert not (busy.path / "trpo").exists()
 
 
-def test_the_kl_penalty_reaches_our_trainers_workers_and_is_refused_for_trls(tmp_path, capsys):
-    args = compare_trpo_ppo.parse_args(["--algorithms", "trpo", "ppo", "--kl_penalty", "loss"])
-    for algorithm in ("trpo", "ppo"):
-        command = compare_trpo_ppo.worker_command(args, algorithm, 0, tmp_path)
-        assert compare_trpo_ppo.parse_args(command[2:]).kl_penalty == "loss"
-    unset = compare_trpo_ppo.worker_command(compare_trpo_ppo.parse_args([]), "trpo", 0, tmp_path)
-    assert "--kl_penalty" not in unset  # the config's default
-    variant = compare_trpo_ppo.parse_args(["--algorithms", "trpo", "--variant", "trpo_kl_loss:--kl_penalty loss"])
-    assert variant.variants[1].flags == ["--kl_penalty", "loss"]
-    for bad in (
-        ["--algorithms", "trl_ppo", "--kl_penalty", "exact"],
-        ["--algorithms", "trpo", "--variant", "trl_exact:trl_ppo --kl_penalty exact"],
-    ):
-        with pytest.raises(SystemExit):
-            compare_trpo_ppo.parse_args(bad)
-        assert "TRL's PPO takes the sampled KL in its reward" in capsys.readouterr().err
-
-
 def test_critic_flags_reach_every_worker_of_trpo_and_our_ppo(tmp_path):
     args = compare_trpo_ppo.parse_args(
         ["--critic", "policy_features", "--value_epochs", "2", "--critic_lora_target_modules", "q_proj", "up_proj"]

@@ -110,19 +110,6 @@ def test_a_sharded_launch_shards_the_frozen_layers_and_takes_the_replicated_runs
 
 
 @pytest.mark.slow
-def test_two_processes_take_the_same_step_with_the_kl_term_in_the_objective(tmp_path):
-    """kl_penalty 'loss': each rank weighs its KL term by its own whitening scale, as it whitens its
-    own advantages; the all-reduced gradient and line search still give every rank one step."""
-    reports = run_two_processes("torchrun", tmp_path, "trpo_kl_loss")
-    for key in ("policy", "value", "accepted"):
-        assert reports[0][key] == reports[1][key], key
-    rows = [json.loads(row) for row in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert all(row["kl/loss_coef"] > 0 for row in rows)
-    assert rows[0]["kl/ref_exact"] == pytest.approx(0.0, abs=1e-6) and rows[1]["kl/ref_exact"] > 0
-    assert reports[0]["accepted"] == [1.0, 1.0]
-
-
-@pytest.mark.slow
 def test_checkpointed_layers_under_fsdp_take_the_plain_replicated_runs_steps(tmp_path):
     """Each sharded layer's weights are gathered again for the recomputation in its backward
     (FSDP2's hooks stay outside the checkpoint): the two steps land on the replicated run's tensors

@@ -59,8 +59,8 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
 def token_rewards(scores: torch.Tensor, token_kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
     """Per-token rewards r_t = -beta * KL_t, plus the sequence score on the last valid token
     (Ziegler et al. 2019, eq. 2; Stiennon et al. 2020). KL_t estimates the KL to the reference at
-    token t: the sampled log-ratio log pi_old(a_t|s_t) - log pi_ref(a_t|s_t) (Ziegler et al.), or its
-    expectation over a_t, the exact KL(pi_old(.|s_t) || pi_ref(.|s_t)) (`kl_penalty`)."""
+    token t, here the sampled log-ratio log pi_old(a_t|s_t) - log pi_ref(a_t|s_t) (Ziegler et al.),
+    whose score function gives KL_t's own gradient in expectation."""
     rewards = 0.0 - kl_coef * token_kl * mask  # not -(...): a zero penalty stays +0
     rows = torch.arange(scores.shape[0], device=rewards.device)
     rewards[rows, last_token_index(mask)] += scores.to(device=rewards.device, dtype=rewards.dtype)

@@ -27,7 +27,6 @@ from .tracking import check_report_to
 CRITICS = ("adapter", "policy_features")
 SEED_LIMIT = 2**32  # NumPy's seeds, which set_seed passes it, are in [0, 2**32)
 MIN_TEMPERATURE = 1e-2  # below it softmax(logits / T) is one-hot in float32: no token has a gradient
-KL_PENALTIES = ("reward", "exact", "loss")
 MODEL_DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes
 
 
@@ -122,27 +121,6 @@ class RLConfig:
     # Reward shaping (Ziegler et al. 2019, eq. 2): r_t = -beta * (log pi - log pi_ref), score at the last token.
     init_kl_coef: float = field(
         default=0.05, metadata={"help": "beta, the per-token KL penalty to the reference (TRL PPO's kl_coef)."}
-    )
-    # How the gradient of -beta * E[sum_t KL_t] is estimated. Its two parts: the KL at later states,
-    # which earlier tokens change (credited through the return), and KL_t's own dependence on
-    # pi_theta(.|s_t). 'reward' estimates both from the sampled token's log-ratio (Ziegler et al.
-    # 2019): the score function of log pi(a_t) - log pi_ref(a_t) is KL_t's own gradient in expectation.
-    # 'exact' takes both exactly over the vocabulary: KL_t in the reward for the first part (a reward
-    # that does not depend on a_t carries no gradient of its own), the direct gradient in the
-    # objective for the second. 'loss' keeps the second alone (GRPO's KL term, Shao et al. 2024,
-    # exact rather than sampled).
-    kl_penalty: str = field(
-        default="reward",
-        metadata={
-            "help": "How the KL to the reference is penalised. 'reward': r_t = -beta (log pi_old(a_t|s_t) - "
-            "log pi_ref(a_t|s_t)), the sampled token's log-ratio (Ziegler et al. 2019). 'exact': r_t = -beta "
-            "KL(pi_old(.|s_t) || pi_ref(.|s_t)), exact over the vocabulary, and the policy's objective subtracts "
-            "beta / sigma times the mean over the batch's tokens of the exact KL(pi_theta(.|s_t) || pi_ref(.|s_t)), "
-            "sigma the advantages' whitening scale: the same gradient as 'reward' in expectation, with no sampling in "
-            "the KL. 'loss': that objective term alone, the reward the score alone. The objective's term is seen by "
-            "both trainers' updates (TRPO's gradient and line search, PPO's loss). The exact modes hold pi_ref over "
-            "the vocabulary through the update."
-        },
     )
     target_kl_ref: float | None = field(
         default=None,
@@ -339,10 +317,6 @@ class RLConfig:
         _require(
             self.target_kl_ref is None or self.target_kl_ref > 0,
             f"target_kl_ref={self.target_kl_ref} must be > 0, or None for a fixed KL coefficient.",
-        )
-        _require(
-            self.kl_penalty in KL_PENALTIES,
-            f"kl_penalty={self.kl_penalty!r} is not one of {KL_PENALTIES}; e.g. --kl_penalty exact.",
         )
         _require(self.kl_horizon >= 1, f"kl_horizon={self.kl_horizon} must be >= 1.")
         _require(0.0 <= self.gamma <= 1.0, f"gamma={self.gamma} must be in [0, 1].")

@@ -40,7 +40,6 @@ from .advantages import (
     sequence_kl,
     token_rewards,
     value_loss,
-    whitening_factor,
 )
 from .checkpointing import (
     CHECKPOINT_PREFIX,
@@ -151,20 +150,6 @@ def use_cpu_accelerator() -> bool:
         )
         return True
     return False
-
-
-def reference_kl_term(batch: Rollout, logp_all: torch.Tensor | None) -> torch.Tensor:
-    """kl_loss_coef * the mean over `batch`'s valid tokens of the exact KL(pi_theta(.|s_t) ||
-    pi_ref(.|s_t)), `logp_all` log pi_theta over the vocabulary ([B, T, V], with a graph where a
-    gradient is wanted): the policy objective's term of kl_penalty 'exact' and 'loss'. Its gradient is
-    each KL's own dependence on pi_theta at the batch's states; how the states' distribution changes
-    with the earlier tokens is the reward's KL's part (`kl_penalty` 'exact')."""
-    if logp_all is None:
-        raise ValueError(
-            "kl_penalty 'exact' or 'loss' needs log pi_theta over the vocabulary (logp_all) for the KL term."
-        )
-    kl = categorical_kl(logp_all, batch.ref_log_probs)
-    return batch.kl_loss_coef * masked_mean(kl, batch.response_mask)
 
 
 class RLTrainer:
@@ -489,7 +474,7 @@ class RLTrainer:
                 self.reward_fn, rollout.prompts, rollout.completions, self.global_step, cfg.reward_timeout
             ).to(self.device)
         with timer("rollout_forward"):
-            rollout = evaluate_rollout(self.actor_critic, rollout, cfg.temperature, sampling_logits, cfg.kl_penalty)
+            rollout = evaluate_rollout(self.actor_critic, rollout, cfg.temperature, sampling_logits)
             del sampling_logits
         return self._advantages(dataclasses.replace(rollout, scores=scores))
 
@@ -1024,16 +1009,8 @@ class RLTrainer:
         cfg = self.config
         mask = rollout.response_mask
         kl_coef = self.kl_ctl.value
-        if cfg.kl_penalty == "reward":
-            rewards = token_rewards(rollout.scores, rollout.logp_old - rollout.logp_ref, mask, kl_coef)
-        else:  # the exact KL at each state; "loss" leaves the later states' KL out of the return
-            rewards = token_rewards(rollout.scores, rollout.kl_ref, mask, kl_coef if cfg.kl_penalty == "exact" else 0.0)
+        rewards = token_rewards(rollout.scores, rollout.logp_old - rollout.logp_ref, mask, kl_coef)
         advantages, returns = gae(rewards, rollout.values, mask, cfg.gamma, cfg.gae_lambda)
-        kl_loss_coef = 0.0
-        if cfg.kl_penalty != "reward":
-            # Whitening scales the return's gradient by 1/sigma; the objective's KL term takes the
-            # same factor, so the gradient stays that of E[score] - beta * KL.
-            kl_loss_coef = kl_coef * (whitening_factor(advantages, mask).item() if cfg.whiten_advantages else 1.0)
         if cfg.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
         kl_ref = self.reduce_mean(sequence_kl(rollout.logp_old, rollout.logp_ref, mask).mean()).item()
@@ -1042,10 +1019,7 @@ class RLTrainer:
             "kl/coef": kl_coef,
             "value/explained_variance": explained_variance(rollout.values, returns, mask),
         }
-        if cfg.kl_penalty != "reward":
-            stats["kl/ref_exact"] = self.reduce_mean(rollout.kl_ref.sum(dim=1).mean()).item()
-            stats["kl/loss_coef"] = self.reduce_mean(torch.tensor(kl_loss_coef, device=mask.device)).item()
-        return dataclasses.replace(rollout, advantages=advantages, returns=returns, kl_loss_coef=kl_loss_coef), stats
+        return dataclasses.replace(rollout, advantages=advantages, returns=returns), stats
 
     def value_update(self, batch: Rollout) -> dict[str, float]:
         """Minibatch Adam on the (clipped) value loss towards the GAE returns. Only the critic's
@@ -1084,19 +1058,10 @@ class RLTrainer:
         return torch.log_softmax(logits, dim=-1) if torch.is_grad_enabled() else log_softmax_(logits)
 
     @staticmethod
-    def surrogate(batch: Rollout, logp: torch.Tensor, logp_all: torch.Tensor | None = None) -> torch.Tensor:
-        """L = mean over valid tokens of exp(logp_theta - logp_old) * A_t (Schulman et al. 2015, eq. 14), `logp` the
-        log-probs of the taken tokens. With kl_penalty 'exact' or 'loss' (`batch.ref_log_probs` set) it also subtracts
-        `reference_kl_term`, which needs `logp_all`, log pi_theta over the vocabulary."""
-        gain = masked_mean(torch.exp(logp - batch.logp_old) * batch.advantages, batch.response_mask)
-        if not RLTrainer.needs_vocabulary_log_probs(batch):
-            return gain
-        return gain - reference_kl_term(batch, logp_all)
-
-    @staticmethod
-    def needs_vocabulary_log_probs(batch: Rollout) -> bool:
-        """Whether `surrogate` on `batch` reads log pi_theta over the vocabulary (kl_penalty 'exact', 'loss')."""
-        return batch.ref_log_probs is not None
+    def surrogate(batch: Rollout, logp: torch.Tensor) -> torch.Tensor:
+        """L = mean over valid tokens of exp(logp_theta - logp_old) * A_t (Schulman et al. 2015, eq. 14),
+        `logp` the log-probs of the taken tokens."""
+        return masked_mean(torch.exp(logp - batch.logp_old) * batch.advantages, batch.response_mask)
 
     @torch.no_grad()
     def measure_policy_change(self, batch: Rollout, logp_all_old: torch.Tensor) -> tuple[float, float]:
@@ -1106,8 +1071,8 @@ class RLTrainer:
         `ppo/surrogate_gain` all come from here, so the two updates are measured alike."""
         logp_all = self.policy_log_probs(batch)
         actions = batch.response_ids
-        gain = self.surrogate(batch, gather_tokens(logp_all, actions), logp_all) - self.surrogate(
-            batch, gather_tokens(logp_all_old, actions), logp_all_old
+        gain = self.surrogate(batch, gather_tokens(logp_all, actions)) - self.surrogate(
+            batch, gather_tokens(logp_all_old, actions)
         )
         return self.reduce_mean(gain).item(), self.mean_kl(batch, logp_all_old, logp_all)
 

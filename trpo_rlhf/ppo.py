@@ -16,7 +16,7 @@ import torch
 
 from .advantages import masked_mean
 from .config import RLConfig, _require
-from .engine import RLTrainer, reference_kl_term, require_finite
+from .engine import RLTrainer, require_finite
 from .metrics import UpdateCosine
 from .profiling import PhaseTimer
 from .rollout import Rollout, token_logprobs
@@ -114,8 +114,6 @@ class PPOTrainer(RLTrainer):
                     loss, clip_fraction = clipped_surrogate_loss(
                         logp, mini.logp_old, mini.advantages, mini.response_mask, cfg.clip_range
                     )
-                    if self.needs_vocabulary_log_probs(mini):
-                        loss = loss + reference_kl_term(mini, torch.log_softmax(logits, dim=-1))
                     del logits
                     self.policy_optimizer.zero_grad(set_to_none=True)
                     loss.backward()

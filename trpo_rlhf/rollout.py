@@ -21,7 +21,6 @@ import torch
 from transformers import CompileConfig, GenerationConfig, PreTrainedTokenizerBase, StaticCache
 
 from .actor_critic import LoraActorCritic, base_model_of
-from .trust_region import KL_CHUNK_POSITIONS, categorical_kl
 
 
 @dataclass
@@ -38,12 +37,6 @@ class Rollout:
     scores: torch.Tensor | None = None  # [B]
     advantages: torch.Tensor | None = None  # [B, T]
     returns: torch.Tensor | None = None  # [B, T]
-    # kl_penalty 'exact' and 'loss': the exact KL(pi_old(.|s_t) || pi_ref(.|s_t)) over the vocabulary
-    # [B, T], log pi_ref over the vocabulary [B, T, V] and the weight of the KL term in the policy's
-    # objective (`RLTrainer.surrogate`).
-    kl_ref: torch.Tensor | None = None
-    ref_log_probs: torch.Tensor | None = None
-    kl_loss_coef: float = 0.0
     # The critic's cached input: the policy's last hidden states at the response positions [B, T, H]
     # (critic="policy_features"), or the reference's hidden states entering the critic's first layer
     # [B, P+T, H] (critic_layers).
@@ -227,11 +220,9 @@ def evaluate_rollout(
     rollout: Rollout,
     temperature: float,
     sampling_logits: torch.Tensor | None = None,
-    kl_penalty: str = "reward",
 ) -> Rollout:
     """Fill in logp_old, logp_ref, values and entropy (and, with critic="policy_features" or
-    `critic_layers`, the features the values were read from) for a sampled rollout (no gradients);
-    with `kl_penalty` 'exact' or 'loss' also `kl_ref` and `ref_log_probs`.
+    `critic_layers`, the features the values were read from) for a sampled rollout (no gradients).
 
     `sampling_logits`, the logits / temperature generation sampled from (`sample_completions(...,
     return_scores=True)`, [B, T, V]), stand in for the policy's forward: they are the same
@@ -253,9 +244,6 @@ def evaluate_rollout(
         policy_logits, features = actor_critic.policy_logits_and_features(**inputs, temperature=temperature)
     logp_old = token_logprobs(policy_logits, actions)
     entropy = entropy_from_logits(policy_logits)
-    exact_kl = kl_penalty != "reward"
-    # Not in place: the logits may be the caller's sampling logits.
-    policy_log_probs = torch.log_softmax(policy_logits, dim=-1) if exact_kl else None
     del policy_logits
     if actor_critic.critic_reads_reference:  # the critic's top layers start where the reference's lower ones end
         reference_logits, features = actor_critic.reference_logits_and_critic_inputs(**inputs, temperature=temperature)
@@ -263,11 +251,6 @@ def evaluate_rollout(
         reference_logits = actor_critic.reference_logits(**inputs, temperature=temperature)
     logp_ref = token_logprobs(reference_logits, actions)
     mask = rollout.response_mask
-    kl_ref = ref_log_probs = None
-    if exact_kl:
-        ref_log_probs = log_softmax_(reference_logits)
-        kl_ref = categorical_kl(policy_log_probs, ref_log_probs, chunk_size=KL_CHUNK_POSITIONS) * mask
-        del policy_log_probs
     del reference_logits
     values = actor_critic.values(**inputs, features=features).float()
     return dataclasses.replace(
@@ -276,8 +259,6 @@ def evaluate_rollout(
         logp_ref=logp_ref * mask,
         values=values * mask,
         entropy=entropy * mask,
-        kl_ref=kl_ref,
-        ref_log_probs=ref_log_probs,
         features=features,
     )
 

@@ -245,11 +245,8 @@ class TRPOTrainer(RLTrainer):
             return PolicyGradient(grad, surrogate_old, logp_all_old, fvp)
         with timer("gradient"):
             logits = self.fisher_logits(batch)
-            logprobs = token_logprobs(logits, batch.response_ids)
-            logp_all = torch.log_softmax(logits, dim=-1) if self.needs_vocabulary_log_probs(batch) else None
-            surrogate = self.surrogate(batch, logprobs, logp_all)
+            surrogate = self.surrogate(batch, token_logprobs(logits, batch.response_ids))
             surrogate_old = self.reduce_mean(surrogate.detach()).item()
-            del logprobs, logp_all
             linearize = cfg.fvp_method == "gauss_newton"
             grad, jacobian = surrogate_gradient(
                 surrogate, logits, self.actor_critic.policy_parameters(), linearize=linearize, retain_graph=True
@@ -296,13 +293,11 @@ class TRPOTrainer(RLTrainer):
         grads, surrogates, logp_all_old = [], [], []
         for chunk, share in self.sequence_chunks(batch, chunks):
             logits = self.policy_logits(chunk)
-            logprobs = token_logprobs(logits, chunk.response_ids)
-            logp_all = torch.log_softmax(logits, dim=-1) if self.needs_vocabulary_log_probs(chunk) else None
-            surrogate = share * self.surrogate(chunk, logprobs, logp_all)
+            surrogate = share * self.surrogate(chunk, token_logprobs(logits, chunk.response_ids))
             grads.append(flat_grad(surrogate, params))
             surrogates.append(surrogate.detach())
             logp_all_old.append(log_softmax_(logits.detach()))
-            del logits, logprobs, logp_all, surrogate
+            del logits, surrogate
         grad = self.reduce_mean(torch.stack(grads).sum(dim=0))
         require_finite("policy gradient", grad)
         return grad, self.reduce_mean(torch.stack(surrogates).sum()).item(), torch.cat(logp_all_old)
