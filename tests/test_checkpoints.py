@@ -167,6 +167,36 @@ def test_a_checkpoint_without_the_cosine_state_resumes_with_it_starting_empty(tm
         fresh.load_checkpoint(tmp_path / "run" / "checkpoint-2")
 
 
+def test_a_checkpoint_with_a_removed_setting_resumes_at_its_old_default_and_is_refused_otherwise(
+    tmp_path, word_tokenizer
+):
+    """A checkpoint of an earlier release holds settings this one removed (`REMOVED_SETTINGS`): at
+    their old defaults it resumes with a warning naming them, and its config loads; at another
+    value it is refused, naming the setting, before any state is loaded."""
+    make("trpo", word_tokenizer, tmp_path / "run", max_steps=2, save_steps=2).train()
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    config_file = checkpoint / "trainer_config.json"
+    saved = json.loads(config_file.read_text())
+
+    config_file.write_text(json.dumps(saved | {"momentum": 0.5, "kl_penalty": "reward"}))
+    forget_file_record(checkpoint)
+    with pytest.warns(UserWarning, match=r"\['kl_penalty', 'momentum'\], settings this release removed"):
+        assert TRPOConfig.load(config_file) == TRPOConfig(**saved)
+    resumed = make("trpo", word_tokenizer, tmp_path / "run", max_steps=3)
+    with pytest.warns(UserWarning, match="settings this release removed"):
+        history = resumed.train(resume_from_checkpoint=True)
+    assert [row["step"] for row in history] == [3]
+
+    config_file.write_text(json.dumps(saved | {"momentum": 0.8}))
+    fresh = make("trpo", word_tokenizer, tmp_path / "fresh", max_steps=3)
+    before = [t.clone() for t in fresh.actor_critic.trainable_tensors().values()]
+    with pytest.raises(ValueError, match=r"saved with \{'momentum': 0.8\}: settings this release removed"):
+        fresh.load_checkpoint(checkpoint)
+    assert all(torch.equal(a, b) for a, b in zip(before, fresh.actor_critic.trainable_tensors().values()))
+    with pytest.raises(ValueError, match="momentum"):
+        TRPOConfig.load(config_file)
+
+
 def test_resume_rejects_a_missing_or_foreign_checkpoint(tmp_path, word_tokenizer):
     trainer = make("trpo", word_tokenizer, tmp_path / "run")
     with pytest.raises(FileNotFoundError, match=r"holds no checkpoint-<step> folder"):

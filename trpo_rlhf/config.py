@@ -26,6 +26,23 @@ from .tracking import check_report_to
 
 CRITICS = ("adapter", "policy_features")
 SEED_LIMIT = 2**32  # NumPy's seeds, which set_seed passes it, are in [0, 2**32)
+# Settings earlier releases had and measurements removed (docs/results.md, "what left the package";
+# last in commit 55f5382), at the defaults they had there. A saved config that holds one at that
+# value still loads and resumes, with a warning; any other value ran an update this package no
+# longer has, and is refused.
+REMOVED_SETTINGS = {
+    "cg_stop": "iterations",
+    "held_out_fraction": 0.5,
+    "logit_damping": 0.0,
+    "cg_preconditioner": "gradient_rms",
+    "preconditioner_beta": 0.999,
+    "fisher_quadratic": "measured_kl",
+    "momentum": 0.5,
+    "max_token_kl": None,
+    "signal_shrinkage": False,
+    "signal_shrinkage_beta": 0.9,
+    "kl_penalty": "reward",
+}
 MIN_TEMPERATURE = 1e-2  # below it softmax(logits / T) is one-hot in float32: no token has a gradient
 MODEL_DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes
 
@@ -410,4 +427,25 @@ class RLConfig:
 
     @classmethod
     def load(cls, path: str | Path):
-        return cls(**json.loads(Path(path).read_text()))
+        return cls(**without_removed_settings(json.loads(Path(path).read_text()), str(path)))
+
+
+def without_removed_settings(saved: dict, source: str) -> dict:
+    """`saved` (a config's fields, from `source`) without the settings this release removed
+    (`REMOVED_SETTINGS`): each one at its old default goes with a warning; any other value is a
+    `ValueError` naming it."""
+    removed = {k: v for k, v in saved.items() if k in REMOVED_SETTINGS}
+    refused = {k: v for k, v in removed.items() if v != REMOVED_SETTINGS[k]}
+    if refused:
+        raise ValueError(
+            f"{source} was saved with {refused}: settings this release removed (docs/results.md says why), at values "
+            "other than their old defaults, so its run took an update this package no longer computes. Resume it "
+            "with trpo_rlhf at commit 55f5382, or start a new run."
+        )
+    if removed:
+        warnings.warn(
+            f"{source} holds {sorted(removed)}, settings this release removed; they were at their old defaults and "
+            "are ignored.",
+            stacklevel=2,
+        )
+    return {k: v for k, v in saved.items() if k not in removed}

@@ -43,6 +43,7 @@ from .checkpointing import (
     staging_path,
     verify_checkpoint,
 )
+from .config import without_removed_settings
 from .loading import (
     fingerprint_differences,
 )
@@ -447,7 +448,7 @@ class CheckpointedRun:
         config_file = path / "trainer_config.json"
         if not config_file.exists():
             return
-        saved = json.loads(config_file.read_text())
+        saved = without_removed_settings(json.loads(config_file.read_text()), str(config_file))
         current = json.loads(json.dumps(self.config.to_dict()))
         changed = [k for k in current if k not in RESUME_MAY_CHANGE and saved.get(k) != current[k]]
         if changed:
