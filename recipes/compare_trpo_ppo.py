@@ -40,10 +40,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from trpo_rlhf import TRPOConfig
+from trpo_rlhf import PPOConfig, TRPOConfig
 from trpo_rlhf.checkpointing import latest_checkpoint
-from trpo_rlhf.config import CRITICS
-from trpo_rlhf.experiments.cli import add_config_flag, apply_config_file
+from trpo_rlhf.config import CRITICS, RLConfig
+from trpo_rlhf.experiments.cli import add_config_fields, add_config_flag, apply_config_file
 from trpo_rlhf.experiments.comparison import (
     ALGORITHMS,
     best_variants,
@@ -71,8 +71,13 @@ RESULTS_KEYS = ("best", "envelope", "settings", "exact")
 REPORT_FILES = ("results.json", "compare.md", "compare.png")
 # A variant's name is a folder of DIR: letters, digits, '_', '-', '.' and '+', not starting with a dot.
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9_.+-]*$")
-# TRPOConfig fields the comparison can set; unset ones keep TRPOConfig's defaults.
+# Config fields the comparison's flags set (`add_config_fields`: each typed and documented as its
+# field); unset ones keep the config's defaults. TRPO's solver:
 TRPO_SOLVER_FLAGS = ("cg_iters", "cg_damping")
+# PPO's (ours and TRL's):
+PPO_FLAGS = ("learning_rate", "ppo_epochs")
+# How our trainers' runs go (TRL's PPO takes bf16 alone):
+RUN_FLAGS = ("bf16", "compile_generation", "held_out_kl_prompts", "save_steps")
 # RLConfig fields of the policy's LoRA adapter, for every algorithm (TRL's PPO builds its adapter
 # from them too); unset ones keep RLConfig's defaults.
 ADAPTER_FLAGS = ("lora_r", "lora_alpha", "lora_target_modules")
@@ -99,84 +104,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--algorithms", nargs="+", choices=ALGORITHMS, default=list(ALGORITHMS))
     parser.add_argument("--batch_size", type=int, default=16, help="Prompts per step, the same for every algorithm.")
     parser.add_argument("--max_new_tokens", type=int, default=None, help="Default: 8 (toy), 24 (sentiment).")
-    parser.add_argument(
-        "--max_kl", type=float, default=None, help="TRPO's delta. Default: 0.05 (toy), TRPOConfig's (sentiment)."
-    )
-    parser.add_argument(
-        "--cg_iters",
-        type=int,
-        default=None,
-        help="TRPO's conjugate-gradient iterations. Default: TRPOConfig's.",
-    )
-    parser.add_argument(
-        "--cg_damping", type=float, default=None, help="TRPO's damping c in (F + cI) x = g. Default: TRPOConfig's."
-    )
-    parser.add_argument(
-        "--learning_rate",
-        type=float,
-        default=None,
-        help="PPO's (ours and TRL's). Default: 1e-3 (toy), 1e-4 (sentiment).",
-    )
-    parser.add_argument("--ppo_epochs", type=int, default=4)
-    parser.add_argument(
-        "--lora_r",
-        type=int,
-        default=None,
-        help="Every algorithm's LoRA rank (RLConfig.lora_r). Default: RLConfig's. Keep lora_alpha / lora_r with "
-        "--lora_alpha to keep the adapter's scale.",
-    )
-    parser.add_argument(
-        "--lora_alpha",
-        type=int,
-        default=None,
-        help="Every algorithm's LoRA alpha (RLConfig.lora_alpha). Default: RLConfig's.",
-    )
-    parser.add_argument(
-        "--lora_target_modules",
-        nargs="+",
-        default=None,
-        help="The modules every algorithm's policy adapter adapts (RLConfig.lora_target_modules), e.g. v_proj. "
-        "Default: the task's (PEFT's default for the architecture: q_proj v_proj on the sentiment task).",
-    )
-    parser.add_argument(
-        "--critic",
-        choices=CRITICS,
-        default=None,
-        help="TRPO's and our PPO's critic (RLConfig.critic). Default: RLConfig's ('adapter').",
-    )
-    parser.add_argument(
-        "--critic_layer_fraction",
-        type=float,
-        default=None,
-        help="TRPO's and our PPO's critic adapter on this top share of the decoder layers "
-        "(RLConfig.critic_layer_fraction; 1.0: every layer). Default: RLConfig's (0.4).",
-    )
-    parser.add_argument(
-        "--critic_layers",
-        type=int,
-        default=None,
-        help="TRPO's and our PPO's critic adapter on the top N decoder layers only (RLConfig.critic_layers, "
-        "overrides the fraction). Default: RLConfig's.",
-    )
-    parser.add_argument(
-        "--critic_lora_target_modules",
-        nargs="+",
-        default=None,
-        help="The modules of TRPO's and our PPO's critic adapter (RLConfig.critic_lora_target_modules). Default: "
-        "RLConfig's (every linear module of the critic's layers).",
-    )
-    parser.add_argument(
-        "--value_lr", type=float, default=None, help="TRPO's and our PPO's critic Adam rate. Default: RLConfig's."
-    )
-    parser.add_argument(
-        "--value_epochs", type=int, default=None, help="TRPO's and our PPO's critic epochs. Default: RLConfig's (4)."
-    )
-    parser.add_argument(
-        "--value_minibatch_size",
-        type=int,
-        default=None,
-        help="TRPO's and our PPO's critic minibatch (sequences). Default: RLConfig's (8).",
-    )
+    add_config_fields(parser, TRPOConfig, ["max_kl", *TRPO_SOLVER_FLAGS])
+    add_config_fields(parser, PPOConfig, PPO_FLAGS)
+    add_config_fields(parser, RLConfig, [*ADAPTER_FLAGS, *CRITIC_FLAGS], choices={"critic": CRITICS})
     parser.add_argument(
         "--learning_rates",
         type=float,
@@ -193,19 +123,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "NAME:ALGORITHM FLAGS for another algorithm (e.g. 'ppo_e8:ppo --ppo_epochs 8').",
     )
     parser.add_argument("--parallel", type=int, default=1, help="Runs at once (one H100 holds about nine).")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for every run's forwards (GPUs).")
-    parser.add_argument(
-        "--compile_generation",
-        action="store_true",
-        help="RLConfig.compile_generation for our trainers' runs: a static KV cache and a compiled decode step.",
-    )
-    parser.add_argument(
-        "--held_out_kl_prompts",
-        type=int,
-        default=0,
-        help="RLConfig.held_out_kl_prompts for our trainers' runs: each update's KL(pi_old||pi_new) on this many "
-        "prompts outside its batch (policy/kl_held_out), sampled apart so the runs are unchanged. 0: off.",
-    )
+    add_config_fields(parser, RLConfig, RUN_FLAGS)
     parser.add_argument(
         "--kl_target",
         type=float,
@@ -224,12 +142,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--reuse_finished",
         action="store_true",
         help="Keep every (algorithm, seed) run in output_dir whose metrics.jsonl already has --steps rows; run the rest.",
-    )
-    parser.add_argument(
-        "--save_steps",
-        type=int,
-        default=0,
-        help="TRPO and our PPO save a resumable checkpoint every this many steps (0: none).",
     )
     parser.add_argument(
         "--resume_from_checkpoint",
@@ -349,19 +261,16 @@ def run_worker(args: argparse.Namespace, output_dir: Path) -> None:
     common = dict(
         output_dir=str(output_dir),
         overwrite_output_dir=not args.resume_worker,
-        save_steps=args.save_steps,
         max_steps=args.steps,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
         lora_target_modules=task.lora_target_modules,
-        bf16=args.bf16,
-        compile_generation=args.compile_generation,
-        held_out_kl_prompts=args.held_out_kl_prompts,
     )
-    for key in (*ADAPTER_FLAGS, *CRITIC_FLAGS):
+    for key in (*ADAPTER_FLAGS, *CRITIC_FLAGS, *RUN_FLAGS):
         if getattr(args, key) is not None:
             common[key] = getattr(args, key)
+    ppo = {key: getattr(args, key) for key in PPO_FLAGS if getattr(args, key) is not None}
     resume = True if args.resume_worker else None
 
     if args.worker == "trpo":
@@ -371,19 +280,19 @@ def run_worker(args: argparse.Namespace, output_dir: Path) -> None:
             args, TRPOTrainer(config, task.model, task.tokenizer, task.reward_model, task.prompts)
         ).train(resume_from_checkpoint=resume)
     elif args.worker == "ppo":
-        config = PPOConfig(**common, learning_rate=args.learning_rate, ppo_epochs=args.ppo_epochs)
+        config = PPOConfig(**common, **ppo)
         with_exact_metrics(args, PPOTrainer(config, task.model, task.tokenizer, task.reward_model, task.prompts)).train(
             resume_from_checkpoint=resume
         )
     else:
-        common.pop("save_steps")
-        common.pop("compile_generation")  # TRL generates its own way
-        common.pop("held_out_kl_prompts")  # and updates inside its own loop
+        common.pop("save_steps", None)
+        common.pop("compile_generation", None)  # TRL generates its own way
+        common.pop("held_out_kl_prompts", None)  # and updates inside its own loop
         for key in CRITIC_FLAGS:  # TRL trains its own full value model jointly with the policy
             common.pop(key, None)
         from trpo_rlhf.experiments.trl_adapter import build_trl_ppo_for_task
 
-        config = PPOConfig(**common, learning_rate=args.learning_rate, ppo_epochs=args.ppo_epochs)
+        config = PPOConfig(**common, **ppo)
         hooks = []
         if args.task == "exact":  # TRL's policy, evaluated exactly after each of its updates
             hooks.append(exact_evaluator(args, task.tokenizer, task.prompts, task.reward_model).of_peft_model)
@@ -428,28 +337,21 @@ def worker_command(args: argparse.Namespace, algorithm: str, seed: int, output_d
         str(args.max_kl),
         "--parallel",
         str(args.parallel),
-        "--learning_rate",
-        str(args.learning_rate),
-        "--ppo_epochs",
-        str(args.ppo_epochs),
-        "--save_steps",
-        str(args.save_steps),
-        "--held_out_kl_prompts",
-        str(args.held_out_kl_prompts),
     ]
     for flag in (
         "model_name_or_path",
         "reward_model",
         "dataset",
         *TRPO_SOLVER_FLAGS,
+        *PPO_FLAGS,
         *ADAPTER_FLAGS,
         *CRITIC_FLAGS,
+        *RUN_FLAGS,
     ):
         value = getattr(args, flag)
         if value is not None:
             command += [f"--{flag}", *map(str, value)] if isinstance(value, list) else [f"--{flag}", str(value)]
-    switches = [f"--{flag}" for flag in ("bf16", "compile_generation") if getattr(args, flag)]
-    return command + switches
+    return command
 
 
 @dataclass

@@ -11,10 +11,14 @@ keyed by the flag's name without the dashes; a flag given on the command line ov
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import yaml
+from transformers import HfArgumentParser
 
 CONFIG_HELP = "A YAML file of flag values (flag names without the dashes); flags given on the command line win."
 
@@ -23,6 +27,41 @@ def add_config_flag(parser: argparse.ArgumentParser) -> None:
     """Add `--config FILE.yaml` to an argparse parser (an HfArgumentParser gets it from a dataclass
     field named `config` instead)."""
     parser.add_argument("--config", default=None, help=CONFIG_HELP)
+
+
+def add_config_fields(
+    parser: argparse.ArgumentParser,
+    config_class: type,
+    names: Iterable[str],
+    choices: dict[str, Iterable[str]] | None = None,
+) -> None:
+    """Add `--NAME` to `parser` for each field NAME of the dataclass `config_class`, typed and
+    documented as `HfArgumentParser` reads the field (lists, optionals, booleans), with `choices`
+    where given, and defaulting to None: an unset flag leaves the field's default to the config.
+
+        >>> from trpo_rlhf import TRPOConfig
+        >>> parser = argparse.ArgumentParser()
+        >>> add_config_fields(parser, TRPOConfig, ["cg_iters", "lora_target_modules"])
+        >>> args = parser.parse_args(["--lora_target_modules", "q_proj", "v_proj"])
+        >>> args.cg_iters, args.lora_target_modules
+        (None, ['q_proj', 'v_proj'])
+    """
+    names = list(names)
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    unknown = [name for name in names if name not in fields]
+    if unknown:
+        raise ValueError(f"{unknown} are not fields of {config_class.__name__}.")
+    by_dest = {action.dest: action for action in HfArgumentParser(config_class)._actions}
+    for name in names:
+        flag = copy.copy(by_dest[name])
+        flag.option_strings = [f"--{name}"]
+        flag.default, flag.required = None, False
+        if choices and name in choices:
+            flag.choices = list(choices[name])
+        flag.help = (
+            f"{fields[name].metadata.get('help', '')} Default: {config_class.__name__}'s ({fields[name].default!r})."
+        )
+        parser._add_action(flag)
 
 
 def apply_config_file(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> list[str]:
