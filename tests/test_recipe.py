@@ -195,9 +195,9 @@ def test_offline_environment_variable_short_circuits(monkeypatch):
 
 
 def test_hub_reachable_chooses_the_classic_task(monkeypatch):
-    import trpo_rlhf.experiments.sentiment as sentiment
+    import trpo_rlhf.experiments.tasks as tasks
 
-    monkeypatch.setattr(sentiment, "hub_available", lambda timeout: (True, "hub reachable"))
+    monkeypatch.setattr(tasks, "hub_available", lambda timeout: (True, "hub reachable"))
     task = resolve_sentiment_task(None, None, str(ROOT / "data" / "movie_review_openings.txt"))
     assert (task.model, task.reward_model) == ("lvwerra/gpt2-imdb", "lvwerra/distilbert-imdb")
     assert "classic TRL IMDB task" in task.reason

@@ -4,7 +4,7 @@ then sums over all completions, not estimates, and so is the optimal reward-vs-K
 pi*_beta(y|x) ∝ pi_ref(y|x) exp(r(x, y) / beta), the maximiser of E[r] - beta KL(pi || pi_ref)
 (Korbak et al. 2022; Rafailov et al. 2023, eq. 4).
 
-    >>> task = build_exact_task("sparse")                       # doctest: +SKIP
+    >>> task = build_task("exact", reward_model="sparse")       # doctest: +SKIP
     >>> evaluator = ExactEvaluator(task.tokenizer, task.prompts, EXACT_MAX_NEW_TOKENS, task.reward_model)  # doctest: +SKIP
     >>> evaluator(trainer)                                       # doctest: +SKIP
     {'exact/reward': 0.02, 'exact/kl_ref': 0.0}
@@ -155,24 +155,6 @@ def exact_prompts(count: int = 16, seed: int = 1) -> list[str]:
         if prompt not in prompts:
             prompts.append(prompt)
     return prompts
-
-
-def build_exact_task(reward: str = "dense"):
-    """The `tasks.Task` of the pretrained reference, its tokenizer, the `reward` ("dense" or
-    "sparse") and the prompts (`build_task("exact", reward_model=...)`)."""
-    from .tasks import Task
-
-    model, tokenizer = load_reference()
-    return Task(
-        "exact",
-        model,
-        exact_reward(reward),
-        exact_prompts(),
-        tokenizer=tokenizer,
-        dataset=f"{len(exact_prompts())} prompts of the exact task's grammar",
-        reason=f"{reward} reward, completions of at most {EXACT_MAX_NEW_TOKENS} tokens, evaluated exactly",
-        lora_target_modules=["q_proj", "v_proj", "lm_head"],
-    )
 
 
 # --------------------------------------------------------------------------------------------

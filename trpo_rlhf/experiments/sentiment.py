@@ -19,38 +19,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..checkpointing import TrainingInterrupted
-from ..loading import EMBEDDED, hub_available
-from ..prompts import load_prompts
-from ..rewards import VADER
 from ..tracking import markdown_cell
 from .cli import CONFIG_HELP, apply_config_file
-from .tasks import Task
-
-HUB_TASK = {"model": "lvwerra/gpt2-imdb", "reward_model": "lvwerra/distilbert-imdb", "dataset": "stanfordnlp/imdb"}
-OFFLINE_TASK = {"model": EMBEDDED, "reward_model": VADER, "dataset": None}
-
-
-def resolve_sentiment_task(
-    model: str | None, reward_model: str | None, dataset: str | None, seed: int = 0, hub_timeout: float = 5.0
-) -> Task:
-    """Fill the unset parts from the hub task when the hub answers within `hub_timeout` seconds,
-    else from the offline task; `reason` says which and why."""
-    if model is not None and reward_model is not None and dataset is not None:
-        reason = "all of model, reward model and dataset were given"
-        chosen = {}
-    else:
-        online, why = hub_available(hub_timeout)
-        chosen = HUB_TASK if online else OFFLINE_TASK
-        label = (
-            "the classic TRL IMDB task"
-            if online
-            else "the offline default (embedded SmolLM2-135M + VADER + data/ prompts)"
-        )
-        reason = f"{label}, because {why}"
-    model = model if model is not None else chosen["model"]
-    reward_model = reward_model if reward_model is not None else chosen["reward_model"]
-    dataset = dataset if dataset is not None else chosen.get("dataset")
-    return Task("sentiment", model, reward_model, load_prompts(dataset, seed=seed), dataset=dataset, reason=reason)
+from .tasks import resolve_sentiment_task
 
 
 def sample_table(trainer, prompts: list[str], seed: int = 1234) -> list[tuple[str, str, float]]:

@@ -10,6 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..loading import EMBEDDED, hub_available
+from ..prompts import load_prompts
+from ..rewards import VADER
+
 TASKS = ("toy", "sentiment", "sentiment_binary", "exact")
 BINARY_THRESHOLD = 0.5
 
@@ -81,12 +85,9 @@ def build_task(
             lora_target_modules=["q_proj", "v_proj", "lm_head"],
         )
     if name == "sentiment":
-        from .sentiment import resolve_sentiment_task
-
         return resolve_sentiment_task(model, reward_model, dataset, seed=seed)
     if name == "sentiment_binary":
-        from ..rewards import VADER, VaderReward
-        from .sentiment import resolve_sentiment_task
+        from ..rewards import VaderReward
 
         if reward_model not in (None, VADER):
             raise ValueError(
@@ -96,13 +97,25 @@ def build_task(
         task.name, task.reward_model = name, ThresholdReward(VaderReward(), BINARY_THRESHOLD)
         return task
     if name == "exact":
-        from .exact import EXACT_REWARDS, build_exact_task
+        from .exact import EXACT_MAX_NEW_TOKENS, EXACT_REWARDS, exact_prompts, exact_reward, load_reference
 
         if (model, dataset) != (None, None) or reward_model not in (None, *EXACT_REWARDS):
             raise ValueError(
                 f"build_task('exact') takes reward_model one of {EXACT_REWARDS} (default 'dense'), and no model or dataset."
             )
-        return build_exact_task(reward_model or "dense")
+        reward = reward_model or "dense"
+        reference, tokenizer = load_reference()
+        prompts = exact_prompts()
+        return Task(
+            "exact",
+            reference,
+            exact_reward(reward),
+            prompts,
+            tokenizer=tokenizer,
+            dataset=f"{len(prompts)} prompts of the exact task's grammar",
+            reason=f"{reward} reward, completions of at most {EXACT_MAX_NEW_TOKENS} tokens, evaluated exactly",
+            lora_target_modules=["q_proj", "v_proj", "lm_head"],
+        )
     raise ValueError(f"task {name!r} is not one of {TASKS}.")
 
 
@@ -117,8 +130,6 @@ def task_for_model(model: str, seed: int = 0, dtype=None) -> Task:
     if model.startswith("random:"):
         import torch
 
-        from ..prompts import load_prompts
-        from ..rewards import VADER
         from .random_models import ATTENTION_PROJECTIONS, build_random_lm
 
         lm, tokenizer = build_random_lm(model.removeprefix("random:"), dtype or torch.float32, seed)
@@ -132,3 +143,30 @@ def task_for_model(model: str, seed: int = 0, dtype=None) -> Task:
             lora_target_modules=list(ATTENTION_PROJECTIONS),
         )
     return build_task("sentiment", seed, model=model)
+
+
+HUB_TASK = {"model": "lvwerra/gpt2-imdb", "reward_model": "lvwerra/distilbert-imdb", "dataset": "stanfordnlp/imdb"}
+OFFLINE_TASK = {"model": EMBEDDED, "reward_model": VADER, "dataset": None}
+
+
+def resolve_sentiment_task(
+    model: str | None, reward_model: str | None, dataset: str | None, seed: int = 0, hub_timeout: float = 5.0
+) -> Task:
+    """Fill the unset parts from the hub task when the hub answers within `hub_timeout` seconds,
+    else from the offline task; `reason` says which and why."""
+    if model is not None and reward_model is not None and dataset is not None:
+        reason = "all of model, reward model and dataset were given"
+        chosen = {}
+    else:
+        online, why = hub_available(hub_timeout)
+        chosen = HUB_TASK if online else OFFLINE_TASK
+        label = (
+            "the classic TRL IMDB task"
+            if online
+            else "the offline default (embedded SmolLM2-135M + VADER + data/ prompts)"
+        )
+        reason = f"{label}, because {why}"
+    model = model if model is not None else chosen["model"]
+    reward_model = reward_model if reward_model is not None else chosen["reward_model"]
+    dataset = dataset if dataset is not None else chosen.get("dataset")
+    return Task("sentiment", model, reward_model, load_prompts(dataset, seed=seed), dataset=dataset, reason=reason)
