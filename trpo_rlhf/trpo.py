@@ -192,7 +192,7 @@ class TRPOTrainer(RLTrainer):
         3. full step s = sqrt(2 delta / x^T F x) x, so that 1/2 s^T F s = delta;
         4. backtracking on the measured exact KL and the surrogate; exact restore on failure.
         """
-        cfg, params, timer = self.config, self.actor_critic.policy_parameters(), PhaseTimer()
+        cfg, timer = self.config, PhaseTimer()
         grad, surrogate_old, logp_all_old, fvp = self.gradient_and_fisher(batch, timer)
         grad_sq = torch.dot(grad, grad).item()
         with timer("cg"):
@@ -216,18 +216,26 @@ class TRPOTrainer(RLTrainer):
         require_finite("step", full_step)
         expected_gain = torch.dot(grad, full_step).item()
         with timer("line_search"):
-            result = backtracking_line_search(
-                params,
-                full_step,
-                expected_gain,
-                lambda: self.measure_policy_change(batch, logp_all_old),
-                max_kl=cfg.max_kl,
-                kl_tolerance=cfg.kl_tolerance,
-                backtrack_coef=cfg.backtrack_coef,
-                max_backtracks=cfg.line_search_steps,
-                accept_ratio=cfg.accept_ratio,
-            )
+            result = self.line_search(batch, logp_all_old, full_step, expected_gain)
         return stats | self._step_stats(timer, result, expected_gain, full_step.norm().item())
+
+    def line_search(
+        self, batch: Rollout, logp_all_old: torch.Tensor, full_step: torch.Tensor, expected_gain: float
+    ) -> LineSearchResult:
+        """Backtracking from theta_old + `full_step` on the exact KL to pi_old and the surrogate,
+        both measured on `batch` (`backtracking_line_search`); theta_old restored bitwise on failure."""
+        cfg = self.config
+        return backtracking_line_search(
+            self.actor_critic.policy_parameters(),
+            full_step,
+            expected_gain,
+            lambda: self.measure_policy_change(batch, logp_all_old),
+            max_kl=cfg.max_kl,
+            kl_tolerance=cfg.kl_tolerance,
+            backtrack_coef=cfg.backtrack_coef,
+            max_backtracks=cfg.line_search_steps,
+            accept_ratio=cfg.accept_ratio,
+        )
 
     def gradient_and_fisher(self, batch: Rollout, timer: PhaseTimer) -> PolicyGradient:
         """g, L(theta_old), log pi_old over the vocabulary and, for CG beyond one iteration, the Fisher
