@@ -52,7 +52,7 @@ import torch
 from trpo_rlhf import PPOConfig, PPOTrainer, RLConfig, TRPOConfig, TRPOTrainer
 from trpo_rlhf.actor_critic import double_backward_attention
 from trpo_rlhf.advantages import masked_mean
-from trpo_rlhf.config import CRITICS, MODEL_DTYPES
+from trpo_rlhf.config import MODEL_DTYPES
 from trpo_rlhf.experiments import task_for_model
 from trpo_rlhf.experiments.cli import add_config_flag, apply_config_file
 from trpo_rlhf.metrics import append_jsonl, json_safe
@@ -80,7 +80,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=MODEL_DTYPES,
         help="The frozen base's dtype (RLConfig.model_dtype); LoRA, value head and CG stay float32.",
     )
-    parser.add_argument("--critic", default=RLConfig.critic, choices=CRITICS, help="RLConfig.critic.")
     parser.add_argument(
         "--critic_layer_fraction",
         type=float,
@@ -221,7 +220,6 @@ def trainer_configs(args: argparse.Namespace, task, output_dir: str, max_steps: 
         max_new_tokens=args.max_new_tokens,
         lora_target_modules=args.lora_target_modules or task.lora_target_modules,
         model_dtype=args.model_dtype,
-        critic=args.critic,
         critic_layer_fraction=args.critic_layer_fraction,
         critic_layers=args.critic_layers,
         critic_lora_target_modules=args.critic_lora_target_modules,
@@ -323,7 +321,6 @@ def whole_step(args: argparse.Namespace, threads: int) -> dict:
             "max_kl": args.max_kl,
             "value_epochs": RLConfig.value_epochs,
             "value_minibatch_size": RLConfig.value_minibatch_size,
-            "critic": args.critic,
             "critic_layer_fraction": args.critic_layer_fraction,
             "critic_layers": args.critic_layers,
             "critic_lora_target_modules": args.critic_lora_target_modules,

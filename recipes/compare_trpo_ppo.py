@@ -42,7 +42,7 @@ from pathlib import Path
 
 from trpo_rlhf import PPOConfig, TRPOConfig
 from trpo_rlhf.checkpointing import latest_checkpoint
-from trpo_rlhf.config import CRITICS, RLConfig
+from trpo_rlhf.config import RLConfig
 from trpo_rlhf.experiments.cli import add_config_fields, add_config_flag, apply_config_file
 from trpo_rlhf.experiments.comparison import (
     ALGORITHMS,
@@ -83,7 +83,6 @@ RUN_FLAGS = ("bf16", "compile_generation", "held_out_kl_prompts", "save_steps")
 ADAPTER_FLAGS = ("lora_r", "lora_alpha", "lora_target_modules")
 # RLConfig critic fields for TRPO and our PPO; unset ones keep RLConfig's defaults.
 CRITIC_FLAGS = (
-    "critic",
     "critic_layer_fraction",
     "critic_layers",
     "critic_lora_target_modules",
@@ -106,7 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max_new_tokens", type=int, default=None, help="Default: 8 (toy), 24 (sentiment).")
     add_config_fields(parser, TRPOConfig, ["max_kl", *TRPO_SOLVER_FLAGS])
     add_config_fields(parser, PPOConfig, PPO_FLAGS)
-    add_config_fields(parser, RLConfig, [*ADAPTER_FLAGS, *CRITIC_FLAGS], choices={"critic": CRITICS})
+    add_config_fields(parser, RLConfig, [*ADAPTER_FLAGS, *CRITIC_FLAGS])
     parser.add_argument(
         "--learning_rates",
         type=float,

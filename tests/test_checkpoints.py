@@ -92,7 +92,7 @@ def state_leaves(state):
     [
         ("trpo", {}),
         ("ppo", {}),
-        ("trpo", {"critic": "policy_features"}),
+        ("trpo", {"critic_layers": 1}),
         ("trpo", {"cg_iters": 1}),
         ("trpo", {"held_out_kl_prompts": 4}),
     ],

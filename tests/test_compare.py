@@ -283,17 +283,17 @@ def test_a_used_foreign_or_locked_output_dir_is_refused_before_anything_runs(tmp
 
 def test_critic_flags_reach_every_worker_of_trpo_and_our_ppo(tmp_path):
     args = compare_trpo_ppo.parse_args(
-        ["--critic", "policy_features", "--value_epochs", "2", "--critic_lora_target_modules", "q_proj", "up_proj"]
+        ["--critic_layers", "1", "--value_epochs", "2", "--critic_lora_target_modules", "q_proj", "up_proj"]
     )
     command = compare_trpo_ppo.worker_command(args, "trpo", 0, tmp_path)
-    assert command[command.index("--critic") + 1] == "policy_features"
+    assert command[command.index("--critic_layers") + 1] == "1"
     assert command[command.index("--value_epochs") + 1] == "2"
     position = command.index("--critic_lora_target_modules")
     assert command[position + 1 : position + 3] == ["q_proj", "up_proj"]
     assert compare_trpo_ppo.parse_args(command[2:]).critic_lora_target_modules == ["q_proj", "up_proj"]
     assert "--value_minibatch_size" not in command  # unset: the config's default
-    assert compare_trpo_ppo.worker_accepts(["--critic", "policy_features", "--value_minibatch_size", "16"])
-    assert not compare_trpo_ppo.worker_accepts(["--critic", "value_head"])
+    assert compare_trpo_ppo.worker_accepts(["--critic_layers", "2", "--value_minibatch_size", "16"])
+    assert not compare_trpo_ppo.worker_accepts(["--critic_layers", "two"])
 
 
 @pytest.mark.parametrize("algorithm", ["trpo", "ppo", "trl_ppo"])

@@ -64,22 +64,19 @@ def test_value_update_never_moves_the_policy(make_trainer):
     assert torch.equal(first, second)
 
 
-@pytest.mark.parametrize("critic", ["adapter", "policy_features"])
-def test_the_rollout_takes_the_old_log_probs_from_generation_unless_the_critic_needs_the_policy_forward(
-    make_trainer, critic
-):
-    trainer = make_trainer(critic=critic)
-    calls = {"policy_logits": 0, "policy_logits_and_features": 0}
-    for name in calls:
-        original = getattr(trainer.actor_critic, name)
+def test_the_rollout_takes_the_old_log_probs_from_generation(make_trainer):
+    trainer = make_trainer()
+    calls = {"policy_logits": 0}
+    original = trainer.actor_critic.policy_logits
 
-        def counted(*args, _original=original, _name=name, **kwargs):
-            calls[_name] += 1
-            return _original(*args, **kwargs)
+    def counted(*args, **kwargs):
+        calls["policy_logits"] += 1
+        return original(*args, **kwargs)
 
-        setattr(trainer.actor_critic, name, counted)
+    trainer.actor_critic.policy_logits = counted
     batch, _ = trainer.collect_batch()
-    assert calls == {"policy_logits": 0, "policy_logits_and_features": int(critic == "policy_features")}
+    assert calls == {"policy_logits": 0}
+    trainer.actor_critic.policy_logits = original
     forward = trainer.actor_critic.policy_logits(**batch.model_inputs(), temperature=trainer.config.temperature)
     expected = torch.gather(torch.log_softmax(forward, -1), -1, batch.response_ids.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(batch.logp_old, expected * batch.response_mask, atol=1e-5, rtol=1e-5)

@@ -2,9 +2,7 @@
 
 * the policy: base + the policy LoRA adapter (the only tensors TRPO moves),
 * the reference: base with adapters disabled (no second copy of the weights),
-* the critic: base + a second LoRA adapter named ``"value"`` + a scalar head (``critic="adapter"``),
-  or a scalar head on the policy's detached last hidden states (``critic="policy_features"``).
-  The critic's adapter sits on the top decoder layers only (``critic_layer_fraction`` of them, or
+* the critic: base + a second LoRA adapter named ``"value"`` + a scalar head. The critic's adapter sits on the top decoder layers only (``critic_layer_fraction`` of them, or
   ``critic_layers`` N) and adapts every linear module there; below them the critic is the frozen
   base, the reference's own, so its passes start from the hidden states the rollout's reference
   forward already computed there and run N layers, not all of them.
@@ -296,7 +294,7 @@ class LoraActorCritic(nn.Module):
     """Policy, reference and critic on one frozen base model.
 
     Build it from a plain model (a policy adapter is added from the config) or from a PeftModel
-    (its active adapter is the policy, used as given); with `critic="adapter"` a LoRA adapter
+    (its active adapter is the policy, used as given); a LoRA adapter
     named "value" is added for the critic either way.
 
         >>> actor_critic = LoraActorCritic.build(model, config)     # doctest: +SKIP
@@ -309,7 +307,6 @@ class LoraActorCritic(nn.Module):
         policy_adapter: str,
         value_head: ValueHead,
         autocast_dtype: torch.dtype | None = None,
-        critic: str = "adapter",
         critic_layers: int | None = None,
         layer_list: str | None = None,
     ):
@@ -318,8 +315,7 @@ class LoraActorCritic(nn.Module):
         self.policy_adapter = policy_adapter
         self.value_head = value_head
         self.autocast_dtype = autocast_dtype
-        self.critic = critic
-        self.critic_layers = critic_layers if critic == "adapter" else None
+        self.critic_layers = critic_layers
         # The backbone's attribute holding its decoder layers (`layer_stack`), found once at build,
         # before any sharding: the critic's passes run a slice of it.
         self.layer_list = layer_list
@@ -351,9 +347,8 @@ class LoraActorCritic(nn.Module):
         for param in peft_model.get_base_model().parameters():
             param.requires_grad_(False)
         checkpoint_decoder_layers(peft_model.get_base_model(), getattr(config, "gradient_checkpointing", False))
-        critic = getattr(config, "critic", "adapter")
-        layers = critic_adapter_layers(peft_model.get_base_model().base_model, config) if critic == "adapter" else None
-        if critic == "adapter" and VALUE_ADAPTER not in peft_model.peft_config:
+        layers = critic_adapter_layers(peft_model.get_base_model().base_model, config)
+        if VALUE_ADAPTER not in peft_model.peft_config:
             _add_lora(peft_model, config, VALUE_ADAPTER, layers, "critic_lora_target_modules", ALL_LINEAR)
         peft_model.set_adapter(policy_adapter)
         hidden_size = peft_model.get_base_model().config.get_text_config().hidden_size
@@ -361,7 +356,7 @@ class LoraActorCritic(nn.Module):
         autocast_dtype = torch.bfloat16 if getattr(config, "bf16", False) else None
         name, indices = layers if layers is not None else (None, None)
         critic_layers = len(indices) if indices is not None else None
-        actor_critic = cls(peft_model, policy_adapter, head, autocast_dtype, critic, critic_layers, name)
+        actor_critic = cls(peft_model, policy_adapter, head, autocast_dtype, critic_layers, name)
         if critic_layers is not None:
             try:
                 actor_critic.check_critic_layers()
@@ -372,10 +367,6 @@ class LoraActorCritic(nn.Module):
                 # every layer from input_ids: the same critic, without the shortcut.
                 actor_critic.critic_layers = None
         return actor_critic
-
-    @property
-    def has_value_adapter(self) -> bool:
-        return self.critic == "adapter"
 
     @property
     def critic_reads_reference(self) -> bool:
@@ -391,9 +382,8 @@ class LoraActorCritic(nn.Module):
         return self._adapter_parameters(self.policy_adapter)
 
     def value_parameters(self) -> list[nn.Parameter]:
-        """The critic's trainable tensors: its LoRA adapter's (critic="adapter") and the head's."""
-        adapter = self._adapter_parameters(VALUE_ADAPTER) if self.has_value_adapter else []
-        return adapter + list(self.value_head.parameters())
+        """The critic's trainable tensors: its LoRA adapter's and the head's."""
+        return self._adapter_parameters(VALUE_ADAPTER) + list(self.value_head.parameters())
 
     def trainable_tensors(self) -> dict[str, nn.Parameter]:
         """Every tensor training moves (the policy and critic LoRA tensors, the value head), by name."""
@@ -455,27 +445,12 @@ class LoraActorCritic(nn.Module):
         with self.peft_model.disable_adapter():
             return self._logits(input_ids, attention_mask, position_ids, response_length, temperature)
 
-    def policy_logits_and_features(
-        self, input_ids, attention_mask, position_ids, response_length: int, temperature: float = 1.0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`policy_logits` and, from the same forward, the policy's last hidden states at the
-        response positions ([B, T, H], detached): the features of critic="policy_features"."""
-        out = self._forward(input_ids, attention_mask, position_ids, response_length, hidden_states=True)
-        features = out.hidden_states[-1][:, -response_length - 1 : -1].detach()
-        return out.logits[:, :-1].float() / temperature, features
-
     def values(
         self, input_ids, attention_mask, position_ids, response_length: int, features: torch.Tensor | None = None
     ) -> torch.Tensor:
         """V(s_t) for each response position t (the state before token t is sampled): [B, T].
-        With critic="policy_features" the head reads `features` (from `policy_logits_and_features`),
-        or, when they are not given, those of a policy forward; with `critic_layers` the critic's
-        top layers start from `features` (from `reference_logits_and_critic_inputs`), or from those
-        of a reference forward."""
-        if not self.has_value_adapter:
-            if features is None:
-                _, features = self.policy_logits_and_features(input_ids, attention_mask, position_ids, response_length)
-            return self.value_head(features)
+        With `critic_layers` the critic's top layers start from `features` (from
+        `reference_logits_and_critic_inputs`), or from those of a reference forward."""
         if self.critic_reads_reference and features is None:
             _, features = self.reference_logits_and_critic_inputs(
                 input_ids, attention_mask, position_ids, response_length
@@ -555,15 +530,7 @@ class LoraActorCritic(nn.Module):
 
     @contextlib.contextmanager
     def critic_training(self) -> Iterator[None]:
-        """The critic adapter active and trainable, dropout on; the policy adapter inactive and frozen.
-        With critic="policy_features" only the head trains (on cached features: no model pass)."""
-        if not self.has_value_adapter:
-            self.value_head.train()
-            try:
-                yield
-            finally:
-                self.value_head.eval()
-            return
+        """The critic adapter active and trainable, dropout on; the policy adapter inactive and frozen."""
         with self._adapter(VALUE_ADAPTER):
             self.peft_model.train()
             self.value_head.train()
@@ -576,7 +543,7 @@ class LoraActorCritic(nn.Module):
     # ---- saving -------------------------------------------------------------------------------
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Policy adapter at `path` (loadable by `PeftModel.from_pretrained(base, path)`), the critic
-        adapter (critic="adapter") and head under `path/value`."""
+        adapter and head under `path/value`."""
         from safetensors.torch import save_file
 
         path = Path(path)
@@ -593,8 +560,7 @@ class LoraActorCritic(nn.Module):
                 shutil.move(str(item), path / item.name)
             sub.rmdir()
         value_dir = path / VALUE_ADAPTER
-        if self.has_value_adapter:
-            self.peft_model.save_pretrained(value_dir, selected_adapters=[VALUE_ADAPTER], save_embedding_layers=False)
+        self.peft_model.save_pretrained(value_dir, selected_adapters=[VALUE_ADAPTER], save_embedding_layers=False)
         value_dir.mkdir(parents=True, exist_ok=True)
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
@@ -615,24 +581,22 @@ class LoraActorCritic(nn.Module):
         from safetensors.torch import load_file
 
         adapter_file = Path(path) / VALUE_ADAPTER / VALUE_ADAPTER / "adapter_model.safetensors"
-        if self.has_value_adapter != adapter_file.exists():
-            saved = "adapter" if adapter_file.exists() else "policy_features"
+        if not adapter_file.exists():
             raise ValueError(
-                f"{path} holds a critic={saved!r} critic, this model has critic={self.critic!r}: "
-                f"build the trainer with critic={saved!r} to load it."
+                f"{path} holds no critic adapter ({adapter_file} is missing): it was saved with critic "
+                "'policy_features', which this release removed (docs/results.md); its policy adapter loads alone."
             )
-        if self.has_value_adapter:
-            saved_state = load_file(adapter_file)
-            own = get_peft_model_state_dict(self.peft_model, adapter_name=VALUE_ADAPTER, save_embedding_layers=False)
-            if set(saved_state) != set(own):
-                # PEFT loads whatever keys match and skips the rest: a critic saved on other layers or
-                # modules would come back half-trained.
-                raise ValueError(
-                    f"{path} holds a critic adapter on other layers or modules ({len(saved_state)} tensors, e.g. "
-                    f"{sorted(set(saved_state) - set(own))[:1]}) than this model's ({len(own)} tensors): build the "
-                    "trainer with the critic_layer_fraction, critic_layers and critic_lora_target_modules it was "
-                    "saved with (its trainer_config.json; runs saved before critic_layer_fraction existed used "
-                    "--critic_layer_fraction 1.0 --critic_lora_target_modules set to their lora_target_modules)."
-                )
-            set_peft_model_state_dict(self.peft_model, saved_state, adapter_name=VALUE_ADAPTER)
+        saved_state = load_file(adapter_file)
+        own = get_peft_model_state_dict(self.peft_model, adapter_name=VALUE_ADAPTER, save_embedding_layers=False)
+        if set(saved_state) != set(own):
+            # PEFT loads whatever keys match and skips the rest: a critic saved on other layers or
+            # modules would come back half-trained.
+            raise ValueError(
+                f"{path} holds a critic adapter on other layers or modules ({len(saved_state)} tensors, e.g. "
+                f"{sorted(set(saved_state) - set(own))[:1]}) than this model's ({len(own)} tensors): build the "
+                "trainer with the critic_layer_fraction, critic_layers and critic_lora_target_modules it was "
+                "saved with (its trainer_config.json; runs saved before critic_layer_fraction existed used "
+                "--critic_layer_fraction 1.0 --critic_lora_target_modules set to their lora_target_modules)."
+            )
+        set_peft_model_state_dict(self.peft_model, saved_state, adapter_name=VALUE_ADAPTER)
         self.value_head.load_state_dict(load_file(Path(path) / VALUE_ADAPTER / "value_head.safetensors"))

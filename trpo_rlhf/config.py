@@ -24,7 +24,6 @@ from pathlib import Path
 from .run_directory import check_output_dir_path
 from .tracking import check_report_to
 
-CRITICS = ("adapter", "policy_features")
 SEED_LIMIT = 2**32  # NumPy's seeds, which set_seed passes it, are in [0, 2**32)
 # Settings earlier releases had and measurements removed (docs/results.md, "what left the package";
 # last in commit 55f5382), at the defaults they had there. A saved config that holds one at that
@@ -42,6 +41,7 @@ REMOVED_SETTINGS = {
     "signal_shrinkage": False,
     "signal_shrinkage_beta": 0.9,
     "kl_penalty": "reward",
+    "critic": "adapter",
 }
 MIN_TEMPERATURE = 1e-2  # below it softmax(logits / T) is one-hot in float32: no token has a gradient
 MODEL_DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes
@@ -155,21 +155,11 @@ class RLConfig:
     whiten_advantages: bool = field(
         default=True, metadata={"help": "Normalise advantages to mean 0, std 1 over the valid tokens of the batch."}
     )
-    # Critic: a scalar head, either on its own LoRA adapter of the shared frozen base or on the
-    # policy's detached hidden states; either way it never moves the policy.
-    critic: str = field(
-        default="adapter",
-        metadata={
-            "help": "adapter: the critic has its own LoRA adapter on the frozen base and a scalar head, and its passes "
-            "of its own (a forward in the rollout, value_epochs of forward+backward passes in its update). "
-            "policy_features: a scalar head on the policy's last hidden states, detached, read from the policy's "
-            "rollout forward; its update trains the head alone on those cached features, with no model pass."
-        },
-    )
+    # Critic: a scalar head on its own LoRA adapter of the shared frozen base; it never moves the policy.
     critic_layer_fraction: float = field(
         default=0.4,
         metadata={
-            "help": "critic='adapter': put the critic's LoRA adapter on the top round(fraction x n) of the model's n "
+            "help": "put the critic's LoRA adapter on the top round(fraction x n) of the model's n "
             "decoder layers (at least one; 12 of SmolLM2's 30). Below them the critic is the frozen base, which the "
             "rollout's reference forward already runs, so the critic's passes (its rollout forward and every pass of "
             "its update) start from the hidden states that forward computed and run those layers instead of all; on "
@@ -180,7 +170,7 @@ class RLConfig:
     critic_layers: int | None = field(
         default=None,
         metadata={
-            "help": "critic='adapter': put the critic's LoRA adapter on the top N decoder layers (instead of "
+            "help": "put the critic's LoRA adapter on the top N decoder layers (instead of "
             "critic_layer_fraction of them), its passes run from the reference forward's hidden states below them; "
             "a backbone that cannot be entered at a layer is refused. None: critic_layer_fraction sets the layers."
         },
@@ -188,7 +178,7 @@ class RLConfig:
     critic_lora_target_modules: list[str] | None = field(
         default=None,
         metadata={
-            "help": "critic='adapter': the modules the critic's LoRA adapter adapts on its layers, e.g. q_proj v_proj. "
+            "help": "the modules the critic's LoRA adapter adapts on its layers, e.g. q_proj v_proj. "
             "None (or all-linear): every linear module of those layers but the output head (PEFT's all-linear), "
             "cheap on the top layers since the frozen base's matmuls dominate a pass."
         },
@@ -349,7 +339,6 @@ class RLConfig:
             "Set --model_dtype bfloat16 (the base's weights in bfloat16, with or without --bf16), or leave "
             "--compile_generation off.",
         )
-        _require(self.critic in CRITICS, f"critic={self.critic!r} is not one of {CRITICS} (e.g. --critic adapter).")
         _require(
             0.0 < self.critic_layer_fraction <= 1.0,
             f"critic_layer_fraction={self.critic_layer_fraction} must be in (0, 1] (1.0: every layer), e.g. "
@@ -358,16 +347,6 @@ class RLConfig:
         _require(
             self.critic_layers is None or self.critic_layers >= 1,
             f"critic_layers={self.critic_layers} must be >= 1 (or None: every layer), e.g. --critic_layers 6.",
-        )
-        _require(
-            self.critic_layers is None or self.critic == "adapter",
-            f"critic_layers={self.critic_layers} sets the layers of the critic's adapter; critic={self.critic!r} has "
-            "none. Use --critic adapter, or leave critic_layers unset.",
-        )
-        _require(
-            self.critic_lora_target_modules is None or self.critic == "adapter",
-            f"critic_lora_target_modules={self.critic_lora_target_modules} sets the modules of the critic's adapter; "
-            f"critic={self.critic!r} has none. Use --critic adapter, or leave critic_lora_target_modules unset.",
         )
         _require(
             not self.critic_lora_target_modules or all(self.critic_lora_target_modules),

@@ -276,7 +276,7 @@ class RLTrainer(SetupChecks, CheckpointedRun):
         with timer("generate"):
             # The distributions sampled from are the old policy's (evaluate_rollout), unless the
             # critic needs the policy forward's hidden states anyway.
-            rollout, sampling_logits = self._sample(prompts, return_scores=self.actor_critic.has_value_adapter)
+            rollout, sampling_logits = self._sample(prompts, return_scores=True)
         with timer("score"):
             scores = score_batch(
                 self.reward_fn, rollout.prompts, rollout.completions, self.global_step, cfg.reward_timeout
@@ -403,8 +403,7 @@ class RLTrainer(SetupChecks, CheckpointedRun):
     def value_update(self, batch: Rollout) -> dict[str, float]:
         """Minibatch Adam on the (clipped) value loss towards the GAE returns. Only the critic's
         adapter and head are in the optimizer, and the policy adapter is inactive and frozen during
-        these passes, so the policy tensors cannot move. With critic="policy_features" the head
-        reads the rollout's cached features: the update runs no model pass."""
+        these passes, so the policy tensors cannot move."""
         cfg = self.config
         params = self.actor_critic.value_parameters()
         losses = []

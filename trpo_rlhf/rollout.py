@@ -37,8 +37,7 @@ class Rollout:
     scores: torch.Tensor | None = None  # [B]
     advantages: torch.Tensor | None = None  # [B, T]
     returns: torch.Tensor | None = None  # [B, T]
-    # The critic's cached input: the policy's last hidden states at the response positions [B, T, H]
-    # (critic="policy_features"), or the reference's hidden states entering the critic's first layer
+    # The critic's cached input: the reference's hidden states entering the critic's first layer
     # [B, P+T, H] (critic_layers).
     features: torch.Tensor | None = None
 
@@ -221,13 +220,12 @@ def evaluate_rollout(
     temperature: float,
     sampling_logits: torch.Tensor | None = None,
 ) -> Rollout:
-    """Fill in logp_old, logp_ref, values and entropy (and, with critic="policy_features" or
-    `critic_layers`, the features the values were read from) for a sampled rollout (no gradients).
+    """Fill in logp_old, logp_ref, values and entropy (and, with `critic_layers`, the features the
+    values were read from) for a sampled rollout (no gradients).
 
     `sampling_logits`, the logits / temperature generation sampled from (`sample_completions(...,
     return_scores=True)`, [B, T, V]), stand in for the policy's forward: they are the same
-    distribution, computed through the KV cache, as TRL takes its old log-probs. They are not
-    used with critic="policy_features", whose head reads that forward's hidden states.
+    distribution, computed through the KV cache, as TRL takes its old log-probs.
 
         rollout, sampling_logits = sample_completions(model, tokenizer, prompts, 24, 1.0, return_scores=True)
         rollout = evaluate_rollout(actor_critic, rollout, 1.0, sampling_logits)
@@ -235,13 +233,10 @@ def evaluate_rollout(
     inputs = rollout.model_inputs()
     actions = rollout.response_ids
     features = None
-    if actor_critic.has_value_adapter:
-        if sampling_logits is not None:
-            policy_logits = sampling_logits.float()
-        else:
-            policy_logits = actor_critic.policy_logits(**inputs, temperature=temperature)
-    else:  # the critic reads the policy's own forward: one pass fewer
-        policy_logits, features = actor_critic.policy_logits_and_features(**inputs, temperature=temperature)
+    if sampling_logits is not None:
+        policy_logits = sampling_logits.float()
+    else:
+        policy_logits = actor_critic.policy_logits(**inputs, temperature=temperature)
     logp_old = token_logprobs(policy_logits, actions)
     entropy = entropy_from_logits(policy_logits)
     del policy_logits
