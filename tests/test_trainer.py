@@ -287,6 +287,24 @@ def test_fvp_subsample_uses_a_fraction_of_sequences(make_trainer):
     assert stats["trpo/accepted"] == 1.0
 
 
+@pytest.mark.parametrize("cg_iters", [1, 3])
+def test_an_update_draws_its_fisher_subsample_once(make_trainer, cg_iters):
+    """The Fisher's sequences are drawn once per update, whether they serve products or the
+    one-iteration quadratic: the minibatch generator advances by one draw."""
+    trainer = make_trainer(fvp_subsample=0.5, cg_iters=cg_iters)
+    draws = []
+    fisher_batch = trainer.fisher_batch
+
+    def recording_fisher_batch(batch):
+        draws.append(len(batch))
+        return fisher_batch(batch)
+
+    trainer.fisher_batch = recording_fisher_batch
+    batch, _ = trainer.collect_batch()
+    stats = trainer.policy_update(batch)
+    assert draws == [len(batch)] and stats["trpo/accepted"] == 1.0
+
+
 def test_gradient_from_the_fishers_graph_equals_the_gradient_of_its_own_pass(make_trainer):
     """With the whole batch's Fisher, g is the value of the Fisher's graph built at dL/dlogits
     (both FVP forms share that forward); with a subsampled Fisher, g has its own forward and

@@ -193,11 +193,12 @@ class TRPOTrainer(RLTrainer):
         4. backtracking on the measured exact KL and the surrogate; exact restore on failure.
         """
         cfg, timer = self.config, PhaseTimer()
-        grad, surrogate_old, logp_all_old, fvp = self.gradient_and_fisher(batch, timer)
+        fisher_batch = self.fisher_batch(batch)
+        grad, surrogate_old, logp_all_old, fvp = self.gradient_and_fisher(batch, fisher_batch, timer)
         grad_sq = torch.dot(grad, grad).item()
         with timer("cg"):
             if fvp is None:
-                cg = cg_first_iterate(grad, self.fisher_quadratic(self.fisher_batch(batch), grad))
+                cg = cg_first_iterate(grad, self.fisher_quadratic(fisher_batch, grad))
             else:
                 # The tolerance is relative: LoRA gradients can be far smaller than any absolute one.
                 cg = cg_solve(fvp, grad, cfg.cg_iters, cfg.cg_residual_tol * grad_sq)
@@ -237,13 +238,12 @@ class TRPOTrainer(RLTrainer):
             accept_ratio=cfg.accept_ratio,
         )
 
-    def gradient_and_fisher(self, batch: Rollout, timer: PhaseTimer) -> PolicyGradient:
+    def gradient_and_fisher(self, batch: Rollout, fisher_batch: Rollout, timer: PhaseTimer) -> PolicyGradient:
         """g, L(theta_old), log pi_old over the vocabulary and, for CG beyond one iteration, the Fisher
         product. With the Fisher on the whole batch in one pass (`fisher_chunks` 1, `fvp_subsample` 1),
         one forward serves g and F (`surrogate_gradient`); otherwise g comes chunk by chunk and the
         Fisher builds its own graphs."""
         cfg = self.config
-        fisher_batch = self.fisher_batch(batch)
         products = cfg.cg_iters > 1
         if cfg.fisher_chunks > 1 or not (products and fisher_batch is batch):
             with timer("gradient"):
