@@ -351,7 +351,7 @@ def print_row(result: dict, output: Path | None) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from trpo_rlhf.experiments.sentiment import use_all_cpu_cores
+    from trpo_rlhf.experiments.recipe import use_all_cpu_cores
 
     threads = use_all_cpu_cores()
     if args.whole_step:

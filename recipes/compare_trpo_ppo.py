@@ -66,6 +66,8 @@ TASK_DEFAULTS = {
     "exact": {"max_new_tokens": EXACT_MAX_NEW_TOKENS, "max_kl": TRPOConfig.max_kl, "learning_rate": 1e-3},
 }
 
+# The algorithms a comparison runs unless --algorithms names others (trl_grpo needs --num_generations).
+DEFAULT_ALGORITHMS = ("trpo", "ppo", "trl_ppo")
 # results.json's keys beside the variants' names.
 RESULTS_KEYS = ("best", "envelope", "settings", "exact")
 REPORT_FILES = ("results.json", "compare.md", "compare.png")
@@ -81,6 +83,9 @@ RUN_FLAGS = ("bf16", "compile_generation", "held_out_kl_prompts", "save_steps")
 # RLConfig fields of the policy's LoRA adapter, for every algorithm (TRL's PPO builds its adapter
 # from them too); unset ones keep RLConfig's defaults.
 ADAPTER_FLAGS = ("lora_r", "lora_alpha", "lora_target_modules")
+# RLConfig fields of the completions per prompt, the advantages and the KL penalty, for every
+# algorithm (TRL's GRPO reads num_generations and scale_rewards); unset ones keep the defaults.
+ADVANTAGE_FLAGS = ("num_generations", "advantage_estimator", "scale_rewards", "init_kl_coef")
 # RLConfig critic fields for TRPO and our PPO; unset ones keep RLConfig's defaults.
 CRITIC_FLAGS = (
     "critic_layer_fraction",
@@ -100,12 +105,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=30, help="Iterations per run.")
     parser.add_argument("--seeds", type=int, default=3, help="Seeds 0..S-1 for every algorithm.")
     parser.add_argument("--output_dir", default="runs/compare")
-    parser.add_argument("--algorithms", nargs="+", choices=ALGORITHMS, default=list(ALGORITHMS))
-    parser.add_argument("--batch_size", type=int, default=16, help="Prompts per step, the same for every algorithm.")
+    parser.add_argument(
+        "--algorithms",
+        nargs="+",
+        choices=ALGORITHMS,
+        default=list(DEFAULT_ALGORITHMS),
+        help="trl_grpo (TRL's GRPOTrainer) needs --num_generations >= 2.",
+    )
+    parser.add_argument(
+        "--batch_size",
+        type=int,
+        default=16,
+        help="Completions per step (batch_size / num_generations prompts), the same for every algorithm.",
+    )
     parser.add_argument("--max_new_tokens", type=int, default=None, help="Default: 8 (toy), 24 (sentiment).")
     add_config_fields(parser, TRPOConfig, ["max_kl", *TRPO_SOLVER_FLAGS])
     add_config_fields(parser, PPOConfig, PPO_FLAGS)
-    add_config_fields(parser, RLConfig, [*ADAPTER_FLAGS, *CRITIC_FLAGS])
+    add_config_fields(parser, RLConfig, [*ADAPTER_FLAGS, *ADVANTAGE_FLAGS, *CRITIC_FLAGS])
+    parser.add_argument(
+        "--grpo_beta",
+        type=float,
+        default=0.0,
+        help="trl_grpo: TRL's beta, the KL-to-reference term of its loss (TRL's default 0: no reference).",
+    )
+    parser.add_argument("--grpo_loss_type", default="dapo", help="trl_grpo: TRL's loss_type (TRL's default 'dapo').")
     parser.add_argument(
         "--learning_rates",
         type=float,
@@ -200,7 +223,7 @@ def plan_variants(args: argparse.Namespace) -> list[Variant]:
     variant's flags are checked here, before anything runs."""
     variants = []
     for algorithm in args.algorithms:
-        if algorithm in ("ppo", "trl_ppo") and args.learning_rates:
+        if algorithm in ("ppo", "trl_ppo", "trl_grpo") and args.learning_rates:
             variants += [
                 Variant(f"{algorithm}_lr{short(lr)}", algorithm, ["--learning_rate", str(lr)])
                 for lr in args.learning_rates
@@ -220,6 +243,13 @@ def plan_variants(args: argparse.Namespace) -> list[Variant]:
         if not worker_accepts(v.flags):
             raise ValueError(
                 f"variant {v.name!r}: {' '.join(v.flags)!r} are not valid flags of this recipe (see --help)."
+            )
+        own = parse_args(["--worker", v.algorithm, *v.flags]).num_generations
+        generations = own if own is not None else args.num_generations
+        if v.algorithm == "trl_grpo" and (generations or 1) < 2:
+            raise ValueError(
+                f"variant {v.name!r} runs TRL's GRPO, which needs --num_generations >= 2 (completions per prompt), "
+                "e.g. --num_generations 8 (TRL's default)."
             )
     return variants
 
@@ -247,7 +277,7 @@ def run_worker(args: argparse.Namespace, output_dir: Path) -> None:
     """One (algorithm, seed) run, in this process."""
     from trpo_rlhf import PPOConfig, PPOTrainer, TRPOConfig, TRPOTrainer
     from trpo_rlhf.experiments import build_task
-    from trpo_rlhf.experiments.sentiment import use_all_cpu_cores
+    from trpo_rlhf.experiments.recipe import use_all_cpu_cores
 
     use_all_cpu_cores(runs_at_once=args.parallel)
     task_inputs = {
@@ -266,7 +296,7 @@ def run_worker(args: argparse.Namespace, output_dir: Path) -> None:
         seed=args.seed,
         lora_target_modules=task.lora_target_modules,
     )
-    for key in (*ADAPTER_FLAGS, *CRITIC_FLAGS, *RUN_FLAGS):
+    for key in (*ADAPTER_FLAGS, *ADVANTAGE_FLAGS, *CRITIC_FLAGS, *RUN_FLAGS):
         if getattr(args, key) is not None:
             common[key] = getattr(args, key)
     ppo = {key: getattr(args, key) for key in PPO_FLAGS if getattr(args, key) is not None}
@@ -287,15 +317,20 @@ def run_worker(args: argparse.Namespace, output_dir: Path) -> None:
         common.pop("save_steps", None)
         common.pop("compile_generation", None)  # TRL generates its own way
         common.pop("held_out_kl_prompts", None)  # and updates inside its own loop
-        for key in CRITIC_FLAGS:  # TRL trains its own full value model jointly with the policy
+        for key in CRITIC_FLAGS:  # TRL's PPO trains its own full value model; its GRPO has none
             common.pop(key, None)
-        from trpo_rlhf.experiments.trl_adapter import build_trl_ppo_for_task
+        from trpo_rlhf.experiments.trl_adapter import build_trl_grpo_for_task, build_trl_ppo_for_task
 
         config = PPOConfig(**common, **ppo)
         hooks = []
         if args.task == "exact":  # TRL's policy, evaluated exactly after each of its updates
             hooks.append(exact_evaluator(args, task.tokenizer, task.prompts, task.reward_model).of_peft_model)
-        build_trl_ppo_for_task(task, config, metric_hooks=hooks).train()
+        if args.worker == "trl_ppo":
+            build_trl_ppo_for_task(task, config, metric_hooks=hooks).train()
+        else:
+            build_trl_grpo_for_task(
+                task, config, beta=args.grpo_beta, loss_type=args.grpo_loss_type, metric_hooks=hooks
+            ).train()
 
 
 def exact_evaluator(args: argparse.Namespace, tokenizer, prompts, reward_fn, temperature: float = 1.0):
@@ -344,8 +379,11 @@ def worker_command(args: argparse.Namespace, algorithm: str, seed: int, output_d
         *TRPO_SOLVER_FLAGS,
         *PPO_FLAGS,
         *ADAPTER_FLAGS,
+        *ADVANTAGE_FLAGS,
         *CRITIC_FLAGS,
         *RUN_FLAGS,
+        "grpo_beta",
+        "grpo_loss_type",
     ):
         value = getattr(args, flag)
         if value is not None:
@@ -393,7 +431,7 @@ def plan_jobs(args: argparse.Namespace, folder: RunDirectory, runs: dict[str, li
                     continue
             run_dir.mkdir(parents=True, exist_ok=True)
             command = worker_command(args, variant.algorithm, seed, run_dir) + variant.flags
-            resumable = args.resume_from_checkpoint and variant.algorithm != "trl_ppo"
+            resumable = args.resume_from_checkpoint and not variant.algorithm.startswith("trl_")
             checkpoint = latest_checkpoint(run_dir) if resumable else None
             if checkpoint is not None:
                 print(f"{label(variant.name, variant.algorithm):>15} seed {seed}: resuming from {checkpoint}")
@@ -475,9 +513,9 @@ def compare(args: argparse.Namespace, folder: RunDirectory) -> int:
     out = folder.path
     from trpo_rlhf.experiments.trl_adapter import trl_available
 
-    if any(v.algorithm == "trl_ppo" for v in args.variants) and not trl_available():
-        print("TRL's PPO is not installed (pip install -e .[trl-ppo], trl==1.12.0): leaving its runs out.")
-        args.variants = [v for v in args.variants if v.algorithm != "trl_ppo"]
+    if any(v.algorithm.startswith("trl_") for v in args.variants) and not trl_available():
+        print("TRL is not installed (pip install -e .[trl-ppo], trl==1.12.0): leaving its runs out.")
+        args.variants = [v for v in args.variants if not v.algorithm.startswith("trl_")]
     runs: dict[str, list[list[dict]]] = {}
     jobs = plan_jobs(args, folder, runs)
     failures = run_jobs(jobs, args.parallel, runs)

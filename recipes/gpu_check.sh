@@ -37,7 +37,7 @@ if [ "$TINY" = 1 ]; then
     --algorithms trpo ppo --batch_size 4 --max_new_tokens 4 --output "$OUT/whole_step.jsonl"
   part memory_8b 300 "$PY" recipes/benchmark.py --model tiny --model_dtype bfloat16 --batch_size 4 \
     --max_new_tokens 4 --repeats 1 --output "$OUT/memory_8b.jsonl"
-  part exact 300 "$PY" recipes/compare_trpo_ppo.py --task exact --steps 2 --seeds 1 --batch_size 4 \
+  part exact 300 "$PY" recipes/compare_trpo_ppo.py --task exact --steps 2 --seeds 1 --batch_size 4 --parallel 2 \
     --algorithms trpo ppo --output_dir "$OUT/exact"
 else
   part suite 150 "$PY" -m pytest -q -p no:cacheprovider -m "not slow" -x

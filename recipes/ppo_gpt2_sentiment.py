@@ -8,7 +8,7 @@ Every PPOConfig field is a flag (--learning_rate, --ppo_epochs, --clip_range, ..
 """
 
 from trpo_rlhf import PPOConfig, PPOTrainer
-from trpo_rlhf.experiments.sentiment import run_sentiment_recipe
+from trpo_rlhf.experiments.recipe import run_recipe
 
 if __name__ == "__main__":
-    run_sentiment_recipe(PPOTrainer, PPOConfig, default_output_dir="runs/ppo_sentiment")
+    run_recipe(PPOTrainer, PPOConfig, default_output_dir="runs/ppo_sentiment")

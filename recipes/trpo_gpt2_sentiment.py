@@ -12,7 +12,7 @@ Writes metrics.jsonl, training_curves.png, samples.md and the LoRA adapter into 
 """
 
 from trpo_rlhf import TRPOConfig, TRPOTrainer
-from trpo_rlhf.experiments.sentiment import run_sentiment_recipe
+from trpo_rlhf.experiments.recipe import run_recipe
 
 if __name__ == "__main__":
-    run_sentiment_recipe(TRPOTrainer, TRPOConfig, default_output_dir="runs/trpo_sentiment")
+    run_recipe(TRPOTrainer, TRPOConfig, default_output_dir="runs/trpo_sentiment")

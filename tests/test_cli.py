@@ -9,7 +9,7 @@ from transformers import HfArgumentParser
 
 from trpo_rlhf import PPOConfig, TRPOConfig
 from trpo_rlhf.experiments.cli import apply_config_file
-from trpo_rlhf.experiments.sentiment import ScriptArguments
+from trpo_rlhf.experiments.recipe import ScriptArguments
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "recipes" / "configs"

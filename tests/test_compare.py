@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from trpo_rlhf.experiments.comparison import (
-    ALGORITHMS,
     best_variants,
     common_kl,
     envelope_table,
@@ -26,7 +25,7 @@ from trpo_rlhf.run_directory import RunDirectory
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
 import compare_trpo_ppo  # noqa: E402
-from compare_trpo_ppo import Variant, parse_variant  # noqa: E402
+from compare_trpo_ppo import DEFAULT_ALGORITHMS, Variant, parse_variant  # noqa: E402
 
 RESULT_KEYS = {
     "final_reward_mean",
@@ -78,7 +77,7 @@ def test_comparison_runs_all_algorithms_with_tiny_settings(tmp_path):
     result = subprocess.run(command + variant, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
-    assert set(ALGORITHMS) | {"trpo_cg1", "best", "envelope", "settings"} == set(results)
+    assert set(DEFAULT_ALGORITHMS) | {"trpo_cg1", "best", "envelope", "settings"} == set(results)
     # The variant is a TRPO run whose own flag overrides the shared --cg_iters 2.
     assert results["trpo_cg1"]["algorithm"] == "trpo" and RESULT_KEYS <= set(results["trpo_cg1"])
     assert json.loads((out / "trpo_cg1" / "seed-1" / "trainer_config.json").read_text())["cg_iters"] == 1
@@ -87,7 +86,7 @@ def test_comparison_runs_all_algorithms_with_tiny_settings(tmp_path):
     # One range for all; a KL of 0 up to float32 rounding where a run ends next to the reference (the
     # reference's forward and the policy's with LoRA's B = 0 round differently).
     assert results["trpo"]["frontier_kl"] == results["ppo"]["frontier_kl"] >= -1e-6
-    for algorithm in ALGORITHMS:
+    for algorithm in DEFAULT_ALGORITHMS:
         assert RESULT_KEYS <= set(results[algorithm]), algorithm
         assert results[algorithm]["seeds"] == 2 and results[algorithm]["steps"] == 2
         assert 0 <= results[algorithm]["kl_exceed_fraction"] <= 1
@@ -110,11 +109,11 @@ def test_comparison_runs_all_algorithms_with_tiny_settings(tmp_path):
     assert "**TRPO (ours)" in table and "(best)" in table  # two TRPO variants: the better one is marked
     assert "update KL on held-out prompts" in table
     # Each algorithm at its best at every point: the envelope over its variants.
-    assert set(results["envelope"]) == set(ALGORITHMS)
+    assert set(results["envelope"]) == set(DEFAULT_ALGORITHMS)
     best_mean = max(results[v]["mean_reward"] for v in ("trpo", "trpo_cg1"))
     assert results["envelope"]["trpo"]["mean_reward"]["mean"] == best_mean
     assert "| at its best" in table and f"{best_mean:.3f} (" in table
-    for algorithm in ALGORITHMS:
+    for algorithm in DEFAULT_ALGORITHMS:
         for seed in (0, 1):
             assert len((out / algorithm / f"seed-{seed}" / "metrics.jsonl").read_text().splitlines()) == 2
 
@@ -358,13 +357,20 @@ def test_the_binary_sentiment_task_thresholds_vader():
 def test_the_exact_task_scores_each_variant_against_the_optimal_frontier(tmp_path):
     out = tmp_path / "exact"
     command = [sys.executable, str(ROOT / "recipes" / "compare_trpo_ppo.py"), "--task", "exact", "--reward_model"]
-    command += ["sparse", "--algorithms", "trpo", "--steps", "2", "--seeds", "2", "--batch_size", "8"]
+    command += ["sparse", "--algorithms", "trpo", "trl_grpo", "--steps", "2", "--seeds", "2", "--batch_size", "8"]
+    command += ["--num_generations", "4", "--advantage_estimator", "grpo", "--learning_rate", "3e-3"]
     result = subprocess.run(command + ["--parallel", "2", "--output_dir", str(out)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
     assert (
         set(results["exact"]["optimum"]) == {"0.25", "0.5", "1.0", "2.0"} == set(results["trpo"]["frontier_efficiency"])
     )
+    # TRL's GRPO at the same completions per step and per prompt, scored on the same exact frontier
+    assert set(results["trl_grpo"]["frontier_efficiency"]) == set(results["exact"]["optimum"])
+    assert json.loads((out / "trpo" / "seed-0" / "trainer_config.json").read_text())["num_generations"] == 4
+    grpo_rows = [json.loads(line) for line in (out / "trl_grpo" / "seed-1" / "metrics.jsonl").read_text().splitlines()]
+    # (a sparse reward may leave a group all zero, an update of zero: the KL may stay 0)
+    assert len(grpo_rows) == 2 and all(row["exact/kl_ref"] >= 0 and row["kl/ref"] >= -1e-6 for row in grpo_rows)
     assert (
         0
         < results["exact"]["reference_reward"]
@@ -386,7 +392,7 @@ def test_each_worker_knows_how_many_runs_share_the_cores(tmp_path):
 
 
 def test_runs_side_by_side_each_take_their_share_of_the_cores(monkeypatch):
-    from trpo_rlhf.experiments.sentiment import use_all_cpu_cores
+    from trpo_rlhf.experiments.recipe import use_all_cpu_cores
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

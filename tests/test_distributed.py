@@ -50,6 +50,21 @@ def run_two_processes(name: str, output_dir: Path, algorithm: str = "trpo") -> l
     return json.loads((output_dir / "ranks.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def replicated_run(tmp_path_factory):
+    """`run_two_processes("accelerate multi_gpu.yaml", ..., algorithm)`, each algorithm's run once
+    per module: the reference every sharded launch must reproduce."""
+    runs: dict[str, list[dict]] = {}
+
+    def run(algorithm: str) -> list[dict]:
+        if algorithm not in runs:
+            folder = tmp_path_factory.mktemp(f"replicated-{algorithm}")
+            runs[algorithm] = run_two_processes("accelerate multi_gpu.yaml", folder, algorithm)
+        return runs[algorithm]
+
+    return run
+
+
 def needs_deepspeed(launch: str) -> None:
     """`accelerate launch` refuses a DeepSpeed config without the package (the `deepspeed` extra)."""
     if "deepspeed" in launch.lower():
@@ -90,13 +105,15 @@ def test_two_processes_stay_in_sync(name, tmp_path):
         ("ppo", "deepspeed_zero3.yaml"),
     ],
 )
-def test_a_sharded_launch_shards_the_frozen_layers_and_takes_the_replicated_runs_steps(algorithm, launch, tmp_path):
+def test_a_sharded_launch_shards_the_frozen_layers_and_takes_the_replicated_runs_steps(
+    algorithm, launch, tmp_path, replicated_run
+):
     """Under fsdp.yaml or deepspeed_zero3.yaml each process holds about half of the frozen base
     (every decoder layer split in two), and both policy steps and the critic's land on exactly the
     tensors of the replicated run: TRPO's one-iteration step (the one a sharded base can run) and
     PPO."""
     needs_deepspeed(launch)
-    replicated = run_two_processes("accelerate multi_gpu.yaml", tmp_path / "replicated", algorithm)
+    replicated = replicated_run(algorithm)
     sharded = run_two_processes(f"accelerate {launch}", tmp_path / "sharded", algorithm)
     layers = len(build_tiny_lm(build_word_tokenizer()).model.layers)
     assert [r["sharded_layers"] for r in sharded] == [layers, layers]
@@ -110,11 +127,11 @@ def test_a_sharded_launch_shards_the_frozen_layers_and_takes_the_replicated_runs
 
 
 @pytest.mark.slow
-def test_checkpointed_layers_under_fsdp_take_the_plain_replicated_runs_steps(tmp_path):
+def test_checkpointed_layers_under_fsdp_take_the_plain_replicated_runs_steps(tmp_path, replicated_run):
     """Each sharded layer's weights are gathered again for the recomputation in its backward
     (FSDP2's hooks stay outside the checkpoint): the two steps land on the replicated run's tensors
     without checkpointing."""
-    replicated = run_two_processes("accelerate multi_gpu.yaml", tmp_path / "replicated", "trpo_cg1")
+    replicated = replicated_run("trpo_cg1")
     sharded = run_two_processes("accelerate fsdp.yaml", tmp_path / "sharded", "trpo_checkpointed")
     layers = len(build_tiny_lm(build_word_tokenizer()).model.layers)
     assert [r["sharded_layers"] for r in sharded] == [layers, layers]

@@ -13,7 +13,7 @@ import pytest
 from transformers import HfArgumentParser
 
 from trpo_rlhf import PPOConfig, TRPOConfig
-from trpo_rlhf.experiments.sentiment import ScriptArguments, resolve_sentiment_task
+from trpo_rlhf.experiments.recipe import ScriptArguments, resolve_sentiment_task
 from trpo_rlhf.loading import hub_available
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,7 +206,7 @@ def test_hub_reachable_chooses_the_classic_task(monkeypatch):
 def test_a_lone_cpu_process_uses_every_core(monkeypatch):
     import torch
 
-    from trpo_rlhf.experiments.sentiment import use_all_cpu_cores
+    from trpo_rlhf.experiments.recipe import use_all_cpu_cores
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the rule is for CPU-only machines
@@ -222,7 +222,7 @@ def test_a_lone_cpu_process_uses_every_core(monkeypatch):
 
 
 def test_resume_flag_values():
-    from trpo_rlhf.experiments.sentiment import parse_resume
+    from trpo_rlhf.experiments.recipe import parse_resume
 
     assert parse_resume(None) is None and parse_resume("false") is None
     assert parse_resume("latest") is True and parse_resume("True") is True
@@ -237,3 +237,26 @@ def test_trl_recipe_refuses_to_resume():
         sys.path.remove(str(ROOT / "recipes"))
     with pytest.raises(SystemExit, match="TRL 1.12's PPOTrainer cannot resume"):
         main(["--resume_from_checkpoint", "latest", "--model_name_or_path", "embedded", "--reward_model", "vader"])
+
+
+@pytest.mark.slow
+def test_the_arithmetic_recipe_trains_on_chat_prompts_with_trl_style_rewards(tmp_path):
+    out = tmp_path / "arithmetic"
+    command = [sys.executable, str(ROOT / "recipes" / "trpo_smollm2_arithmetic.py"), "--max_steps", "2"]
+    command += ["--batch_size", "4", "--num_generations", "2", "--max_new_tokens", "4", "--cg_iters", "2"]
+    command += ["--num_samples_to_show", "2", "--output_dir", str(out)]
+    result = subprocess.run(
+        command, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "reward=1 x correct_answer + 0.5 x number_only" in result.stdout
+    assert "| prompt | before | reward | after | reward |" in result.stdout and "| What is " in result.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:  # the weighted sum of the two functions, each logged on its own; no critic
+        assert row["reward/mean"] == pytest.approx(row["reward/correct_answer"] + 0.5 * row["reward/number_only"])
+        assert not any(key.startswith("value/") for key in row)
+    assert json.loads((out / "trainer_config.json").read_text())["advantage_estimator"] == "grpo"
+    for name in ("adapter_model.safetensors", "samples.md", "training_curves.png"):
+        assert (out / name).exists(), name
+    assert not (out / "value").exists()

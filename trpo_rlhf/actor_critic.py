@@ -305,7 +305,7 @@ class LoraActorCritic(nn.Module):
         self,
         peft_model: nn.Module,
         policy_adapter: str,
-        value_head: ValueHead,
+        value_head: ValueHead | None,
         autocast_dtype: torch.dtype | None = None,
         critic_layers: int | None = None,
         layer_list: str | None = None,
@@ -347,13 +347,16 @@ class LoraActorCritic(nn.Module):
         for param in peft_model.get_base_model().parameters():
             param.requires_grad_(False)
         checkpoint_decoder_layers(peft_model.get_base_model(), getattr(config, "gradient_checkpointing", False))
+        autocast_dtype = torch.bfloat16 if getattr(config, "bf16", False) else None
+        if getattr(config, "advantage_estimator", "gae") != "gae":  # a group baseline: no critic at all
+            peft_model.set_adapter(policy_adapter)
+            return cls(peft_model, policy_adapter, None, autocast_dtype)
         layers = critic_adapter_layers(peft_model.get_base_model().base_model, config)
         if VALUE_ADAPTER not in peft_model.peft_config:
             _add_lora(peft_model, config, VALUE_ADAPTER, layers, "critic_lora_target_modules", ALL_LINEAR)
         peft_model.set_adapter(policy_adapter)
         hidden_size = peft_model.get_base_model().config.get_text_config().hidden_size
         head = ValueHead(hidden_size).to(next(peft_model.parameters()).device)
-        autocast_dtype = torch.bfloat16 if getattr(config, "bf16", False) else None
         name, indices = layers if layers is not None else (None, None)
         critic_layers = len(indices) if indices is not None else None
         actor_critic = cls(peft_model, policy_adapter, head, autocast_dtype, critic_layers, name)
@@ -369,6 +372,11 @@ class LoraActorCritic(nn.Module):
         return actor_critic
 
     @property
+    def has_critic(self) -> bool:
+        """Whether there is a critic (a value adapter and head): GAE's, not the group estimators'."""
+        return self.value_head is not None
+
+    @property
     def critic_reads_reference(self) -> bool:
         """Whether the critic runs its top `critic_layers` from the reference forward's hidden states."""
         return self.critic_layers is not None
@@ -382,7 +390,9 @@ class LoraActorCritic(nn.Module):
         return self._adapter_parameters(self.policy_adapter)
 
     def value_parameters(self) -> list[nn.Parameter]:
-        """The critic's trainable tensors: its LoRA adapter's and the head's."""
+        """The critic's trainable tensors: its LoRA adapter's and the head's (none without a critic)."""
+        if not self.has_critic:
+            return []
         return self._adapter_parameters(VALUE_ADAPTER) + list(self.value_head.parameters())
 
     def trainable_tensors(self) -> dict[str, nn.Parameter]:
@@ -559,6 +569,8 @@ class LoraActorCritic(nn.Module):
             for item in sub.iterdir():
                 shutil.move(str(item), path / item.name)
             sub.rmdir()
+        if not self.has_critic:
+            return
         value_dir = path / VALUE_ADAPTER
         self.peft_model.save_pretrained(value_dir, selected_adapters=[VALUE_ADAPTER], save_embedding_layers=False)
         value_dir.mkdir(parents=True, exist_ok=True)
@@ -576,14 +588,17 @@ class LoraActorCritic(nn.Module):
         set_peft_model_state_dict(self.peft_model, state, adapter_name=self.policy_adapter)
 
     def load_value_function(self, path: str | os.PathLike) -> None:
-        """Load a critic written by `save_pretrained(path)`."""
+        """Load a critic written by `save_pretrained(path)` (nothing to load without a critic)."""
         from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
         from safetensors.torch import load_file
 
+        if not self.has_critic:
+            return
         adapter_file = Path(path) / VALUE_ADAPTER / VALUE_ADAPTER / "adapter_model.safetensors"
         if not adapter_file.exists():
             raise ValueError(
-                f"{path} holds no critic adapter ({adapter_file} is missing): it was saved with critic "
+                f"{path} holds no critic adapter ({adapter_file} is missing): it was saved without a critic "
+                "(advantage_estimator grpo or rloo; resume it with the one it ran with) or with critic "
                 "'policy_features', which this release removed (docs/results.md); its policy adapter loads alone."
             )
         saved_state = load_file(adapter_file)

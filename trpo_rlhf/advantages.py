@@ -1,4 +1,5 @@
-"""Token-level rewards, the KL-coefficient controllers, GAE and whitening: pure tensor functions.
+"""Token-level rewards, the KL-coefficient controllers, GAE, group advantages and whitening: pure
+tensor functions.
 
 Shapes: B sequences, T response positions. ``mask[b, t]`` is 1 for response tokens up to and
 including the first EOS and 0 after it (a valid prefix of every row).
@@ -96,6 +97,53 @@ def gae(
         advantages[:, t] = next_advantage
     returns = (advantages + values) * mask
     return advantages, returns
+
+
+GROUP_SCALE_EPS = 1e-4  # TRL's GRPOTrainer: advantages / (std + 1e-4)
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    num_generations: int,
+    estimator: str,
+    gamma: float = 1.0,
+    scale_rewards: str = "group",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Critic-free advantages for rows that come in groups of `num_generations` completions of one
+    prompt (consecutive rows): the return-to-go G_t of the token rewards (`token_rewards`) minus a
+    baseline from the group's returns G_0, the same at every token of a completion.
+
+    - ``"grpo"``: the group's mean (Shao et al. 2024, eq. 3), divided by the group's std
+      (`scale_rewards` "group"), the batch's ("batch") or not ("none"), as TRL's GRPOTrainer;
+    - ``"rloo"``: the mean of the group's other completions, an unbiased baseline (Ahmadian et al. 2024).
+
+    With no KL penalty G_t is the score, and these are exactly TRL's GRPO and RLOO advantages; with
+    one, a token is charged the KL of the tokens from it on (not those before it). Returns
+    (advantages, G_t), both [B, T] and 0 where `mask` is 0.
+
+        >>> import torch
+        >>> rewards = token_rewards(torch.tensor([1.0, 0.0, 0.0, 0.0]), torch.zeros(4, 2), torch.ones(4, 2), 0.0)
+        >>> group_advantages(rewards, torch.ones(4, 2), 2, "rloo")[0][:, 0]
+        tensor([ 1., -1.,  0.,  0.])
+    """
+    returns, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma, 1.0)
+    grouped = returns[:, 0].double().view(-1, num_generations)
+    if estimator == "rloo":
+        baseline = (grouped.sum(1, keepdim=True) - grouped) / (num_generations - 1)
+        scale = torch.ones_like(grouped)
+    elif estimator == "grpo":
+        baseline = grouped.mean(1, keepdim=True).expand_as(grouped)
+        if scale_rewards == "group":
+            scale = grouped.std(1, keepdim=True).expand_as(grouped) + GROUP_SCALE_EPS
+        elif scale_rewards == "batch":
+            scale = grouped.std().expand_as(grouped) + GROUP_SCALE_EPS
+        else:
+            scale = torch.ones_like(grouped)
+    else:
+        raise ValueError(f"estimator={estimator!r} is not a group estimator: use 'grpo' or 'rloo'.")
+    advantages = (returns.double() - baseline.reshape(-1, 1)) / scale.reshape(-1, 1)
+    return (advantages * mask).to(rewards.dtype), returns
 
 
 def value_loss(

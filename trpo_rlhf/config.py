@@ -45,6 +45,9 @@ REMOVED_SETTINGS = {
 }
 MIN_TEMPERATURE = 1e-2  # below it softmax(logits / T) is one-hot in float32: no token has a gradient
 MODEL_DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo")
+GROUP_ESTIMATORS = ("grpo", "rloo")  # critic-free: a baseline from the prompt's other completions
+SCALE_REWARDS = ("group", "batch", "none")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -107,7 +110,43 @@ class RLConfig:
     )
     seed: int = field(default=0, metadata={"help": "Seed for LoRA init, prompt order and sampling."})
     max_steps: int = field(default=100, metadata={"help": "Number of rollout + update iterations `train()` runs."})
-    batch_size: int = field(default=16, metadata={"help": "Prompts per iteration (per process)."})
+    batch_size: int = field(
+        default=16,
+        metadata={
+            "help": "Completions per iteration (per process): batch_size / num_generations prompts, each sampled "
+            "num_generations times (TRL's per-device batch)."
+        },
+    )
+    num_generations: int = field(
+        default=1,
+        metadata={
+            "help": "Completions sampled per prompt (TRL's num_generations, G); batch_size must be a multiple of it. "
+            "The group estimators (advantage_estimator grpo, rloo) compare a prompt's completions, so they need G >= 2."
+        },
+    )
+    advantage_estimator: str = field(
+        default="gae",
+        metadata={
+            "help": "gae: generalised advantage estimation (Schulman et al. 2016) with the LoRA critic. grpo: each "
+            "completion's return minus its group's mean, scaled by scale_rewards (Shao et al. 2024; TRL's GRPO). "
+            "rloo: minus the mean of the group's other completions (Ahmadian et al. 2024). grpo and rloo build no "
+            "critic: no value adapter, no value pass, no value update."
+        },
+    )
+    scale_rewards: str = field(
+        default="group",
+        metadata={
+            "help": "grpo's advantages divided by the std of their group's returns (group), of the batch's (batch), or "
+            "not at all (none), as TRL's scale_rewards. Only advantage_estimator grpo reads it."
+        },
+    )
+    reward_weights: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "One weight per reward function in reward_funcs: a completion's score is their weighted sum "
+            "(TRL's reward_weights). None: every weight 1."
+        },
+    )
     max_new_tokens: int = field(default=24, metadata={"help": "Response length cap; generation stops earlier at EOS."})
     temperature: float = field(
         default=1.0,
@@ -153,7 +192,11 @@ class RLConfig:
     gamma: float = field(default=1.0, metadata={"help": "Discount over response tokens."})
     gae_lambda: float = field(default=0.95, metadata={"help": "GAE lambda (TRL's default)."})
     whiten_advantages: bool = field(
-        default=True, metadata={"help": "Normalise advantages to mean 0, std 1 over the valid tokens of the batch."}
+        default=True,
+        metadata={
+            "help": "Normalise GAE's advantages to mean 0, std 1 over the valid tokens of the batch (the group "
+            "estimators scale theirs by scale_rewards instead)."
+        },
     )
     # Critic: a scalar head on its own LoRA adapter of the shared frozen base; it never moves the policy.
     critic_layer_fraction: float = field(
@@ -298,6 +341,10 @@ class RLConfig:
             self.lora_target_modules = list(self.lora_target_modules)
         if isinstance(self.critic_lora_target_modules, tuple):
             self.critic_lora_target_modules = list(self.critic_lora_target_modules)
+        if isinstance(self.reward_weights, tuple):
+            self.reward_weights = list(self.reward_weights)
+        if isinstance(self.scale_rewards, bool):  # TRL's True / False
+            self.scale_rewards = "group" if self.scale_rewards else "none"
         if isinstance(self.report_to, str):  # report_to="tensorboard", as transformers accepts it
             self.report_to = [self.report_to]
         if isinstance(self.report_to, tuple):
@@ -311,6 +358,30 @@ class RLConfig:
         _require(
             self.batch_size >= 1,
             f"batch_size={self.batch_size} must be >= 1: set --batch_size to a positive number of prompts.",
+        )
+        _require(
+            self.num_generations >= 1 and self.batch_size % self.num_generations == 0,
+            f"num_generations={self.num_generations} must be >= 1 and divide batch_size={self.batch_size} (the "
+            f"completions per step), e.g. --batch_size {max(self.num_generations, 1) * 4} --num_generations "
+            f"{max(self.num_generations, 1)}.",
+        )
+        _require(
+            self.advantage_estimator in ADVANTAGE_ESTIMATORS,
+            f"advantage_estimator={self.advantage_estimator!r} is not one of {ADVANTAGE_ESTIMATORS}.",
+        )
+        _require(
+            self.advantage_estimator not in GROUP_ESTIMATORS or self.num_generations >= 2,
+            f"advantage_estimator={self.advantage_estimator!r} compares the completions of one prompt, so it needs "
+            f"num_generations >= 2 (it is {self.num_generations}), e.g. --num_generations 8 (TRL's default).",
+        )
+        _require(
+            self.scale_rewards in SCALE_REWARDS,
+            f"scale_rewards={self.scale_rewards!r} is not one of {SCALE_REWARDS} (TRL's values; True is 'group', "
+            "False 'none').",
+        )
+        _require(
+            self.reward_weights is None or len(self.reward_weights) >= 1,
+            "reward_weights=[] holds no weight: pass one per reward function, or None for weights of 1.",
         )
         _require(self.max_steps >= 1, f"max_steps={self.max_steps} must be >= 1.")
         _require(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens} must be >= 1.")
@@ -355,7 +426,7 @@ class RLConfig:
         )
         _require(self.value_lr > 0, f"value_lr={self.value_lr} must be > 0.")
         _require(self.value_epochs >= 0, f"value_epochs={self.value_epochs} must be >= 0 (0 freezes the critic).")
-        if self.value_epochs == 0:
+        if self.value_epochs == 0 and self.advantage_estimator == "gae":
             warnings.warn(
                 "value_epochs=0: the critic never trains, so GAE's advantages keep its initial values as their "
                 "baseline for the whole run. Set --value_epochs 4 (the default) unless that is the ablation you want.",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import types
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -25,6 +26,7 @@ from .actor_critic import LoraActorCritic, base_model_of
 from .advantages import (
     explained_variance,
     gae,
+    group_advantages,
     kl_controller,
     masked_mean,
     masked_whiten,
@@ -42,7 +44,7 @@ from .loading import (
 )
 from .metrics import UpdateCosine
 from .profiling import PhaseTimer, peak_memory_mb
-from .rewards import RewardFn, build_reward_fn, score_batch
+from .rewards import RewardFn, RewardFunctions, RewardInputs
 from .rollout import Rollout, evaluate_rollout, gather_tokens, log_softmax_, sample_completions
 from .run_directory import RunDirectory, check_output_dir_path
 from .run_state import CheckpointedRun, TrainingState
@@ -100,9 +102,14 @@ class RLTrainer(SetupChecks, CheckpointedRun):
             added from the config) or a `PeftModel` (its active adapter is the policy).
         tokenizer: the policy's tokenizer; loaded with the model when None. A missing pad token is
             set to EOS.
-        reward_fn: callable(prompts, completions) -> list[float], "vader", or the hub id / path of
-            a sequence classifier.
-        train_dataset: a list of prompt strings or a `datasets.Dataset` with a "prompt" column.
+        reward_fn: callable(prompts, completions) -> list[float] on texts, "vader" (the default), or
+            the hub id / path of a sequence classifier.
+        train_dataset: a list of prompts, a `datasets.Dataset` or a dict of columns with a "prompt"
+            column; a prompt is a string or a list of chat messages (TRL's conversational format,
+            given the tokenizer's chat template). The other columns reach `reward_funcs`.
+        reward_funcs: instead of `reward_fn`, TRL's reward functions: a callable
+            f(prompts, completions, **kwargs), "vader", a classifier's id or path, or a list of
+            them, weighted by `config.reward_weights` (`rewards.RewardFunctions`).
     """
 
     progress_name = "train"
@@ -112,8 +119,9 @@ class RLTrainer(SetupChecks, CheckpointedRun):
         config: RLConfig,
         model: str | PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase | None = None,
-        reward_fn: RewardFn | str = "vader",
+        reward_fn: RewardFn | str | None = None,
         train_dataset: Sequence[str] | object = (),
+        reward_funcs: object | None = None,
     ):
         self.config = config
         self.output_dir = check_output_dir_path(config.output_dir)
@@ -154,9 +162,15 @@ class RLTrainer(SetupChecks, CheckpointedRun):
                 self.actor_critic.peft_model, self.actor_critic.trainable_tensors().values(), self.device.type
             )
         self.actor_critic.to(self.device)
-        self.reward_fn = build_reward_fn(reward_fn, device=self.device)
+        self.reward_functions = self._build_rewards(reward_fn, reward_funcs)
+        # The text reward f(prompts, completions) of a run without reward_funcs (evaluations call it).
+        self.reward_fn = self.reward_functions.functions[0] if reward_funcs is None else None
         self.kl_ctl = kl_controller(config.init_kl_coef, config.target_kl_ref, config.kl_horizon)
-        self.value_optimizer = torch.optim.Adam(self.actor_critic.value_parameters(), lr=config.value_lr)
+        self.value_optimizer = (
+            torch.optim.Adam(self.actor_critic.value_parameters(), lr=config.value_lr)
+            if self.actor_critic.has_critic
+            else None
+        )
 
         # Prompt order is shared by all processes (same seed); sampling noise differs per process.
         self.prompt_generator = torch.Generator().manual_seed(config.seed)
@@ -164,6 +178,7 @@ class RLTrainer(SetupChecks, CheckpointedRun):
         torch.manual_seed(config.seed + self.accelerator.process_index)
         self._prompt_order: list[int] = []
         self._batch_prompt_indices: list[int] = []
+        self._batch_rows: list[int] = []  # this process's dataset rows, one per completion
         self.global_step = 0
         self.nonfinite_streak = 0
         self.run_id: str | None = None  # output_dir's run, once claimed or resumed (main process)
@@ -176,6 +191,21 @@ class RLTrainer(SetupChecks, CheckpointedRun):
         # join the step's (e.g. `experiments.exact.ExactEvaluator`: the exact reward and KL). They
         # must draw no random numbers, so that a run is the same with or without them.
         self.metric_hooks: list[Callable[[RLTrainer], dict[str, float]]] = []
+
+    def _build_rewards(self, reward_fn, reward_funcs) -> RewardFunctions:
+        if reward_funcs is not None and reward_fn is not None:
+            raise ValueError(
+                "Both reward_fn and reward_funcs were given: pass one (reward_funcs takes a list, e.g. "
+                "reward_funcs=[my_reward, 'vader'])."
+            )
+        if reward_funcs is None:
+            if self.config.reward_weights is not None:
+                raise ValueError(
+                    f"reward_weights={self.config.reward_weights} weighs the functions of reward_funcs, but none were "
+                    "given: pass reward_funcs=[...], or leave reward_weights unset."
+                )
+            return RewardFunctions.from_reward_fn("vader" if reward_fn is None else reward_fn, device=self.device)
+        return RewardFunctions(reward_funcs, self.config.reward_weights, device=self.device)
 
     def _check_shardable(self) -> None:
         """Settings a sharded base cannot run refuse here, before anything is loaded."""
@@ -215,12 +245,19 @@ class RLTrainer(SetupChecks, CheckpointedRun):
         return self.accelerator.is_main_process
 
     def _next_prompts(self) -> list[str]:
-        world, rank, batch = self.accelerator.num_processes, self.accelerator.process_index, self.config.batch_size
+        """This process's prompts of the next step, each `num_generations` times in a row (a group)."""
+        world, rank, generations = (
+            self.accelerator.num_processes,
+            self.accelerator.process_index,
+            self.config.num_generations,
+        )
+        batch = self.config.batch_size // generations
         while len(self._prompt_order) < world * batch:
             self._prompt_order += torch.randperm(len(self.prompts), generator=self.prompt_generator).tolist()
         take, self._prompt_order = self._prompt_order[: world * batch], self._prompt_order[world * batch :]
         self._batch_prompt_indices = take
-        return [self.prompts[i] for i in take[rank * batch : (rank + 1) * batch]]
+        self._batch_rows = [i for i in take[rank * batch : (rank + 1) * batch] for _ in range(generations)]
+        return [self.prompts[i] for i in self._batch_rows]
 
     def _held_out_seed(self) -> int:
         # A seed of the run's seed and the step alone, so a resumed run holds out what the
@@ -264,6 +301,7 @@ class RLTrainer(SetupChecks, CheckpointedRun):
                 static_cache_length=(
                     self.longest_prompt_tokens + self.config.max_new_tokens if self.config.compile_generation else None
                 ),
+                add_special_tokens=self.add_special_tokens,
             )
 
     def collect_batch(self, timer: PhaseTimer | None = None) -> tuple[Rollout, dict[str, float]]:
@@ -278,13 +316,45 @@ class RLTrainer(SetupChecks, CheckpointedRun):
             # critic needs the policy forward's hidden states anyway.
             rollout, sampling_logits = self._sample(prompts, return_scores=True)
         with timer("score"):
-            scores = score_batch(
-                self.reward_fn, rollout.prompts, rollout.completions, self.global_step, cfg.reward_timeout
-            ).to(self.device)
+            completion_ids = [
+                ids[: int(n)].tolist() for ids, n in zip(rollout.response_ids, rollout.response_mask.sum(1))
+            ]
+            scores, reward_stats = self.score(self._batch_rows, rollout.completions, completion_ids)
         with timer("rollout_forward"):
             rollout = evaluate_rollout(self.actor_critic, rollout, cfg.temperature, sampling_logits)
             del sampling_logits
-        return self._advantages(dataclasses.replace(rollout, scores=scores))
+        batch, stats = self._advantages(dataclasses.replace(rollout, scores=scores))
+        return batch, {**reward_stats, **stats}
+
+    def score(
+        self, rows: list[int], completions: list[str], completion_ids: list[list[int]] | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The scores [B] (on the device) of `completions` of the dataset's `rows` and, with
+        `reward_funcs`, each function's mean over every process's completions as `reward/<name>`.
+        The functions see the dataset's own prompts (chat messages for a conversational one, the
+        completion then as one assistant message) and its other columns of those rows."""
+        prompts = [self.prompts[i] for i in rows]
+        inputs = RewardInputs(
+            prompts=prompts if self.prompt_messages is None else [self.prompt_messages[i] for i in rows],
+            completions=(
+                completions
+                if self.prompt_messages is None
+                else [[{"role": "assistant", "content": text}] for text in completions]
+            ),
+            prompt_texts=prompts,
+            completion_texts=completions,
+            completion_ids=completion_ids
+            or [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions],
+            columns={name: [values[i] for i in rows] for name, values in self.prompt_columns.items()},
+        )
+        trainer_state = types.SimpleNamespace(global_step=self.global_step, max_steps=self.config.max_steps)
+        scores, each = self.reward_functions(inputs, self.global_step, self.config.reward_timeout, trainer_state)
+        if self.reward_fn is not None:  # one text reward: its scores are reward/mean
+            return scores.to(self.device), {}
+        stats = {
+            f"reward/{name}": self.accelerator.gather(s.to(self.device)).nanmean().item() for name, s in each.items()
+        }
+        return scores.to(self.device), stats
 
     def step(self) -> dict[str, float]:
         """One iteration on the next prompt batch; returns (and logs) its metrics.
@@ -318,8 +388,10 @@ class RLTrainer(SetupChecks, CheckpointedRun):
                     with timer("held_out_kl"):
                         policy_stats["policy/kl_held_out"] = self.mean_kl(*held_out)
                     held_out = None  # its [B, T, V] log-probs, before the critic's update needs the memory
-                with timer("value_update"):
-                    value_stats = self.value_update(batch)
+                value_stats = {}
+                if self.actor_critic.has_critic:
+                    with timer("value_update"):
+                        value_stats = self.value_update(batch)
                 require_finite("trainable tensors after the update", *self.actor_critic.trainable_tensors().values())
                 self.nonfinite_streak = 0
             except NonFiniteUpdate as exc:
@@ -389,15 +461,17 @@ class RLTrainer(SetupChecks, CheckpointedRun):
         mask = rollout.response_mask
         kl_coef = self.kl_ctl.value
         rewards = token_rewards(rollout.scores, rollout.logp_old - rollout.logp_ref, mask, kl_coef)
-        advantages, returns = gae(rewards, rollout.values, mask, cfg.gamma, cfg.gae_lambda)
-        if cfg.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
         kl_ref = self.reduce_mean(sequence_kl(rollout.logp_old, rollout.logp_ref, mask).mean()).item()
-        stats = {
-            "kl/ref": kl_ref,
-            "kl/coef": kl_coef,
-            "value/explained_variance": explained_variance(rollout.values, returns, mask),
-        }
+        stats = {"kl/ref": kl_ref, "kl/coef": kl_coef}
+        if cfg.advantage_estimator == "gae":
+            advantages, returns = gae(rewards, rollout.values, mask, cfg.gamma, cfg.gae_lambda)
+            if cfg.whiten_advantages:
+                advantages = masked_whiten(advantages, mask)
+            stats["value/explained_variance"] = explained_variance(rollout.values, returns, mask)
+        else:
+            advantages, returns = group_advantages(
+                rewards, mask, cfg.num_generations, cfg.advantage_estimator, cfg.gamma, cfg.scale_rewards
+            )
         return dataclasses.replace(rollout, advantages=advantages, returns=returns), stats
 
     def value_update(self, batch: Rollout) -> dict[str, float]:

@@ -1,4 +1,5 @@
-"""Prompt sources: the movie-review openings shipped in `data/`, local files, `datasets` objects.
+"""Prompt sources: the data shipped in `data/`, local files, `datasets` objects; conversational
+prompts (lists of chat messages, TRL's format) and their chat template.
 
 >>> from trpo_rlhf.prompts import default_prompts
 >>> len(default_prompts()) >= 300
@@ -43,8 +44,88 @@ def check_prompt_strings(prompts: Sequence, source: str) -> None:
         if not isinstance(prompt, str):
             hint = " (a row: pass [row['prompt'] for row in rows])" if isinstance(prompt, dict) else ""
             raise TypeError(
-                f"{source}[{i}] is a {type(prompt).__name__}, {prompt!r}{hint}; every prompt must be a string."
+                f"{source}[{i}] is a {type(prompt).__name__}, {prompt!r}{hint}; every prompt must be a string "
+                "(or, in a conversational dataset, every one a list of chat messages)."
             )
+
+
+def is_conversational(prompt) -> bool:
+    """Whether a prompt is a list of chat messages (TRL's conversational format), not a string."""
+    return isinstance(prompt, (list, tuple))
+
+
+def check_messages(messages, source: str) -> None:
+    """Raise a ValueError naming the first malformed message: a conversational prompt is a non-empty
+    list of ``{"role": str, "content": str}`` whose last message is not the assistant's (the
+    completion is the assistant's next message)."""
+    example = '[{"role": "user", "content": "What is 2 + 3?"}]'
+    if not messages:
+        raise ValueError(f"{source} is an empty list of messages; a conversational prompt is e.g. {example}.")
+    for j, message in enumerate(messages):
+        if not isinstance(message, dict) or not {"role", "content"} <= set(message):
+            raise ValueError(
+                f"{source}[{j}] is {message!r}: each message must be a dict with a 'role' and a 'content', e.g. {example}."
+            )
+        if not isinstance(message["role"], str) or not isinstance(message["content"], str):
+            raise ValueError(
+                f"{source}[{j}] has role {message['role']!r} and content of type {type(message['content']).__name__}: "
+                "both must be strings."
+            )
+    if messages[-1]["role"] == "assistant":
+        raise ValueError(
+            f"{source} ends with an assistant message: the completion is the assistant's next message, so the "
+            "prompt must end with the user's (or the system's) turn."
+        )
+
+
+def chat_prompt_text(tokenizer, messages: list[dict], source: str = "a prompt") -> str:
+    """The text the model reads for a conversational prompt: the tokenizer's chat template with the
+    generation prompt, `tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+    tokenize=False)`; tokenized without added special tokens it gives the template's own ids."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"{source} is a list of chat messages, but the tokenizer has no chat template. Use an instruct model's "
+            "tokenizer (the embedded SmolLM2-135M-Instruct has one), set tokenizer.chat_template, or pass plain string "
+            "prompts."
+        )
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def prompt_columns(train_dataset) -> tuple[list, dict[str, list]]:
+    """(the prompts, the other columns by name) of a list of prompts, a `datasets.Dataset` or a
+    dict of columns; each prompt a string or a list of chat messages, one kind throughout."""
+    if isinstance(train_dataset, dict) or hasattr(train_dataset, "column_names"):
+        names = list(train_dataset.column_names if hasattr(train_dataset, "column_names") else train_dataset)
+        if "prompt" not in names:
+            raise ValueError(
+                f"The dataset has no 'prompt' column (it has {names}); rename the prompt column, e.g. "
+                "dataset.rename_column('text', 'prompt')."
+            )
+        prompts = list(train_dataset["prompt"])
+        columns = {name: list(train_dataset[name]) for name in names if name != "prompt"}
+        source = "the dataset's 'prompt' column"
+    elif isinstance(train_dataset, str):
+        raise TypeError(
+            "train_dataset must be a list of prompts or a datasets.Dataset, not a string; "
+            "load a file with trpo_rlhf.prompts.load_prompts(path)."
+        )
+    else:
+        prompts, columns, source = list(train_dataset), {}, "train_dataset"
+    uneven = {name: len(values) for name, values in columns.items() if len(values) != len(prompts)}
+    if uneven:
+        raise ValueError(f"train_dataset's columns {uneven} are not as long as its {len(prompts)} prompts.")
+    if prompts and is_conversational(prompts[0]):
+        for i, prompt in enumerate(prompts):
+            if not is_conversational(prompt):
+                raise TypeError(
+                    f"{source}[{i}] is a {type(prompt).__name__} among conversational prompts: pass every prompt as "
+                    "a list of messages, or every one as a string."
+                )
+            check_messages(list(prompt), f"{source}[{i}]")
+        prompts = [[dict(m) for m in prompt] for prompt in prompts]
+    else:
+        check_prompt_strings(prompts, source)
+    return prompts, columns
 
 
 def prompts_from_dataset(dataset, column: str = "prompt") -> list[str]:

@@ -1,4 +1,6 @@
-"""Reward adapters. Every reward is a callable ``(prompts, completions) -> list[float]``.
+"""Rewards. A reward is a callable ``(prompts, completions) -> list[float]`` on texts, or, as TRL's
+`reward_funcs` (`RewardFunctions`), one or several functions called with keywords, the dataset's
+other columns among them, whose weighted sum is the score.
 
     >>> from trpo_rlhf.rewards import build_reward_fn
     >>> reward_fn = build_reward_fn("vader")
@@ -15,6 +17,7 @@ import math
 import numbers
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -156,28 +159,38 @@ def call_with_timeout(fn: Callable, timeout: float | None, *args):
 
 
 def score_batch(
-    reward_fn: RewardFn,
-    prompts: list[str],
-    completions: list[str],
+    reward_fn: Callable,
+    prompts: list,
+    completions: list,
     batch_index: int,
     timeout: float | None = None,
+    name: str | None = None,
+    keywords: dict[str, object] | None = None,
 ) -> torch.Tensor:
     """Call the reward function (allowed `timeout` seconds) and check its answer: one number per
-    completion.
+    completion. It is called as ``reward_fn(prompts, completions)``, or with `keywords` as TRL calls
+    a reward function, ``reward_fn(prompts=..., completions=..., **keywords)``, where a None score
+    (TRL's "does not apply") comes back as NaN.
 
-    Raises `RewardError` naming the batch (and the offending entry) otherwise. Non-finite numbers
-    pass through: the trainer rejects that step's update and says so (see `RLTrainer.step`).
+    Raises `RewardError` naming the function (`name`), the batch and the offending entry otherwise.
+    Other non-finite numbers pass through: the trainer rejects that step's update and says so (see
+    `RLTrainer.step`).
     """
+    who = f"The reward function {name!r}" if name else "The reward function"
+    allow_none = keywords is not None
     try:
-        raw = call_with_timeout(reward_fn, timeout, prompts, completions)
+        if keywords is None:
+            raw = call_with_timeout(reward_fn, timeout, prompts, completions)
+        else:
+            raw = call_with_timeout(lambda: reward_fn(prompts=prompts, completions=completions, **keywords), timeout)
     except TimeoutError as exc:
         raise RewardError(
-            f"The reward function gave no scores for batch {batch_index} within reward_timeout={timeout:g} s "
+            f"{who} gave no scores for batch {batch_index} within reward_timeout={timeout:g} s "
             f"(first prompt {prompts[0]!r}): it is hung or too slow. Fix it, or raise --reward_timeout."
         ) from exc
     except Exception as exc:
         raise RewardError(
-            f"The reward function raised {type(exc).__name__} on batch {batch_index} "
+            f"{who} raised {type(exc).__name__} on batch {batch_index} "
             f"(first prompt {prompts[0]!r}, first completion {completions[0]!r}): {exc}"
         ) from exc
     if hasattr(raw, "tolist") and not isinstance(raw, (list, tuple)):  # a tensor or an array
@@ -185,28 +198,145 @@ def score_batch(
     # A string or a mapping is iterable too, but its characters or keys are not scores.
     if isinstance(raw, (str, bytes, dict)) or not isinstance(raw, (list, tuple)):
         raise RewardError(
-            f"The reward function returned {type(raw).__name__} on batch {batch_index}; it must return a list of floats, one per completion."
+            f"{who} returned {type(raw).__name__} on batch {batch_index}; it must return a list of floats, one per completion."
         )
+    if allow_none:
+        raw = [math.nan if s is None else s for s in raw]
     not_numbers = [(i, s) for i, s in enumerate(raw) if not isinstance(s, numbers.Real)]
     if not_numbers:
         i, s = not_numbers[0]
         raise RewardError(
-            f"The reward function returned {type(s).__name__} {s!r} for completion {i} on batch {batch_index}; "
-            "each score must be a number (int, float or a 0-d tensor's .item())."
+            f"{who} returned {type(s).__name__} {s!r} for completion {i} on batch {batch_index}; "
+            f"each score must be a number (int, float or a 0-d tensor's .item()){' or None' if allow_none else ''}."
         )
     if len(raw) != len(completions):
         raise RewardError(
-            f"The reward function returned {len(raw)} scores for {len(completions)} completions on batch {batch_index}; "
+            f"{who} returned {len(raw)} scores for {len(completions)} completions on batch {batch_index}; "
             "it must return exactly one float per completion."
         )
     too_large = [(i, float(s)) for i, s in enumerate(raw) if math.isfinite(float(s)) and abs(float(s)) > FLOAT32_MAX]
     if too_large:
         i, s = too_large[0]
         raise RewardError(
-            f"The reward function returned {s:g} for completion {i} on batch {batch_index}: finite, but beyond float32's "
+            f"{who} returned {s:g} for completion {i} on batch {batch_index}: finite, but beyond float32's "
             f"range (+-{FLOAT32_MAX:.3g}), in which the trainer computes. Rescale the reward (e.g. divide it or take a log)."
         )
     return torch.tensor([float(s) for s in raw], dtype=torch.float32)
+
+
+@dataclass
+class RewardInputs:
+    """What one batch's reward functions see. `prompts` and `completions` are the dataset's own
+    (strings, or lists of chat messages for a conversational dataset, the completion as one assistant
+    message); `prompt_texts` and `completion_texts` the strings the policy read and wrote; `columns`
+    the dataset's other columns, one entry per completion."""
+
+    prompts: list
+    completions: list
+    prompt_texts: list[str]
+    completion_texts: list[str]
+    completion_ids: list[list[int]]
+    columns: dict[str, list] = field(default_factory=dict)
+
+
+class RewardFunctions:
+    """TRL's `reward_funcs`: one or several rewards whose weighted sum scores a completion.
+
+    Each entry is a callable, called as TRL's GRPOTrainer calls one,
+    ``f(prompts=..., completions=..., completion_ids=..., trainer_state=..., **columns)`` with the
+    dataset's other columns as keyword lists (a None score: the function does not apply; the weighted
+    sum skips it, as TRL's nansum), or a string: ``"vader"`` or the hub id / path of a sequence
+    classifier, which score the texts. ``reward_fn``, this package's ``f(prompts, completions)``
+    on texts, is one such function too (`from_reward_fn`).
+
+        >>> def brevity(completions, **kwargs):
+        ...     return [-len(c) for c in completions]
+        >>> funcs = RewardFunctions([brevity, "vader"], weights=[0.1, 1.0])
+        >>> funcs.names
+        ['brevity', 'vader']
+    """
+
+    def __init__(self, reward_funcs, weights: Sequence[float] | None = None, device=None, text_only: bool = False):
+        entries = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+        if not entries:
+            raise ValueError("reward_funcs is empty: pass a reward function, 'vader', or a classifier's id or path.")
+        self.functions: list[Callable] = []
+        self.keyword_call: list[bool] = []  # TRL's form; else (prompt_texts, completion_texts)
+        names: list[str] = []
+        for i, entry in enumerate(entries):
+            if isinstance(entry, torch.nn.Module):
+                raise TypeError(
+                    f"reward_funcs[{i}] is a {type(entry).__name__} model: pass its hub id or local path (a string), "
+                    "so that it is scored with its own tokenizer."
+                )
+            if isinstance(entry, str):
+                self.functions.append(build_reward_fn(entry, device=device))
+                self.keyword_call.append(False)
+                names.append(VADER if entry.lower() == VADER else entry.rstrip("/").split("/")[-1])
+            elif callable(entry):
+                self.functions.append(entry)
+                self.keyword_call.append(not text_only)
+                names.append(getattr(entry, "__name__", type(entry).__name__))
+            else:
+                raise TypeError(
+                    f"reward_funcs[{i}]={entry!r} is neither a callable nor a string: pass a function "
+                    "f(prompts, completions, **kwargs) -> list[float], 'vader', or a classifier's id or path."
+                )
+        self.names = unique_names(names)
+        if weights is not None and len(weights) != len(self.functions):
+            raise ValueError(
+                f"reward_weights has {len(weights)} weights for {len(self.functions)} reward functions "
+                f"({self.names}): pass one weight per function."
+            )
+        self.weights = torch.tensor(list(weights) if weights is not None else [1.0] * len(self.functions))
+
+    @classmethod
+    def from_reward_fn(cls, reward_fn: RewardFn | str, device=None) -> RewardFunctions:
+        """The single reward `reward_fn(prompt_texts, completion_texts)` (or "vader", a classifier)."""
+        return cls([build_reward_fn(reward_fn, device=device)], device=device, text_only=True)
+
+    def __call__(
+        self, inputs: RewardInputs, batch_index: int, timeout: float | None = None, trainer_state=None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(the weighted sum [B], each function's scores [B] by name, NaN where it did not apply)."""
+        each = {}
+        for name, function, keyword_call in zip(self.names, self.functions, self.keyword_call):
+            if keyword_call:
+                keywords = {"completion_ids": inputs.completion_ids, "trainer_state": trainer_state, **inputs.columns}
+                args = (inputs.prompts, inputs.completions)
+            else:
+                keywords, args = None, (inputs.prompt_texts, inputs.completion_texts)
+            label = name if len(self.functions) > 1 or keyword_call else None
+            each[name] = score_batch(function, *args, batch_index, timeout, name=label, keywords=keywords)
+        if len(each) == 1 and not self.keyword_call[0]:
+            return next(iter(each.values())), each
+        table = torch.stack(list(each.values()), dim=1)
+        unscored = torch.isnan(table).all(dim=1)
+        if unscored.any():
+            i = int(unscored.nonzero()[0])
+            raise RewardError(
+                f"No reward function scored completion {i} on batch {batch_index} ({inputs.completion_texts[i]!r} "
+                f"after {inputs.prompt_texts[i]!r}): each of {self.names} returned None or NaN. Return a number from "
+                "at least one of them for every completion."
+            )
+        return (table * self.weights).nansum(dim=1), each
+
+
+def unique_names(names: list[str]) -> list[str]:
+    """`names` with repeats (and `mean`, `std`, which `reward/` already logs) suffixed _2, _3, ...
+
+    >>> unique_names(["f", "f", "mean"])
+    ['f', 'f_2', 'mean_2']
+    """
+    taken, unique = {"mean", "std"}, []
+    for name in names:
+        candidate, n = name, 1
+        while candidate in taken:
+            n += 1
+            candidate = f"{name}_{n}"
+        taken.add(candidate)
+        unique.append(candidate)
+    return unique
 
 
 def check_finite_scores(scores: torch.Tensor, prompts: list[str], completions: list[str], batch_index: int) -> None:

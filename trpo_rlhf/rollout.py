@@ -156,6 +156,7 @@ def sample_completions(
     temperature: float,
     return_scores: bool = False,
     static_cache_length: int | None = None,
+    add_special_tokens: bool = True,
 ) -> tuple[Rollout, torch.Tensor | None]:
     """Generate one completion per prompt (batched, left-padded, KV cache, each row stops at EOS).
 
@@ -164,10 +165,13 @@ def sample_completions(
 
     `static_cache_length` (None: a dynamic cache, eager) decodes with a static KV cache of at least
     that many positions and a compiled decode step (`compiled_decode_config`); pass the longest
-    prompt plus `max_new_tokens` so every batch runs the same compiled graph.
+    prompt plus `max_new_tokens` so every batch runs the same compiled graph. `add_special_tokens`
+    False tokenizes chat-templated prompts as `apply_chat_template` does (the template holds them).
     """
     device = next(model.parameters()).device
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
+    enc = tokenizer(
+        prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=add_special_tokens
+    ).to(device)
     generation_config = sampling_generation_config(tokenizer, max_new_tokens, temperature, output_scores=return_scores)
     static_cache = {}
     if static_cache_length is not None:
@@ -220,8 +224,8 @@ def evaluate_rollout(
     temperature: float,
     sampling_logits: torch.Tensor | None = None,
 ) -> Rollout:
-    """Fill in logp_old, logp_ref, values and entropy (and, with `critic_layers`, the features the
-    values were read from) for a sampled rollout (no gradients).
+    """Fill in logp_old, logp_ref, values (with a critic) and entropy (and, with `critic_layers`, the
+    features the values were read from) for a sampled rollout (no gradients).
 
     `sampling_logits`, the logits / temperature generation sampled from (`sample_completions(...,
     return_scores=True)`, [B, T, V]), stand in for the policy's forward: they are the same
@@ -247,12 +251,12 @@ def evaluate_rollout(
     logp_ref = token_logprobs(reference_logits, actions)
     mask = rollout.response_mask
     del reference_logits
-    values = actor_critic.values(**inputs, features=features).float()
+    values = actor_critic.values(**inputs, features=features).float() * mask if actor_critic.has_critic else None
     return dataclasses.replace(
         rollout,
         logp_old=logp_old * mask,
         logp_ref=logp_ref * mask,
-        values=values * mask,
+        values=values,
         entropy=entropy * mask,
         features=features,
     )

@@ -163,7 +163,8 @@ class CheckpointedRun:
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer | UpdateCosine]:
         """The optimizers whose state a checkpoint keeps, by name (and the diagnostics' state)."""
-        return {"value": self.value_optimizer, "policy_update_cosine": self.policy_update_cosine}
+        critic = {"value": self.value_optimizer} if self.value_optimizer is not None else {}
+        return {**critic, "policy_update_cosine": self.policy_update_cosine}
 
     def capture_state(self) -> TrainingState:
         """A copy of everything the next step depends on (see `TrainingState`)."""
@@ -450,7 +451,9 @@ class CheckpointedRun:
             return
         saved = without_removed_settings(json.loads(config_file.read_text()), str(config_file))
         current = json.loads(json.dumps(self.config.to_dict()))
-        changed = [k for k in current if k not in RESUME_MAY_CHANGE and saved.get(k) != current[k]]
+        # A setting newer than the checkpoint ran at its default there.
+        defaults = json.loads(json.dumps(type(self.config)(output_dir=self.config.output_dir).to_dict()))
+        changed = [k for k in current if k not in RESUME_MAY_CHANGE and saved.get(k, defaults[k]) != current[k]]
         if changed:
             warnings.warn(
                 f"Resuming {path} with changed settings {changed}: the run continues with the new values, so it "

@@ -13,7 +13,7 @@ from .actor_critic import base_model_of
 from .loading import (
     context_length,
 )
-from .prompts import check_prompt_strings, prompts_from_dataset
+from .prompts import chat_prompt_text, is_conversational, prompt_columns
 from .sharding import deepspeed_zero_stage, fsdp_requested
 
 
@@ -78,6 +78,8 @@ class SetupChecks:
             ) from exc
 
     def _validate_prompts(self, train_dataset, model) -> list[str]:
+        """The prompts' texts, as the policy reads them; sets `prompt_messages` (a conversational
+        dataset's messages, else None) and `prompt_columns` (the dataset's other columns)."""
         if isinstance(train_dataset, Mapping):
             # A dict of columns, as datasets.Dataset.from_dict takes it (iterating it would yield its keys).
             from datasets import Dataset
@@ -90,21 +92,16 @@ class SetupChecks:
                     "read as a dataset's columns, e.g. {'prompt': ['This movie', ...]}, each a list of one length "
                     f"({exc})."
                 ) from exc
-        if hasattr(train_dataset, "column_names"):
-            prompts = prompts_from_dataset(train_dataset)
-        elif isinstance(train_dataset, str):
-            raise TypeError(
-                "train_dataset must be a list of prompts or a datasets.Dataset, not a string; "
-                "load a file with trpo_rlhf.prompts.load_prompts(path)."
-            )
-        else:
-            prompts = list(train_dataset)
-        check_prompt_strings(prompts, "train_dataset")
+        prompts, self.prompt_columns = prompt_columns(train_dataset)
         if not prompts:
             raise ValueError(
                 "train_dataset is empty: pass at least one prompt (a list of strings or a Dataset with a 'prompt' column)."
             )
-        lengths = [len(ids) for ids in self.tokenizer(prompts)["input_ids"]]
+        self.prompt_messages = None
+        if is_conversational(prompts[0]):
+            self.prompt_messages = prompts
+            prompts = [chat_prompt_text(self.tokenizer, m, f"train_dataset prompt {i}") for i, m in enumerate(prompts)]
+        lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=self.add_special_tokens)["input_ids"]]
         self.longest_prompt_tokens = max(lengths)
         empty = [i for i, n in enumerate(lengths) if n == 0]
         if empty:
@@ -130,6 +127,12 @@ class SetupChecks:
                 )
         return prompts
 
+    @property
+    def add_special_tokens(self) -> bool:
+        """Whether the prompts' texts are tokenized with the tokenizer's special tokens added: not for
+        chat prompts, whose template already holds them (as `apply_chat_template` tokenizes)."""
+        return self.prompt_messages is None
+
     def _unknown_only_prompts(self, prompts: list[str]) -> list[int]:
         """The prompts whose tokens, special ones aside, are all the unknown token."""
         unk = self.tokenizer.unk_token_id
@@ -141,10 +144,11 @@ class SetupChecks:
 
     def _check_held_out_prompts(self) -> None:
         world, count = self.accelerator.num_processes, self.config.held_out_kl_prompts
-        needed = world * (self.config.batch_size + count)
+        batch_prompts = self.config.batch_size // self.config.num_generations
+        needed = world * (batch_prompts + count)
         if count and len(self.prompts) < needed:
             raise ValueError(
                 f"held_out_kl_prompts={count} holds out {world * count} prompts beside each step's batch of "
-                f"{world * self.config.batch_size}: train_dataset has {len(self.prompts)} prompts, {needed} are needed. "
+                f"{world * batch_prompts}: train_dataset has {len(self.prompts)} prompts, {needed} are needed. "
                 "Pass more prompts, or lower --held_out_kl_prompts (0: off)."
             )

@@ -19,11 +19,11 @@ from pathlib import Path
 
 from .plotting import running_mean, save_figure
 
-ALGORITHMS = ("trpo", "ppo", "trl_ppo")
-LABELS = {"trpo": "TRPO (ours)", "ppo": "PPO (ours)", "trl_ppo": "PPO (TRL 1.12)"}
-COLORS = {"trpo": "tab:blue", "ppo": "tab:orange", "trl_ppo": "tab:green"}
+ALGORITHMS = ("trpo", "ppo", "trl_ppo", "trl_grpo")
+LABELS = {"trpo": "TRPO (ours)", "ppo": "PPO (ours)", "trl_ppo": "PPO (TRL 1.12)", "trl_grpo": "GRPO (TRL 1.12)"}
+COLORS = {"trpo": "tab:blue", "ppo": "tab:orange", "trl_ppo": "tab:green", "trl_grpo": "tab:red"}
 # The measured KL(pi_old || pi_new) of each update: exact over the vocabulary for ours, TRL's
-# sampled-token approximation for TRL.
+# sampled-token approximation for TRL's PPO; TRL's GRPO logs none.
 UPDATE_KL_KEY = {"trpo": "trpo/kl", "ppo": "ppo/kl", "trl_ppo": "ppo/kl"}
 
 
@@ -113,7 +113,7 @@ def summarize_runs(
         algorithm = algorithms.get(variant, variant)
         finals = [statistics.mean(r["reward/mean"] for r in _tail(rows)) for rows in seeds]
         kl_end = [statistics.mean(r["kl/ref"] for r in _tail(rows)) for rows in seeds]
-        update_kl = [r[UPDATE_KL_KEY[algorithm]] for rows in seeds for r in rows if UPDATE_KL_KEY[algorithm] in r]
+        update_kl = [r[UPDATE_KL_KEY[algorithm]] for rows in seeds for r in rows if UPDATE_KL_KEY.get(algorithm) in r]
         step_s = [r["time/step"] for rows in seeds for r in rows]
         policy_s = [r["time/policy_update"] for rows in seeds for r in rows if "time/policy_update" in r]
         held_out_kl = [

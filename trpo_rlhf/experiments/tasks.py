@@ -14,31 +14,50 @@ from ..loading import EMBEDDED, hub_available
 from ..prompts import load_prompts
 from ..rewards import VADER
 
-TASKS = ("toy", "sentiment", "sentiment_binary", "exact")
+TASKS = ("toy", "sentiment", "sentiment_binary", "exact", "arithmetic")
 BINARY_THRESHOLD = 0.5
 
 
 @dataclass
 class Task:
     """A policy (hub id, local path, "embedded", or a model), its tokenizer (None: the policy's
-    own), the reward (a reward-model id, "vader", or a callable), the prompts, and where they came
-    from. `lora_target_modules` is what the task needs (None: the trainer's default)."""
+    own), the reward (a reward-model id, "vader", a callable, or a list of TRL-style reward
+    functions weighted by `reward_weights`), the prompts (strings or chat messages) with the
+    dataset's other `columns`, and where they came from. `lora_target_modules` is what the task
+    needs (None: the trainer's default)."""
 
     name: str
     model: Any
     reward_model: Any
-    prompts: list[str]
+    prompts: list
     tokenizer: Any = None
     dataset: str | None = None
     reason: str = ""
     lora_target_modules: list[str] | None = field(default=None)
+    columns: dict[str, list] = field(default_factory=dict)
+    reward_weights: list[float] | None = None
+
+    def trainer_arguments(self) -> dict[str, Any]:
+        """The trainer's model, tokenizer, train_dataset and reward_fn (or reward_funcs) for this task."""
+        reward = (
+            {"reward_funcs": self.reward_model}
+            if isinstance(self.reward_model, list)
+            else {"reward_fn": self.reward_model}
+        )
+        dataset = {"prompt": self.prompts, **self.columns} if self.columns else self.prompts
+        return {"model": self.model, "tokenizer": self.tokenizer, "train_dataset": dataset, **reward}
 
     def describe(self) -> str:
         """One line for a run's log: what is trained on what, and why."""
         prompts = self.dataset or (
             "data/movie_review_openings.txt" if self.name.startswith("sentiment") else f"{self.name} prompts"
         )
-        text = f"Task: policy={self.model}, reward={self.reward_model}, prompts={prompts} ({len(self.prompts)})"
+        reward = (
+            " + ".join(f"{w:g} x {f.__name__}" for f, w in zip(self.reward_model, self.reward_weights or [1.0] * 99))
+            if isinstance(self.reward_model, list)
+            else self.reward_model
+        )
+        text = f"Task: policy={self.model}, reward={reward}, prompts={prompts} ({len(self.prompts)})"
         return f"{text} -- {self.reason}." if self.reason else f"{text}."
 
 
@@ -69,7 +88,10 @@ def build_task(
     `sentiment_binary`: the same policy and prompts with a binary, sparse reward, 1 when VADER's
     compound score is at least 0.5 and 0 otherwise (a pass/fail judge rather than a graded one).
     `exact`: a tiny Llama pretrained on a word grammar whose completions can all be enumerated
-    (`experiments.exact`), with `reward_model` "dense" (the default) or "sparse"."""
+    (`experiments.exact`), with `reward_model` "dense" (the default) or "sparse". `arithmetic`:
+    chat prompts "What is a + b?" with an answer column (`dataset`: a JSON-lines file of them;
+    default `data/arithmetic_chat.jsonl`) for `model` (default: the embedded SmolLM2-135M-Instruct),
+    scored by TRL-style reward functions (`experiments.arithmetic`)."""
     if name == "toy":
         if (model, reward_model, dataset) != (None, None, None):
             raise ValueError("build_task('toy') takes no model, reward_model or dataset: the toy task is fixed.")
@@ -115,6 +137,26 @@ def build_task(
             dataset=f"{len(prompts)} prompts of the exact task's grammar",
             reason=f"{reward} reward, completions of at most {EXACT_MAX_NEW_TOKENS} tokens, evaluated exactly",
             lora_target_modules=["q_proj", "v_proj", "lm_head"],
+        )
+    if name == "arithmetic":
+        from .arithmetic import ARITHMETIC_FILE, REWARD_WEIGHTS, correct_answer, load_arithmetic, number_only
+
+        if reward_model is not None:
+            raise ValueError(
+                f"build_task('arithmetic') scores with its own reward functions (correct_answer, number_only); "
+                f"reward_model={reward_model!r} is not one of them. Leave it unset."
+            )
+        columns = load_arithmetic(dataset)
+        prompts = columns.pop("prompt")
+        return Task(
+            "arithmetic",
+            model or EMBEDDED,
+            [correct_answer, number_only],
+            prompts,
+            dataset=dataset or f"data/{ARITHMETIC_FILE}",
+            reason="chat prompts; the reward functions check each completion against the answer column",
+            columns=columns,
+            reward_weights=list(REWARD_WEIGHTS),
         )
     raise ValueError(f"task {name!r} is not one of {TASKS}.")
 

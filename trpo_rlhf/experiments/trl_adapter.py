@@ -18,7 +18,9 @@ what follows.
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -112,11 +114,13 @@ TRL_TO_OURS = {
 
 
 class MetricsJsonl(TrainerCallback):
-    """Append one line per TRL PPO update to metrics.jsonl, under our key names, with the metrics
-    of each `metric_hooks` function of the trainer's policy (a PEFT model) after the update."""
+    """Append one line per TRL update to metrics.jsonl: TRL's metrics under our key names
+    (`key_map`; a log without its first key is not an update's), the `extra(logs)` metrics, and
+    those of each `metric_hooks` function of the trainer's policy (a PEFT model) after the update."""
 
-    def __init__(self, path: Path, device: torch.device, policy=None, metric_hooks=()):
+    def __init__(self, path: Path, device: torch.device, policy=None, metric_hooks=(), key_map=None, extra=None):
         self.path, self.device, self.policy, self.metric_hooks = Path(path), device, policy, list(metric_hooks)
+        self.key_map, self.extra = key_map or TRL_TO_OURS, extra
         self.step, self.last = 0, time.perf_counter()
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -125,13 +129,14 @@ class MetricsJsonl(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         from ..profiling import peak_memory_mb
 
-        if not logs or "objective/scores" not in logs or not state.is_world_process_zero:
+        if not logs or next(iter(self.key_map)) not in logs or not state.is_world_process_zero:
             return
         now = time.perf_counter()
         self.step += 1
         row = {
             "step": self.step,
-            **{ours: logs[trl] for trl, ours in TRL_TO_OURS.items() if trl in logs},
+            **{ours: logs[trl] for trl, ours in self.key_map.items() if trl in logs},
+            **(self.extra(logs) if self.extra else {}),
             "time/step": now - self.last,
             "memory/peak_mb": peak_memory_mb(self.device),
         }
@@ -266,3 +271,175 @@ def build_trl_ppo_for_task(task, config, lr_scheduler_type: str = "constant", me
         lr_scheduler_type,
         metric_hooks,
     )
+
+
+# ---------------------------------------------------------------------------------------------- GRPO
+# TRL's GRPO metric -> our key (TRL logs its mean per-token KL only when beta > 0; kl/ref is ours).
+TRL_GRPO_TO_OURS = {"reward": "reward/mean", "reward_std": "reward/std", "entropy": "policy/entropy"}
+
+
+def trl_grpo_available() -> bool:
+    """Whether TRL's GRPOTrainer (trl==1.12.0, the trl-ppo extra) can be imported."""
+    try:
+        import trl  # noqa: F401
+        from trl import GRPOTrainer  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def trl_reward_function(reward_fn: RewardFn, name: str):
+    """A text reward `reward_fn(prompts, completions)` in the form TRL's GRPOTrainer calls, named
+    `name` (TRL logs rewards/<name>)."""
+
+    def reward(prompts, completions, **kwargs):
+        scores = score_batch(reward_fn, list(prompts), list(completions), 0)
+        check_finite_scores(scores, list(prompts), list(completions), 0)
+        return scores.tolist()
+
+    reward.__name__ = name
+    return reward
+
+
+def grpo_metrics(trainer) -> Callable[[dict], dict]:
+    """The metrics of a TRL GRPO update beside those TRL names: each reward function's mean as
+    `reward/<name>`, and `kl/ref`, the sampled KL to the reference of the update's completions (per
+    completion, measured by `KLMeasuringGRPOTrainer`)."""
+
+    def extra(logs: dict) -> dict:
+        each = {
+            f"reward/{k.split('/')[1]}": v for k, v in logs.items() if k.startswith("rewards/") and k.endswith("/mean")
+        }
+        return {**each, "kl/ref": trainer.last}
+
+    return extra
+
+
+@torch.no_grad()
+def sampled_kl_to_reference(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> float:
+    """The mean over completions of sum_t log pi(a_t) - log pi_ref(a_t) (our `kl/ref`), pi the PEFT
+    policy and pi_ref its base with the adapter disabled, at the positions generate() gave them."""
+    from ..rollout import token_logprobs
+
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+    length = completion_ids.shape[1]
+
+    def logp() -> torch.Tensor:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        return token_logprobs(out.logits[:, -length - 1 : -1].float(), completion_ids)
+
+    policy = logp()
+    with model.disable_adapter():
+        reference = logp()
+    return float(((policy - reference) * completion_mask).sum(1).mean())
+
+
+def _kl_measuring_grpo_trainer():
+    """TRL's GRPOTrainer, which also measures `kl/ref` on each batch it generates (TRL computes no
+    reference log-probs at its default beta 0)."""
+    from trl import GRPOTrainer
+
+    class KLMeasuringGRPOTrainer(GRPOTrainer):
+        last = math.nan
+
+        def _generate_and_score_completions(self, inputs):
+            output = super()._generate_and_score_completions(inputs)
+            model = self.accelerator.unwrap_model(self.model)
+            self.last = sampled_kl_to_reference(
+                model, output["prompt_ids"], output["prompt_mask"], output["completion_ids"], output["completion_mask"]
+            )
+            return output
+
+    return KLMeasuringGRPOTrainer
+
+
+def build_trl_grpo_trainer(
+    config,
+    policy: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    reward_funcs: list,
+    beta: float = 0.0,
+    loss_type: str = "dapo",
+    metric_hooks=(),
+):
+    """`trl.GRPOTrainer` (trl==1.12.0) with the settings of our `PPOConfig`: the same completions
+    per step (`batch_size`) and per prompt (`num_generations`), response length, temperature,
+    learning rate (constant), clip range (TRL's epsilon), gradient clipping, `scale_rewards` and
+    LoRA adapter, one optimizer step per generated batch (TRL's default: num_iterations 1,
+    steps_per_generation 1). `beta` (TRL's default 0: no reference) and `loss_type` (TRL's default
+    "dapo") are TRL's own. Writes metrics.jsonl in config.output_dir (`GRPOMetricsJsonl`)."""
+    from datasets import Dataset
+    from trl import GRPOConfig
+
+    # TRL's sampler draws batch_size / num_generations distinct prompts per step: repeat a short list.
+    prompts_per_step = config.batch_size // config.num_generations
+    prompts = list(prompts) * -(-prompts_per_step // len(prompts))
+    trl_config = GRPOConfig(
+        output_dir=config.output_dir,
+        seed=config.seed,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=1,
+        num_generations=config.num_generations,
+        max_completion_length=config.max_new_tokens,
+        temperature=config.temperature,
+        top_p=1.0,
+        top_k=0,
+        repetition_penalty=1.0,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_grad_norm=config.max_grad_norm if config.max_grad_norm is not None else 0.0,
+        epsilon=config.clip_range,
+        beta=beta,
+        loss_type=loss_type,
+        scale_rewards=config.scale_rewards,
+        disable_dropout=True,  # our policy passes run in eval mode: the update sees one deterministic policy
+        max_steps=config.max_steps,
+        bf16=config.bf16,
+        use_cpu=not torch.cuda.is_available(),
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        log_completions=False,
+    )
+    trainer = _kl_measuring_grpo_trainer()(
+        model=policy,
+        reward_funcs=reward_funcs,
+        args=trl_config,
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
+        processing_class=tokenizer,
+        peft_config=lora_config_from(config),
+    )
+    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    metrics = MetricsJsonl(
+        Path(config.output_dir) / "metrics.jsonl",
+        trainer.accelerator.device,
+        trainer.model,
+        metric_hooks,
+        key_map=TRL_GRPO_TO_OURS,
+        extra=grpo_metrics(trainer),
+    )
+    trainer.add_callback(metrics)
+    return trainer
+
+
+def build_trl_grpo_for_task(task, config, beta: float = 0.0, loss_type: str = "dapo", metric_hooks=()):
+    """TRL's GRPOTrainer on a `trpo_rlhf.experiments.Task` with our `PPOConfig`: the task's policy,
+    prompts and reward (as one TRL reward function).
+
+        >>> build_trl_grpo_for_task(build_task("toy"), PPOConfig(output_dir="runs/grpo", batch_size=8,
+        ...                         num_generations=4, advantage_estimator="grpo")).train()  # doctest: +SKIP
+    """
+    from ..loading import ensure_pad_token, load_causal_lm
+    from ..rewards import build_reward_fn
+
+    if isinstance(task.model, str):
+        policy, tokenizer = load_causal_lm(task.model)
+    else:
+        policy, tokenizer = task.model, task.tokenizer
+    ensure_pad_token(tokenizer, policy)
+    reward = trl_reward_function(build_reward_fn(task.reward_model), task.name)
+    return build_trl_grpo_trainer(config, policy, tokenizer, task.prompts, [reward], beta, loss_type, metric_hooks)

@@ -1,8 +1,11 @@
-"""The sentiment task shared by the recipes: choose model, reward and prompts, train, show samples.
+"""The body every training recipe shares: choose the task (model, reward, prompts), train with a
+progress bar, show completions before and after, plot the curves.
 
-With a reachable hub it is the classic TRL task (lvwerra/gpt2-imdb policy, lvwerra/distilbert-imdb
-POSITIVE logit as reward, IMDB review openings); without one, the embedded SmolLM2-135M with the
-VADER compound score and the prompts shipped in `data/`.
+`sentiment` (recipes/{trpo,ppo}_gpt2_sentiment.py): with a reachable hub the classic TRL task
+(lvwerra/gpt2-imdb policy, lvwerra/distilbert-imdb POSITIVE logit as reward, IMDB review
+openings); without one, the embedded SmolLM2-135M with the VADER compound score and the prompts
+shipped in `data/`. `arithmetic` (recipes/trpo_smollm2_arithmetic.py): chat prompts with an
+answer column and TRL-style reward functions (`experiments.arithmetic`).
 
     >>> task = resolve_sentiment_task("embedded", "vader", None)
     >>> task.model, task.reward_model, len(task.prompts) >= 300
@@ -24,16 +27,19 @@ from .cli import CONFIG_HELP, apply_config_file
 from .tasks import resolve_sentiment_task
 
 
-def sample_table(trainer, prompts: list[str], seed: int = 1234) -> list[tuple[str, str, float]]:
-    """(prompt, completion, reward) for each prompt, sampled with a fixed seed that leaves the
-    training RNG untouched, so tables before and after training are comparable."""
+def sample_table(trainer, rows: list[int], seed: int = 1234) -> list[tuple[str, str, float]]:
+    """(prompt, completion, reward) for each of the dataset's `rows`, sampled with a fixed seed that
+    leaves the training RNG untouched, so tables before and after training are comparable."""
+    prompts = [trainer.prompts[i] for i in rows]
     # Every device's generator is forked (sampling on a GPU draws from the CUDA one), so showing
     # samples changes nothing in training, and a resumed run stays exact.
     with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
         torch.manual_seed(seed)
         completions = trainer.generate(prompts)
-    rewards = trainer.reward_fn(prompts, completions)
-    return [(p, c, float(r)) for p, c, r in zip(prompts, completions, rewards)]
+    rewards, _ = trainer.score(rows, completions)
+    if trainer.prompt_messages is not None:  # a chat prompt is shown by its last message, not its template
+        prompts = [trainer.prompt_messages[i][-1]["content"] for i in rows]
+    return [(p, c, float(r)) for p, c, r in zip(prompts, completions, rewards.tolist())]
 
 
 def format_before_after(before: list[tuple[str, str, float]], after: list[tuple[str, str, float]]) -> str:
@@ -99,25 +105,44 @@ def parse_resume(value: str | None) -> bool | str | None:
     return True if value.lower() in {"latest", "true", "yes"} else value
 
 
-def run_sentiment_recipe(trainer_class, config_class, default_output_dir: str, argv: list[str] | None = None):
-    """Parse `ScriptArguments` + `config_class` flags, train `trainer_class` on the sentiment task,
-    and write metrics.jsonl, training_curves.png, samples.md and the adapter to --output_dir."""
+def run_recipe(
+    trainer_class,
+    config_class,
+    default_output_dir: str,
+    task: str = "sentiment",
+    argv: list[str] | None = None,
+    defaults: dict | None = None,
+):
+    """Parse `ScriptArguments` + `config_class` flags (`defaults` overriding the config's own),
+    train `trainer_class` on `task` ("sentiment" or "arithmetic"), and write metrics.jsonl,
+    training_curves.png, samples.md and the adapter to --output_dir."""
+    import dataclasses
+
     from transformers import HfArgumentParser
 
     from .plotting import plot_training_curves
+    from .tasks import build_task
 
     parser = HfArgumentParser((ScriptArguments, config_class))
-    parser.set_defaults(output_dir=default_output_dir)
+    parser.set_defaults(output_dir=default_output_dir, **(defaults or {}))
     args, config = parser.parse_args_into_dataclasses(args=apply_config_file(parser, argv))
     use_all_cpu_cores()
 
-    task = resolve_sentiment_task(args.model_name_or_path, args.reward_model, args.dataset, seed=config.seed)
-    trainer = trainer_class(config=config, model=task.model, reward_fn=task.reward_model, train_dataset=task.prompts)
+    if task == "sentiment":
+        chosen = resolve_sentiment_task(args.model_name_or_path, args.reward_model, args.dataset, seed=config.seed)
+    else:
+        chosen = build_task(
+            task, config.seed, model=args.model_name_or_path, reward_model=args.reward_model, dataset=args.dataset
+        )
+    if config.reward_weights is None and chosen.reward_weights is not None:
+        config = dataclasses.replace(config, reward_weights=chosen.reward_weights)
+    trainer = trainer_class(config=config, **chosen.trainer_arguments())
     checkpoint = trainer.resolve_checkpoint(parse_resume(args.resume_from_checkpoint))  # fails before any compute
     if trainer.is_main_process:
-        print(task.describe() + (f" Resuming from {checkpoint}." if checkpoint else ""))
+        print(chosen.describe() + (f" Resuming from {checkpoint}." if checkpoint else ""))
 
-    shown = random.Random(config.seed).sample(task.prompts, min(args.num_samples_to_show, len(task.prompts)))
+    rows = len(trainer.prompts)
+    shown = random.Random(config.seed).sample(range(rows), min(args.num_samples_to_show, rows))
     before = sample_table(trainer, shown)
     try:
         trainer.train(resume_from_checkpoint=checkpoint)
@@ -135,7 +160,7 @@ def run_sentiment_recipe(trainer_class, config_class, default_output_dir: str, a
         curves = plot_training_curves(
             trainer.output_dir / "metrics.jsonl",
             trainer.output_dir / "training_curves.png",
-            title=f"{trainer.progress_name}, {task.model}, reward {task.reward_model}",
+            title=f"{trainer.progress_name}, {chosen.model}, the {chosen.name} task",
         )
         print(f"Adapter, metrics and {curves.name} saved in {trainer.output_dir}")
     trainer.accelerator.end_training()  # tears down the process group of a multi-process launch
