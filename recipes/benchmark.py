@@ -25,13 +25,16 @@ over the repeats (and appends it to `--output` when given):
 `--whole_step` instead trains each algorithm of `--algorithms` for one warm-up step and `--steps`
 measured steps (generation, scoring, rollout forwards, policy and value updates: everything a
 training step does), one after the other in this process on the same task and settings, and
-prints the medians (TRL's PPO, when the trl-ppo extra is installed, reports only its whole step;
+prints the medians (TRL's PPO and GRPO, when the trl-ppo extra is installed, report only their
+whole step; `--num_generations G --advantage_estimator grpo` runs ours with group advantages and
+no critic, as TRL's GRPO, which needs G >= 2;
 `<algorithm>_peak_mb` is given on a GPU only, where each step's peak is its own). `--rounds R`
 does that R times, the order reversed every other round (trpo ppo trl_ppo, then trl_ppo ppo
 trpo, ...), so that a machine whose speed drifts during the run slows each algorithm alike; the
 ratios are the median over rounds of each round's ratio, and `_rounds` keys list each round's:
 
     {"trpo_step_s": ..., "ppo_step_s": ..., "trl_ppo_step_s": ..., "trpo_step_over_trl_ppo": ...,
+     "trl_grpo_step_s": ..., "trpo_step_over_trl_grpo": ...,
      "trpo_step_over_trl_ppo_rounds": [...], "trpo_step_s_rounds": [...],
      "trpo_generate_s": ..., "trpo_rollout_forward_s": ..., "trpo_policy_update_s": ...,
      "trpo_value_update_s": ..., "ppo_generate_s": ..., ..., "device": ..., ...}
@@ -60,7 +63,7 @@ from trpo_rlhf.profiling import PeakMemory, stopwatch
 from trpo_rlhf.rollout import token_logprobs
 from trpo_rlhf.trust_region import restore, snapshot
 
-WHOLE_STEP_ALGORITHMS = ("trpo", "ppo", "trl_ppo")
+WHOLE_STEP_ALGORITHMS = ("trpo", "ppo", "trl_ppo", "trl_grpo")
 # The phases RLTrainer.step times (time/<phase>), reported per algorithm beside the whole step.
 STEP_PHASES = ("generate", "score", "rollout_forward", "policy_update", "value_update")
 
@@ -93,7 +96,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=RLConfig.critic_lora_target_modules,
         help="RLConfig.critic_lora_target_modules.",
     )
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--batch_size", type=int, default=16, help="Completions per step.")
+    parser.add_argument(
+        "--num_generations",
+        type=int,
+        default=RLConfig.num_generations,
+        help="RLConfig.num_generations (trl_grpo: >= 2).",
+    )
+    parser.add_argument(
+        "--advantage_estimator",
+        default=RLConfig.advantage_estimator,
+        choices=["gae", "grpo", "rloo"],
+        help="RLConfig.advantage_estimator: grpo and rloo run no critic.",
+    )
     parser.add_argument("--max_new_tokens", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ppo_epochs", type=int, default=4)
@@ -139,9 +154,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--algorithms",
         nargs="+",
-        default=list(WHOLE_STEP_ALGORITHMS),
+        default=["trpo", "ppo", "trl_ppo"],
         choices=WHOLE_STEP_ALGORITHMS,
-        help="--whole_step: which trainers to time (trl_ppo needs the trl-ppo extra).",
+        help="--whole_step: which trainers to time (trl_ppo and trl_grpo need the trl-ppo extra; trl_grpo "
+        "needs --num_generations >= 2).",
     )
     add_config_flag(parser)
     args = parser.parse_args(apply_config_file(parser, argv))
@@ -151,6 +167,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--steps {args.steps}: must be >= 1.")
     if args.rounds < 1:
         parser.error(f"--rounds {args.rounds}: must be >= 1.")
+    if args.whole_step and "trl_grpo" in args.algorithms and args.num_generations < 2:
+        parser.error(
+            f"--algorithms trl_grpo with --num_generations {args.num_generations}: TRL's GRPO compares the "
+            "completions of one prompt, pass --num_generations 2 or more (and --advantage_estimator grpo for ours)."
+        )
     return args
 
 
@@ -225,6 +246,8 @@ def trainer_configs(args: argparse.Namespace, task, output_dir: str, max_steps: 
         critic_lora_target_modules=args.critic_lora_target_modules,
         compile_generation=args.compile_generation,
         gradient_checkpointing=args.gradient_checkpointing,
+        num_generations=args.num_generations,
+        advantage_estimator=args.advantage_estimator,
     )
     trpo = TRPOConfig(
         **common,
@@ -246,11 +269,14 @@ def time_whole_steps(algorithm: str, args: argparse.Namespace, output_dir: Path)
     copy of the task (its own model, LoRA initialisation and prompt order)."""
     task = task_for_model(args.model, args.seed, getattr(torch, args.model_dtype))
     trpo_config, ppo_config = trainer_configs(args, task, str(output_dir / algorithm), max_steps=1 + args.steps)
-    if algorithm == "trl_ppo":
-        from trpo_rlhf.experiments.trl_adapter import build_trl_ppo_for_task
+    if algorithm.startswith("trl_"):
+        from trpo_rlhf.experiments.trl_adapter import build_trl_grpo_for_task, build_trl_ppo_for_task
         from trpo_rlhf.metrics import read_metrics
 
-        build_trl_ppo_for_task(task, ppo_config).train()
+        if algorithm == "trl_ppo":
+            build_trl_ppo_for_task(task, ppo_config).train()
+        else:  # TRL's GRPO at its defaults, without the kl/ref measurement the comparison adds
+            build_trl_grpo_for_task(task, ppo_config, measure_kl_ref=False).train()
         return read_metrics(Path(ppo_config.output_dir) / "metrics.jsonl")
     trainer = (
         TRPOTrainer(trpo_config, task.model, task.tokenizer, task.reward_model, task.prompts)
@@ -272,9 +298,9 @@ def whole_step(args: argparse.Namespace, threads: int) -> dict:
     from trpo_rlhf.experiments.trl_adapter import trl_available
 
     algorithms = list(args.algorithms)
-    if "trl_ppo" in algorithms and not trl_available():
-        print("TRL's PPO is not installed (pip install -e .[trl-ppo]): leaving it out.", file=sys.stderr)
-        algorithms.remove("trl_ppo")
+    if not trl_available():
+        print("TRL is not installed (pip install -e .[trl-ppo]): leaving its trainers out.", file=sys.stderr)
+        algorithms = [a for a in algorithms if not a.startswith("trl_")]
     output_dir = Path(tempfile.mkdtemp(prefix="trpo_benchmark_steps_"))
     rows: dict[str, list[dict]] = {algorithm: [] for algorithm in algorithms}
     step_s_rounds: dict[str, list[float]] = {algorithm: [] for algorithm in algorithms}
@@ -301,13 +327,16 @@ def whole_step(args: argparse.Namespace, threads: int) -> dict:
         if torch.cuda.is_available():  # per step on a GPU; on a CPU the process's lifetime peak, shared by all
             result[f"{algorithm}_peak_mb"] = max(row["memory/peak_mb"] for row in rows[algorithm])
     for algorithm in ("trpo", "ppo"):
-        if f"{algorithm}_step_s" in result and "trl_ppo_step_s" in result:
-            ratios = [
-                ours / trl
-                for ours, trl in zip(result[f"{algorithm}_step_s_rounds"], result["trl_ppo_step_s_rounds"], strict=True)
-            ]
-            result[f"{algorithm}_step_over_trl_ppo"] = statistics.median(ratios)
-            result[f"{algorithm}_step_over_trl_ppo_rounds"] = ratios
+        for trl in ("trl_ppo", "trl_grpo"):
+            if f"{algorithm}_step_s" in result and f"{trl}_step_s" in result:
+                ratios = [
+                    ours / theirs
+                    for ours, theirs in zip(
+                        result[f"{algorithm}_step_s_rounds"], result[f"{trl}_step_s_rounds"], strict=True
+                    )
+                ]
+                result[f"{algorithm}_step_over_{trl}"] = statistics.median(ratios)
+                result[f"{algorithm}_step_over_{trl}_rounds"] = ratios
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result.update(
         {

@@ -144,3 +144,22 @@ def test_peak_memory_is_the_growth_not_the_total():
         small = torch.ones(8, 2**20, dtype=torch.uint8)
     assert memory.peak_mb < 64, memory.peak_mb
     del held, small
+
+
+@pytest.mark.slow
+def test_whole_step_times_group_advantages_against_trls_grpo(tmp_path):
+    command = [sys.executable, str(ROOT / "recipes" / "benchmark.py"), "--model", "tiny", "--whole_step"]
+    command += ["--steps", "1", "--rounds", "1", "--batch_size", "4", "--max_new_tokens", "4", "--cg_iters", "2"]
+    command += ["--algorithms", "trpo", "ppo", "trl_grpo", "--num_generations", "2", "--advantage_estimator", "grpo"]
+    result = subprocess.run(
+        command, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    for algorithm in ("trpo", "ppo"):
+        assert row[f"{algorithm}_policy_update_s"] > 0 and f"{algorithm}_value_update_s" not in row  # no critic
+        assert row[f"{algorithm}_step_over_trl_grpo"] == pytest.approx(
+            row[f"{algorithm}_step_s"] / row["trl_grpo_step_s"], rel=1e-2
+        )
+    refused = subprocess.run(command[:-4] + ["--num_generations", "1"], capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "pass --num_generations 2 or more" in refused.stderr

@@ -303,14 +303,14 @@ def trl_reward_function(reward_fn: RewardFn, name: str):
 
 def grpo_metrics(trainer) -> Callable[[dict], dict]:
     """The metrics of a TRL GRPO update beside those TRL names: each reward function's mean as
-    `reward/<name>`, and `kl/ref`, the sampled KL to the reference of the update's completions (per
-    completion, measured by `KLMeasuringGRPOTrainer`)."""
+    `reward/<name>`, and, for a `KLMeasuringGRPOTrainer` (None: no such trainer), `kl/ref`, the
+    sampled KL to the reference of the update's completions, per completion."""
 
     def extra(logs: dict) -> dict:
         each = {
             f"reward/{k.split('/')[1]}": v for k, v in logs.items() if k.startswith("rewards/") and k.endswith("/mean")
         }
-        return {**each, "kl/ref": trainer.last}
+        return each if trainer is None else {**each, "kl/ref": trainer.last}
 
     return extra
 
@@ -364,15 +364,17 @@ def build_trl_grpo_trainer(
     beta: float = 0.0,
     loss_type: str = "dapo",
     metric_hooks=(),
+    measure_kl_ref: bool = True,
 ):
     """`trl.GRPOTrainer` (trl==1.12.0) with the settings of our `PPOConfig`: the same completions
     per step (`batch_size`) and per prompt (`num_generations`), response length, temperature,
     learning rate (constant), clip range (TRL's epsilon), gradient clipping, `scale_rewards` and
     LoRA adapter, one optimizer step per generated batch (TRL's default: num_iterations 1,
     steps_per_generation 1). `beta` (TRL's default 0: no reference) and `loss_type` (TRL's default
-    "dapo") are TRL's own. Writes metrics.jsonl in config.output_dir (`GRPOMetricsJsonl`)."""
+    "dapo") are TRL's own. Writes metrics.jsonl in config.output_dir, with `kl/ref` measured on each
+    generated batch (two forwards more than TRL's step at beta 0) unless `measure_kl_ref` is False."""
     from datasets import Dataset
-    from trl import GRPOConfig
+    from trl import GRPOConfig, GRPOTrainer
 
     # TRL's sampler draws batch_size / num_generations distinct prompts per step: repeat a short list.
     prompts_per_step = config.batch_size // config.num_generations
@@ -405,7 +407,8 @@ def build_trl_grpo_trainer(
         report_to=[],
         log_completions=False,
     )
-    trainer = _kl_measuring_grpo_trainer()(
+    trainer_class = _kl_measuring_grpo_trainer() if measure_kl_ref else GRPOTrainer
+    trainer = trainer_class(
         model=policy,
         reward_funcs=reward_funcs,
         args=trl_config,
@@ -420,13 +423,15 @@ def build_trl_grpo_trainer(
         trainer.model,
         metric_hooks,
         key_map=TRL_GRPO_TO_OURS,
-        extra=grpo_metrics(trainer),
+        extra=grpo_metrics(trainer if measure_kl_ref else None),
     )
     trainer.add_callback(metrics)
     return trainer
 
 
-def build_trl_grpo_for_task(task, config, beta: float = 0.0, loss_type: str = "dapo", metric_hooks=()):
+def build_trl_grpo_for_task(
+    task, config, beta: float = 0.0, loss_type: str = "dapo", metric_hooks=(), measure_kl_ref: bool = True
+):
     """TRL's GRPOTrainer on a `trpo_rlhf.experiments.Task` with our `PPOConfig`: the task's policy,
     prompts and reward (as one TRL reward function).
 
@@ -442,4 +447,6 @@ def build_trl_grpo_for_task(task, config, beta: float = 0.0, loss_type: str = "d
         policy, tokenizer = task.model, task.tokenizer
     ensure_pad_token(tokenizer, policy)
     reward = trl_reward_function(build_reward_fn(task.reward_model), task.name)
-    return build_trl_grpo_trainer(config, policy, tokenizer, task.prompts, [reward], beta, loss_type, metric_hooks)
+    return build_trl_grpo_trainer(
+        config, policy, tokenizer, task.prompts, [reward], beta, loss_type, metric_hooks, measure_kl_ref
+    )
