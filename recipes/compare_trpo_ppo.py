@@ -1,5 +1,5 @@
-"""Is TRPO better than PPO for this model and reward? Train TRPO, our PPO and TRL's PPO on the same
-prompts, model, reward and number of prompts per step, over several seeds, then write
+"""Is TRPO better than PPO for this model and reward? Train TRPO, our PPO and TRL's PPO (and GRPO) on
+the same prompts, model, reward and completions per step, over several seeds, then write
 DIR/results.json, DIR/compare.png and DIR/compare.md (the table, also printed), with each
 variant's reward-vs-KL-to-reference frontier.
 
@@ -21,7 +21,11 @@ grammar whose completions of at most 3 tokens are all enumerated (`--reward_mode
 TRPO's and our PPO's runs log the exact reward and KL to the reference of every step's policy, and
 results.json adds each variant's `frontier_efficiency` per KL budget (mean and standard error over
 seeds) against the exact optimal frontier, drawn in compare.png (TRL's PPO's policy is evaluated
-exactly after each of its updates too). Each (algorithm, seed) runs in its own process, so peak memory and random state
+exactly after each of its updates too, as TRL's GRPO's). `arithmetic`: the arithmetic recipe's chat
+prompts and answer-checking reward functions (for TRPO, our PPO and TRL's GRPO; TRL's PPO takes no
+reward functions). `--algorithms ... trl_grpo` adds TRL's GRPOTrainer at `--num_generations`
+completions per prompt (docs/comparison.md says where its defaults differ from ours). Each
+(algorithm, seed) runs in its own process, so peak memory and random state
 are its own; its metrics.jsonl is in DIR/<variant>/seed-<k>/, its log in DIR/<variant>/seed-<k>.log. The
 comparison holds DIR's lock while it runs and refuses a DIR with an earlier comparison in it unless
 --overwrite_output_dir (start over), --reuse_finished or --resume_from_checkpoint. TRL's PPO runs when the
@@ -64,6 +68,8 @@ TASK_DEFAULTS = {
     "sentiment": {"max_new_tokens": 24, "max_kl": TRPOConfig.max_kl, "learning_rate": 1e-4},
     "sentiment_binary": {"max_new_tokens": 24, "max_kl": TRPOConfig.max_kl, "learning_rate": 1e-4},
     "exact": {"max_new_tokens": EXACT_MAX_NEW_TOKENS, "max_kl": TRPOConfig.max_kl, "learning_rate": 1e-3},
+    # arithmetic: the recipe's settings (recipes/trpo_smollm2_arithmetic.py); TRL's PPO takes no reward functions.
+    "arithmetic": {"max_new_tokens": 8, "max_kl": 0.01, "learning_rate": 1e-4},
 }
 
 # The algorithms a comparison runs unless --algorithms names others (trl_grpo needs --num_generations).
@@ -244,6 +250,11 @@ def plan_variants(args: argparse.Namespace) -> list[Variant]:
             raise ValueError(
                 f"variant {v.name!r}: {' '.join(v.flags)!r} are not valid flags of this recipe (see --help)."
             )
+        if args.task == "arithmetic" and v.algorithm == "trl_ppo":
+            raise ValueError(
+                f"variant {v.name!r}: TRL's PPO scores a text reward, and the arithmetic task's reward functions read "
+                "the dataset's answer column: leave trl_ppo out (e.g. --algorithms trpo ppo trl_grpo)."
+            )
         own = parse_args(["--worker", v.algorithm, *v.flags]).num_generations
         generations = own if own is not None else args.num_generations
         if v.algorithm == "trl_grpo" and (generations or 1) < 2:
@@ -283,6 +294,7 @@ def run_worker(args: argparse.Namespace, output_dir: Path) -> None:
     task_inputs = {
         "toy": {},
         "exact": dict(reward_model=args.reward_model),
+        "arithmetic": dict(model=args.model_name_or_path, dataset=args.dataset),
     }.get(args.task, dict(model=args.model_name_or_path, reward_model=args.reward_model, dataset=args.dataset))
     task = build_task(args.task, seed=args.seed, **task_inputs)
     # The main process chose to (re)run this folder: a previous run's files in it are replaced,
@@ -295,6 +307,7 @@ def run_worker(args: argparse.Namespace, output_dir: Path) -> None:
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
         lora_target_modules=task.lora_target_modules,
+        reward_weights=task.reward_weights,
     )
     for key in (*ADAPTER_FLAGS, *ADVANTAGE_FLAGS, *CRITIC_FLAGS, *RUN_FLAGS):
         if getattr(args, key) is not None:
@@ -305,14 +318,10 @@ def run_worker(args: argparse.Namespace, output_dir: Path) -> None:
     if args.worker == "trpo":
         solver = {key: getattr(args, key) for key in TRPO_SOLVER_FLAGS if getattr(args, key) is not None}
         config = TRPOConfig(**common, max_kl=args.max_kl, **solver)
-        with_exact_metrics(
-            args, TRPOTrainer(config, task.model, task.tokenizer, task.reward_model, task.prompts)
-        ).train(resume_from_checkpoint=resume)
+        with_exact_metrics(args, TRPOTrainer(config, **task.trainer_arguments())).train(resume_from_checkpoint=resume)
     elif args.worker == "ppo":
         config = PPOConfig(**common, **ppo)
-        with_exact_metrics(args, PPOTrainer(config, task.model, task.tokenizer, task.reward_model, task.prompts)).train(
-            resume_from_checkpoint=resume
-        )
+        with_exact_metrics(args, PPOTrainer(config, **task.trainer_arguments())).train(resume_from_checkpoint=resume)
     else:
         common.pop("save_steps", None)
         common.pop("compile_generation", None)  # TRL generates its own way

@@ -9,7 +9,7 @@ Offline from a fresh clone: the embedded SmolLM2-135M-Instruct (its chat templat
 conversational prompts of data/arithmetic_chat.jsonl, each sampled --num_generations times (8);
 the advantages are GRPO's (each completion's reward minus its group's mean, over its group's std:
 no critic). Two reward functions in TRL's form read the `answer` column: correct_answer (1 when
-the first number written is the answer) and number_only (1 when the reply is a number and nothing
+the last number written is the answer) and number_only (1 when the reply is a number and nothing
 else), weighted 1 and 0.5 (--reward_weights). --dataset takes another JSON-lines file of
 {"prompt": [messages], "answer": ...} rows, --model_name_or_path another chat model. Writes
 metrics.jsonl (reward/correct_answer and reward/number_only beside reward/mean),

@@ -307,7 +307,7 @@ def test_the_adapters_rank_alpha_and_modules_reach_every_algorithms_worker_confi
     built = {}
 
     class Capture:
-        def __init__(self, config, *rest):
+        def __init__(self, config, *rest, **arguments):
             built["config"] = config
 
         def train(self, **kwargs):

@@ -2,8 +2,8 @@
 100 sums of two digits in `data/arithmetic_chat.jsonl`, a conversational dataset with an `answer`
 column), scored by two reward functions in TRL's form that read that column: a checkable reward.
 
-    >>> correct_answer([[{"role": "assistant", "content": "8"}], "It is 9."], answer=["8", "8"])
-    [1.0, 0.0]
+    >>> correct_answer([[{"role": "assistant", "content": "8"}], "3 + 5 = 8", "It is 9."], answer=["8", "8", "8"])
+    [1.0, 1.0, 0.0]
     >>> number_only(["8", " 12 ", "8."])
     [1.0, 1.0, 0.0]
 """
@@ -28,9 +28,10 @@ def completion_text(completion) -> str:
 
 
 def correct_answer(completions, answer, **kwargs) -> list[float]:
-    """1.0 where the first integer in the completion is the `answer` column's, else 0.0."""
-    found = [_INTEGER.search(completion_text(c)) for c in completions]
-    return [float(m is not None and m.group() == str(a).strip()) for m, a in zip(found, answer)]
+    """1.0 where the last integer in the completion is the `answer` column's ("3 + 5 = 8" answers
+    8), else 0.0."""
+    found = [_INTEGER.findall(completion_text(c)) for c in completions]
+    return [float(bool(numbers) and numbers[-1] == str(a).strip()) for numbers, a in zip(found, answer)]
 
 
 def number_only(completions, **kwargs) -> list[float]:

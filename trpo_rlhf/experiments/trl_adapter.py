@@ -359,8 +359,9 @@ def build_trl_grpo_trainer(
     config,
     policy: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
+    prompts: list,
     reward_funcs: list,
+    columns: dict[str, list] | None = None,
     beta: float = 0.0,
     loss_type: str = "dapo",
     metric_hooks=(),
@@ -370,15 +371,17 @@ def build_trl_grpo_trainer(
     per step (`batch_size`) and per prompt (`num_generations`), response length, temperature,
     learning rate (constant), clip range (TRL's epsilon), gradient clipping, `scale_rewards` and
     LoRA adapter, one optimizer step per generated batch (TRL's default: num_iterations 1,
-    steps_per_generation 1). `beta` (TRL's default 0: no reference) and `loss_type` (TRL's default
-    "dapo") are TRL's own. Writes metrics.jsonl in config.output_dir, with `kl/ref` measured on each
+    steps_per_generation 1). `prompts` are strings or chat messages, `columns` the dataset's other
+    columns (TRL passes them to the reward functions, as ours); `beta` (TRL's default 0: no
+    reference) and `loss_type` (TRL's default "dapo") are TRL's own. Writes metrics.jsonl in config.output_dir, with `kl/ref` measured on each
     generated batch (two forwards more than TRL's step at beta 0) unless `measure_kl_ref` is False."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
     # TRL's sampler draws batch_size / num_generations distinct prompts per step: repeat a short list.
     prompts_per_step = config.batch_size // config.num_generations
-    prompts = list(prompts) * -(-prompts_per_step // len(prompts))
+    repeats = -(-prompts_per_step // len(prompts))
+    dataset = {"prompt": list(prompts) * repeats, **{k: list(v) * repeats for k, v in (columns or {}).items()}}
     trl_config = GRPOConfig(
         output_dir=config.output_dir,
         seed=config.seed,
@@ -398,6 +401,7 @@ def build_trl_grpo_trainer(
         beta=beta,
         loss_type=loss_type,
         scale_rewards=config.scale_rewards,
+        reward_weights=config.reward_weights,
         disable_dropout=True,  # our policy passes run in eval mode: the update sees one deterministic policy
         max_steps=config.max_steps,
         bf16=config.bf16,
@@ -412,7 +416,7 @@ def build_trl_grpo_trainer(
         model=policy,
         reward_funcs=reward_funcs,
         args=trl_config,
-        train_dataset=Dataset.from_dict({"prompt": prompts}),
+        train_dataset=Dataset.from_dict(dataset),
         processing_class=tokenizer,
         peft_config=lora_config_from(config),
     )
@@ -433,7 +437,8 @@ def build_trl_grpo_for_task(
     task, config, beta: float = 0.0, loss_type: str = "dapo", metric_hooks=(), measure_kl_ref: bool = True
 ):
     """TRL's GRPOTrainer on a `trpo_rlhf.experiments.Task` with our `PPOConfig`: the task's policy,
-    prompts and reward (as one TRL reward function).
+    prompts and dataset columns, and its reward (a text reward as one TRL reward function, or the
+    task's TRL-style functions as they are, weighted by `config.reward_weights`).
 
         >>> build_trl_grpo_for_task(build_task("toy"), PPOConfig(output_dir="runs/grpo", batch_size=8,
         ...                         num_generations=4, advantage_estimator="grpo")).train()  # doctest: +SKIP
@@ -446,7 +451,19 @@ def build_trl_grpo_for_task(
     else:
         policy, tokenizer = task.model, task.tokenizer
     ensure_pad_token(tokenizer, policy)
-    reward = trl_reward_function(build_reward_fn(task.reward_model), task.name)
+    if isinstance(task.reward_model, list):
+        reward_funcs = list(task.reward_model)
+    else:
+        reward_funcs = [trl_reward_function(build_reward_fn(task.reward_model), task.name)]
     return build_trl_grpo_trainer(
-        config, policy, tokenizer, task.prompts, [reward], beta, loss_type, metric_hooks, measure_kl_ref
+        config,
+        policy,
+        tokenizer,
+        task.prompts,
+        reward_funcs,
+        task.columns,
+        beta,
+        loss_type,
+        metric_hooks,
+        measure_kl_ref,
     )
