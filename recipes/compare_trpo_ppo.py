@@ -555,7 +555,8 @@ def compare(args: argparse.Namespace, folder: RunDirectory) -> int:
         table = markdown_table(results, args.kl_target)
         if len(results) > len({r["algorithm"] for r in results.values()}):  # some algorithm has several variants
             table += "\n\n" + envelope_table(envelope)
-        title = f"{args.task}: {args.steps} steps × {args.batch_size} prompts, {args.seeds} seeds"
+        per_prompt = f" ({args.num_generations} per prompt)" if (args.num_generations or 1) > 1 else ""
+        title = f"{args.task}: {args.steps} steps × {args.batch_size} completions{per_prompt}, {args.seeds} seeds"
         if exact:
             labels = {v: label(v, algorithms[v]) for v in results}
             table += "\n\n" + efficiency_table(results, exact, labels)

@@ -318,8 +318,7 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120.0) -> N
 def test_killed_and_terminated_runs_resume_to_the_uninterrupted_result(tmp_path):
     """SIGKILL in the middle of a run, then SIGTERM in the resumed one, then a last resume: the
     final tensors and every metric equal those of a run that was never interrupted."""
-    straight = run_worker(tmp_path / "straight", 6, 0.0)
-    assert straight.wait(timeout=300) == 0, straight.communicate()[1][-3000:]
+    straight = run_worker(tmp_path / "straight", 6, 0.0)  # beside the interrupted runs: it shares nothing with them
 
     run = tmp_path / "run"
     killed = run_worker(run, 6, 0.3)
@@ -338,6 +337,7 @@ def test_killed_and_terminated_runs_resume_to_the_uninterrupted_result(tmp_path)
 
     finished = run_worker(run, 6, 0.0, "latest")
     assert finished.wait(timeout=300) == 0, finished.communicate()[1][-3000:]
+    assert straight.wait(timeout=300) == 0, straight.communicate()[1][-3000:]
     assert json.loads((run / "final_digest.json").read_text()) == json.loads(
         (tmp_path / "straight" / "final_digest.json").read_text()
     )

@@ -80,7 +80,9 @@ def test_recipe_runs_two_steps_on_the_embedded_default(tmp_path, recipe, flags):
     assert (out / "value" / "value_head.safetensors").exists()
     if not recipe.startswith("trpo"):
         return
-    # A second run into the same folder stops before any compute and names both ways out ...
+    # A second run into the same folder stops before any compute and names both ways out (run without
+    # accelerate's launcher, which the first run went through) ...
+    command = [sys.executable, script]
     again = subprocess.run(
         command + ["--max_steps", "3", "--output_dir", str(out)], env=env, capture_output=True, text=True, timeout=600
     )

@@ -10,7 +10,7 @@ from .checkpointing import TrainingInterrupted
 from .config import RLConfig
 from .engine import NonFiniteError, RLTrainer
 from .ppo import PPOConfig, PPOTrainer
-from .rewards import RewardError
+from .rewards import RewardError, RewardFunctions
 from .trpo import TRPOConfig, TRPOTrainer
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "PPOTrainer",
     "RLTrainer",
     "RewardError",
+    "RewardFunctions",
     "NonFiniteError",
     "TrainingInterrupted",
 ]

@@ -1,6 +1,7 @@
-"""The engine every on-policy trainer here shares: `RLTrainer` runs the rollout, reward shaping,
-GAE, the critic, logging, checkpoints and exact resume; a subclass adds only its `policy_update`
-(`trpo.TRPOTrainer`, `ppo.PPOTrainer`).
+"""The engine every on-policy trainer here shares: `RLTrainer` runs the rollout, the rewards and
+their shaping, the advantages (GAE and its critic, or GRPO's and RLOO's group baselines), logging,
+checkpoints and exact resume; a subclass adds only its `policy_update` (`trpo.TRPOTrainer`,
+`ppo.PPOTrainer`).
 
     >>> from trpo_rlhf import TRPOConfig, TRPOTrainer
     >>> config = TRPOConfig(output_dir="runs/x", max_steps=50, batch_size=16, max_new_tokens=24)
@@ -92,9 +93,9 @@ def use_cpu_accelerator() -> bool:
 
 
 class RLTrainer(SetupChecks, CheckpointedRun):
-    """Shared engine: prompts -> rollout -> scores -> token rewards -> GAE -> policy update
-    (subclass) -> critic update -> metrics, with exact resume and atomic checkpoints. Subclasses
-    implement `policy_update(batch)`.
+    """Shared engine: prompts -> rollout -> scores -> token rewards -> advantages (GAE with the
+    critic, or a group baseline without one) -> policy update (subclass) -> critic update ->
+    metrics, with exact resume and atomic checkpoints. Subclasses implement `policy_update(batch)`.
 
     Args:
         config: an `RLConfig` subclass.
