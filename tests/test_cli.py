@@ -102,6 +102,16 @@ def test_the_argparse_recipes_read_their_yaml():
     )
 
 
+def test_the_group_advantage_configs_read_their_yaml():
+    arithmetic = compare_trpo_ppo.parse_args(["--config", str(CONFIGS / "compare_arithmetic.yaml")])
+    assert (arithmetic.task, arithmetic.num_generations, arithmetic.advantage_estimator) == ("arithmetic", 8, "grpo")
+    assert [v.name for v in arithmetic.variants] == ["trpo", "trl_grpo_lr1e-4", "trl_grpo_lr3e-4", "trl_grpo_lr1e-3"]
+    steps = benchmark.parse_args(["--config", str(CONFIGS / "benchmark_whole_step_grpo.yaml")])
+    assert steps.algorithms == ["trpo", "ppo", "trl_grpo"] and (steps.num_generations, steps.batch_size) == (8, 32)
+    _, config = parse_sentiment(TRPOConfig, ["--config", str(CONFIGS / "trpo_smollm2_arithmetic.yaml")])
+    assert (config.advantage_estimator, config.num_generations, config.reward_weights) == ("grpo", 8, [1.0, 0.5])
+
+
 def test_a_key_that_is_not_a_flag_is_named(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text("max_kl: 0.01\nmax_kll: 0.02\n")
