@@ -54,6 +54,9 @@ from .sharding import shard_frozen_base
 from .tracking import RunTrackers, tracker_names
 from .trust_region import KL_CHUNK_POSITIONS, categorical_kl, flat_concat
 
+# Dataset columns a reward function is not given, as TRL's GRPOTrainer leaves them out: the
+# completion is the trainer's, not the dataset's.
+COLUMNS_NOT_PASSED = ("completion", "completion_ids")
 HELD_OUT_SEED_STRIDE = 1_000_003  # a prime above any step count: (seed, step) pairs map to distinct seeds
 
 
@@ -107,7 +110,8 @@ class RLTrainer(SetupChecks, CheckpointedRun):
             the hub id / path of a sequence classifier.
         train_dataset: a list of prompts, a `datasets.Dataset` or a dict of columns with a "prompt"
             column; a prompt is a string or a list of chat messages (TRL's conversational format,
-            given the tokenizer's chat template). The other columns reach `reward_funcs`.
+            given the tokenizer's chat template). The other columns reach `reward_funcs` (but
+            `completion` and `completion_ids`, as in TRL).
         reward_funcs: instead of `reward_fn`, TRL's reward functions: a callable
             f(prompts, completions, **kwargs), "vader", a classifier's id or path, or a list of
             them, weighted by `config.reward_weights` (`rewards.RewardFunctions`).
@@ -346,7 +350,11 @@ class RLTrainer(SetupChecks, CheckpointedRun):
             completion_texts=completions,
             completion_ids=completion_ids
             or [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions],
-            columns={name: [values[i] for i in rows] for name, values in self.prompt_columns.items()},
+            columns={
+                name: [values[i] for i in rows]
+                for name, values in self.prompt_columns.items()
+                if name not in COLUMNS_NOT_PASSED
+            },
         )
         trainer_state = types.SimpleNamespace(global_step=self.global_step, max_steps=self.config.max_steps)
         scores, each = self.reward_functions(inputs, self.global_step, self.config.reward_timeout, trainer_state)
