@@ -246,7 +246,8 @@ def plan_variants(args: argparse.Namespace) -> list[Variant]:
             f"--variant name {reserved[0]!r} is a key of results.json of its own {RESULTS_KEYS}: rename it."
         )
     for v in variants:
-        if not worker_accepts(v.flags):
+        own = parse_worker_flags(v.flags)
+        if own is None:
             raise ValueError(
                 f"variant {v.name!r}: {' '.join(v.flags)!r} are not valid flags of this recipe (see --help)."
             )
@@ -255,8 +256,7 @@ def plan_variants(args: argparse.Namespace) -> list[Variant]:
                 f"variant {v.name!r}: TRL's PPO scores a text reward, and the arithmetic task's reward functions read "
                 "the dataset's answer column: leave trl_ppo out (e.g. --algorithms trpo ppo trl_grpo)."
             )
-        own = parse_args(["--worker", v.algorithm, *v.flags]).num_generations
-        generations = own if own is not None else args.num_generations
+        generations = own.num_generations if own.num_generations is not None else args.num_generations
         if v.algorithm == "trl_grpo" and (generations or 1) < 2:
             raise ValueError(
                 f"variant {v.name!r} runs TRL's GRPO, which needs --num_generations >= 2 (completions per prompt), "
@@ -271,17 +271,16 @@ def short(number: float) -> str:
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
-def worker_accepts(flags: list[str]) -> bool:
-    """Whether a worker would parse `flags`."""
+def parse_worker_flags(flags: list[str]) -> argparse.Namespace | None:
+    """What a worker would parse from `flags` (None: it would refuse them)."""
     from contextlib import redirect_stderr
     from io import StringIO
 
     try:
         with redirect_stderr(StringIO()):
-            parse_args(["--worker", "trpo", *flags])
+            return parse_args(["--worker", "trpo", *flags])
     except SystemExit:
-        return False
-    return True
+        return None
 
 
 def run_worker(args: argparse.Namespace, output_dir: Path) -> None:

@@ -17,7 +17,8 @@ from transformers import HfArgumentParser
 
 from trpo_rlhf import PPOConfig
 from trpo_rlhf.experiments.cli import apply_config_file
-from trpo_rlhf.experiments.recipe import ScriptArguments, parse_resume, resolve_sentiment_task, use_all_cpu_cores
+from trpo_rlhf.experiments.recipe import ScriptArguments, parse_resume, use_all_cpu_cores
+from trpo_rlhf.experiments.tasks import resolve_sentiment_task
 from trpo_rlhf.rewards import build_reward_fn
 
 

@@ -236,7 +236,7 @@ def test_variants_parse_and_bad_ones_fail_before_anything_runs(capsys):
     args = compare_trpo_ppo.parse_args(["--algorithms", "trpo", "ppo", "--learning_rates", "3e-4", "1e-3"])
     assert [v.name for v in args.variants] == ["trpo", "ppo_lr3e-4", "ppo_lr1e-3"]
     assert args.variants[1].flags == ["--learning_rate", "0.0003"]
-    assert compare_trpo_ppo.worker_accepts(["--cg_iters", "1", "--cg_damping", "0.01"])
+    assert compare_trpo_ppo.parse_worker_flags(["--cg_iters", "1", "--cg_damping", "0.01"]) is not None
     solver = compare_trpo_ppo.parse_args(["--cg_iters", "1"])
     assert (
         compare_trpo_ppo.parse_args(compare_trpo_ppo.worker_command(solver, "trpo", 0, Path("run"))[2:]).cg_iters == 1
@@ -291,8 +291,8 @@ def test_critic_flags_reach_every_worker_of_trpo_and_our_ppo(tmp_path):
     assert command[position + 1 : position + 3] == ["q_proj", "up_proj"]
     assert compare_trpo_ppo.parse_args(command[2:]).critic_lora_target_modules == ["q_proj", "up_proj"]
     assert "--value_minibatch_size" not in command  # unset: the config's default
-    assert compare_trpo_ppo.worker_accepts(["--critic_layers", "2", "--value_minibatch_size", "16"])
-    assert not compare_trpo_ppo.worker_accepts(["--critic_layers", "two"])
+    assert compare_trpo_ppo.parse_worker_flags(["--critic_layers", "2", "--value_minibatch_size", "16"]) is not None
+    assert compare_trpo_ppo.parse_worker_flags(["--critic_layers", "two"]) is None
 
 
 @pytest.mark.parametrize("algorithm", ["trpo", "ppo", "trl_ppo"])

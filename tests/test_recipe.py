@@ -13,7 +13,8 @@ import pytest
 from transformers import HfArgumentParser
 
 from trpo_rlhf import PPOConfig, TRPOConfig
-from trpo_rlhf.experiments.recipe import ScriptArguments, resolve_sentiment_task
+from trpo_rlhf.experiments.recipe import ScriptArguments
+from trpo_rlhf.experiments.tasks import resolve_sentiment_task
 from trpo_rlhf.loading import hub_available
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -128,18 +128,6 @@ def prompt_columns(train_dataset) -> tuple[list, dict[str, list]]:
     return prompts, columns
 
 
-def prompts_from_dataset(dataset, column: str = "prompt") -> list[str]:
-    """The `column` of a `datasets.Dataset` as a list of strings."""
-    if column not in dataset.column_names:
-        raise ValueError(
-            f"The dataset has no '{column}' column (it has {dataset.column_names}); "
-            f"rename the prompt column, e.g. dataset.rename_column('text', '{column}')."
-        )
-    prompts = list(dataset[column])
-    check_prompt_strings(prompts, f"the dataset's '{column}' column")
-    return prompts
-
-
 def review_openings(texts: Sequence[str], min_words: int = 2, max_words: int = 8, seed: int = 0) -> list[str]:
     """The first 2..8 words of each review, the prompt format of TRL's classic IMDB sentiment task
     (it drew the prompt length per sample the same way). HTML line breaks count as spaces."""
@@ -167,7 +155,7 @@ def load_prompts(source: str | None, seed: int = 0) -> list[str]:
     else:
         dataset = load_dataset(source, split="train")
     if "prompt" in dataset.column_names:
-        return prompts_from_dataset(dataset)
+        return prompt_columns(dataset)[0]
     if "text" in dataset.column_names:
         return review_openings(dataset["text"], seed=seed)
     raise ValueError(

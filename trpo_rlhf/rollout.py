@@ -23,6 +23,11 @@ from transformers import CompileConfig, GenerationConfig, PreTrainedTokenizerBas
 from .actor_critic import LoraActorCritic, base_model_of
 
 
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions of left-padded rows that count real tokens only, as generate() numbers them."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
 @dataclass
 class Rollout:
     prompts: list[str]
@@ -51,8 +56,7 @@ class Rollout:
 
     @property
     def position_ids(self) -> torch.Tensor:
-        # Left padding: positions count real tokens only, as generate() numbered them.
-        return (self.attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        return position_ids_from_mask(self.attention_mask)
 
     def model_inputs(self) -> dict:
         return {

@@ -113,7 +113,8 @@ def summarize_runs(
         algorithm = algorithms.get(variant, variant)
         finals = [statistics.mean(r["reward/mean"] for r in _tail(rows)) for rows in seeds]
         kl_end = [statistics.mean(r["kl/ref"] for r in _tail(rows)) for rows in seeds]
-        update_kl = [r[UPDATE_KL_KEY[algorithm]] for rows in seeds for r in rows if UPDATE_KL_KEY.get(algorithm) in r]
+        update_kl_key = UPDATE_KL_KEY.get(algorithm)  # None: the algorithm logs no update KL
+        update_kl = [r[update_kl_key] for rows in seeds for r in rows if update_kl_key in r]
         step_s = [r["time/step"] for rows in seeds for r in rows]
         policy_s = [r["time/policy_update"] for rows in seeds for r in rows if "time/policy_update" in r]
         held_out_kl = [

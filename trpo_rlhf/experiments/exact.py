@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from ..rollout import position_ids_from_mask
+
 EXACT_MAX_NEW_TOKENS = 3
 EXACT_REWARDS = ("dense", "sparse")
 KL_BUDGETS = (0.25, 0.5, 1.0, 2.0)  # nats per completion
@@ -214,7 +216,7 @@ class ExactEvaluator:
         attention_mask = torch.cat(
             [self.prompt_mask.repeat_interleave(n, 0), torch.ones(p * n, self.paths.shape[1], dtype=torch.long)], dim=1
         )
-        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        position_ids = position_ids_from_mask(attention_mask)
         return {
             "input_ids": input_ids.to(device),
             "attention_mask": attention_mask.to(device),

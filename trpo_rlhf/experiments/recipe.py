@@ -7,7 +7,7 @@ openings); without one, the embedded SmolLM2-135M with the VADER compound score 
 shipped in `data/`. `arithmetic` (recipes/trpo_smollm2_arithmetic.py): chat prompts with an
 answer column and TRL-style reward functions (`experiments.arithmetic`).
 
-    >>> task = resolve_sentiment_task("embedded", "vader", None)
+    >>> task = build_task("sentiment", model="embedded", reward_model="vader", dataset=None)
     >>> task.model, task.reward_model, len(task.prompts) >= 300
     ('embedded', 'vader', True)
 """
@@ -24,7 +24,7 @@ import torch
 from ..checkpointing import TrainingInterrupted
 from ..tracking import markdown_cell
 from .cli import CONFIG_HELP, apply_config_file
-from .tasks import resolve_sentiment_task
+from .tasks import build_task
 
 
 def sample_table(trainer, rows: list[int], seed: int = 1234) -> list[tuple[str, str, float]]:
@@ -121,19 +121,15 @@ def run_recipe(
     from transformers import HfArgumentParser
 
     from .plotting import plot_training_curves
-    from .tasks import build_task
 
     parser = HfArgumentParser((ScriptArguments, config_class))
     parser.set_defaults(output_dir=default_output_dir, **(defaults or {}))
     args, config = parser.parse_args_into_dataclasses(args=apply_config_file(parser, argv))
     use_all_cpu_cores()
 
-    if task == "sentiment":
-        chosen = resolve_sentiment_task(args.model_name_or_path, args.reward_model, args.dataset, seed=config.seed)
-    else:
-        chosen = build_task(
-            task, config.seed, model=args.model_name_or_path, reward_model=args.reward_model, dataset=args.dataset
-        )
+    chosen = build_task(
+        task, config.seed, model=args.model_name_or_path, reward_model=args.reward_model, dataset=args.dataset
+    )
     if config.reward_weights is None and chosen.reward_weights is not None:
         config = dataclasses.replace(config, reward_weights=chosen.reward_weights)
     trainer = trainer_class(config=config, **chosen.trainer_arguments())

@@ -53,7 +53,10 @@ class Task:
             "data/movie_review_openings.txt" if self.name.startswith("sentiment") else f"{self.name} prompts"
         )
         reward = (
-            " + ".join(f"{w:g} x {f.__name__}" for f, w in zip(self.reward_model, self.reward_weights or [1.0] * 99))
+            " + ".join(
+                f"{w:g} x {f.__name__}"
+                for f, w in zip(self.reward_model, self.reward_weights or [1.0] * len(self.reward_model))
+            )
             if isinstance(self.reward_model, list)
             else self.reward_model
         )

@@ -278,16 +278,6 @@ def build_trl_ppo_for_task(task, config, lr_scheduler_type: str = "constant", me
 TRL_GRPO_TO_OURS = {"reward": "reward/mean", "reward_std": "reward/std", "entropy": "policy/entropy"}
 
 
-def trl_grpo_available() -> bool:
-    """Whether TRL's GRPOTrainer (trl==1.12.0, the trl-ppo extra) can be imported."""
-    try:
-        import trl  # noqa: F401
-        from trl import GRPOTrainer  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def trl_reward_function(reward_fn: RewardFn, name: str):
     """A text reward `reward_fn(prompts, completions)` in the form TRL's GRPOTrainer calls, named
     `name` (TRL logs rewards/<name>)."""
@@ -319,11 +309,11 @@ def grpo_metrics(trainer) -> Callable[[dict], dict]:
 def sampled_kl_to_reference(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> float:
     """The mean over completions of sum_t log pi(a_t) - log pi_ref(a_t) (our `kl/ref`), pi the PEFT
     policy and pi_ref its base with the adapter disabled, at the positions generate() gave them."""
-    from ..rollout import token_logprobs
+    from ..rollout import position_ids_from_mask, token_logprobs
 
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-    position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+    position_ids = position_ids_from_mask(attention_mask)
     length = completion_ids.shape[1]
 
     def logp() -> torch.Tensor:
@@ -373,8 +363,9 @@ def build_trl_grpo_trainer(
     LoRA adapter, one optimizer step per generated batch (TRL's default: num_iterations 1,
     steps_per_generation 1). `prompts` are strings or chat messages, `columns` the dataset's other
     columns (TRL passes them to the reward functions, as ours); `beta` (TRL's default 0: no
-    reference) and `loss_type` (TRL's default "dapo") are TRL's own. Writes metrics.jsonl in config.output_dir, with `kl/ref` measured on each
-    generated batch (two forwards more than TRL's step at beta 0) unless `measure_kl_ref` is False."""
+    reference) and `loss_type` (TRL's default "dapo") are TRL's own. Writes metrics.jsonl in
+    config.output_dir, with `kl/ref` measured on each generated batch (two forwards more than TRL's
+    step at beta 0) unless `measure_kl_ref` is False."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
