@@ -1,8 +1,6 @@
 """recipes/benchmark.py: one JSON line with the documented keys, from a real run on the tiny model."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,13 +17,18 @@ import benchmark  # noqa: E402
 KEYS = ("trpo_update_s", "ppo_update_s", "trpo_peak_mb", "ppo_peak_mb", "fvp_s", "fwd_bwd_s", "cg_iters", "device")
 
 
+def run_benchmark(argv: list[str], capsys) -> tuple[str, str]:
+    """`recipes/benchmark.py` with `argv`, in this process (its `main`, as the script runs it): (stdout, stderr)."""
+    assert benchmark.main(argv) == 0
+    captured = capsys.readouterr()
+    return captured.out, captured.err
+
+
 @pytest.mark.slow
-def test_benchmark_prints_one_json_line_with_the_documented_keys(tmp_path):
+def test_benchmark_prints_one_json_line_with_the_documented_keys(tmp_path, capsys):
     output = tmp_path / "bench.jsonl"
-    result = subprocess.run(
+    stdout, stderr = run_benchmark(
         [
-            sys.executable,
-            str(ROOT / "recipes" / "benchmark.py"),
             "--model",
             "tiny",
             "--batch_size",
@@ -40,13 +43,9 @@ def test_benchmark_prints_one_json_line_with_the_documented_keys(tmp_path):
             "--output",
             str(output),
         ],
-        env=dict(os.environ, HF_HUB_OFFLINE="1"),
-        capture_output=True,
-        text=True,
-        timeout=300,
+        capsys,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    lines = [line for line in stdout.splitlines() if line.strip()]
     assert len(lines) == 1
     row = json.loads(lines[0])
     assert output.read_text().strip() == lines[0]
@@ -63,16 +62,14 @@ def test_benchmark_prints_one_json_line_with_the_documented_keys(tmp_path):
     # The phases are parts of the update they were measured in.
     assert row["trpo_cg_s"] + row["trpo_gradient_s"] < row["trpo_update_s"]
     assert row["update_time_ratio"] == pytest.approx(row["trpo_update_s"] / row["ppo_update_s"], rel=1e-2)
-    assert "repeat 2/2" in result.stderr
+    assert "repeat 2/2" in stderr
 
 
 @pytest.mark.slow
-def test_whole_step_times_each_trainer_and_its_phases(tmp_path):
+def test_whole_step_times_each_trainer_and_its_phases(tmp_path, capsys):
     output = tmp_path / "steps.jsonl"
-    result = subprocess.run(
+    stdout, stderr = run_benchmark(
         [
-            sys.executable,
-            str(ROOT / "recipes" / "benchmark.py"),
             "--model",
             "tiny",
             "--whole_step",
@@ -89,14 +86,10 @@ def test_whole_step_times_each_trainer_and_its_phases(tmp_path):
             "--output",
             str(output),
         ],
-        env=dict(os.environ, HF_HUB_OFFLINE="1"),
-        capture_output=True,
-        text=True,
-        timeout=600,
+        capsys,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    row = json.loads(result.stdout.strip().splitlines()[-1])
-    assert output.read_text().strip() == result.stdout.strip().splitlines()[-1]
+    row = json.loads(stdout.strip().splitlines()[-1])
+    assert output.read_text().strip() == stdout.strip().splitlines()[-1]
     for algorithm in ("trpo", "ppo", "trl_ppo"):  # the trl-ppo extra is part of the test setup
         assert row[f"{algorithm}_step_s"] > 0, algorithm
     for algorithm in ("trpo", "ppo"):
@@ -112,8 +105,8 @@ def test_whole_step_times_each_trainer_and_its_phases(tmp_path):
     for algorithm in ("trpo", "ppo", "trl_ppo"):
         assert len(row[f"{algorithm}_step_s_rounds"]) == 2, algorithm
         assert row[f"{algorithm}_step_s"] == pytest.approx(sum(row[f"{algorithm}_step_s_rounds"]) / 2, rel=1e-3)
-    assert "round 1/2: trpo ppo trl_ppo" in result.stderr
-    assert "round 2/2: trl_ppo ppo trpo" in result.stderr
+    assert "round 1/2: trpo ppo trl_ppo" in stderr
+    assert "round 2/2: trl_ppo ppo trpo" in stderr
     assert row["steps"] == 1 and row["rounds"] == 2 and row["cg_iters"] == 2
     # The untimed warm-up step's generation, one a round, where compile_generation pays its compilation.
     assert len(row["trpo_warm_up_generate_s"]) == 2 and all(s > 0 for s in row["trpo_warm_up_generate_s"])
@@ -147,19 +140,17 @@ def test_peak_memory_is_the_growth_not_the_total():
 
 
 @pytest.mark.slow
-def test_whole_step_times_group_advantages_against_trls_grpo(tmp_path):
-    command = [sys.executable, str(ROOT / "recipes" / "benchmark.py"), "--model", "tiny", "--whole_step"]
-    command += ["--steps", "1", "--rounds", "1", "--batch_size", "4", "--max_new_tokens", "4", "--cg_iters", "2"]
-    command += ["--algorithms", "trpo", "ppo", "trl_grpo", "--num_generations", "2", "--advantage_estimator", "grpo"]
-    result = subprocess.run(
-        command, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    row = json.loads(result.stdout.strip().splitlines()[-1])
+def test_whole_step_times_group_advantages_against_trls_grpo(capsys):
+    argv = ["--model", "tiny", "--whole_step", "--steps", "1", "--rounds", "1", "--batch_size", "4"]
+    argv += ["--max_new_tokens", "4", "--cg_iters", "2", "--algorithms", "trpo", "ppo", "trl_grpo"]
+    argv += ["--num_generations", "2", "--advantage_estimator", "grpo"]
+    stdout, _ = run_benchmark(argv, capsys)
+    row = json.loads(stdout.strip().splitlines()[-1])
     for algorithm in ("trpo", "ppo"):
         assert row[f"{algorithm}_policy_update_s"] > 0 and f"{algorithm}_value_update_s" not in row  # no critic
         assert row[f"{algorithm}_step_over_trl_grpo"] == pytest.approx(
             row[f"{algorithm}_step_s"] / row["trl_grpo_step_s"], rel=1e-2
         )
-    refused = subprocess.run(command[:-4] + ["--num_generations", "1"], capture_output=True, text=True, timeout=600)
-    assert refused.returncode == 2 and "pass --num_generations 2 or more" in refused.stderr
+    with pytest.raises(SystemExit) as refused:
+        benchmark.main(argv[:-4] + ["--num_generations", "1"])
+    assert refused.value.code == 2 and "pass --num_generations 2 or more" in capsys.readouterr().err

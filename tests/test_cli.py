@@ -43,6 +43,8 @@ def test_the_trpo_recipe_reads_its_yaml_and_the_command_line_wins():
             "20",
             "--max_kl",
             "0.05",
+            "--cg_damping",
+            "1e-3",
             "--save_steps",
             "10",
             "--lora_target_modules",

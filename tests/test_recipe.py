@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import HfArgumentParser
 
 from trpo_rlhf import PPOConfig, TRPOConfig
@@ -18,6 +19,8 @@ from trpo_rlhf.experiments.tasks import resolve_sentiment_task
 from trpo_rlhf.loading import hub_available
 
 ROOT = Path(__file__).resolve().parents[1]
+# A two-step run's settings: two completions of 6 tokens a step, one value epoch, two samples shown.
+TINY_RUN = ["--batch_size", "2", "--max_new_tokens", "6", "--value_epochs", "1", "--num_samples_to_show", "2"]
 
 
 @pytest.mark.slow
@@ -28,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("ppo_gpt2_sentiment.py", ["--ppo_epochs", "2", "--learning_rate", "1e-4"]),
     ],
 )
-def test_recipe_runs_two_steps_on_the_embedded_default(tmp_path, recipe, flags):
+def test_recipe_runs_two_steps_on_the_embedded_default(tmp_path, capsys, recipe, flags):
     out = tmp_path / "sentiment"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     accelerate = Path(sys.executable).with_name("accelerate")
@@ -37,24 +40,7 @@ def test_recipe_runs_two_steps_on_the_embedded_default(tmp_path, recipe, flags):
         [str(accelerate), "launch", "--num_processes", "1", script] if accelerate.exists() else [sys.executable, script]
     )
     result = subprocess.run(
-        command
-        + [
-            "--max_steps",
-            "2",
-            "--batch_size",
-            "2",
-            "--max_new_tokens",
-            "6",
-            "--value_epochs",
-            "1",
-            "--num_samples_to_show",
-            "2",
-            "--save_steps",
-            "1",
-            "--output_dir",
-            str(out),
-            *flags,
-        ],
+        command + ["--max_steps", "2", *TINY_RUN, "--save_steps", "1", "--output_dir", str(out), *flags],
         env=env,
         capture_output=True,
         text=True,
@@ -81,45 +67,36 @@ def test_recipe_runs_two_steps_on_the_embedded_default(tmp_path, recipe, flags):
     assert (out / "value" / "value_head.safetensors").exists()
     if not recipe.startswith("trpo"):
         return
-    # A second run into the same folder stops before any compute and names both ways out (run without
-    # accelerate's launcher, which the first run went through) ...
-    command = [sys.executable, script]
-    again = subprocess.run(
-        command + ["--max_steps", "3", "--output_dir", str(out)], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert (
-        again.returncode != 0
-        and "--resume_from_checkpoint" in again.stderr
-        and "--overwrite_output_dir" in again.stderr
-    )
-    assert "| prompt | before |" not in again.stdout
-    # ... and --resume_from_checkpoint continues it from its newest checkpoint, appending to its metrics.
-    resumed = subprocess.run(
-        command
-        + [
-            "--max_steps",
-            "3",
-            "--batch_size",
-            "2",
-            "--max_new_tokens",
-            "6",
-            "--value_epochs",
-            "1",
-            "--num_samples_to_show",
-            "2",
-            "--output_dir",
-            str(out),
-            *flags,
-            "--resume_from_checkpoint",
-            "latest",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"Resuming from {out / 'checkpoint-2'}" in resumed.stdout
+    # A second run into the same folder stops before any compute and names both ways out (the recipe's
+    # own function, in this process: the first run went through accelerate's launcher) ...
+    from trpo_rlhf import TRPOTrainer
+    from trpo_rlhf.experiments.recipe import run_recipe
+
+    threads = torch.get_num_threads()  # the recipe gives itself every core: this process's other tests keep theirs
+    try:
+        with pytest.raises(FileExistsError) as refused:
+            run_recipe(TRPOTrainer, TRPOConfig, "unused", argv=["--max_steps", "3", "--output_dir", str(out)])
+        assert "--resume_from_checkpoint" in str(refused.value) and "--overwrite_output_dir" in str(refused.value)
+        assert "| prompt | before |" not in capsys.readouterr().out
+        # ... and --resume_from_checkpoint continues it from its newest checkpoint, appending to its metrics.
+        run_recipe(
+            TRPOTrainer,
+            TRPOConfig,
+            "unused",
+            argv=[
+                "--max_steps",
+                "3",
+                *TINY_RUN,
+                "--output_dir",
+                str(out),
+                *flags,
+                "--resume_from_checkpoint",
+                "latest",
+            ],
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert f"Resuming from {out / 'checkpoint-2'}" in capsys.readouterr().out
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 

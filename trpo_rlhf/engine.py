@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import types
 import warnings
 from collections.abc import Callable, Sequence
@@ -44,6 +43,7 @@ from .loading import (
     tokenizer_fingerprint,
 )
 from .metrics import UpdateCosine
+from .processes import Collectives, use_cpu_accelerator
 from .profiling import PhaseTimer, peak_memory_mb
 from .rewards import RewardFn, RewardFunctions, RewardInputs
 from .rollout import Rollout, evaluate_rollout, gather_tokens, log_softmax_, sample_completions
@@ -54,9 +54,6 @@ from .sharding import shard_frozen_base
 from .tracking import RunTrackers, tracker_names
 from .trust_region import KL_CHUNK_POSITIONS, categorical_kl, flat_concat
 
-# Dataset columns a reward function is not given, as TRL's GRPOTrainer leaves them out: the
-# completion is the trainer's, not the dataset's.
-COLUMNS_NOT_PASSED = ("completion", "completion_ids")
 HELD_OUT_SEED_STRIDE = 1_000_003  # a prime above any step count: (seed, step) pairs map to distinct seeds
 
 
@@ -78,24 +75,7 @@ def require_finite(quantity: str, *tensors: torch.Tensor | None) -> None:
         raise NonFiniteUpdate(quantity)
 
 
-def use_cpu_accelerator() -> bool:
-    """Whether this process runs on the CPU: no CUDA device, or more processes on this node than
-    GPUs (NCCL needs a GPU of its own per process: the run then uses gloo on the CPU)."""
-    if not torch.cuda.is_available():
-        return True
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if local_processes > torch.cuda.device_count():
-        warnings.warn(
-            f"{local_processes} processes on this node share {torch.cuda.device_count()} GPU(s); NCCL needs one GPU per "
-            f"process, so this run uses the CPU (gloo). Launch at most {torch.cuda.device_count()} processes per node "
-            "(accelerate launch --num_processes N) to train on the GPUs.",
-            stacklevel=2,
-        )
-        return True
-    return False
-
-
-class RLTrainer(SetupChecks, CheckpointedRun):
+class RLTrainer(SetupChecks, CheckpointedRun, Collectives):
     """Shared engine: prompts -> rollout -> scores -> token rewards -> advantages (GAE with the
     critic, or a group baseline without one) -> policy update (subclass) -> critic update ->
     metrics, with exact resume and atomic checkpoints. Subclasses implement `policy_update(batch)`.
@@ -167,7 +147,7 @@ class RLTrainer(SetupChecks, CheckpointedRun):
                 self.actor_critic.peft_model, self.actor_critic.trainable_tensors().values(), self.device.type
             )
         self.actor_critic.to(self.device)
-        self.reward_functions = self._build_rewards(reward_fn, reward_funcs)
+        self.reward_functions = RewardFunctions.of_trainer(reward_fn, reward_funcs, config.reward_weights, self.device)
         # The text reward f(prompts, completions) of a run without reward_funcs (evaluations call it).
         self.reward_fn = self.reward_functions.functions[0] if reward_funcs is None else None
         self.kl_ctl = kl_controller(config.init_kl_coef, config.target_kl_ref, config.kl_horizon)
@@ -197,57 +177,8 @@ class RLTrainer(SetupChecks, CheckpointedRun):
         # must draw no random numbers, so that a run is the same with or without them.
         self.metric_hooks: list[Callable[[RLTrainer], dict[str, float]]] = []
 
-    def _build_rewards(self, reward_fn, reward_funcs) -> RewardFunctions:
-        if reward_funcs is not None and reward_fn is not None:
-            raise ValueError(
-                "Both reward_fn and reward_funcs were given: pass one (reward_funcs takes a list, e.g. "
-                "reward_funcs=[my_reward, 'vader'])."
-            )
-        if reward_funcs is None:
-            if self.config.reward_weights is not None:
-                raise ValueError(
-                    f"reward_weights={self.config.reward_weights} weighs the functions of reward_funcs, but none were "
-                    "given: pass reward_funcs=[...], or leave reward_weights unset."
-                )
-            return RewardFunctions.from_reward_fn("vader" if reward_fn is None else reward_fn, device=self.device)
-        return RewardFunctions(reward_funcs, self.config.reward_weights, device=self.device)
-
     def _check_shardable(self) -> None:
         """Settings a sharded base cannot run refuse here, before anything is loaded."""
-
-    # ------------------------------------------------------------------ distributed helpers
-    def reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Mean over processes (identity with one process): every process then takes the same step."""
-        if self.accelerator.num_processes == 1:
-            return tensor
-        return self.accelerator.reduce(tensor.contiguous(), reduction="mean")
-
-    def average_gradients(self, params) -> None:
-        """Replace each gradient by its mean over processes, so every optimizer takes one step."""
-        for p in params:
-            if p.grad is not None:
-                p.grad = self.reduce_mean(p.grad)
-
-    def any_process(self, flag: bool) -> bool:
-        """True on every process if `flag` is true on any, so all of them take the same branch."""
-        if self.accelerator.num_processes == 1:
-            return flag
-        return self.accelerator.reduce(torch.tensor(float(flag), device=self.device), reduction="sum").item() > 0
-
-    def wait_for_everyone(self) -> None:
-        """A barrier across processes. On the CPU it is gloo's plain barrier: accelerate's names a
-        device index, which on a machine that has fewer GPUs than processes (the CPU fallback of
-        `use_cpu_accelerator`) points at a GPU that does not exist."""
-        if self.accelerator.num_processes == 1:
-            return
-        if self.device.type == "cpu":
-            torch.distributed.barrier()
-        else:
-            self.accelerator.wait_for_everyone()
-
-    @property
-    def is_main_process(self) -> bool:
-        return self.accelerator.is_main_process
 
     def _next_prompts(self) -> list[str]:
         """This process's prompts of the next step, each `num_generations` times in a row (a group)."""
@@ -338,23 +269,13 @@ class RLTrainer(SetupChecks, CheckpointedRun):
         `reward_funcs`, each function's mean over every process's completions as `reward/<name>`.
         The functions see the dataset's own prompts (chat messages for a conversational one, the
         completion then as one assistant message) and its other columns of those rows."""
-        prompts = [self.prompts[i] for i in rows]
-        inputs = RewardInputs(
-            prompts=prompts if self.prompt_messages is None else [self.prompt_messages[i] for i in rows],
-            completions=(
-                completions
-                if self.prompt_messages is None
-                else [[{"role": "assistant", "content": text}] for text in completions]
-            ),
-            prompt_texts=prompts,
-            completion_texts=completions,
-            completion_ids=completion_ids
-            or [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions],
-            columns={
-                name: [values[i] for i in rows]
-                for name, values in self.prompt_columns.items()
-                if name not in COLUMNS_NOT_PASSED
-            },
+        inputs = RewardInputs.of_rows(
+            rows,
+            self.prompts,
+            self.prompt_messages,
+            self.prompt_columns,
+            completions,
+            completion_ids or [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions],
         )
         trainer_state = types.SimpleNamespace(global_step=self.global_step, max_steps=self.config.max_steps)
         scores, each = self.reward_functions(inputs, self.global_step, self.config.reward_timeout, trainer_state)

@@ -23,6 +23,9 @@ import torch
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 VADER = "vader"
+# Dataset columns a reward function is not given, as TRL's GRPOTrainer leaves them out: the
+# completion is the trainer's, not the dataset's.
+COLUMNS_NOT_PASSED = ("completion", "completion_ids")
 
 
 class RewardError(RuntimeError):
@@ -238,6 +241,35 @@ class RewardInputs:
     completion_ids: list[list[int]]
     columns: dict[str, list] = field(default_factory=dict)
 
+    @classmethod
+    def of_rows(
+        cls,
+        rows: list[int],
+        prompt_texts: list[str],
+        prompt_messages: list | None,
+        columns: dict[str, list],
+        completions: list[str],
+        completion_ids: list[list[int]],
+    ) -> RewardInputs:
+        """The inputs of `completions` of the dataset's `rows`: `prompt_texts` the dataset's prompts
+        as the policy reads them, `prompt_messages` its chat messages (None for plain strings),
+        `columns` its other columns (all but `COLUMNS_NOT_PASSED` reach the functions)."""
+        texts = [prompt_texts[i] for i in rows]
+        return cls(
+            prompts=texts if prompt_messages is None else [prompt_messages[i] for i in rows],
+            completions=(
+                completions
+                if prompt_messages is None
+                else [[{"role": "assistant", "content": text}] for text in completions]
+            ),
+            prompt_texts=texts,
+            completion_texts=completions,
+            completion_ids=completion_ids,
+            columns={
+                name: [values[i] for i in rows] for name, values in columns.items() if name not in COLUMNS_NOT_PASSED
+            },
+        )
+
 
 class RewardFunctions:
     """TRL's `reward_funcs`: one or several rewards whose weighted sum scores a completion.
@@ -294,6 +326,26 @@ class RewardFunctions:
     def from_reward_fn(cls, reward_fn: RewardFn | str, device=None) -> RewardFunctions:
         """The single reward `reward_fn(prompt_texts, completion_texts)` (or "vader", a classifier)."""
         return cls([build_reward_fn(reward_fn, device=device)], device=device, text_only=True)
+
+    @classmethod
+    def of_trainer(
+        cls, reward_fn: RewardFn | str | None, reward_funcs, weights: Sequence[float] | None, device=None
+    ) -> RewardFunctions:
+        """A trainer's rewards: its `reward_fn` ("vader" when neither is given) or its `reward_funcs`
+        weighted by `weights` (`reward_weights`), never both."""
+        if reward_funcs is not None and reward_fn is not None:
+            raise ValueError(
+                "Both reward_fn and reward_funcs were given: pass one (reward_funcs takes a list, e.g. "
+                "reward_funcs=[my_reward, 'vader'])."
+            )
+        if reward_funcs is None:
+            if weights is not None:
+                raise ValueError(
+                    f"reward_weights={weights} weighs the functions of reward_funcs, but none were given: pass "
+                    "reward_funcs=[...], or leave reward_weights unset."
+                )
+            return cls.from_reward_fn(VADER if reward_fn is None else reward_fn, device=device)
+        return cls(reward_funcs, weights, device=device)
 
     def __call__(
         self, inputs: RewardInputs, batch_index: int, timeout: float | None = None, trainer_state=None

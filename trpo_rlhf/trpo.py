@@ -57,9 +57,13 @@ class TRPOConfig(RLConfig):
       reference of a fraction of a nat to a few nats per completion, and a larger step reaches
       the largest of them within a handful of updates, leaving the smaller ones one or two points.
       Long completions spend it on every token: raise it for short runs.
-    * ``cg_damping`` = 1e-3, not the classic 0.1: the Fisher of LoRA tensors is small, so a damping
-      of 0.1 would dominate it and the step would realise a fraction of max_kl. The damping also
-      keeps the system definite in the LoRA A-block, whose Fisher is zero at init (B = 0).
+    * ``cg_damping`` = 0.1, the classic value: (F + cI)^-1 g is a ridge-regularised natural
+      gradient. The batch's gradient is noisy, and in the Fisher's flat directions a small c
+      magnifies that noise into the step; 0.1 keeps the natural gradient where F is large and the
+      plain gradient where it is flat. The step length comes from x^T (F + cI) x, as in the
+      reference implementations, so where the Fisher is smaller than c an update realises less
+      than max_kl (`trpo/kl`). The damping also keeps the system definite in the LoRA A-block,
+      whose Fisher is zero at init (B = 0).
     * ``backtrack_coef`` = 0.8 (SB3-contrib) rather than the paper's 0.5: finer steps lose less of
       a good direction when the quadratic model overestimates.
     * ``accept_ratio`` = 0.1: a step must realise at least 10 % of the improvement predicted by
@@ -86,7 +90,7 @@ class TRPOConfig(RLConfig):
             "1: the gradient, sized by the Fisher with no product (what a sharded base can run)."
         },
     )
-    cg_damping: float = field(default=1e-3, metadata={"help": "Damping c added to the Fisher: (F + c I) x = g."})
+    cg_damping: float = field(default=0.1, metadata={"help": "Damping c added to the Fisher: (F + c I) x = g."})
     cg_residual_tol: float = field(
         default=1e-10, metadata={"help": "Stop CG once r.r <= cg_residual_tol * g.g (relative squared residual)."}
     )
