@@ -10,5 +10,10 @@ Every PPOConfig field is a flag (--learning_rate, --ppo_epochs, --clip_range, ..
 from trpo_rlhf import PPOConfig, PPOTrainer
 from trpo_rlhf.experiments.recipe import run_recipe
 
+
+def main(argv: list[str] | None = None) -> None:
+    run_recipe(PPOTrainer, PPOConfig, default_output_dir="runs/ppo_sentiment", argv=argv)
+
+
 if __name__ == "__main__":
-    run_recipe(PPOTrainer, PPOConfig, default_output_dir="runs/ppo_sentiment")
+    main()

@@ -40,7 +40,8 @@ def test_a_config_file_builds_a_random_model_in_the_asked_dtype_that_trpo_trains
         model_dtype="bfloat16",
         lora_target_modules=task.lora_target_modules,
         max_kl=0.05,
-        cg_iters=2,  # the dtypes, not the solve, are under test: two products over the 49,152-token head
+        cg_iters=2,  # the dtypes, not the solve, are under test: two products over the 49,152-token head,
+        fisher_chunks=1,  # on one graph of the batch
     )
     trainer = TRPOTrainer(config, task.model, task.tokenizer, task.reward_model, task.prompts)
     kinds = {

@@ -19,6 +19,11 @@ from trpo_rlhf.experiments.tasks import resolve_sentiment_task
 from trpo_rlhf.loading import hub_available
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "recipes"))
+import ppo_gpt2_sentiment  # noqa: E402
+import trpo_gpt2_sentiment  # noqa: E402
+import trpo_smollm2_arithmetic  # noqa: E402
+
 # A two-step run's settings: two completions of 6 tokens a step, one value epoch, two samples shown.
 TINY_RUN = ["--batch_size", "2", "--max_new_tokens", "6", "--value_epochs", "1", "--num_samples_to_show", "2"]
 
@@ -27,28 +32,30 @@ TINY_RUN = ["--batch_size", "2", "--max_new_tokens", "6", "--value_epochs", "1",
 @pytest.mark.parametrize(
     "recipe,flags",
     [
-        ("trpo_gpt2_sentiment.py", ["--cg_iters", "2"]),
+        ("trpo_gpt2_sentiment.py", ["--cg_iters", "2", "--fisher_chunks", "1"]),
         ("ppo_gpt2_sentiment.py", ["--ppo_epochs", "2", "--learning_rate", "1e-4"]),
     ],
 )
 def test_recipe_runs_two_steps_on_the_embedded_default(tmp_path, capsys, recipe, flags):
     out = tmp_path / "sentiment"
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    accelerate = Path(sys.executable).with_name("accelerate")
-    script = str(ROOT / "recipes" / recipe)
-    command = (
-        [str(accelerate), "launch", "--num_processes", "1", script] if accelerate.exists() else [sys.executable, script]
-    )
-    result = subprocess.run(
-        command + ["--max_steps", "2", *TINY_RUN, "--save_steps", "1", "--output_dir", str(out), *flags],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "policy=embedded, reward=vader" in result.stdout and "because HF_HUB_OFFLINE is set" in result.stdout
-    assert "| prompt | before | reward | after | reward |" in result.stdout
+    argv = ["--max_steps", "2", *TINY_RUN, "--save_steps", "1", "--output_dir", str(out), *flags]
+    if recipe.startswith("trpo"):  # the script through accelerate's launcher, as the README runs it
+        accelerate = Path(sys.executable).with_name("accelerate")
+        script = str(ROOT / "recipes" / recipe)
+        launch = [str(accelerate), "launch", "--num_processes", "1"] if accelerate.exists() else [sys.executable]
+        result = subprocess.run(
+            [*launch, script, *argv],
+            env=dict(os.environ, HF_HUB_OFFLINE="1"),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        stdout = result.stdout
+    else:  # the same body in this process
+        stdout = run_in_process(ppo_gpt2_sentiment, argv, capsys)
+    assert "policy=embedded, reward=vader" in stdout and "because HF_HUB_OFFLINE is set" in stdout
+    assert "| prompt | before | reward | after | reward |" in stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     if recipe.startswith("trpo"):
@@ -68,36 +75,26 @@ def test_recipe_runs_two_steps_on_the_embedded_default(tmp_path, capsys, recipe,
     if not recipe.startswith("trpo"):
         return
     # A second run into the same folder stops before any compute and names both ways out (the recipe's
-    # own function, in this process: the first run went through accelerate's launcher) ...
-    from trpo_rlhf import TRPOTrainer
-    from trpo_rlhf.experiments.recipe import run_recipe
+    # own function, in this process) ...
+    with pytest.raises(FileExistsError) as refused:
+        run_in_process(trpo_gpt2_sentiment, ["--max_steps", "3", "--output_dir", str(out)], capsys)
+    assert "--resume_from_checkpoint" in str(refused.value) and "--overwrite_output_dir" in str(refused.value)
+    assert "| prompt | before |" not in capsys.readouterr().out
+    # ... and --resume_from_checkpoint continues it from its newest checkpoint, appending to its metrics.
+    resume = ["--max_steps", "3", *TINY_RUN, "--output_dir", str(out), *flags, "--resume_from_checkpoint", "latest"]
+    assert f"Resuming from {out / 'checkpoint-2'}" in run_in_process(trpo_gpt2_sentiment, resume, capsys)
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
-    threads = torch.get_num_threads()  # the recipe gives itself every core: this process's other tests keep theirs
+
+def run_in_process(recipe, argv: list[str], capsys) -> str:
+    """A recipe's `main(argv)` in this process; returns what it printed. The recipe gives itself
+    every core (`use_all_cpu_cores`): this process's other tests keep the threads they had."""
+    threads = torch.get_num_threads()
     try:
-        with pytest.raises(FileExistsError) as refused:
-            run_recipe(TRPOTrainer, TRPOConfig, "unused", argv=["--max_steps", "3", "--output_dir", str(out)])
-        assert "--resume_from_checkpoint" in str(refused.value) and "--overwrite_output_dir" in str(refused.value)
-        assert "| prompt | before |" not in capsys.readouterr().out
-        # ... and --resume_from_checkpoint continues it from its newest checkpoint, appending to its metrics.
-        run_recipe(
-            TRPOTrainer,
-            TRPOConfig,
-            "unused",
-            argv=[
-                "--max_steps",
-                "3",
-                *TINY_RUN,
-                "--output_dir",
-                str(out),
-                *flags,
-                "--resume_from_checkpoint",
-                "latest",
-            ],
-        )
+        recipe.main(argv)
     finally:
         torch.set_num_threads(threads)
-    assert f"Resuming from {out / 'checkpoint-2'}" in capsys.readouterr().out
-    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    return capsys.readouterr().out
 
 
 @pytest.mark.parametrize("config_class", [TRPOConfig, PPOConfig])
@@ -220,17 +217,13 @@ def test_trl_recipe_refuses_to_resume():
 
 
 @pytest.mark.slow
-def test_the_arithmetic_recipe_trains_on_chat_prompts_with_trl_style_rewards(tmp_path):
+def test_the_arithmetic_recipe_trains_on_chat_prompts_with_trl_style_rewards(tmp_path, capsys):
     out = tmp_path / "arithmetic"
-    command = [sys.executable, str(ROOT / "recipes" / "trpo_smollm2_arithmetic.py"), "--max_steps", "2"]
-    command += ["--batch_size", "4", "--num_generations", "2", "--max_new_tokens", "4", "--cg_iters", "2"]
-    command += ["--num_samples_to_show", "2", "--output_dir", str(out)]
-    result = subprocess.run(
-        command, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "reward=1 x correct_answer + 0.5 x number_only" in result.stdout
-    assert "| prompt | before | reward | after | reward |" in result.stdout and "| What is " in result.stdout
+    argv = ["--max_steps", "2", "--batch_size", "4", "--num_generations", "2", "--max_new_tokens", "4"]
+    argv += ["--cg_iters", "2", "--fisher_chunks", "1", "--num_samples_to_show", "2", "--output_dir", str(out)]
+    stdout = run_in_process(trpo_smollm2_arithmetic, argv, capsys)
+    assert "reward=1 x correct_answer + 0.5 x number_only" in stdout
+    assert "| prompt | before | reward | after | reward |" in stdout and "| What is " in stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:  # the weighted sum of the two functions, each logged on its own; no critic
