@@ -17,7 +17,7 @@ from trpo_rlhf import TRPOConfig, TRPOTrainer
 from trpo_rlhf.checkpointing import CorruptCheckpointError, list_checkpoints
 from trpo_rlhf.experiments.toy import WORDS, WordScoreReward, build_tiny_lm, build_word_tokenizer
 from trpo_rlhf.rewards import RewardError
-from trpo_rlhf.run_directory import LOCK_FILE, MARKER_FILE, OutputDirInUse, RunDirectory
+from trpo_rlhf.run_directory import LOCK_FILE, MARKER_FILE, WRITE_PROBE_PREFIX, OutputDirInUse, RunDirectory
 
 TESTS = Path(__file__).parent
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
@@ -45,6 +45,18 @@ def tiny_trpo(output_dir: Path, tokenizer, model=None, train_dataset=("good movi
 
 def assert_untouched(files: dict[Path, str]) -> None:
     assert {path: path.read_text() for path in files} == files
+
+
+def test_another_processs_writability_probe_is_not_a_foreign_file(tmp_path):
+    """Under `accelerate launch` every process probes output_dir for writing, and one may list the
+    folder while another's probe is in it: that probe is bookkeeping, not the user's file."""
+    folder = RunDirectory(tmp_path / "run")
+    folder.path.mkdir()
+    (folder.path / f"{WRITE_PROBE_PREFIX}12345").write_text("")
+    folder.check_ours()
+    (folder.path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"holds files that no trpo_rlhf run wrote \(notes.txt;"):
+        folder.check_ours()
 
 
 # ------------------------------------------------------------------ ownership

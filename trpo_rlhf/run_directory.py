@@ -33,6 +33,9 @@ MARKER_FILE = ".trpo_rlhf_run.json"
 LOCK_FILE = ".trpo_rlhf.lock"
 # Written here but never listed in the marker: the marker (and its staged copy) and the lock.
 _BOOKKEEPING = (MARKER_FILE, LOCK_FILE, f"{MARKER_FILE}.tmp")
+# A process's writability probe (`SetupChecks`), there for an instant: under `accelerate launch` one
+# process may list the folder while another's probe is in it.
+WRITE_PROBE_PREFIX = ".trpo_rlhf_write_probe."
 
 
 class OutputDirInUse(RuntimeError):
@@ -122,7 +125,11 @@ class RunDirectory:
         folder with a marker, an empty one or none."""
         if not self.path.is_dir() or self.marker_path.exists():
             return []
-        return sorted(p.name for p in self.path.iterdir() if p.name not in _BOOKKEEPING)
+        return sorted(
+            p.name
+            for p in self.path.iterdir()
+            if p.name not in _BOOKKEEPING and not p.name.startswith(WRITE_PROBE_PREFIX)
+        )
 
     def check_ours(self) -> None:
         """Raise `FileExistsError` where the folder holds entries that no run of this toolkit wrote."""

@@ -14,6 +14,7 @@ from .loading import (
     context_length,
 )
 from .prompts import chat_prompt_text, is_conversational, prompt_columns
+from .run_directory import WRITE_PROBE_PREFIX
 from .sharding import deepspeed_zero_stage, fsdp_requested
 
 
@@ -44,7 +45,7 @@ class SetupChecks:
 
     def _check_output_dir_writable(self) -> None:
         out = self.output_dir
-        probe = out / f".write-test-{os.getpid()}"
+        probe = out / f"{WRITE_PROBE_PREFIX}{os.getpid()}"
         try:
             out.mkdir(parents=True, exist_ok=True)
             probe.write_text("")
