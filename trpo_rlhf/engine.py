@@ -112,7 +112,7 @@ class RLTrainer(SetupChecks, CheckpointedRun, Collectives):
         self.output_dir = check_output_dir_path(config.output_dir)
         self.run_directory = RunDirectory(self.output_dir)
         self.run_directory.check_ours()  # before anything is written or loaded
-        self._check_output_dir_writable()
+        self.run_directory.check_writable()
         self.accelerator = Accelerator(
             cpu=use_cpu_accelerator(),
             log_with=tracker_names(config.report_to) or None,

@@ -33,8 +33,8 @@ MARKER_FILE = ".trpo_rlhf_run.json"
 LOCK_FILE = ".trpo_rlhf.lock"
 # Written here but never listed in the marker: the marker (and its staged copy) and the lock.
 _BOOKKEEPING = (MARKER_FILE, LOCK_FILE, f"{MARKER_FILE}.tmp")
-# A process's writability probe (`SetupChecks`), there for an instant: under `accelerate launch` one
-# process may list the folder while another's probe is in it.
+# A process's writability probe (`check_writable`), there for an instant: under `accelerate launch`
+# one process may list the folder while another's probe is in it.
 WRITE_PROBE_PREFIX = ".trpo_rlhf_write_probe."
 
 
@@ -130,6 +130,20 @@ class RunDirectory:
             for p in self.path.iterdir()
             if p.name not in _BOOKKEEPING and not p.name.startswith(WRITE_PROBE_PREFIX)
         )
+
+    def check_writable(self) -> None:
+        """Create the folder if need be and write and delete a probe file in it; `PermissionError`
+        where that fails."""
+        probe = self.path / f"{WRITE_PROBE_PREFIX}{os.getpid()}"
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise PermissionError(
+                f"{self.flag}={str(self.path)!r} is not writable ({exc.strerror or exc}); pass a folder you can write "
+                f"to with --{self.flag}."
+            ) from exc
 
     def check_ours(self) -> None:
         """Raise `FileExistsError` where the folder holds entries that no run of this toolkit wrote."""

@@ -3,7 +3,6 @@ each bad input fails there with an error naming the value and the fix."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
 from accelerate.utils import DistributedType
@@ -14,7 +13,6 @@ from .loading import (
     context_length,
 )
 from .prompts import chat_prompt_text, is_conversational, prompt_columns
-from .run_directory import WRITE_PROBE_PREFIX
 from .sharding import deepspeed_zero_stage, fsdp_requested
 
 
@@ -42,19 +40,6 @@ class SetupChecks:
             )
         if self.sharded:
             self._check_shardable()
-
-    def _check_output_dir_writable(self) -> None:
-        out = self.output_dir
-        probe = out / f"{WRITE_PROBE_PREFIX}{os.getpid()}"
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            probe.write_text("")
-            probe.unlink()
-        except OSError as exc:
-            raise PermissionError(
-                f"output_dir={str(out)!r} is not writable ({exc.strerror or exc}); pass a folder you can write to "
-                "with --output_dir."
-            ) from exc
 
     def _check_vocabulary(self, model) -> None:
         embedding = base_model_of(model).get_input_embeddings()
