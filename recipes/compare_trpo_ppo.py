@@ -80,8 +80,9 @@ REPORT_FILES = ("results.json", "compare.md", "compare.png")
 # A variant's name is a folder of DIR: letters, digits, '_', '-', '.' and '+', not starting with a dot.
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9_.+-]*$")
 # Config fields the comparison's flags set (`add_config_fields`: each typed and documented as its
-# field); unset ones keep the config's defaults. TRPO's solver:
-TRPO_SOLVER_FLAGS = ("cg_iters", "cg_damping")
+# field); unset ones keep the config's defaults. TRPO's solver (fisher_chunks changes the memory
+# and the time of an update, not its step):
+TRPO_SOLVER_FLAGS = ("cg_iters", "cg_damping", "fisher_chunks")
 # PPO's (ours and TRL's):
 PPO_FLAGS = ("learning_rate", "ppo_epochs")
 # How our trainers' runs go (TRL's PPO takes bf16 alone):

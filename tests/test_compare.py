@@ -232,10 +232,10 @@ def test_variants_parse_and_bad_ones_fail_before_anything_runs(capsys):
     assert [v.name for v in args.variants] == ["trpo", "ppo_lr3e-4", "ppo_lr1e-3"]
     assert args.variants[1].flags == ["--learning_rate", "0.0003"]
     assert compare_trpo_ppo.parse_worker_flags(["--cg_iters", "1", "--cg_damping", "0.01"]) is not None
-    solver = compare_trpo_ppo.parse_args(["--cg_iters", "1"])
-    assert (
-        compare_trpo_ppo.parse_args(compare_trpo_ppo.worker_command(solver, "trpo", 0, Path("run"))[2:]).cg_iters == 1
-    )
+    solver = compare_trpo_ppo.parse_args(["--cg_iters", "1", "--fisher_chunks", "1"])
+    worker = compare_trpo_ppo.parse_args(compare_trpo_ppo.worker_command(solver, "trpo", 0, Path("run"))[2:])
+    assert (worker.cg_iters, worker.fisher_chunks) == (1, 1)
+    assert compare_trpo_ppo.parse_args([]).fisher_chunks is None  # unset: TRPOConfig's default
     for bad, message in [
         (["--variant", "nocolon"], "expected NAME:FLAGS"),
         (["--variant", "x:--no_such_flag 1"], "not valid flags"),
