@@ -45,6 +45,8 @@ def test_the_trpo_recipe_reads_its_yaml_and_the_command_line_wins():
             "0.05",
             "--cg_damping",
             "1e-3",
+            "--cg_iters",
+            "10",
             "--save_steps",
             "10",
             "--lora_target_modules",
@@ -107,7 +109,7 @@ def test_the_argparse_recipes_read_their_yaml():
 def test_the_group_advantage_configs_read_their_yaml():
     arithmetic = compare_trpo_ppo.parse_args(["--config", str(CONFIGS / "compare_arithmetic.yaml")])
     assert (arithmetic.task, arithmetic.num_generations, arithmetic.advantage_estimator) == ("arithmetic", 8, "grpo")
-    assert (arithmetic.cg_damping, arithmetic.fisher_chunks) == (1e-3, 1)  # as measured (docs/results.md)
+    assert (arithmetic.cg_damping, arithmetic.cg_iters, arithmetic.fisher_chunks) == (1e-3, 10, 1)  # as measured
     assert [v.name for v in arithmetic.variants] == ["trpo", "trl_grpo_lr1e-4", "trl_grpo_lr3e-4", "trl_grpo_lr1e-3"]
     steps = benchmark.parse_args(["--config", str(CONFIGS / "benchmark_whole_step_grpo.yaml")])
     assert steps.algorithms == ["trpo", "ppo", "trl_grpo"] and (steps.num_generations, steps.batch_size) == (8, 32)

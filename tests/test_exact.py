@@ -196,10 +196,11 @@ def test_a_peft_policy_such_as_trls_is_evaluated_against_its_base_in_eval_mode(t
 LEARNING_SEEDS = (0, 1)
 LEARNING_BUDGET = 0.5  # nats per completion
 # Measured 2026-12-07 on the 2-core CPU (12 steps of 16 completions, dense reward): the TRPO
-# defaults (the classic 10-iteration solve, δ 0.003, damping 0.1) reach 0.907 and 0.911 of the
-# optimal gain within 0.5 nats on these seeds, 0.909 on average; with the former damping 1e-3 0.895
-# and 0.766 (0.831), the one-iteration step 0.671 and 0.745 (0.708), δ 0.034 0.631 and 0.613
-# (0.622): a change that loses the damping, the classic solve or the finer trust region fails here.
+# defaults (4 CG iterations, δ 0.003, damping 0.1) reach 0.908 and 0.903 of the optimal gain within
+# 0.5 nats on these seeds, 0.906 on average (10 iterations: 0.907 and 0.911); with the former
+# damping 1e-3 (and 10 iterations) 0.895 and 0.766 (0.831), the one-iteration step 0.671 and 0.745
+# (0.708), δ 0.034 0.631 and 0.613 (0.622): a change that loses the damping, the natural gradient
+# or the finer trust region fails here.
 LEARNING_THRESHOLD = 0.87
 
 

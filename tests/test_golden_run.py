@@ -3,7 +3,8 @@ computed (the commit before the consolidation that removed the options measureme
 
 `golden_run.json` was recorded there with the settings that were the TRPO defaults after the
 consolidation (cg_iters 10, then with cg_preconditioner none, momentum 0 and fisher_quadratic
-product; cg_damping 1e-3, the default until the classic 0.1 replaced it, set here explicitly) and
+product; cg_damping 1e-3 and cg_iters 10, the defaults until the classic damping 0.1 and then 4
+iterations replaced them, set here explicitly) and
 PPO at lr 1e-3: every metric but timings and memory, and the SHA-256 of every trainable tensor
 after the third step. Only the metrics of removed options may be missing now.
 """
@@ -60,7 +61,7 @@ def test_the_defaults_compute_what_they_computed_before_the_consolidation(algori
     torch.set_num_threads(1)  # as recorded: a reduction's order follows the thread count
     try:
         if algorithm == "trpo":
-            now = run(TRPOConfig, TRPOTrainer, tmp_path, cg_damping=1e-3)
+            now = run(TRPOConfig, TRPOTrainer, tmp_path, cg_damping=1e-3, cg_iters=10)
         else:
             now = run(PPOConfig, PPOTrainer, tmp_path, learning_rate=1e-3)
     finally:
