@@ -12,15 +12,13 @@ Writes metrics.jsonl, training_curves.png, samples.md and the LoRA adapter into 
 """
 
 from trpo_rlhf import TRPOConfig, TRPOTrainer
-from trpo_rlhf.experiments.recipe import run_recipe
-
-# SmolLM2-135M's LoRA Fisher is ~1.5e-4 in most directions: at the package's damping 0.1 an update
-# realises about a fifth of max_kl (docs/configuration.md); the recipe keeps the 1e-3 it was measured with.
-DEFAULTS = dict(cg_damping=1e-3)
+from trpo_rlhf.experiments.recipe import SMOLLM2_TRPO_SOLVER, run_recipe
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_recipe(TRPOTrainer, TRPOConfig, default_output_dir="runs/trpo_sentiment", argv=argv, defaults=DEFAULTS)
+    run_recipe(
+        TRPOTrainer, TRPOConfig, default_output_dir="runs/trpo_sentiment", argv=argv, defaults=SMOLLM2_TRPO_SOLVER
+    )
 
 
 if __name__ == "__main__":

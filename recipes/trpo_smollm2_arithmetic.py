@@ -17,7 +17,7 @@ training_curves.png, samples.md and the LoRA adapter into --output_dir.
 """
 
 from trpo_rlhf import TRPOConfig, TRPOTrainer
-from trpo_rlhf.experiments.recipe import run_recipe
+from trpo_rlhf.experiments.recipe import SMOLLM2_TRPO_SOLVER, run_recipe
 
 DEFAULTS = dict(
     advantage_estimator="grpo",
@@ -26,9 +26,7 @@ DEFAULTS = dict(
     max_new_tokens=8,
     max_steps=20,
     max_kl=0.01,
-    # SmolLM2-135M's LoRA Fisher is ~1.5e-4 in most directions: at the package's damping 0.1 an update
-    # would realise about a fifth of max_kl (docs/configuration.md)
-    cg_damping=1e-3,
+    **SMOLLM2_TRPO_SOLVER,
     lora_target_modules=["q_proj", "v_proj"],
 )
 
