@@ -52,7 +52,7 @@ def summarize(rows: list[dict], window: int = 5) -> str:
             "| trust region | median |",
             "|---|---:|",
             f"| measured KL(π_old‖π_new) per token | {statistics.median(r['trpo/kl'] for r in accepted):.4f} |",
-            f"| measured / predicted (δ·frac²) | {statistics.median(ratios):.2f} |",
+            f"| measured / predicted (frac²·½sᵀFs) | {statistics.median(ratios):.2f} |",
             f"| step fraction | {statistics.median(r['trpo/step_frac'] for r in accepted):.2f} |",
             f"| CG iterations (FVPs per update) | {median('trpo/cg_iters'):.0f} ({median('trpo/fvp_count'):.0f}) |",
         ]

@@ -356,9 +356,19 @@ def test_tiny_model_learns_word_count_reward_in_30_steps(tmp_path, word_tokenize
     accepted = [h for h in history if h["trpo/accepted"]]
     assert len(accepted) >= 25
     assert after > before + 0.5, (before, after)
-    # With a correct Fisher, the measured KL of a step is close to delta * frac^2 (its second-order prediction).
+    # With a correct Fisher, the measured KL of a step is close to frac^2 * 1/2 s^T F s (its second-order prediction).
     ratios = sorted(h["trpo/kl"] / h["trpo/kl_predicted"] for h in accepted)
     assert 0.7 < ratios[len(ratios) // 2] < 1.3, ratios
+
+
+def test_the_predicted_kl_leaves_out_the_damping(make_trainer):
+    """The step is sized so that 1/2 s^T (F + cI) s = delta; the KL it should realise is
+    1/2 s^T F s, well below delta where c dominates the Fisher, as the measured KL is."""
+    trainer = make_trainer(cg_damping=1.0, cg_iters=4)
+    history = [trainer.step() for _ in range(3)]
+    ratios = sorted(h["trpo/kl"] / h["trpo/kl_predicted"] for h in history if h["trpo/accepted"])
+    assert len(ratios) == 3 and 0.6 < ratios[1] < 1.5, ratios
+    assert all(h["trpo/kl_predicted"] < 0.3 * trainer.config.max_kl * h["trpo/step_frac"] ** 2 for h in history)
 
 
 def test_gpt2_architecture_trains(make_trainer, word_tokenizer):

@@ -195,7 +195,7 @@ class TRPOTrainer(RLTrainer):
         1. g = grad L(theta_old), L = mean_t exp(logp_theta - logp_old) * A_t;
         2. x ~ (F + cI)^-1 g by `cg_iters` CG iterations on Fisher-vector products (`fisher_product`);
            at one iteration x is along g and needs only g^T F g, from forward-mode passes;
-        3. full step s = sqrt(2 delta / x^T F x) x, so that 1/2 s^T F s = delta;
+        3. full step s = sqrt(2 delta / x^T (F + cI) x) x, so that 1/2 s^T (F + cI) s = delta;
         4. backtracking on the measured exact KL and the surrogate; exact restore on failure.
         """
         cfg, timer = self.config, PhaseTimer()
@@ -376,8 +376,10 @@ class TRPOTrainer(RLTrainer):
         return {
             "trpo/accepted": float(result.accepted),
             "trpo/kl": result.kl,
-            # KL(pi_old || pi_old + a s) ~ a^2 * 1/2 s^T F s = a^2 * delta to second order, so a correct Fisher predicts it.
-            "trpo/kl_predicted": self.config.max_kl * result.step_frac**2,
+            # KL(pi_old || pi_old + a s) ~ a^2 * 1/2 s^T F s to second order, and 1/2 s^T (F + cI) s = delta,
+            # so a correct Fisher predicts a^2 * (delta - c/2 * s^T s): less than delta * a^2 where F is small against c.
+            "trpo/kl_predicted": max(0.0, self.config.max_kl - 0.5 * self.config.cg_damping * full_step_norm**2)
+            * result.step_frac**2,
             "trpo/step_frac": result.step_frac,
             "trpo/surrogate_gain": result.surrogate_gain,
             "trpo/expected_gain": expected_gain * frac,
