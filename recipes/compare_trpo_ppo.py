@@ -11,7 +11,8 @@ A variant (`--variant NAME:FLAGS`, repeated) is a run of TRPO, or of the algorit
 with (`--variant "ppo_e8:ppo --ppo_epochs 8"`), with FLAGS added to the shared ones. With
 `--learning_rates`, our PPO and TRL's run at each rate and the table marks each one's best (by
 its frontier AUC); a second table shows each algorithm at its best at every point, the best of its
-variants at 2, 4 and 6 nats and in mean reward (the envelope a frontier comparison draws).
+variants at 2, 4 and 6 nats (`--frontier_nats`) and in mean reward (the envelope a frontier
+comparison draws).
 
 `toy`: a tiny random Llama with a word-level tokenizer, rewarded for each "good" it writes (LoRA on
 q_proj, v_proj and lm_head). `sentiment`: the task of the sentiment recipes (embedded SmolLM2 +
@@ -50,6 +51,7 @@ from trpo_rlhf.config import RLConfig
 from trpo_rlhf.experiments.cli import add_config_fields, add_config_flag, apply_config_file
 from trpo_rlhf.experiments.comparison import (
     ALGORITHMS,
+    FRONTIER_NATS,
     best_variants,
     envelope_table,
     frontier_envelope,
@@ -159,6 +161,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="Count updates whose KL(pi_old||pi_new) exceeds this. Default: max_kl.",
     )
+    parser.add_argument(
+        "--frontier_nats",
+        type=float,
+        nargs="+",
+        default=list(FRONTIER_NATS),
+        help="The KLs to the reference (nats per completion) at which to read each run's reward and its mean "
+        "reward from 0 (reward_at_kl, frontier_auc_to_kl): KLs the runs reach, e.g. 0.5 1 for 20 short steps.",
+    )
     parser.add_argument("--model_name_or_path", default=None, help="sentiment: policy (default: the recipes' choice).")
     parser.add_argument("--reward_model", default=None, help="sentiment: reward (default: the recipes' choice).")
     parser.add_argument("--dataset", default=None, help="sentiment: prompts (default: the recipes' choice).")
@@ -189,6 +199,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.kl_target = args.kl_target if args.kl_target is not None else args.max_kl
     if args.steps < 1 or args.seeds < 1 or args.parallel < 1:
         parser.error(f"--steps ({args.steps}), --seeds ({args.seeds}) and --parallel ({args.parallel}) must be >= 1")
+    if not all(n > 0 for n in args.frontier_nats):
+        parser.error(f"--frontier_nats {args.frontier_nats}: each KL must be > 0 nats, e.g. --frontier_nats 0.5 1")
     try:
         check_output_dir_path(args.output_dir, flag="output_dir")
     except (ValueError, OSError) as error:
@@ -533,7 +545,7 @@ def compare(args: argparse.Namespace, folder: RunDirectory) -> int:
 
     if runs:
         algorithms = {v.name: v.algorithm for v in args.variants}
-        results = summarize_runs(runs, args.kl_target, algorithms)
+        results = summarize_runs(runs, args.kl_target, algorithms, args.frontier_nats)
         hidden = {
             "worker",
             "seed",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 
 from .plotting import running_mean, save_figure
@@ -95,7 +96,10 @@ def spread(values: list[float | None]) -> dict | None:
 
 
 def summarize_runs(
-    runs: dict[str, list[list[dict]]], kl_target: float, algorithms: dict[str, str] | None = None
+    runs: dict[str, list[list[dict]]],
+    kl_target: float,
+    algorithms: dict[str, str] | None = None,
+    frontier_nats: Sequence[float] = FRONTIER_NATS,
 ) -> dict[str, dict]:
     """Per variant (an algorithm, or one of its settings), from one metrics list per seed: the
     final reward (mean of the last 10 % of steps) as mean and std over seeds, the KL to the
@@ -103,9 +107,11 @@ def summarize_runs(
     measured KL exceeded `kl_target`, the median and largest `policy/kl_held_out` (the update's KL
     on prompts outside its batch; None where the runs did not measure it), mean seconds per step
     and per policy update (None where the algorithm does not time it separately), peak memory, and
-    the frontier: `reward_at_kl` at 2, 4 and 6 nats and `frontier_auc` up to `frontier_kl` (the KL
-    every run reaches), each as mean, min and max over seeds (None where a seed does not reach
-    it). `algorithms` maps a variant to its algorithm (default: the variant's name)."""
+    the frontier: at each of `frontier_nats` (2, 4 and 6 nats unless given) `reward_at_kl` and
+    `frontier_auc_to_kl` (the mean reward from 0 to that KL), and `frontier_auc` up to
+    `frontier_kl` (the KL every run reaches), each as mean, min and max over seeds (None where a
+    seed does not reach it). `algorithms` maps a variant to its algorithm (default: the variant's
+    name)."""
     algorithms = algorithms or {}
     kl_max = common_kl(runs)
     results = {}
@@ -131,7 +137,10 @@ def summarize_runs(
                 {"median": statistics.median(held_out_kl), "max": max(held_out_kl)} if held_out_kl else None
             ),
             "reward_at_kl": {
-                f"{nats:g}": spread([reward_at_kl(rows, nats) for rows in seeds]) for nats in FRONTIER_NATS
+                f"{nats:g}": spread([reward_at_kl(rows, nats) for rows in seeds]) for nats in frontier_nats
+            },
+            "frontier_auc_to_kl": {
+                f"{nats:g}": spread([frontier_auc(rows, nats) for rows in seeds]) for nats in frontier_nats
             },
             "frontier_auc": spread([frontier_auc(rows, kl_max) for rows in seeds]),
             "frontier_kl": kl_max,
@@ -157,8 +166,8 @@ def best_variants(results: dict[str, dict]) -> dict[str, str]:
 
 
 def frontier_envelope(results: dict[str, dict]) -> dict[str, dict]:
-    """Per algorithm, each method at its best at every point: `reward_at_kl` at 2, 4 and 6 nats and
-    `mean_reward`, each {"mean", "variant"} from the variant with the largest mean there (of those
+    """Per algorithm, each method at its best at every point: `reward_at_kl` at each KL the results
+    were summarized at (`summarize_runs`' `frontier_nats`) and `mean_reward`, each {"mean", "variant"} from the variant with the largest mean there (of those
     whose every seed reaches that KL; None where none does). This is the upper envelope of a
     method's runs, which Rafailov et al. 2023 (Fig. 2) draw as its frontier; `best_variants` picks
     one variant for the whole range instead.
@@ -177,17 +186,22 @@ def frontier_envelope(results: dict[str, dict]) -> dict[str, dict]:
         value, variant = max(scored, key=lambda pair: pair[0])
         return {"mean": value, "variant": variant}
 
+    nats = frontier_nats_of(results)
     envelope = {}
     for algorithm in dict.fromkeys(r["algorithm"] for r in results.values()):
         own = {v: r for v, r in results.items() if r["algorithm"] == algorithm}
         envelope[algorithm] = {
             "reward_at_kl": {
-                f"{n:g}": best_of(own, lambda r, key=f"{n:g}": (r["reward_at_kl"].get(key) or {}).get("mean"))
-                for n in FRONTIER_NATS
+                key: best_of(own, lambda r, key=key: (r["reward_at_kl"].get(key) or {}).get("mean")) for key in nats
             },
             "mean_reward": best_of(own, lambda r: r["mean_reward"]),
         }
     return envelope
+
+
+def frontier_nats_of(results: dict[str, dict]) -> list[str]:
+    """The KLs (as their keys, "0.5", "2") at which `summarize_runs` read the frontier."""
+    return list(next(iter(results.values()))["reward_at_kl"]) if results else []
 
 
 def label(variant: str, algorithm: str) -> str:
@@ -209,12 +223,15 @@ def markdown_table(results: dict[str, dict], kl_target: float) -> str:
     best = best_variants(results)
     several = {a for a in best if sum(r["algorithm"] == a for r in results.values()) > 1}
     kl_max = next(iter(results.values()))["frontier_kl"] if results else 0.0
-    nats = " | ".join(f"reward @ {n:g} nats" for n in FRONTIER_NATS)
+    nats = frontier_nats_of(results)
+    at_kl = " | ".join(f"reward @ {n} nats" for n in nats)
+    to_kl = " | ".join(f"mean reward, 0–{n} nats" for n in nats)
     lines = [
-        f"| variant | final reward (mean ± std over seeds) | mean reward | {nats} | frontier AUC, 0–{kl_max:.2f} nats "
+        f"| variant | final reward (mean ± std over seeds) | mean reward | {at_kl} | {to_kl} "
+        f"| frontier AUC, 0–{kl_max:.2f} nats "
         f"| KL to ref at the end | updates with KL > {kl_target:g} | update KL on held-out prompts, median (max) "
         "| s/step | policy update s/step | peak MB |",
-        "|---|---:|---:|" + "---:|" * len(FRONTIER_NATS) + "---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|" + "---:|" * 2 * len(nats) + "---:|---:|---:|---:|---:|---:|---:|",
     ]
     for variant, r in results.items():
         name = label(variant, r["algorithm"])
@@ -224,7 +241,8 @@ def markdown_table(results: dict[str, dict], kl_target: float) -> str:
             name,
             f"{r['final_reward_mean']:.3f} ± {r['final_reward_std']:.3f}",
             f"{r['mean_reward']:.3f}",
-            *(frontier(r["reward_at_kl"][f"{n:g}"]) for n in FRONTIER_NATS),
+            *(frontier(r["reward_at_kl"][n]) for n in nats),
+            *(frontier(r["frontier_auc_to_kl"][n]) for n in nats),
             frontier(r["frontier_auc"]),
             f"{r['kl_ref_final']:.3f}",
             fmt(r["kl_exceed_fraction"], ".0%"),
@@ -244,13 +262,14 @@ def envelope_table(envelope: dict[str, dict]) -> str:
     def cell(best):
         return "–" if best is None else f"{best['mean']:.3f} ({best['variant']})"
 
-    nats = " | ".join(f"reward @ {n:g} nats" for n in FRONTIER_NATS)
+    nats = list(next(iter(envelope.values()))["reward_at_kl"]) if envelope else []
     lines = [
-        f"| at its best (each cell the best variant there) | {nats} | mean reward |",
-        "|---|" + "---:|" * (len(FRONTIER_NATS) + 1),
+        f"| at its best (each cell the best variant there) | {' | '.join(f'reward @ {n} nats' for n in nats)} "
+        "| mean reward |",
+        "|---|" + "---:|" * (len(nats) + 1),
     ]
     for algorithm, best in envelope.items():
-        cells = [LABELS.get(algorithm, algorithm), *(cell(best["reward_at_kl"][f"{n:g}"]) for n in FRONTIER_NATS)]
+        cells = [LABELS.get(algorithm, algorithm), *(cell(best["reward_at_kl"][n]) for n in nats)]
         lines.append("| " + " | ".join([*cells, cell(best["mean_reward"])]) + " |")
     return "\n".join(lines)
 
