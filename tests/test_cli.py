@@ -110,11 +110,29 @@ def test_the_group_advantage_configs_read_their_yaml():
     arithmetic = compare_trpo_ppo.parse_args(["--config", str(CONFIGS / "compare_arithmetic.yaml")])
     assert (arithmetic.task, arithmetic.num_generations, arithmetic.advantage_estimator) == ("arithmetic", 8, "grpo")
     assert (arithmetic.cg_damping, arithmetic.cg_iters, arithmetic.fisher_chunks) == (1e-3, 10, 1)  # as measured
-    assert [v.name for v in arithmetic.variants] == ["trpo", "trl_grpo_lr1e-4", "trl_grpo_lr3e-4", "trl_grpo_lr1e-3"]
+    names = ["trpo", "trl_grpo_lr1e-4", "trl_grpo_lr3e-4", "trl_grpo_lr1e-3", "trpo_c0.1", "trpo_c0.1_beta0"]
+    assert [v.name for v in arithmetic.variants] == [*names, "trpo_c0.1_kl0.02"] and arithmetic.frontier_nats == [
+        0.5,
+        1,
+    ]
+    assert arithmetic.variants[-1].flags == ["--cg_damping", "0.1", "--cg_iters", "4", "--max_kl", "0.02"]
     steps = benchmark.parse_args(["--config", str(CONFIGS / "benchmark_whole_step_grpo.yaml")])
     assert steps.algorithms == ["trpo", "ppo", "trl_grpo"] and (steps.num_generations, steps.batch_size) == (8, 32)
     _, config = parse_sentiment(TRPOConfig, ["--config", str(CONFIGS / "trpo_smollm2_arithmetic.yaml")])
     assert (config.advantage_estimator, config.num_generations, config.reward_weights) == ("grpo", 8, [1.0, 0.5])
+    assert (config.cg_damping, config.cg_iters, config.max_kl) == (0.1, 4, 0.01)  # as measured
+
+
+def test_each_smollm2_recipe_takes_the_solver_it_was_measured_with_without_a_config():
+    import trpo_gpt2_sentiment
+    import trpo_smollm2_arithmetic
+
+    def solver(defaults):
+        config = TRPOConfig(output_dir="unused", **defaults)
+        return config.cg_damping, config.cg_iters
+
+    assert solver(trpo_gpt2_sentiment.DEFAULTS) == (1e-3, 10)
+    assert solver(trpo_smollm2_arithmetic.DEFAULTS) == (0.1, 4)
 
 
 def test_a_key_that_is_not_a_flag_is_named(tmp_path, capsys):

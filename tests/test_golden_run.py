@@ -21,6 +21,8 @@ from trpo_rlhf.experiments.toy import TOY_PROMPTS, WordScoreReward, build_tiny_l
 
 GOLDEN = Path(__file__).with_name("golden_run.json")
 REMOVED_METRICS = {"trpo/kl_probes", "trpo/cross_fitted_gain_ratio"}
+# Recorded as delta * frac^2; now the Fisher's own prediction frac^2 * (delta - c/2 |s|^2).
+REDEFINED_METRICS = {"trpo/kl_predicted"}
 
 
 def run(config_class, trainer_class, output_dir: Path, **settings) -> dict:
@@ -61,7 +63,8 @@ def test_the_defaults_compute_what_they_computed_before_the_consolidation(algori
     torch.set_num_threads(1)  # as recorded: a reduction's order follows the thread count
     try:
         if algorithm == "trpo":
-            now = run(TRPOConfig, TRPOTrainer, tmp_path, cg_damping=1e-3, cg_iters=10)
+            damping = 1e-3
+            now = run(TRPOConfig, TRPOTrainer, tmp_path, cg_damping=damping, cg_iters=10)
         else:
             now = run(PPOConfig, PPOTrainer, tmp_path, learning_rate=1e-3)
     finally:
@@ -70,4 +73,11 @@ def test_the_defaults_compute_what_they_computed_before_the_consolidation(algori
     for step, (was, row) in enumerate(zip(golden["metrics"], now["metrics"], strict=True), start=1):
         assert set(was) - set(row) <= REMOVED_METRICS, step
         assert set(row) <= set(was), step
-        assert {k: row[k] for k in row} == {k: was[k] for k in row}, step
+        same = [k for k in row if k not in REDEFINED_METRICS]
+        assert {k: row[k] for k in same} == {k: was[k] for k in same}, step
+        if algorithm == "trpo":
+            frac, delta = row["trpo/step_frac"], TRPOConfig.max_kl
+            assert was["trpo/kl_predicted"] == pytest.approx(delta * frac**2, rel=1e-12), step
+            full_step_norm = row["trpo/step_norm"] / frac
+            predicted = (delta - 0.5 * damping * full_step_norm**2) * frac**2
+            assert row["trpo/kl_predicted"] == pytest.approx(predicted, rel=1e-9), step

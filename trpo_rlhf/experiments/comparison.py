@@ -172,8 +172,9 @@ def frontier_envelope(results: dict[str, dict]) -> dict[str, dict]:
     method's runs, which Rafailov et al. 2023 (Fig. 2) draw as its frontier; `best_variants` picks
     one variant for the whole range instead.
 
-    >>> results = {"ppo_lr1e-3": {"algorithm": "ppo", "mean_reward": 0.3, "reward_at_kl": {"2": {"mean": 0.4}}},
-    ...            "ppo_lr3e-3": {"algorithm": "ppo", "mean_reward": 0.5, "reward_at_kl": {"2": {"mean": 0.2}}}}
+    >>> at_kl = lambda at_2: {"2": {"mean": at_2}, "4": None}  # no seed reaches 4 nats
+    >>> results = {"ppo_lr1e-3": {"algorithm": "ppo", "mean_reward": 0.3, "reward_at_kl": at_kl(0.4)},
+    ...            "ppo_lr3e-3": {"algorithm": "ppo", "mean_reward": 0.5, "reward_at_kl": at_kl(0.2)}}
     >>> envelope = frontier_envelope(results)["ppo"]
     >>> envelope["reward_at_kl"]["2"], envelope["mean_reward"], envelope["reward_at_kl"]["4"]
     ({'mean': 0.4, 'variant': 'ppo_lr1e-3'}, {'mean': 0.5, 'variant': 'ppo_lr3e-3'}, None)

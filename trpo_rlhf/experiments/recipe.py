@@ -26,11 +26,6 @@ from ..tracking import markdown_cell
 from .cli import CONFIG_HELP, apply_config_file
 from .tasks import build_task
 
-# The TRPO solver the SmolLM2 recipes were measured with (docs/results.md). SmolLM2-135M's LoRA
-# Fisher is ~1.5e-4 in most directions: at the package's damping 0.1 an update would realise about
-# a fifth of max_kl (docs/configuration.md); 10 CG iterations, the package's default until 4 replaced it.
-SMOLLM2_TRPO_SOLVER = dict(cg_damping=1e-3, cg_iters=10)
-
 
 def sample_table(trainer, rows: list[int], seed: int = 1234) -> list[tuple[str, str, float]]:
     """(prompt, completion, reward) for each of the dataset's `rows`, sampled with a fixed seed that
