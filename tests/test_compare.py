@@ -200,15 +200,18 @@ def test_the_frontier_is_read_at_the_kls_asked_for(capsys):
         {**r, "time/step": 1.0, "memory/peak_mb": 1.0}
         for r in frontier_rows([0.0, 1.0, 2.0, 4.0, 6.0], [0.0, 1.0, 2.0, 4.0, 6.0])
     ]
-    results = summarize_runs({"trpo": [rows, rows]}, kl_target=0.1, frontier_nats=[0.5, 2.0])
+    results = summarize_runs({"trpo": [rows, rows]}, kl_target=0.1, frontier_nats=[0.5, 1.0, 2.0])
     at, to = results["trpo"]["reward_at_kl"], results["trpo"]["frontier_auc_to_kl"]
-    assert set(at) == set(to) == {"0.5", "2"}
+    assert set(at) == set(to) == {"0.5", "1", "2"}
     assert at["2"]["mean"] == reward_at_kl(rows, 2.0) and to["2"]["mean"] == pytest.approx(1.0)
     assert to["0.5"]["mean"] == pytest.approx(frontier_auc(rows, 0.5))
-    assert "reward @ 0.5 nats | reward @ 2 nats | mean reward, 0–0.5 nats | mean reward, 0–2 nats" in (
-        markdown_table(results, kl_target=0.1)
+    assert (
+        "reward @ 0.5 nats | reward @ 1 nat | reward @ 2 nats | mean reward, 0–0.5 nats | mean reward, 0–1 nat |"
+        in (markdown_table(results, kl_target=0.1))
     )
-    assert "| reward @ 0.5 nats | reward @ 2 nats | mean reward |" in envelope_table(frontier_envelope(results))
+    assert "| reward @ 0.5 nats | reward @ 1 nat | reward @ 2 nats | mean reward |" in envelope_table(
+        frontier_envelope(results)
+    )
     assert compare_trpo_ppo.parse_args(["--frontier_nats", "0.5", "1"]).frontier_nats == [0.5, 1.0]
     with pytest.raises(SystemExit):
         compare_trpo_ppo.parse_args(["--frontier_nats", "0.5", "0"])

@@ -205,6 +205,10 @@ def frontier_nats_of(results: dict[str, dict]) -> list[str]:
     return list(next(iter(results.values()))["reward_at_kl"]) if results else []
 
 
+def nats_text(key: str) -> str:
+    return f"{key} nat" if key == "1" else f"{key} nats"
+
+
 def label(variant: str, algorithm: str) -> str:
     return (
         LABELS.get(algorithm, algorithm) if variant == algorithm else f"{LABELS.get(algorithm, algorithm)} [{variant}]"
@@ -225,8 +229,8 @@ def markdown_table(results: dict[str, dict], kl_target: float) -> str:
     several = {a for a in best if sum(r["algorithm"] == a for r in results.values()) > 1}
     kl_max = next(iter(results.values()))["frontier_kl"] if results else 0.0
     nats = frontier_nats_of(results)
-    at_kl = " | ".join(f"reward @ {n} nats" for n in nats)
-    to_kl = " | ".join(f"mean reward, 0–{n} nats" for n in nats)
+    at_kl = " | ".join(f"reward @ {nats_text(n)}" for n in nats)
+    to_kl = " | ".join(f"mean reward, 0–{nats_text(n)}" for n in nats)
     lines = [
         f"| variant | final reward (mean ± std over seeds) | mean reward | {at_kl} | {to_kl} "
         f"| frontier AUC, 0–{kl_max:.2f} nats "
@@ -265,7 +269,7 @@ def envelope_table(envelope: dict[str, dict]) -> str:
 
     nats = list(next(iter(envelope.values()))["reward_at_kl"]) if envelope else []
     lines = [
-        f"| at its best (each cell the best variant there) | {' | '.join(f'reward @ {n} nats' for n in nats)} "
+        f"| at its best (each cell the best variant there) | {' | '.join(f'reward @ {nats_text(n)}' for n in nats)} "
         "| mean reward |",
         "|---|" + "---:|" * (len(nats) + 1),
     ]
