@@ -167,8 +167,9 @@ def best_variants(results: dict[str, dict]) -> dict[str, str]:
 
 def frontier_envelope(results: dict[str, dict]) -> dict[str, dict]:
     """Per algorithm, each method at its best at every point: `reward_at_kl` at each KL the results
-    were summarized at (`summarize_runs`' `frontier_nats`) and `mean_reward`, each {"mean", "variant"} from the variant with the largest mean there (of those
-    whose every seed reaches that KL; None where none does). This is the upper envelope of a
+    were summarized at (`summarize_runs`' `frontier_nats`) and `mean_reward`, each {"mean",
+    "variant"} from the variant with the largest mean there (of those whose every seed reaches that
+    KL; None where none does). This is the upper envelope of a
     method's runs, which Rafailov et al. 2023 (Fig. 2) draw as its frontier; `best_variants` picks
     one variant for the whole range instead.
 
@@ -201,7 +202,8 @@ def frontier_envelope(results: dict[str, dict]) -> dict[str, dict]:
 
 
 def frontier_nats_of(results: dict[str, dict]) -> list[str]:
-    """The KLs (as their keys, "0.5", "2") at which `summarize_runs` read the frontier."""
+    """The KLs (as their keys, "0.5", "2") at which `summarize_runs` read the frontier, from its
+    results or from their `frontier_envelope` (both keyed by `reward_at_kl`)."""
     return list(next(iter(results.values()))["reward_at_kl"]) if results else []
 
 
@@ -267,7 +269,7 @@ def envelope_table(envelope: dict[str, dict]) -> str:
     def cell(best):
         return "–" if best is None else f"{best['mean']:.3f} ({best['variant']})"
 
-    nats = list(next(iter(envelope.values()))["reward_at_kl"]) if envelope else []
+    nats = frontier_nats_of(envelope)
     lines = [
         f"| at its best (each cell the best variant there) | {' | '.join(f'reward @ {nats_text(n)}' for n in nats)} "
         "| mean reward |",
