@@ -60,7 +60,7 @@ from trpo_rlhf.experiments.comparison import (
     plot_comparison,
     summarize_runs,
 )
-from trpo_rlhf.experiments.exact import EXACT_MAX_NEW_TOKENS, efficiency_table, plot_exact
+from trpo_rlhf.experiments.exact import EXACT_MAX_NEW_TOKENS, EXACT_REWARDS, efficiency_table, plot_exact
 from trpo_rlhf.metrics import read_metrics
 from trpo_rlhf.run_directory import RunDirectory, check_output_dir_path
 
@@ -81,6 +81,7 @@ RESULTS_KEYS = ("best", "envelope", "settings", "exact")
 REPORT_FILES = ("results.json", "compare.md", "compare.png")
 # A variant's name is a folder of DIR: letters, digits, '_', '-', '.' and '+', not starting with a dot.
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9_.+-]*$")
+NUMBER = re.compile(r"^-(\d|\.\d|inf|nan)", re.IGNORECASE)  # a negative value, not a flag
 # Config fields the comparison's flags set (`add_config_fields`: each typed and documented as its
 # field); unset ones keep the config's defaults. TRPO's solver (fisher_chunks changes the memory
 # and the time of an update, not its step):
@@ -104,11 +105,38 @@ CRITIC_FLAGS = (
     "value_epochs",
     "value_minibatch_size",
 )
+# What a --variant may change: the settings of one run. The rest is the comparison's own.
+VARIANT_FLAGS = (
+    "max_kl",
+    "batch_size",
+    *TRPO_SOLVER_FLAGS,
+    *PPO_FLAGS,
+    *ADAPTER_FLAGS,
+    *ADVANTAGE_FLAGS,
+    *CRITIC_FLAGS,
+    *RUN_FLAGS,
+    "grpo_beta",
+    "grpo_loss_type",
+)
+# Set by the comparison for each run: its folder (inside the comparison's, under its lock), its
+# seed, its algorithm and whether it resumes. A variant that set one would escape them.
+OWNED_FLAGS = ("output_dir", "seed", "worker", "overwrite_output_dir", "resume_from_checkpoint", "resume_worker")
+# The flags each task reads (`build_task`'s inputs); one the chosen task would ignore is an error.
+TASK_INPUTS = {
+    "toy": (),
+    "sentiment": ("model_name_or_path", "reward_model", "dataset"),
+    "sentiment_binary": ("model_name_or_path", "dataset"),
+    "exact": ("reward_model",),
+    "arithmetic": ("model_name_or_path", "dataset"),
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+        allow_abbrev=False,  # a variant's `--out X` must not become --output_dir X in its worker
     )
     parser.add_argument("--task", choices=sorted(TASK_DEFAULTS), default="toy")
     parser.add_argument("--steps", type=int, default=30, help="Iterations per run.")
@@ -205,6 +233,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         check_output_dir_path(args.output_dir, flag="output_dir")
     except (ValueError, OSError) as error:
         parser.error(str(error))
+    for flag in ("model_name_or_path", "reward_model", "dataset"):
+        if getattr(args, flag) is not None and flag not in TASK_INPUTS[args.task]:
+            reads = " and ".join(f"--{name}" for name in TASK_INPUTS[args.task]) or "none of them"
+            parser.error(
+                f"--{flag} {getattr(args, flag)}: the {args.task} task would ignore it (it reads {reads}); leave it out, "
+                "or choose the --task that reads it."
+            )
+    if args.task == "exact" and args.reward_model not in (None, *EXACT_REWARDS):
+        parser.error(f"--reward_model {args.reward_model}: the exact task's rewards are {EXACT_REWARDS}.")
     if not args.worker:
         try:
             args.variants = plan_variants(args)
@@ -223,7 +260,7 @@ class Variant:
 
 
 def parse_variant(spec: str) -> Variant:
-    """`NAME:FLAGS` (TRPO) or `NAME:ALGORITHM FLAGS`."""
+    """`NAME:FLAGS` (TRPO) or `NAME:ALGORITHM FLAGS`; FLAGS may set only `VARIANT_FLAGS`."""
     name, sep, rest = spec.partition(":")
     if not sep or not name:
         raise ValueError(f"--variant {spec!r}: expected NAME:FLAGS, e.g. 'trpo_cg1:--cg_iters 1'.")
@@ -234,6 +271,21 @@ def parse_variant(spec: str) -> Variant:
         )
     flags = shlex.split(rest)
     algorithm = flags.pop(0) if flags and flags[0] in ALGORITHMS else "trpo"
+    for token in flags:
+        if not token.startswith("-") or NUMBER.match(token):
+            continue
+        flag = token.lstrip("-").partition("=")[0]
+        if flag in OWNED_FLAGS:
+            raise ValueError(
+                f"--variant {spec!r}: --{flag} is the comparison's own (each run's folder, seed, algorithm and resumption "
+                "are set for it, inside --output_dir and under its lock): leave it out. A variant of another algorithm "
+                "names it first, e.g. 'ppo_e8:ppo --ppo_epochs 8'."
+            )
+        if flag not in VARIANT_FLAGS or not token.startswith("--"):
+            raise ValueError(
+                f"--variant {spec!r}: {token} is not a setting a variant may change; a variant sets "
+                f"{' '.join('--' + f for f in VARIANT_FLAGS)}."
+            )
     return Variant(name, algorithm, flags)
 
 
@@ -259,11 +311,10 @@ def plan_variants(args: argparse.Namespace) -> list[Variant]:
             f"--variant name {reserved[0]!r} is a key of results.json of its own {RESULTS_KEYS}: rename it."
         )
     for v in variants:
-        own = parse_worker_flags(v.flags)
-        if own is None:
-            raise ValueError(
-                f"variant {v.name!r}: {' '.join(v.flags)!r} are not valid flags of this recipe (see --help)."
-            )
+        try:
+            own = parse_worker_flags(v.flags)
+        except ValueError as error:
+            raise ValueError(f"variant {v.name!r}: {error} (see --help)") from None
         if args.task == "arithmetic" and v.algorithm == "trl_ppo":
             raise ValueError(
                 f"variant {v.name!r}: TRL's PPO scores a text reward, and the arithmetic task's reward functions read "
@@ -275,6 +326,13 @@ def plan_variants(args: argparse.Namespace) -> list[Variant]:
                 f"variant {v.name!r} runs TRL's GRPO, which needs --num_generations >= 2 (completions per prompt), "
                 "e.g. --num_generations 8 (TRL's default)."
             )
+        # The config each of its workers will build, built here first: a bad value fails now, named.
+        run_dir = Path(args.output_dir) / v.name / "seed-0"
+        worker = parse_worker_flags(worker_command(args, v.algorithm, 0, run_dir)[2:] + v.flags, whole=True)
+        try:
+            worker_config(worker)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"variant {v.name!r} ({v.algorithm} {' '.join(v.flags)}): {error}") from None
     return variants
 
 
@@ -284,65 +342,74 @@ def short(number: float) -> str:
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
-def parse_worker_flags(flags: list[str]) -> argparse.Namespace | None:
-    """What a worker would parse from `flags` (None: it would refuse them)."""
+def parse_worker_flags(flags: list[str], whole: bool = False) -> argparse.Namespace:
+    """What a worker parses from `flags` (`whole`: a worker's whole command line, else flags added
+    to a TRPO worker's); `ValueError` with argparse's message where it would refuse them."""
     from contextlib import redirect_stderr
     from io import StringIO
 
+    errors = StringIO()
     try:
-        with redirect_stderr(StringIO()):
-            return parse_args(["--worker", "trpo", *flags])
+        with redirect_stderr(errors):
+            return parse_args(flags if whole else ["--worker", "trpo", *flags])
     except SystemExit:
-        return None
+        lines = errors.getvalue().strip().splitlines()
+        message = lines[-1].partition("error: ")[2] if lines else "not valid flags"
+        raise ValueError(f"{' '.join(flags)!r}: {message}") from None
 
 
-def run_worker(args: argparse.Namespace, output_dir: Path) -> None:
-    """One (algorithm, seed) run, in this process."""
-    from trpo_rlhf import PPOConfig, PPOTrainer, TRPOConfig, TRPOTrainer
-    from trpo_rlhf.experiments import build_task
-    from trpo_rlhf.experiments.recipe import use_all_cpu_cores
+def worker_config(args: argparse.Namespace, task=None, output_dir: Path | None = None) -> RLConfig:
+    """The config of the run a worker's `args` describe, in `output_dir` (default: its
+    --output_dir). `task` (`build_task`'s) adds its LoRA targets and reward weights; without it (the
+    main process, checking every variant before any runs) every other setting is built and checked
+    the same way."""
+    from trpo_rlhf import PPOConfig, TRPOConfig
 
-    use_all_cpu_cores(runs_at_once=args.parallel)
-    task_inputs = {
-        "toy": {},
-        "exact": dict(reward_model=args.reward_model),
-        "arithmetic": dict(model=args.model_name_or_path, dataset=args.dataset),
-    }.get(args.task, dict(model=args.model_name_or_path, reward_model=args.reward_model, dataset=args.dataset))
-    task = build_task(args.task, seed=args.seed, **task_inputs)
     # The main process chose to (re)run this folder: a previous run's files in it are replaced,
     # unless it asked for the run to be resumed.
     common = dict(
-        output_dir=str(output_dir),
+        output_dir=str(output_dir or args.output_dir),
         overwrite_output_dir=not args.resume_worker,
         max_steps=args.steps,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
-        lora_target_modules=task.lora_target_modules,
-        reward_weights=task.reward_weights,
     )
+    if task is not None:
+        common.update(lora_target_modules=task.lora_target_modules, reward_weights=task.reward_weights)
     for key in (*ADAPTER_FLAGS, *ADVANTAGE_FLAGS, *CRITIC_FLAGS, *RUN_FLAGS):
         if getattr(args, key) is not None:
             common[key] = getattr(args, key)
     ppo = {key: getattr(args, key) for key in PPO_FLAGS if getattr(args, key) is not None}
-    resume = True if args.resume_worker else None
-
     if args.worker == "trpo":
         solver = {key: getattr(args, key) for key in TRPO_SOLVER_FLAGS if getattr(args, key) is not None}
-        config = TRPOConfig(**common, max_kl=args.max_kl, **solver)
+        return TRPOConfig(**common, max_kl=args.max_kl, **solver)
+    if args.worker in ("trl_ppo", "trl_grpo"):
+        for key in ("save_steps", "compile_generation", "held_out_kl_prompts", *CRITIC_FLAGS):
+            # TRL generates its own way, updates inside its own loop, and trains its own full value
+            # model (PPO) or none (GRPO).
+            common.pop(key, None)
+    return PPOConfig(**common, **ppo)
+
+
+def run_worker(args: argparse.Namespace, output_dir: Path) -> None:
+    """One (algorithm, seed) run, in this process."""
+    from trpo_rlhf import PPOTrainer, TRPOTrainer
+    from trpo_rlhf.experiments import build_task
+    from trpo_rlhf.experiments.recipe import use_all_cpu_cores
+
+    use_all_cpu_cores(runs_at_once=args.parallel)
+    keyword = {"model_name_or_path": "model", "reward_model": "reward_model", "dataset": "dataset"}
+    task = build_task(args.task, seed=args.seed, **{keyword[f]: getattr(args, f) for f in TASK_INPUTS[args.task]})
+    config = worker_config(args, task, output_dir)
+    resume = True if args.resume_worker else None
+    if args.worker == "trpo":
         with_exact_metrics(args, TRPOTrainer(config, **task.trainer_arguments())).train(resume_from_checkpoint=resume)
     elif args.worker == "ppo":
-        config = PPOConfig(**common, **ppo)
         with_exact_metrics(args, PPOTrainer(config, **task.trainer_arguments())).train(resume_from_checkpoint=resume)
     else:
-        common.pop("save_steps", None)
-        common.pop("compile_generation", None)  # TRL generates its own way
-        common.pop("held_out_kl_prompts", None)  # and updates inside its own loop
-        for key in CRITIC_FLAGS:  # TRL's PPO trains its own full value model; its GRPO has none
-            common.pop(key, None)
         from trpo_rlhf.experiments.trl_adapter import build_trl_grpo_for_task, build_trl_ppo_for_task
 
-        config = PPOConfig(**common, **ppo)
         hooks = []
         if args.task == "exact":  # TRL's policy, evaluated exactly after each of its updates
             hooks.append(exact_evaluator(args, task.tokenizer, task.prompts, task.reward_model).of_peft_model)
@@ -524,7 +591,7 @@ def main(argv=None) -> int:
             else:
                 folder.claim(args.overwrite_output_dir)
             return compare(args, folder)
-    except (OSError, RuntimeError) as error:  # a foreign, used, locked or unwritable folder
+    except (OSError, RuntimeError, ValueError) as error:  # a foreign, used, locked, crafted or unwritable folder
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -142,3 +142,7 @@ def test_a_key_that_is_not_a_flag_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_sentiment(TRPOConfig, ["--config", str(tmp_path / "missing.yaml")])
     assert "no such file" in capsys.readouterr().err
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00binary")  # issue 42: a binary --config
+    with pytest.raises(SystemExit):
+        parse_sentiment(TRPOConfig, ["--config", str(path)])
+    assert f"The --config file {path} is not UTF-8 text: byte 0 (line 1) is b'\\x89'" in capsys.readouterr().err

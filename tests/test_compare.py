@@ -264,7 +264,8 @@ def test_variants_parse_and_bad_ones_fail_before_anything_runs(capsys):
     assert compare_trpo_ppo.parse_args([]).fisher_chunks is None  # unset: TRPOConfig's default
     for bad, message in [
         (["--variant", "nocolon"], "expected NAME:FLAGS"),
-        (["--variant", "x:--no_such_flag 1"], "not valid flags"),
+        (["--variant", "x:--no_such_flag 1"], "--no_such_flag is not a setting a variant may change"),
+        (["--variant", "x:--critic_layers two"], "variant 'x': '--critic_layers two': argument --critic_layers"),
         (["--variant", "trpo:--cg_iters 1"], "variant names must differ"),
         (["--variant", "envelope:--cg_iters 1"], "'envelope' is a key of results.json"),
         (["--variant", "..:--cg_iters 1"], "the name '..' is a folder of --output_dir"),
@@ -274,6 +275,68 @@ def test_variants_parse_and_bad_ones_fail_before_anything_runs(capsys):
         with pytest.raises(SystemExit):
             compare_trpo_ppo.parse_args(bad)
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        # issue 42: a worker with --overwrite_output_dir inside another run's folder, outside the lock
+        ("--output_dir OTHER", "--output_dir is the comparison's own"),
+        ("--output_dir=OTHER", "--output_dir is the comparison's own"),
+        ("--out OTHER", "--out is not a setting a variant may change"),  # no abbreviation gets through
+        ("--seed 5", "--seed is the comparison's own"),  # every "seed" one run
+        ("--worker ppo", "--worker is the comparison's own"),  # labelled trpo
+        ("ppo --overwrite_output_dir", "--overwrite_output_dir is the comparison's own"),
+        ("--resume_from_checkpoint", "--resume_from_checkpoint is the comparison's own"),
+        ("--task exact", "--task is not a setting a variant may change"),
+        ("-s 5", "-s is not a setting a variant may change"),
+    ],
+)
+def test_a_variant_cannot_set_what_the_comparison_owns(flags, message, tmp_path, capsys):
+    other = tmp_path / "other"
+    with pytest.raises(SystemExit):
+        compare_trpo_ppo.parse_args(["--output_dir", str(tmp_path / "cmp"), "--variant", f"x:{flags}"])
+    assert message in capsys.readouterr().err
+    assert not other.exists() and not (tmp_path / "cmp").exists()
+
+
+@pytest.mark.parametrize(
+    "command, message",
+    [
+        (["--variant", "b0:--batch_size 0"], "variant 'b0' (trpo --batch_size 0): batch_size=0 must be >= 1"),
+        (["--variant", "neg:--max_kl -1"], "variant 'neg' (trpo --max_kl -1): max_kl=-1.0"),
+        (
+            ["--batch_size", "8", "--variant", "g3:ppo --num_generations 3"],
+            "variant 'g3' (ppo --num_generations 3): num_generations=3 must be >= 1 and divide batch_size=8",
+        ),
+        (["--learning_rates", "-1"], "variant 'ppo_lr-1e0' (ppo --learning_rate -1.0): learning_rate=-1.0 must be > 0"),
+        (["--task", "toy", "--model_name_or_path", "/does/not/exist"], "the toy task would ignore it"),
+        (["--task", "exact", "--dataset", "x.txt"], "the exact task would ignore it (it reads --reward_model)"),
+        (["--task", "exact", "--reward_model", "golden"], "the exact task's rewards are ('dense', 'sparse')"),
+    ],
+)
+def test_a_bad_worker_value_fails_before_any_worker_starts_naming_its_variant(command, message, capsys):
+    with pytest.raises(SystemExit):
+        compare_trpo_ppo.parse_args(command)
+    assert message in capsys.readouterr().err
+
+
+def test_every_variants_config_is_built_as_its_worker_builds_it(tmp_path):
+    args = compare_trpo_ppo.parse_args(["--variant", "x:ppo --ppo_epochs 2 --lora_r 4", "--output_dir", str(tmp_path)])
+    variant = args.variants[-1]
+    worker = compare_trpo_ppo.parse_worker_flags(
+        compare_trpo_ppo.worker_command(args, variant.algorithm, 3, tmp_path / "x" / "seed-3")[2:] + variant.flags,
+        whole=True,
+    )
+    config = compare_trpo_ppo.worker_config(worker)
+    assert type(config).__name__ == "PPOConfig"
+    assert (config.ppo_epochs, config.lora_r, config.seed, config.output_dir) == (
+        2,
+        4,
+        3,
+        str(tmp_path / "x" / "seed-3"),
+    )
+    assert config.overwrite_output_dir  # the comparison chose to (re)run this folder
 
 
 def test_a_used_foreign_or_locked_output_dir_is_refused_before_anything_runs(tmp_path, capsys):
@@ -313,7 +376,8 @@ def test_critic_flags_reach_every_worker_of_trpo_and_our_ppo(tmp_path):
     assert compare_trpo_ppo.parse_args(command[2:]).critic_lora_target_modules == ["q_proj", "up_proj"]
     assert "--value_minibatch_size" not in command  # unset: the config's default
     assert compare_trpo_ppo.parse_worker_flags(["--critic_layers", "2", "--value_minibatch_size", "16"]) is not None
-    assert compare_trpo_ppo.parse_worker_flags(["--critic_layers", "two"]) is None
+    with pytest.raises(ValueError, match="argument --critic_layers: invalid int value: 'two'"):
+        compare_trpo_ppo.parse_worker_flags(["--critic_layers", "two"])
 
 
 @pytest.mark.parametrize("algorithm", ["trpo", "ppo", "trl_ppo"])
@@ -349,17 +413,19 @@ def test_the_adapters_rank_alpha_and_modules_reach_every_algorithms_worker_confi
 
 
 def test_switches_reach_every_worker():
-    command = compare_trpo_ppo.worker_command(
-        compare_trpo_ppo.parse_args(["--bf16", "--compile_generation", "--held_out_kl_prompts", "8"]),
-        "ppo",
-        1,
-        Path("run"),
-    )
-    worker_args = compare_trpo_ppo.parse_args(command[2:])
-    assert worker_args.bf16 and worker_args.compile_generation and worker_args.held_out_kl_prompts == 8
+    def worker(switches):
+        command = compare_trpo_ppo.worker_command(compare_trpo_ppo.parse_args(switches), "ppo", 1, Path("run"))
+        return compare_trpo_ppo.parse_args(command[2:])
+
+    assert worker(["--bf16", "--held_out_kl_prompts", "8"]).bf16
+    assert worker(["--bf16", "--held_out_kl_prompts", "8"]).held_out_kl_prompts == 8
+    assert worker(["--compile_generation"]).compile_generation
     assert "--compile_generation" not in compare_trpo_ppo.worker_command(
         compare_trpo_ppo.parse_args([]), "ppo", 1, Path("run")
     )
+    # compile_generation with bf16 needs a bfloat16 base, which no comparison flag sets: refused at once.
+    with pytest.raises(SystemExit):
+        compare_trpo_ppo.parse_args(["--bf16", "--compile_generation"])
 
 
 def test_the_binary_sentiment_task_thresholds_vader():

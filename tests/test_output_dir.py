@@ -3,6 +3,7 @@ checkpoints that belong to their run and name their corruption, and inputs that 
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -171,10 +172,11 @@ def run_final_save_worker(output_dir: Path, point: str) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_a_kill_during_the_final_save_at_the_default_settings_is_finished_by_a_resume(tmp_path, word_tokenizer):
-    """save_steps=0: SIGKILL while the final checkpoint is written, and after none and all but one of
-    the final files replaced output_dir's. Each publish point resumes to the uninterrupted run's
-    files and tensors; a kill during the checkpoint itself loses the final state, which was only in
-    memory, and nothing else: the metrics stay and the folder is refused to a new run."""
+    """save_steps=0: SIGKILL while the final checkpoint (the run's first) is written, and after none
+    and all but one of the final files replaced output_dir's. Each resumes to the uninterrupted
+    run's files, tensors and metrics: a publish point from the final checkpoint, the kill during
+    the first checkpoint from step 0 (the state was only in memory; issue 42: it used to be refused
+    by both a resume and a new run). A new run into that folder names the one way on."""
     points = ["checkpoint", "publish-0", "publish-last"]
     processes = {"straight": run_final_save_worker(tmp_path / "straight", "none")}
     processes |= {point: run_final_save_worker(tmp_path / point, point) for point in points}
@@ -183,7 +185,12 @@ def test_a_kill_during_the_final_save_at_the_default_settings_is_finished_by_a_r
         expected = 0 if point == "straight" else -signal.SIGKILL
         assert code == expected, (point, process.communicate()[1][-3000:])
     straight = tmp_path / "straight"
-    resumed = {point: run_final_save_worker(tmp_path / point, "resume") for point in points[1:]}
+    lost = tmp_path / "checkpoint"
+    assert [row["step"] for row in read_rows(lost / "metrics.jsonl")] == [1, 2]
+    assert list_checkpoints(lost) == [] and (lost / ".checkpoint-2.tmp").exists()
+    with pytest.raises(FileExistsError, match=r"stopped before its first checkpoint was complete .*--resume_from_che"):
+        make("trpo", word_tokenizer, lost, max_steps=2).train()
+    resumed = {point: run_final_save_worker(tmp_path / point, "resume") for point in points}
     for point, process in resumed.items():
         assert process.wait(timeout=300) == 0, (point, process.communicate()[1][-3000:])
         run = tmp_path / point
@@ -195,14 +202,8 @@ def test_a_kill_during_the_final_save_at_the_default_settings_is_finished_by_a_r
         )
         for name in ("adapter_model.safetensors", "adapter_config.json", "trainer_config.json", "value"):
             assert (run / name).exists(), (point, name)
-        assert not (run / ".final.tmp").exists()
-    lost = tmp_path / "checkpoint"
-    assert [row["step"] for row in read_rows(lost / "metrics.jsonl")] == [1, 2]
-    assert list_checkpoints(lost) == []
-    with pytest.raises(FileNotFoundError, match="holds no checkpoint-<step> folder"):
-        make("trpo", word_tokenizer, lost, max_steps=2).train(resume_from_checkpoint=True)
-    with pytest.raises(FileExistsError, match=r"holds a previous run \(metrics.jsonl"):
-        make("trpo", word_tokenizer, lost, max_steps=2).train()
+        assert not (run / ".final.tmp").exists() and not (run / ".checkpoint-2.tmp").exists()
+    assert "starts again from step 0" in resumed["checkpoint"].communicate()[1]
 
 
 def test_an_output_dir_that_stops_being_writable_fails_at_that_step(tmp_path, word_tokenizer):
@@ -339,6 +340,45 @@ def test_a_partial_last_metrics_line_is_dropped_with_a_warning(tmp_path, word_to
     )
 
 
+@pytest.mark.parametrize("row", ["{}", "[3]", '{"step": "3"}'])
+def test_a_metrics_line_without_a_step_is_named_on_resume(row, tmp_path, word_tokenizer):
+    run = tmp_path / "run"
+    make("trpo", word_tokenizer, run, max_steps=2, save_steps=2).train()
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(row + "\n" + '{"step": 3}\n')
+    with pytest.raises(
+        ValueError, match=r"metrics.jsonl: line 3 of 4 \(.*\) is not a step's metrics \(no integer 'step'\)"
+    ):
+        make("trpo", word_tokenizer, run, max_steps=3).train(resume_from_checkpoint=True)
+
+
+def test_a_saved_config_of_the_other_algorithm_or_not_an_object_is_named(tmp_path):
+    from trpo_rlhf import PPOConfig
+
+    PPOConfig(output_dir="runs/x").save(tmp_path / "ppo.json")
+    TRPOConfig(output_dir="runs/x").save(tmp_path / "trpo.json")
+    with pytest.raises(
+        ValueError, match=r"ppo.json sets \['clip_range', 'learning_rate', .*a PPOConfig's: load it with PPOC"
+    ):
+        TRPOConfig.load(tmp_path / "ppo.json")
+    with pytest.raises(ValueError, match=r"trpo.json sets \['accept_ratio', .*the file is a TRPOConfig's"):
+        PPOConfig.load(tmp_path / "trpo.json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"list.json holds a JSON list, not a saved config"):
+        TRPOConfig.load(tmp_path / "list.json")
+    (tmp_path / "other.json").write_text('{"max_kl": 0.01, "no_such_setting": 1}')
+    with pytest.raises(ValueError, match=r"sets \['no_such_setting'\].*not one of this release's configs"):
+        TRPOConfig.load(tmp_path / "other.json")
+    assert TRPOConfig.load(tmp_path / "trpo.json") == TRPOConfig(output_dir="runs/x")
+
+
+def test_a_reward_model_path_that_does_not_exist_is_named_as_such():
+    from trpo_rlhf.rewards import build_reward_fn
+
+    with pytest.raises(FileNotFoundError, match=r"The reward model path '/nonexistent/model' does not exist \(no such"):
+        build_reward_fn("/nonexistent/model")
+
+
 # ------------------------------------------------------------------ inputs that train nothing
 def test_a_mapping_of_columns_is_a_dataset(tmp_path, word_tokenizer):
     prompts = ["good movie", "bad film", "the plot"]
@@ -403,3 +443,117 @@ def test_the_marker_records_everything_a_run_writes(tmp_path, word_tokenizer):
     top_level = {p.name for p in run.iterdir()} - {MARKER_FILE, LOCK_FILE}
     assert "run" in top_level  # TensorBoard's folder, output_dir/<run name>
     assert top_level <= set(marker["entries"]) and marker["global_step"] == 1
+
+
+# ------------------------------------------------------------------ a crafted run folder
+def crafted_run(tmp_path: Path, word_tokenizer, entry) -> tuple[Path, dict[Path, str]]:
+    """A finished run whose marker someone edited to list `entry` (issue 42: a run folder sent to a
+    user), beside a victim folder and file of the user's."""
+    run = tmp_path / "run"
+    tiny_trpo(run, word_tokenizer, max_steps=1).train()
+    victims = {tmp_path / "victim" / "thesis.tex": "years of work\n", tmp_path / "notes.txt": "mine\n"}
+    for path, text in victims.items():
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+    marker = json.loads((run / MARKER_FILE).read_text())
+    marker["entries"].append(entry if entry != "ABSOLUTE" else str(tmp_path / "notes.txt"))
+    (run / MARKER_FILE).write_text(json.dumps(marker))
+    return run, victims
+
+
+@pytest.mark.parametrize("entry", ["../victim", "ABSOLUTE", "sub/../../victim", "..", ".", "", 7, "a\\..\\b"])
+def test_a_crafted_marker_entry_refuses_the_overwrite_and_deletes_nothing(entry, tmp_path, word_tokenizer):
+    run, victims = crafted_run(tmp_path, word_tokenizer, entry)
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(ValueError, match=r"lists the entry .*which is not a plain name inside .*Nothing was deleted"):
+        tiny_trpo(run, word_tokenizer, max_steps=1, overwrite_output_dir=True).train()
+    assert_untouched(victims)
+    assert sorted(p.name for p in run.iterdir()) == before  # the run's own files too: it refused before deleting
+    with pytest.raises(ValueError, match="not a plain name"):  # and a resume reads the same marker
+        tiny_trpo(run, word_tokenizer, max_steps=2).train(resume_from_checkpoint=True)
+
+
+def test_a_recorded_entry_that_is_a_link_out_of_the_folder_is_neither_deleted_through_nor_written(
+    tmp_path, word_tokenizer
+):
+    run, victims = crafted_run(tmp_path, word_tokenizer, "data")
+    (run / "data").symlink_to(tmp_path / "victim", target_is_directory=True)
+    with pytest.raises(ValueError, match=r"run/data is a symbolic link \(to .*victim\), and a run writes none"):
+        tiny_trpo(run, word_tokenizer, max_steps=1, overwrite_output_dir=True).train()
+    # A link put where the run will write its metrics (not recorded): the run writes nothing through it.
+    (run / "data").unlink()
+    marker = json.loads((run / MARKER_FILE).read_text())
+    marker["entries"] = [e for e in marker["entries"] if e not in ("data", "metrics.jsonl")]
+    (run / MARKER_FILE).write_text(json.dumps(marker))
+    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").symlink_to(tmp_path / "notes.txt")
+    with pytest.raises(ValueError, match=r"metrics.jsonl is a symbolic link"):
+        tiny_trpo(run, word_tokenizer, max_steps=1, overwrite_output_dir=True).train()
+    assert_untouched(victims)
+
+
+@pytest.mark.parametrize("bookkeeping", [LOCK_FILE, f"{MARKER_FILE}.tmp"])
+def test_the_lock_and_the_staged_marker_are_never_written_through_a_link(bookkeeping, tmp_path, word_tokenizer):
+    run = tmp_path / "run"
+    tiny_trpo(run, word_tokenizer, max_steps=1).train()
+    victim = tmp_path / "bashrc"
+    victim.write_text("export PATH=...\n")
+    (run / bookkeeping).unlink(missing_ok=True)
+    (run / bookkeeping).symlink_to(victim)
+    trainer = tiny_trpo(run, word_tokenizer, max_steps=1, overwrite_output_dir=True)
+    if bookkeeping == LOCK_FILE:
+        with pytest.raises(FileExistsError, match=r"\.trpo_rlhf\.lock is a symbolic link"):
+            trainer.train()
+    else:  # the link is replaced by the run's own file
+        trainer.train()
+        assert not (run / bookkeeping).is_symlink()
+    assert victim.read_text() == "export PATH=...\n"
+
+
+def test_a_marker_that_is_not_a_json_object_is_named(tmp_path):
+    folder = RunDirectory(tmp_path / "run")
+    folder.path.mkdir()
+    folder.marker_path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"is not a trpo_rlhf run marker \(it holds a JSON list, not an object\)"):
+        folder.read_marker()
+
+
+# ------------------------------------------------------------------ a full disk (issue 42)
+def in_small_tmpfs(mount: Path, *command: str) -> subprocess.CompletedProcess:
+    """`command`, with a tmpfs of 4 MB mounted on `mount` in a mount namespace of its own (unshare:
+    no root needed where user namespaces are on; as root without them, a plain mount)."""
+    mount.mkdir()
+    script = 'mount -t tmpfs -o size=4m tmpfs "$0" && exec "$@"'
+    for launcher in (["unshare", "-Urm"], ["unshare", "-m"]):
+        if shutil.which(launcher[0]) is None:
+            break
+        if subprocess.run([*launcher, "true"], capture_output=True).returncode == 0:
+            return subprocess.run(
+                [*launcher, "sh", "-c", script, str(mount), *command],
+                env=ENV,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+    pytest.skip("no mount namespace can be made here (unshare is missing or refused): a full disk cannot be made")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["checkpoint", "final"])
+def test_a_full_disk_names_the_file_the_checkpoint_and_the_cause_and_leaves_no_staging_folder(point, tmp_path):
+    mount = tmp_path / "tmpfs"
+    done = in_small_tmpfs(mount, sys.executable, str(TESTS / "disk_full_worker.py"), str(mount), point)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    if point == "checkpoint":
+        assert report["error"].startswith("Saving checkpoint-1 failed writing ")
+        assert "/run/.checkpoint-1.tmp/" in report["error"]  # the file being written
+        assert "Nothing of it was kept; no step is saved yet." in report["error"]
+        assert report["entries"] == [".trpo_rlhf.lock", MARKER_FILE, "metrics.jsonl"]  # no staging folder
+    else:
+        assert report["error"].startswith(f"Saving the model files into {tmp_path / 'tmpfs' / 'run'} failed writing ")
+        assert "The final state is in checkpoint-2: make room, then finish the run" in report["error"]
+        assert report["entries"] == [".trpo_rlhf.lock", MARKER_FILE, "checkpoint-2", "metrics.jsonl"]
+        assert {"adapter_model.safetensors", "value", "trainer_config.json"} <= set(report["after_resume"])
+        assert ".final.tmp" not in report["after_resume"]
+    assert re.search(r": no space left on device: \d+ (bytes|kB) free in .*tmpfs", report["error"])

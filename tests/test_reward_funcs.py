@@ -164,3 +164,75 @@ def test_chat_prompts_need_a_chat_template(tmp_path, word_tokenizer):
             {"prompt": [[{"role": "user", "content": "good film"}]]},
             reward_fn=WordScoreReward(),
         )
+
+
+# ------------------------------------------------------------------ rewards that mutate or overflow (issue 42)
+@pytest.mark.parametrize("weights", [[math.nan], [1.0, math.inf], [-math.inf, 1.0]])
+def test_reward_weights_must_be_finite_at_construction(weights):
+    with pytest.raises(ValueError, match=r"reward_weights\[\d\]=(nan|inf|-inf) \(in reward_weights=.*must be a finite"):
+        TRPOConfig(output_dir="runs/x", reward_weights=weights)
+
+
+def test_a_reward_function_that_edits_its_prompts_never_changes_the_trainers(tmp_path, chat_tokenizer):
+    seen = []
+
+    def vandal(prompts, completions, **kwargs):
+        seen.append([message["content"] for conversation in prompts for message in conversation])
+        for conversation in prompts:
+            conversation[-1]["content"] += " EDITED"
+            conversation.append({"role": "assistant", "content": "injected"})
+        completions[0][0]["content"] = "changed"
+        kwargs["completion_ids"].clear()
+        return [1.0] * len(completions)
+
+    original = [[dict(m) for m in conversation] for conversation in CHATS]
+    trainer = make(
+        tmp_path,
+        chat_tokenizer,
+        {"prompt": CHATS},
+        reward_funcs=vandal,
+        model=build_tiny_lm(chat_tokenizer),
+        max_steps=3,
+        batch_size=4,
+        num_generations=2,
+        advantage_estimator="grpo",
+    )
+    trainer.train()
+    assert trainer.prompt_messages == original
+    assert len(seen) == 3 and not any("EDITED" in content for contents in seen for content in contents)
+
+
+@pytest.mark.parametrize(
+    "vandal, match",
+    [
+        # clears what it was given, then fails: the error names it, not an IndexError of ours
+        (lambda prompts, completions: completions.clear() or 1 / 0, r"raised ZeroDivisionError on batch 0 \(first"),
+        # pops one and scores what is left: one score short
+        (lambda prompts, completions: completions.pop() and [0.0] * len(completions), "returned 7 scores for 8"),
+    ],
+)
+def test_a_reward_that_clears_or_pops_its_completions_is_a_reward_error(vandal, match, tmp_path, word_tokenizer):
+    with pytest.raises(RewardError, match=match):
+        make(tmp_path, word_tokenizer, TOY_PROMPTS, reward_fn=vandal).train()
+
+
+def test_an_integer_beyond_float64_is_a_reward_error_naming_the_completion(tmp_path, word_tokenizer):
+    def huge(completions, **kwargs):
+        return [1.0] * (len(completions) - 1) + [10**400]
+
+    with pytest.raises(RewardError, match=r"'huge' returned an integer of 401 digits for completion 7 on batch 0"):
+        make(tmp_path, word_tokenizer, TOY_PROMPTS, reward_funcs=huge).train()
+
+
+def test_numpy_bools_are_scores_like_python_bools(tmp_path, word_tokenizer):
+    import numpy as np
+
+    def is_long(completions, **kwargs):
+        return [np.bool_(len(c.split()) > 2) for c in completions]
+
+    def is_long_array(completions, **kwargs):
+        return np.array([len(c.split()) > 2 for c in completions])
+
+    (stats,) = make(tmp_path, word_tokenizer, TOY_PROMPTS, reward_funcs=[is_long, is_long_array]).train()
+    assert stats["reward/is_long"] == stats["reward/is_long_array"]
+    assert stats["reward/mean"] == pytest.approx(2 * stats["reward/is_long"])

@@ -18,6 +18,7 @@ honours at the next step boundary.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -47,6 +48,83 @@ class CorruptCheckpointError(ValueError):
             "(resume_from_checkpoint=True takes the newest intact one)."
         )
         self.checkpoint, self.file = checkpoint, file
+
+
+class WriteError(OSError):
+    """A save could not write one of its files; the message names the file, what was being saved
+    and the cause in words (`naming_write_failures`)."""
+
+
+# Below this much free space a failed write is taken for a full disk: torch.save reports one as
+# "unexpected pos", with no errno (its partial file still holds the space it took).
+NEARLY_FULL_BYTES = 1 << 20
+
+
+def format_bytes(count: int) -> str:
+    """`count` bytes in words.
+
+    >>> format_bytes(20_480), format_bytes(3 * 1024**3)
+    ('20 kB', '3.0 GB')
+    """
+    for unit, size in (("GB", 1024**3), ("MB", 1024**2)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count // 1024} kB" if count >= 1024 else f"{count} bytes"
+
+
+def cause_in_words(error: BaseException, folder: Path) -> str:
+    """Why a write into `folder` failed, in words: "no space left on device: 20 kB free in ...",
+    a quota, a size limit, a permission, or else the error's own text."""
+    chain, link = [], error
+    while link is not None and len(chain) < 8:
+        chain.append(link)
+        link = link.__cause__ or link.__context__
+    codes = {getattr(e, "errno", None) for e in chain}
+    text = " ".join(str(e) for e in chain)
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path(folder.anchor or "."))
+    free = shutil.disk_usage(existing).free
+    if errno.ENOSPC in codes or "No space left on device" in text or "os error 28" in text or free < NEARLY_FULL_BYTES:
+        return f"no space left on device: {format_bytes(free)} free in {existing}"
+    if errno.EDQUOT in codes or "quota" in text.lower():
+        return f"disk quota exceeded in {existing}"
+    if errno.EFBIG in codes:
+        return "file too large: beyond this process's file size limit (ulimit -f) or the file system's"
+    if codes & {errno.EACCES, errno.EPERM, errno.EROFS}:
+        return f"not writable ({next(e.strerror for e in chain if getattr(e, 'strerror', None))})"
+    return f"{type(error).__name__}: {error}"
+
+
+def _newest_file(folder: Path) -> Path | None:
+    files = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
+    return max(files, key=lambda p: p.stat().st_mtime_ns, default=None)
+
+
+@contextlib.contextmanager
+def naming_write_failures(what: str, folder: Path, staging: Path | None = None, then: str = "") -> Iterator[None]:
+    """Turn a failed write in the block into a `WriteError` that names the file (the error's, or
+    the newest in `staging`), `what` was being saved, the cause (`cause_in_words`) and `then`, what
+    to do next; `staging`, the block's staging folder, is removed, so that none outlives it.
+
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> with naming_write_failures("the notes", folder):
+        ...     raise OSError(errno.EFBIG, "File too large", str(folder / "notes.txt"))
+        Traceback (most recent call last):
+        ...
+        trpo_rlhf.checkpointing.WriteError: Saving the notes failed writing .../notes.txt: file too large: ...
+    """
+    try:
+        yield
+    except Exception as exc:
+        # torch.save fails with a RuntimeError, safetensors with its own error (an Exception)
+        written = isinstance(exc, (OSError, RuntimeError)) or type(exc).__name__ == "SafetensorError"
+        if isinstance(exc, WriteError) or not written:
+            raise
+        cause = cause_in_words(exc, Path(folder))  # before the staging folder goes: its partial file filled the disk
+        file = getattr(exc, "filename", None) or (staging and _newest_file(staging)) or folder
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise WriteError(f"Saving {what} failed writing {file}: {cause}.{' ' + then if then else ''}") from exc
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,11 +291,12 @@ def checkpoint_step(path: Path) -> int | None:
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
-    """The complete `checkpoint-<step>` folders of `output_dir`, oldest step first."""
+    """The complete `checkpoint-<step>` folders of `output_dir`, oldest step first (a symbolic
+    link is none: a run writes no links, and rotation would delete through one)."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    found = [p for p in output_dir.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+    found = [p for p in output_dir.iterdir() if p.is_dir() and not p.is_symlink() and checkpoint_step(p) is not None]
     return sorted(found, key=checkpoint_step)
 
 

@@ -89,8 +89,12 @@ def check_field_types(config) -> None:
             _matches(value, hint),
             f"{f.name}={value!r} must be {_type_name(hint)}, not {type(value).__name__} (e.g. {f.name}={f.default!r}).",
         )
-        if isinstance(value, numbers.Real) and not isinstance(value, bool):
-            _require(math.isfinite(value), f"{f.name}={value} must be a finite number.")
+        for i, number in enumerate(value if isinstance(value, list) else [value]):
+            if isinstance(number, numbers.Real) and not isinstance(number, bool) and not math.isfinite(number):
+                where = (
+                    f"{f.name}[{i}]={number} (in {f.name}={value})" if isinstance(value, list) else f"{f.name}={value}"
+                )
+                raise ValueError(f"{where} must be a finite number.")
 
 
 @dataclass
@@ -477,7 +481,36 @@ class RLConfig:
 
     @classmethod
     def load(cls, path: str | Path):
-        return cls(**without_removed_settings(json.loads(Path(path).read_text()), str(path)))
+        """The config saved at `path` (a run's trainer_config.json); `ValueError` naming the file
+        where it is not one, or is another algorithm's (a PPO run's file for `TRPOConfig`)."""
+        try:
+            saved = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path} is not a saved config (not JSON: {exc}).") from None
+        if not isinstance(saved, dict):
+            raise ValueError(f"{path} holds a JSON {type(saved).__name__}, not a saved config (an object of settings).")
+        saved = without_removed_settings(saved, str(path))
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(saved) - fields)
+        if unknown:
+            owners = [c.__name__ for c in _config_classes() if c is not cls and set(saved) <= _field_names(c)]
+            whose = f"a {owners[0]}'s: load it with {owners[0]}.load" if owners else "not one of this release's configs"
+            raise ValueError(f"{path} sets {unknown}, which {cls.__name__} has no field for: the file is {whose}.")
+        return cls(**saved)
+
+
+def _field_names(config_class: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(config_class)}
+
+
+def _config_classes() -> list[type]:
+    """RLConfig and every config class derived from it (each algorithm's)."""
+    found, pending = [], [RLConfig]
+    while pending:
+        config_class = pending.pop()
+        found.append(config_class)
+        pending += config_class.__subclasses__()
+    return found
 
 
 def without_removed_settings(saved: dict, source: str) -> dict:

@@ -296,7 +296,7 @@ class RLTrainer(SetupChecks, CheckpointedRun, Collectives):
         cfg = self.config
         if not self._output_dir_taken:
             # Outside train() (a loop of the caller's own): the first step claims output_dir, unlocked.
-            self._take_output_dir(None)
+            self._take_output_dir(None, resuming=False)
         if self._completed_state is None:
             self._completed_state = self.capture_state()
         timer = PhaseTimer()

@@ -100,9 +100,14 @@ def embedded_model_path() -> Path:
     return cache
 
 
-def check_local_model_path(name_or_path: str | os.PathLike) -> None:
-    """Fail clearly for a local model path that does not exist or holds no model; hub ids
-    ("org/name") pass. Without this, transformers reports a missing folder as a malformed repo id."""
+def check_local_model_path(
+    name_or_path: str | os.PathLike,
+    role: str = "model",
+    instead: str = "a hub id such as 'org/name', or 'embedded' for the shipped SmolLM2-135M",
+) -> None:
+    """Fail clearly for a local `role` path that does not exist or holds no model; hub ids
+    ("org/name") pass. Without this, transformers reports a missing folder as a malformed repo id.
+    `instead`: what else the caller accepts, for the error."""
     name = os.fspath(name_or_path)
     path = Path(name).expanduser()
     looks_local = (
@@ -111,13 +116,13 @@ def check_local_model_path(name_or_path: str | os.PathLike) -> None:
     if path.is_dir():
         if not (path / "config.json").exists():
             raise FileNotFoundError(
-                f"The model folder {name!r} holds no config.json: pass a folder written by "
-                "save_pretrained (config.json and weights), a hub id, or 'embedded'."
+                f"The {role} folder {name!r} holds no config.json: pass a folder written by save_pretrained "
+                f"(config.json and weights), or {instead}."
             )
     elif looks_local:
         raise FileNotFoundError(
-            f"The model path {name!r} does not exist: pass an existing folder (with config.json), "
-            "a hub id such as 'org/name', or 'embedded' for the shipped SmolLM2-135M."
+            f"The {role} path {name!r} does not exist (no such file or folder): pass an existing folder (with "
+            f"config.json), or {instead}."
         )
 
 

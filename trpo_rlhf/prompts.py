@@ -9,18 +9,49 @@ True
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
 
 DEFAULT_PROMPT_FILE = "movie_review_openings.txt"
 
 
+# The roles chat templates know (TRL's conversational format; "developer" is the newer "system").
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def read_text_file(path, what: str = "file") -> str:
+    """A UTF-8 text file's contents; `ValueError` naming the file and the first byte that is not
+    UTF-8 (a Latin-1 or binary file), instead of a bare UnicodeDecodeError."""
+    path = path if hasattr(path, "read_bytes") else Path(path)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ValueError(
+            f"The {what} {path} is not UTF-8 text: byte {exc.start} (line {line}) is {data[exc.start : exc.start + 1]!r}. "
+            "Save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)."
+        ) from None
+
+
 def read_prompt_file(path) -> list[str]:
     """One prompt per line; blank lines and lines starting with '#' are skipped. Trailing
     whitespace is stripped, so the model chooses the next word boundary itself."""
-    lines = (path if hasattr(path, "read_text") else Path(path)).read_text(encoding="utf-8").splitlines()
+    lines = read_text_file(path, "prompt file").splitlines()
     return [line.rstrip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def check_text(text: str, source: str) -> None:
+    """Raise a ValueError where `text` cannot be written as UTF-8 (a lone surrogate, e.g. from a
+    decode with errors='surrogateescape'), which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{source} holds {text[exc.start : exc.end]!r} at character {exc.start}, a lone surrogate that is not "
+            "text: no tokenizer can read it. Decode the source as UTF-8 (errors='replace' keeps the rest)."
+        ) from None
 
 
 def data_dir():
@@ -47,6 +78,7 @@ def check_prompt_strings(prompts: Sequence, source: str) -> None:
                 f"{source}[{i}] is a {type(prompt).__name__}, {prompt!r}{hint}; every prompt must be a string "
                 "(or, in a conversational dataset, every one a list of chat messages)."
             )
+        check_text(prompt, f"{source}[{i}]")
 
 
 def is_conversational(prompt) -> bool:
@@ -71,6 +103,12 @@ def check_messages(messages, source: str) -> None:
                 f"{source}[{j}] has role {message['role']!r} and content of type {type(message['content']).__name__}: "
                 "both must be strings."
             )
+        if message["role"] not in CHAT_ROLES:
+            raise ValueError(
+                f"{source}[{j}] has the role {message['role']!r}, which chat templates do not know: each role is one "
+                f"of {CHAT_ROLES}."
+            )
+        check_text(message["content"], f"{source}[{j}]['content']")
     if messages[-1]["role"] == "assistant":
         raise ValueError(
             f"{source} ends with an assistant message: the completion is the assistant's next message, so the "
@@ -88,7 +126,13 @@ def chat_prompt_text(tokenizer, messages: list[dict], source: str = "a prompt") 
             "tokenizer (the embedded SmolLM2-135M-Instruct has one), set tokenizer.chat_template, or pass plain string "
             "prompts."
         )
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # jinja2's TemplateError (raise_exception in the template), or one of its own
+        raise ValueError(
+            f"{source}: the tokenizer's chat template refused its messages ({type(exc).__name__}: {exc}). Change those "
+            "messages to the roles and order that template takes."
+        ) from exc
 
 
 def prompt_columns(train_dataset) -> tuple[list, dict[str, list]]:
@@ -104,10 +148,11 @@ def prompt_columns(train_dataset) -> tuple[list, dict[str, list]]:
         prompts = list(train_dataset["prompt"])
         columns = {name: list(train_dataset[name]) for name in names if name != "prompt"}
         source = "the dataset's 'prompt' column"
-    elif isinstance(train_dataset, str):
+    elif isinstance(train_dataset, (str, bytes)) or not isinstance(train_dataset, Iterable):
         raise TypeError(
-            "train_dataset must be a list of prompts or a datasets.Dataset, not a string; "
-            "load a file with trpo_rlhf.prompts.load_prompts(path)."
+            f"train_dataset must be a list of prompts, a dict of columns or a datasets.Dataset, not a "
+            f"{type(train_dataset).__name__} ({str(train_dataset)[:40]!r}); load a file with "
+            "trpo_rlhf.prompts.load_prompts(path)."
         )
     else:
         prompts, columns, source = list(train_dataset), {}, "train_dataset"
@@ -151,6 +196,7 @@ def load_prompts(source: str | None, seed: int = 0) -> list[str]:
     from datasets import load_dataset
 
     if path.exists() and path.suffix in {".json", ".jsonl", ".csv"}:
+        read_text_file(path, "dataset file")  # a file that is not UTF-8 named here, not deep in datasets
         dataset = load_dataset("json" if path.suffix != ".csv" else "csv", data_files=str(path), split="train")
     else:
         dataset = load_dataset(source, split="train")

@@ -13,12 +13,14 @@ the hub id / local path of a `transformers` sequence classifier (scored with its
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
@@ -125,6 +127,9 @@ def build_reward_fn(reward: RewardFn | str, device: str | torch.device | None = 
         )
     if reward.lower() == VADER:
         return VaderReward()
+    from .loading import check_local_model_path
+
+    check_local_model_path(reward, role="reward model", instead="a sequence classifier's hub id, or 'vader'")
     return SequenceClassifierReward(reward, device=device)
 
 
@@ -175,17 +180,26 @@ def score_batch(
     a reward function, ``reward_fn(prompts=..., completions=..., **keywords)``, where a None score
     (TRL's "does not apply") comes back as NaN.
 
+    The function is handed copies of `prompts`, `completions` and the keywords' data (not of
+    `trainer_state`): what it changes in them (a chat message edited, a list cleared) is its own,
+    never the trainer's.
+
     Raises `RewardError` naming the function (`name`), the batch and the offending entry otherwise.
     Other non-finite numbers pass through: the trainer rejects that step's update and says so (see
     `RLTrainer.step`).
     """
     who = f"The reward function {name!r}" if name else "The reward function"
     allow_none = keywords is not None
+    given_prompts, given_completions = copy.deepcopy(prompts), copy.deepcopy(completions)
     try:
         if keywords is None:
-            raw = call_with_timeout(reward_fn, timeout, prompts, completions)
+            raw = call_with_timeout(reward_fn, timeout, given_prompts, given_completions)
         else:
-            raw = call_with_timeout(lambda: reward_fn(prompts=prompts, completions=completions, **keywords), timeout)
+            # The trainer's state is the trainer's to share, as TRL shares it; the data are copies.
+            given = {k: v if k == "trainer_state" else copy.deepcopy(v) for k, v in keywords.items()}
+            raw = call_with_timeout(
+                lambda: reward_fn(prompts=given_prompts, completions=given_completions, **given), timeout
+            )
     except TimeoutError as exc:
         raise RewardError(
             f"{who} gave no scores for batch {batch_index} within reward_timeout={timeout:g} s "
@@ -205,7 +219,7 @@ def score_batch(
         )
     if allow_none:
         raw = [math.nan if s is None else s for s in raw]
-    not_numbers = [(i, s) for i, s in enumerate(raw) if not isinstance(s, numbers.Real)]
+    not_numbers = [(i, s) for i, s in enumerate(raw) if not isinstance(s, (numbers.Real, np.bool_))]
     if not_numbers:
         i, s = not_numbers[0]
         raise RewardError(
@@ -217,14 +231,21 @@ def score_batch(
             f"{who} returned {len(raw)} scores for {len(completions)} completions on batch {batch_index}; "
             "it must return exactly one float per completion."
         )
-    too_large = [(i, float(s)) for i, s in enumerate(raw) if math.isfinite(float(s)) and abs(float(s)) > FLOAT32_MAX]
-    if too_large:
-        i, s = too_large[0]
-        raise RewardError(
-            f"{who} returned {s:g} for completion {i} on batch {batch_index}: finite, but beyond float32's "
-            f"range (+-{FLOAT32_MAX:.3g}), in which the trainer computes. Rescale the reward (e.g. divide it or take a log)."
-        )
-    return torch.tensor([float(s) for s in raw], dtype=torch.float32)
+    values = []
+    for i, s in enumerate(raw):
+        try:
+            value = float(s)
+        except OverflowError:  # a Python integer beyond even float64's range, e.g. 10**400
+            value = None
+        if value is None or (math.isfinite(value) and abs(value) > FLOAT32_MAX):
+            shown = f"an integer of {len(str(abs(int(s))))} digits" if value is None else f"{value:g}"
+            raise RewardError(
+                f"{who} returned {shown} for completion {i} on batch {batch_index}: finite, but beyond float32's "
+                f"range (+-{FLOAT32_MAX:.3g}), in which the trainer computes. Rescale the reward (e.g. divide it or "
+                "take a log)."
+            )
+        values.append(value)
+    return torch.tensor(values, dtype=torch.float32)
 
 
 @dataclass

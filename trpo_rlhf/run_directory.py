@@ -19,6 +19,7 @@ second writer fails at once and a killed run leaves nothing to clean up.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -36,6 +37,7 @@ _BOOKKEEPING = (MARKER_FILE, LOCK_FILE, f"{MARKER_FILE}.tmp")
 # A process's writability probe (`check_writable`), there for an instant: under `accelerate launch`
 # one process may list the folder while another's probe is in it.
 WRITE_PROBE_PREFIX = ".trpo_rlhf_write_probe."
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # 0 where the system has no such flag (Windows)
 
 
 class OutputDirInUse(RuntimeError):
@@ -75,7 +77,9 @@ def check_output_dir_path(output_dir: str, flag: str = "output_dir") -> Path:
 
 def _write_json_atomically(path: Path, data: dict) -> None:
     staged = path.with_name(f"{path.name}.tmp")
-    with open(staged, "w") as f:
+    # A new file, never through a link put in its place: the link goes, what it points to stays.
+    staged.unlink(missing_ok=True)
+    with os.fdopen(os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644), "w") as f:
         f.write(json.dumps(data, indent=1) + "\n")
         f.flush()
         os.fsync(f.fileno())
@@ -102,19 +106,49 @@ class RunDirectory:
         return self.path / MARKER_FILE
 
     def read_marker(self) -> dict | None:
-        """The marker's contents, or None where the folder has none (not one of ours, or new)."""
+        """The marker's contents, or None where the folder has none (not one of ours, or new). Its
+        entries are checked (`check_entry`): a marker that names anything but the folder's own
+        plain entries is refused, so that no overwrite or resume reaches outside the folder."""
         if not self.marker_path.exists():
             return None
         try:
             marker = json.loads(self.marker_path.read_text())
+            if not isinstance(marker, dict):
+                raise ValueError(f"it holds a JSON {type(marker).__name__}, not an object")
             if not isinstance(marker.get("run_id"), str) or not isinstance(marker.get("entries"), list):
                 raise ValueError("no run_id and entries")
-        except ValueError as exc:
+        except (ValueError, UnicodeDecodeError) as exc:
             raise ValueError(
                 f"{self.marker_path} is not a trpo_rlhf run marker ({exc}). It is written atomically, so it was edited by "
                 f"hand: restore it, or pick another --{self.flag}."
             ) from exc
+        for name in marker["entries"]:
+            self.check_entry(name)
         return marker
+
+    def check_entry(self, name: object) -> None:
+        """Raise `ValueError` unless `name` is an entry a run may write, delete or read back: a
+        plain name directly inside the folder (no separator, no `..`, not absolute) that is not a
+        symbolic link (a run writes none, so one there was put by someone else and may point out)."""
+        plain = (
+            isinstance(name, str)
+            and name not in ("", ".", "..")
+            and not any(c in name for c in ("/", "\\", "\0"))
+            and not Path(name).is_absolute()
+        )
+        if not plain:
+            raise ValueError(
+                f"{self.marker_path} lists the entry {name!r}, which is not a plain name inside {self.path}: a run records "
+                "only the files and folders it writes there, so the marker was crafted or edited. Nothing was deleted. "
+                f"Remove that entry from the marker, or pick another --{self.flag}."
+            )
+        path = self.path / name
+        if path.is_symlink():
+            raise ValueError(
+                f"{path} is a symbolic link (to {os.readlink(path)}), and a run writes none: it was put there by someone "
+                "else and may point outside the run's folder, so the run neither deletes nor writes through it. "
+                f"Remove the link, or pick another --{self.flag}."
+            )
 
     def run_id(self) -> str | None:
         marker = self.read_marker()
@@ -177,7 +211,16 @@ class RunDirectory:
         live process has it. The lock file stays (removing it would let two processes lock two files)."""
         self.check_ours()
         self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            # Never through a link: the lock file is truncated and rewritten below.
+            fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o644)
+        except OSError as exc:
+            if not (self.path / LOCK_FILE).is_symlink():
+                raise
+            raise FileExistsError(
+                f"{self.path / LOCK_FILE} is a symbolic link (to {os.readlink(self.path / LOCK_FILE)}), and a run writes "
+                f"none: it was put there by someone else. Remove it, or pick another --{self.flag}."
+            ) from exc
         try:
             _lock_exclusively(fd)
         except BlockingIOError:
@@ -236,8 +279,7 @@ class RunDirectory:
             raise RuntimeError(f"{self.path}: record() before claim() or adopt().")
         new = [name for name in names if name not in self._marker["entries"]]
         for name in new:
-            if not name or "/" in name or name in (".", ".."):
-                raise ValueError(f"{name!r} is not an entry of {self.path}")
+            self.check_entry(name)
         if new or any(self._marker.get(k) != v for k, v in progress.items()):
             # Entries that are gone (a rotated checkpoint, a published staging folder) leave the list,
             # so it stays the size of the folder. Each entry is recorded in the call just before it is
@@ -253,10 +295,10 @@ class RunDirectory:
 
     def remove_owned(self) -> None:
         """Delete every entry the folder's run recorded (a folder it recorded is its own, whole)."""
-        marker = self.read_marker()
+        marker = self.read_marker()  # every entry checked: a plain name inside the folder, no link
         for name in [] if marker is None else marker["entries"]:
             path = self.path / name
-            if path.is_dir() and not path.is_symlink():
+            if path.is_dir():
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
@@ -265,9 +307,13 @@ class RunDirectory:
         try:
             _write_json_atomically(self.marker_path, self._marker)
         except OSError as exc:
-            raise PermissionError(
-                f"{self.flag} {str(self.path)!r} is not writable ({exc.strerror or exc}): the run cannot record or save "
-                f"anything there. Make it writable, or pick another --{self.flag}."
+            from .checkpointing import cause_in_words
+
+            # PermissionError for a folder that refuses writes, as every other refusal; OSError else.
+            error = PermissionError if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else OSError
+            raise error(
+                f"{self.flag} {str(self.path)!r} is not writable ({cause_in_words(exc, self.path)}): the run cannot "
+                f"record or save anything there. Make room or make it writable, or pick another --{self.flag}."
             ) from exc
 
 

@@ -32,8 +32,10 @@ from .checkpointing import (
     capture_rng_state,
     checkpoint_entries,
     file_manifest,
+    latest_checkpoint,
     list_checkpoints,
     load_checkpoint_file,
+    naming_write_failures,
     prepare_staging,
     publish_entries,
     read_trainer_state,
@@ -104,9 +106,10 @@ class CheckpointedRun:
 
             >>> trainer.train(resume_from_checkpoint=True)     # doctest: +SKIP
         """
+        resuming = resume_from_checkpoint is not None and resume_from_checkpoint is not False
         with self._output_dir_locked():
             checkpoint = self.resolve_checkpoint(resume_from_checkpoint)
-            self._take_output_dir(checkpoint)
+            self._take_output_dir(checkpoint, resuming)
             if checkpoint is not None:
                 self._load_checkpoint(checkpoint)
             return self._train_steps()
@@ -237,9 +240,23 @@ class CheckpointedRun:
         a warning) and of this output_dir's run."""
         self.run_directory.check_ours()
         if resume_from_checkpoint is None or resume_from_checkpoint is False:
+            if not self.config.overwrite_output_dir and self._stopped_before_its_first_checkpoint():
+                raise FileExistsError(
+                    f"output_dir {self.output_dir} holds a run that stopped before its first checkpoint was complete "
+                    f"(its files: {', '.join(self.run_directory.previous_entries())}): continue it with "
+                    "--resume_from_checkpoint (train(resume_from_checkpoint=True)), which starts it again from step 0 "
+                    "in the same folder, or start over with --overwrite_output_dir."
+                )
             self.run_directory.check_claimable(self.config.overwrite_output_dir)
             return None
         if resume_from_checkpoint is True:
+            if self._stopped_before_its_first_checkpoint():
+                warnings.warn(
+                    f"{self.output_dir} holds a run that stopped before its first checkpoint was complete: it starts "
+                    "again from step 0 (the same seed gives the same steps), its metrics.jsonl emptied.",
+                    stacklevel=3,
+                )
+                return None
             path = self._newest_intact_checkpoint()
         else:
             path = Path(resume_from_checkpoint)
@@ -264,6 +281,12 @@ class CheckpointedRun:
                 "continue another run's steps among this folder's files."
             )
         return path
+
+    def _stopped_before_its_first_checkpoint(self) -> bool:
+        """Whether output_dir holds a run of this toolkit that wrote files but no complete
+        checkpoint (killed during its first save): a finished run always has one, since its final
+        state is a checkpoint before its final files are written."""
+        return bool(self.run_directory.previous_entries()) and not list_checkpoints(self.output_dir)
 
     def _newest_intact_checkpoint(self) -> Path:
         checkpoints = list_checkpoints(self.output_dir)
@@ -293,16 +316,19 @@ class CheckpointedRun:
             "(ignore_checkpoint_mismatch=True) to resume it deliberately."
         )
 
-    def _take_output_dir(self, checkpoint: Path | None) -> None:
+    def _take_output_dir(self, checkpoint: Path | None, resuming: bool) -> None:
         """A new run claims output_dir (a previous run's recorded files deleted with
-        overwrite_output_dir, and only those); a resume continues the folder's run."""
+        overwrite_output_dir, and only those); a resume continues the folder's run, from step 0
+        where it has no checkpoint."""
 
         def take() -> None:
-            if checkpoint is None:
+            if not resuming:
                 self.run_id = self.run_directory.claim(self.config.overwrite_output_dir)
-            else:
-                self.run_id = self.run_directory.adopt()
-                remove_stale_staging(self.output_dir)
+                return
+            self.run_id = self.run_directory.adopt()
+            remove_stale_staging(self.output_dir)
+            if checkpoint is None:
+                self._truncate_metrics(0)
 
         self._on_main_process(take)
         self._output_dir_taken = True
@@ -320,15 +346,16 @@ class CheckpointedRun:
         path = self.output_dir / f"{CHECKPOINT_PREFIX}{self.global_step}"
         state = self.capture_state()
         self.wait_for_everyone()
-        if self.is_main_process:
-            self._record(*checkpoint_entries(path))
-            prepare_staging(path)
-        self.wait_for_everyone()
-        self._write_rng_state(staging_path(path), state)
-        self.wait_for_everyone()
-        if self.is_main_process:
-            self._write_checkpoint(path, state)
-            rotate_checkpoints(self.output_dir, self.config.save_total_limit)
+        with self._naming_write_failures(path):
+            if self.is_main_process:
+                self._record(*checkpoint_entries(path))
+                prepare_staging(path)
+            self.wait_for_everyone()
+            self._write_rng_state(staging_path(path), state)
+            self.wait_for_everyone()
+            if self.is_main_process:
+                self._write_checkpoint(path, state)
+                rotate_checkpoints(self.output_dir, self.config.save_total_limit)
         self.wait_for_everyone()
         self._saved_step = self.global_step
         return path
@@ -342,14 +369,27 @@ class CheckpointedRun:
         path = self.output_dir / f"{CHECKPOINT_PREFIX}{state.global_step}"
         if not path.exists():
             self.restore_state(state)
-            self._record(*checkpoint_entries(path))
-            prepare_staging(path)
-            self._write_rng_state(staging_path(path), state)
-            self._write_checkpoint(path, state)
+            with self._naming_write_failures(path):
+                self._record(*checkpoint_entries(path))
+                prepare_staging(path)
+                self._write_rng_state(staging_path(path), state)
+                self._write_checkpoint(path, state)
         print(
             f"Training stopped after step {state.global_step}; its state is saved in {path} "
             f"(resume with --resume_from_checkpoint {path}).",
             file=sys.stderr,
+        )
+
+    def _naming_write_failures(self, checkpoint: Path):
+        """A failed write of `checkpoint` as a `WriteError` naming the file and the cause, its
+        staging folder removed."""
+        kept = latest_checkpoint(self.output_dir)
+        return naming_write_failures(
+            checkpoint.name,
+            self.output_dir,
+            staging_path(checkpoint),
+            then=f"Nothing of it was kept; {'the newest complete checkpoint is ' + kept.name if kept else 'no step is saved yet'}. "
+            f"Make room (or pick another --output_dir), then continue with --resume_from_checkpoint.",
         )
 
     def _write_rng_state(self, folder: Path, state: TrainingState) -> None:
@@ -481,6 +521,11 @@ class CheckpointedRun:
                     ) from None
                 warnings.warn(f"{metrics}: dropping its last line, cut short ({line[:60]!r}).", stacklevel=3)
                 continue
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError(
+                    f"{metrics}: line {number} of {len(lines)} ({line[:60]!r}) is not a step's metrics (no integer "
+                    "'step'): the file was edited. Repair or remove that line, then resume."
+                )
             if row["step"] <= step:
                 kept.append(line)
         staged = metrics.with_name(f".{METRICS_FILE}.tmp")
@@ -499,12 +544,19 @@ class CheckpointedRun:
             staging = path / FINAL_STAGING
             if into_output_dir:
                 self._record(staging.name)
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-            self._write_model_files(staging)
-            if into_output_dir:
-                self._record(*sorted(entry.name for entry in staging.iterdir()))
-            publish_entries(staging, path, last="trainer_config.json")
+            then = (
+                f"The final state is in {CHECKPOINT_PREFIX}{self._saved_step}: make room, then finish the run with "
+                "--resume_from_checkpoint."
+                if into_output_dir and self._saved_step == self.global_step
+                else "Make room, or save to another folder."
+            )
+            with naming_write_failures(f"the model files into {path}", path, staging, then=then):
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+                self._write_model_files(staging)
+                if into_output_dir:
+                    self._record(*sorted(entry.name for entry in staging.iterdir()))
+                publish_entries(staging, path, last="trainer_config.json")
         self.wait_for_everyone()
 
     def _write_model_files(self, folder: Path) -> None:
@@ -524,4 +576,5 @@ class CheckpointedRun:
         self._record(
             METRICS_FILE, *trackers, global_step=stats["step"]
         )  # fails here if output_dir is no longer writable
-        append_jsonl(self.output_dir / METRICS_FILE, stats)
+        with naming_write_failures(f"step {stats['step']}'s metrics", self.output_dir):
+            append_jsonl(self.output_dir / METRICS_FILE, stats)

@@ -14,7 +14,7 @@ import json
 import re
 from pathlib import Path
 
-from ..prompts import data_dir
+from ..prompts import data_dir, read_text_file
 
 ARITHMETIC_FILE = "arithmetic_chat.jsonl"
 # The answer matters most; replying with the number alone is what the prompt asks for.
@@ -43,7 +43,17 @@ def load_arithmetic(path: str | Path | None = None) -> dict[str, list]:
     """The columns of a JSON-lines file of {"prompt": [messages], "answer": str} rows (default:
     the shipped `data/arithmetic_chat.jsonl`)."""
     source = Path(path) if path is not None else data_dir() / ARITHMETIC_FILE
-    rows = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(read_text_file(source, "dataset file").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise ValueError(f"{source}: line {number} is not JSON ({exc}): {line[:60]!r}") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{source}: line {number} is a JSON {type(row).__name__}, not a row (an object).")
+        rows.append(row)
     missing = [i for i, row in enumerate(rows) if not {"prompt", "answer"} <= set(row)]
     if missing:
         raise ValueError(

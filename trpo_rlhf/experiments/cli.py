@@ -20,6 +20,8 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
+from ..prompts import read_text_file
+
 CONFIG_HELP = "A YAML file of flag values (flag names without the dashes); flags given on the command line win."
 
 
@@ -77,7 +79,10 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: list[str] | None = 
     path = Path(known.config)
     if not path.is_file():
         parser.error(f"--config {path}: no such file.")
-    values = yaml.safe_load(path.read_text()) or {}
+    try:
+        values = yaml.safe_load(read_text_file(path, "--config file")) or {}
+    except ValueError as error:  # not UTF-8 (yaml's own errors name the file and line already)
+        parser.error(str(error))
     if not isinstance(values, dict):
         parser.error(f"--config {path}: expected a mapping of flag names to values, got {type(values).__name__}.")
     flags = {action.dest for action in parser._actions} - {"help", "config"}

@@ -133,7 +133,8 @@ def run_recipe(
     if config.reward_weights is None and chosen.reward_weights is not None:
         config = dataclasses.replace(config, reward_weights=chosen.reward_weights)
     trainer = trainer_class(config=config, **chosen.trainer_arguments())
-    checkpoint = trainer.resolve_checkpoint(parse_resume(args.resume_from_checkpoint))  # fails before any compute
+    resume = parse_resume(args.resume_from_checkpoint)
+    checkpoint = trainer.resolve_checkpoint(resume)  # fails before any compute
     if trainer.is_main_process:
         print(chosen.describe() + (f" Resuming from {checkpoint}." if checkpoint else ""))
 
@@ -141,7 +142,8 @@ def run_recipe(
     shown = random.Random(config.seed).sample(range(rows), min(args.num_samples_to_show, rows))
     before = sample_table(trainer, shown)
     try:
-        trainer.train(resume_from_checkpoint=checkpoint)
+        # (None for a resume of a run killed before its first checkpoint: it starts again from step 0)
+        trainer.train(resume_from_checkpoint=checkpoint if checkpoint is not None else resume)
     except TrainingInterrupted as stop:
         trainer.accelerator.end_training()
         print(f"{stop}. Continue with --resume_from_checkpoint {stop.checkpoint}", file=sys.stderr)
