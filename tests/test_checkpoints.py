@@ -13,7 +13,14 @@ import pytest
 import torch
 
 from trpo_rlhf import PPOConfig, PPOTrainer, TrainingInterrupted, TRPOConfig, TRPOTrainer
-from trpo_rlhf.checkpointing import StopRequest, latest_checkpoint, list_checkpoints, staging_path, verify_checkpoint
+from trpo_rlhf.checkpointing import (
+    StopRequest,
+    WriteError,
+    latest_checkpoint,
+    list_checkpoints,
+    staging_path,
+    verify_checkpoint,
+)
 from trpo_rlhf.experiments.toy import TOY_PROMPTS, WordScoreReward, build_tiny_lm
 from trpo_rlhf.metrics import json_safe
 from trpo_rlhf.run_directory import RunDirectory
@@ -239,7 +246,9 @@ def test_a_failed_save_leaves_no_partial_checkpoint(tmp_path, word_tokenizer, mo
 
     trainer.step()  # step 2, not saved yet
     monkeypatch.setattr(trainer.tokenizer, "save_pretrained", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(
+        WriteError, match=r"Saving checkpoint-2 failed writing .*/run/\.checkpoint-2\.tmp/.*: no space left"
+    ):
         trainer.save_checkpoint()
     assert not (tmp_path / "run" / "checkpoint-2").exists()
     assert not staging_path(tmp_path / "run" / "checkpoint-2").exists()

@@ -416,7 +416,8 @@ class CheckpointedRun:
             "run_id": self.run_id,
             **self.fingerprints,
         }
-        with atomic_directory(path, prepared=True) as staging:
+        # Named inside the staging folder's lifetime: the newest file in it is the one that failed.
+        with atomic_directory(path, prepared=True) as staging, self._naming_write_failures(path):
             self._write_model_files(staging)
             torch.save(state.optimizers, staging / OPTIMIZER_FILE)
             trainer_state["files"] = file_manifest(staging)
