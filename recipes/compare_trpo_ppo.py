@@ -60,7 +60,7 @@ from trpo_rlhf.experiments.comparison import (
     plot_comparison,
     summarize_runs,
 )
-from trpo_rlhf.experiments.exact import EXACT_MAX_NEW_TOKENS, EXACT_REWARDS, efficiency_table, plot_exact
+from trpo_rlhf.experiments.exact import EXACT_MAX_NEW_TOKENS, EXACT_REWARDS, efficiency_table, member, plot_exact
 from trpo_rlhf.metrics import read_metrics
 from trpo_rlhf.run_directory import RunDirectory, check_output_dir_path
 
@@ -70,6 +70,8 @@ TASK_DEFAULTS = {
     "sentiment": {"max_new_tokens": 24, "max_kl": TRPOConfig.max_kl, "learning_rate": 1e-4},
     "sentiment_binary": {"max_new_tokens": 24, "max_kl": TRPOConfig.max_kl, "learning_rate": 1e-4},
     "exact": {"max_new_tokens": EXACT_MAX_NEW_TOKENS, "max_kl": TRPOConfig.max_kl, "learning_rate": 1e-3},
+    # exact_lm: SmolLM2's one-token completions, enumerated over the vocabulary.
+    "exact_lm": {"max_new_tokens": 1, "max_kl": TRPOConfig.max_kl, "learning_rate": 1e-4},
     # arithmetic: the recipe's settings (recipes/trpo_smollm2_arithmetic.py); TRL's PPO takes no reward functions.
     "arithmetic": {"max_new_tokens": 8, "max_kl": 0.01, "learning_rate": 1e-4},
 }
@@ -78,6 +80,8 @@ TASK_DEFAULTS = {
 DEFAULT_ALGORITHMS = ("trpo", "ppo", "trl_ppo")
 # results.json's keys beside the variants' names.
 RESULTS_KEYS = ("best", "envelope", "settings", "exact")
+# The tasks whose completions are enumerated: every step's policy is evaluated exactly.
+EXACT_TASKS = ("exact", "exact_lm")
 REPORT_FILES = ("results.json", "compare.md", "compare.png")
 # A variant's name is a folder of DIR: letters, digits, '_', '-', '.' and '+', not starting with a dot.
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9_.+-]*$")
@@ -126,7 +130,8 @@ TASK_INPUTS = {
     "toy": (),
     "sentiment": ("model_name_or_path", "reward_model", "dataset"),
     "sentiment_binary": ("model_name_or_path", "dataset"),
-    "exact": ("reward_model",),
+    "exact": ("reward_model", "exact_member"),
+    "exact_lm": ("reward_model",),
     "arithmetic": ("model_name_or_path", "dataset"),
 }
 
@@ -201,6 +206,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--reward_model", default=None, help="sentiment: reward (default: the recipes' choice).")
     parser.add_argument("--dataset", default=None, help="sentiment: prompts (default: the recipes' choice).")
     parser.add_argument(
+        "--exact_member",
+        default=None,
+        help="exact: the family's member, 'seed=S,width=W,words=N,length=L' (default: the original task, seed=0, "
+        "width=32, words=7, length=3); its length is the completions' --max_new_tokens.",
+    )
+    parser.add_argument(
         "--overwrite_output_dir",
         action="store_true",
         help="Start over in an output_dir that holds an earlier comparison, deleting the files it wrote (only those).",
@@ -221,7 +232,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     add_config_flag(parser)
     args = parser.parse_args(apply_config_file(parser, argv))
-    for key, value in TASK_DEFAULTS[args.task].items():
+    defaults = dict(TASK_DEFAULTS[args.task])
+    if args.task == "exact" and args.exact_member is not None:
+        try:
+            defaults["max_new_tokens"] = member(args.exact_member).length
+        except ValueError as error:
+            parser.error(str(error))
+    for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.kl_target = args.kl_target if args.kl_target is not None else args.max_kl
@@ -233,15 +250,29 @@ def parse_args(argv=None) -> argparse.Namespace:
         check_output_dir_path(args.output_dir, flag="output_dir")
     except (ValueError, OSError) as error:
         parser.error(str(error))
-    for flag in ("model_name_or_path", "reward_model", "dataset"):
+    for flag in ("model_name_or_path", "reward_model", "dataset", "exact_member"):
         if getattr(args, flag) is not None and flag not in TASK_INPUTS[args.task]:
             reads = " and ".join(f"--{name}" for name in TASK_INPUTS[args.task]) or "none of them"
             parser.error(
                 f"--{flag} {getattr(args, flag)}: the {args.task} task would ignore it (it reads {reads}); leave it out, "
                 "or choose the --task that reads it."
             )
-    if args.task == "exact" and args.reward_model not in (None, *EXACT_REWARDS):
-        parser.error(f"--reward_model {args.reward_model}: the exact task's rewards are {EXACT_REWARDS}.")
+    if args.task in EXACT_TASKS and args.reward_model not in (None, *EXACT_REWARDS):
+        parser.error(f"--reward_model {args.reward_model}: the {args.task} task's rewards are {EXACT_REWARDS}.")
+    if args.task in EXACT_TASKS:
+        try:
+            length = (
+                member(args.exact_member).length
+                if args.task == "exact"
+                else TASK_DEFAULTS["exact_lm"]["max_new_tokens"]
+            )
+        except ValueError as error:
+            parser.error(str(error))
+        if args.max_new_tokens != length:
+            parser.error(
+                f"--max_new_tokens {args.max_new_tokens}: the {args.task} task enumerates completions of {length} "
+                "tokens; leave --max_new_tokens out (on the exact task, --exact_member '...,length=N' sets it)."
+            )
     if not args.worker:
         try:
             args.variants = plan_variants(args)
@@ -399,7 +430,12 @@ def run_worker(args: argparse.Namespace, output_dir: Path) -> None:
     from trpo_rlhf.experiments.recipe import use_all_cpu_cores
 
     use_all_cpu_cores(runs_at_once=args.parallel)
-    keyword = {"model_name_or_path": "model", "reward_model": "reward_model", "dataset": "dataset"}
+    keyword = {
+        "model_name_or_path": "model",
+        "reward_model": "reward_model",
+        "dataset": "dataset",
+        "exact_member": "member",
+    }
     task = build_task(args.task, seed=args.seed, **{keyword[f]: getattr(args, f) for f in TASK_INPUTS[args.task]})
     config = worker_config(args, task, output_dir)
     resume = True if args.resume_worker else None
@@ -411,7 +447,7 @@ def run_worker(args: argparse.Namespace, output_dir: Path) -> None:
         from trpo_rlhf.experiments.trl_adapter import build_trl_grpo_for_task, build_trl_ppo_for_task
 
         hooks = []
-        if args.task == "exact":  # TRL's policy, evaluated exactly after each of its updates
+        if args.task in EXACT_TASKS:  # TRL's policy, evaluated exactly after each of its updates
             hooks.append(exact_evaluator(args, task.tokenizer, task.prompts, task.reward_model).of_peft_model)
         if args.worker == "trl_ppo":
             build_trl_ppo_for_task(task, config, metric_hooks=hooks).train()
@@ -428,8 +464,8 @@ def exact_evaluator(args: argparse.Namespace, tokenizer, prompts, reward_fn, tem
 
 
 def with_exact_metrics(args: argparse.Namespace, trainer):
-    """On the exact task, the trainer logs exact/reward and exact/kl_ref of its policy at every step."""
-    if args.task == "exact":
+    """On an exact task, the trainer logs exact/reward and exact/kl_ref of its policy at every step."""
+    if args.task in EXACT_TASKS:
         evaluator = exact_evaluator(
             args, trainer.tokenizer, trainer.prompts, trainer.reward_fn, trainer.config.temperature
         )
@@ -464,6 +500,7 @@ def worker_command(args: argparse.Namespace, algorithm: str, seed: int, output_d
         "model_name_or_path",
         "reward_model",
         "dataset",
+        "exact_member",
         *TRPO_SOLVER_FLAGS,
         *PPO_FLAGS,
         *ADAPTER_FLAGS,
@@ -564,12 +601,14 @@ def exact_frontier(
 ) -> dict | None:
     """On the exact task: the reference's reward, the optimum at each KL budget and the optimal
     curve; each variant's `frontier_efficiency` goes into its results. None on other tasks."""
-    if args.task != "exact":
+    if args.task not in EXACT_TASKS:
         return None
     from trpo_rlhf.experiments import build_task
     from trpo_rlhf.experiments.exact import efficiency_over_seeds, reference_and_optimum
 
-    exact = reference_and_optimum(build_task("exact", reward_model=args.reward_model), args.max_new_tokens)
+    member = {"member": args.exact_member} if args.task == "exact" else {}
+    task = build_task(args.task, reward_model=args.reward_model, **member)
+    exact = reference_and_optimum(task, args.max_new_tokens)
     for variant, result in results.items():
         result["frontier_efficiency"] = efficiency_over_seeds(runs[variant], exact)
     return exact
@@ -640,7 +679,12 @@ def compare(args: argparse.Namespace, folder: RunDirectory) -> int:
             labels = {v: label(v, algorithms[v]) for v in results}
             table += "\n\n" + efficiency_table(results, exact, labels)
             plot_exact(
-                runs, exact, out / "compare.png", labels, title=f"{title}, {args.reward_model or 'dense'} reward"
+                runs,
+                exact,
+                out / "compare.png",
+                labels,
+                title=f"{title}, {args.reward_model or 'dense'} reward"
+                + (f", {args.exact_member}" if args.exact_member else ""),
             )
         else:
             plot_comparison(runs, out / "compare.png", title=title, algorithms=algorithms)

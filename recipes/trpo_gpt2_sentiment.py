@@ -14,15 +14,9 @@ Writes metrics.jsonl, training_curves.png, samples.md and the LoRA adapter into 
 from trpo_rlhf import TRPOConfig, TRPOTrainer
 from trpo_rlhf.experiments.recipe import run_recipe
 
-# The solver this recipe was measured with (docs/results.md). On the sentiment prompts SmolLM2-135M's
-# LoRA Fisher is ~1.5e-4 in most directions, and at the package's damping 0.1 an update realises
-# about a fifth of max_kl ("The SmolLM2 sentiment proxy with the damped step"); 10 CG iterations,
-# the package's default until 4 replaced it.
-DEFAULTS = dict(cg_damping=1e-3, cg_iters=10)
-
 
 def main(argv: list[str] | None = None) -> None:
-    run_recipe(TRPOTrainer, TRPOConfig, default_output_dir="runs/trpo_sentiment", argv=argv, defaults=DEFAULTS)
+    run_recipe(TRPOTrainer, TRPOConfig, default_output_dir="runs/trpo_sentiment", argv=argv)
 
 
 if __name__ == "__main__":

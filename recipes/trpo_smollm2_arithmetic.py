@@ -19,8 +19,7 @@ training_curves.png, samples.md and the LoRA adapter into --output_dir.
 from trpo_rlhf import TRPOConfig, TRPOTrainer
 from trpo_rlhf.experiments.recipe import run_recipe
 
-# The package's solver (damping 0.1, 4 CG iterations): on this task it reaches TRL's GRPO's reward at
-# matched KL, where the damping 1e-3 fell behind (docs/results.md, "The damped step on the arithmetic task").
+# The task's settings; the trust-region solver is the package's, as on every task.
 DEFAULTS = dict(
     advantage_estimator="grpo",
     num_generations=8,

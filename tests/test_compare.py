@@ -311,7 +311,10 @@ def test_a_variant_cannot_set_what_the_comparison_owns(flags, message, tmp_path,
         ),
         (["--learning_rates", "-1"], "variant 'ppo_lr-1e0' (ppo --learning_rate -1.0): learning_rate=-1.0 must be > 0"),
         (["--task", "toy", "--model_name_or_path", "/does/not/exist"], "the toy task would ignore it"),
-        (["--task", "exact", "--dataset", "x.txt"], "the exact task would ignore it (it reads --reward_model)"),
+        (
+            ["--task", "exact", "--dataset", "x.txt"],
+            "the exact task would ignore it (it reads --reward_model and --exact_member)",
+        ),
         (["--task", "exact", "--reward_model", "golden"], "the exact task's rewards are ('dense', 'sparse')"),
     ],
 )

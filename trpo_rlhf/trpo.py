@@ -33,6 +33,7 @@ from .trust_region import (
     forward_tangents,
     kl_fisher_product,
     logit_fisher_quadratic,
+    relative_damping,
     surrogate_gradient,
 )
 
@@ -59,13 +60,9 @@ class TRPOConfig(RLConfig):
       reference of a fraction of a nat to a few nats per completion, and a larger step reaches
       the largest of them within a handful of updates, leaving the smaller ones one or two points.
       Long completions spend it on every token: raise it for short runs.
-    * ``cg_damping`` = 0.1, the classic value: (F + cI)^-1 g is a ridge-regularised natural
-      gradient. The batch's gradient is noisy, and in the Fisher's flat directions a small c
-      magnifies that noise into the step; 0.1 keeps the natural gradient where F is large and the
-      plain gradient where it is flat. The step length comes from x^T (F + cI) x, as in the
-      reference implementations, so where the Fisher is smaller than c an update realises less
-      than max_kl (`trpo/kl`). The damping also keeps the system definite in the LoRA A-block,
-      whose Fisher is zero at init (B = 0).
+    * ``cg_damping`` = 0.1, relative: c = 0.1 * g^T F g / g^T g in (F + cI) x = g, a tenth of the
+      Fisher's curvature along the gradient, so the same setting damps alike on every model; the
+      step's length comes from F alone (1/2 s^T F s = delta), so an update spends delta.
     * ``backtrack_coef`` = 0.8 (SB3-contrib) rather than the paper's 0.5: finer steps lose less of
       a good direction when the quadratic model overestimates.
     * ``accept_ratio`` = 0.1: a step must realise at least 10 % of the improvement predicted by
@@ -92,7 +89,12 @@ class TRPOConfig(RLConfig):
             "1: the gradient, sized by the Fisher with no product (what a sharded base can run)."
         },
     )
-    cg_damping: float = field(default=0.1, metadata={"help": "Damping c added to the Fisher: (F + c I) x = g."})
+    cg_damping: float = field(
+        default=0.1,
+        metadata={
+            "help": "Relative damping: (F + c I) x = g with c = cg_damping * g^T F g / g^T g (docs/algorithm.md)."
+        },
+    )
     cg_residual_tol: float = field(
         default=1e-10, metadata={"help": "Stop CG once r.r <= cg_residual_tol * g.g (relative squared residual)."}
     )
@@ -204,22 +206,31 @@ class TRPOTrainer(RLTrainer):
         grad_sq = torch.dot(grad, grad).item()
         with timer("cg"):
             if fvp is None:
+                damping = 0.0  # the step is along g whatever the damping
                 cg = cg_first_iterate(grad, self.fisher_quadratic(fisher_batch, grad))
             else:
+                # The damping is relative to the Fisher's curvature along g, read off CG's first
+                # product (F g), so the step does not depend on the parameters' scale.
+                fisher_grad = fvp.undamped(grad) if grad_sq > 0 else None  # g = 0: CG stops at once
+                damping = fvp.damping = relative_damping(grad, fisher_grad, cfg.cg_damping) if grad_sq > 0 else 0.0
+                first_product = fisher_grad + damping * grad if fisher_grad is not None else None
                 # The tolerance is relative: LoRA gradients can be far smaller than any absolute one.
-                cg = cg_solve(fvp, grad, cfg.cg_iters, cfg.cg_residual_tol * grad_sq)
+                cg = cg_solve(fvp, grad, cfg.cg_iters, cfg.cg_residual_tol * grad_sq, first_product=first_product)
         require_finite("CG solution", cg.x, torch.tensor(cg.x_ax))
+        # x^T F x, the KL's own quadratic model: the damping shapes the direction, never the length.
+        kl_quadratic = cg.x_ax - damping * torch.dot(cg.x, cg.x).item()
         stats = {
             "trpo/grad_norm": grad.norm().item(),
             "trpo/cg_residual": cg.residual / grad_sq if grad_sq > 0 else 0.0,
             "trpo/cg_iters": float(cg.iterations),
             "trpo/fvp_count": float(fvp.calls if fvp is not None else 0),
+            "trpo/damping": damping,
             "trpo/surrogate_old": surrogate_old,
         }
         del fvp  # free the Fisher graph before the line search
-        if not cg.x_ax > 0:  # g = 0 (e.g. all advantages equal): no direction to take
+        if not kl_quadratic > 0:  # g = 0 (e.g. all advantages equal), or no curvature: no step to size
             return stats | self._step_stats(timer, NO_STEP, expected_gain=0.0, full_step_norm=0.0)
-        full_step = math.sqrt(2 * cfg.max_kl / cg.x_ax) * cg.x
+        full_step = math.sqrt(2 * cfg.max_kl / kl_quadratic) * cg.x
         require_finite("step", full_step)
         expected_gain = torch.dot(grad, full_step).item()
         with timer("line_search"):
@@ -332,7 +343,7 @@ class TRPOTrainer(RLTrainer):
                 batch.response_mask,
                 params,
                 method=cfg.fvp_method,
-                damping=cfg.cg_damping,
+                damping=0.0,  # set relative to F in policy_update
                 reduce=self.reduce_mean,
                 jacobian=jacobian,
             )
@@ -349,10 +360,10 @@ class TRPOTrainer(RLTrainer):
                 del product
             return total
 
-        return DampedFisherProduct(over_chunks, cfg.cg_damping, self.reduce_mean)
+        return DampedFisherProduct(over_chunks, 0.0, self.reduce_mean)  # damping: see policy_update
 
     def fisher_quadratic(self, batch: Rollout, x: torch.Tensor) -> float:
-        """x^T (F + cI) x over the policy LoRA tensors, F the Fisher of the mean per-token KL on
+        """x^T F x over the policy LoRA tensors, F the Fisher of the mean per-token KL on
         `batch`, averaged across processes: from forward-mode passes (J x with the logits, one
         `fisher_chunks` chunk at a time, no graph kept), which is all the Fisher a one-iteration
         step needs (`cg_first_iterate`): no backward at all, where a product costs three."""
@@ -366,7 +377,7 @@ class TRPOTrainer(RLTrainer):
                 logits, tangent = forward_ad.unpack_dual(self.policy_logits(chunk))
                 quadratic = quadratic + logit_fisher_quadratic(logits, tangent, chunk.response_mask / total)
             del logits, tangent
-        return self.reduce_mean(quadratic).item() + self.config.cg_damping * torch.dot(x, x).item()
+        return self.reduce_mean(quadratic).item()
 
     def _step_stats(
         self, timer: PhaseTimer, result: LineSearchResult, expected_gain: float, full_step_norm: float
@@ -376,10 +387,8 @@ class TRPOTrainer(RLTrainer):
         return {
             "trpo/accepted": float(result.accepted),
             "trpo/kl": result.kl,
-            # KL(pi_old || pi_old + a s) ~ a^2 * 1/2 s^T F s to second order, and 1/2 s^T (F + cI) s = delta,
-            # so a correct Fisher predicts a^2 * (delta - c/2 * s^T s): less than delta * a^2 where F is small against c.
-            "trpo/kl_predicted": max(0.0, self.config.max_kl - 0.5 * self.config.cg_damping * full_step_norm**2)
-            * result.step_frac**2,
+            # KL(pi_old || pi_old + a s) ~ a^2 * 1/2 s^T F s to second order, and 1/2 s^T F s = delta.
+            "trpo/kl_predicted": self.config.max_kl * result.step_frac**2,
             "trpo/step_frac": result.step_frac,
             "trpo/surrogate_gain": result.surrogate_gain,
             "trpo/expected_gain": expected_gain * frac,

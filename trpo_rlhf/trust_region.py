@@ -88,13 +88,18 @@ class CGResult:
 
 
 def cg_solve(
-    fvp: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: int, residual_tol: float = 1e-10
+    fvp: Callable[[torch.Tensor], torch.Tensor],
+    b: torch.Tensor,
+    iters: int,
+    residual_tol: float = 1e-10,
+    first_product: torch.Tensor | None = None,
 ) -> CGResult:
     """Conjugate gradient for A x = b with A symmetric positive definite, given only v -> A v.
 
     Starts at x = 0, calls `fvp` once per iteration and stops early once r.r <= residual_tol, so
     at once for b = 0, whose solution is x = 0 (Schulman et al. 2015, Appendix C; Nocedal & Wright,
-    Algorithm 5.2).
+    Algorithm 5.2). `first_product`, A b when the caller has it already, is the first iteration's
+    product (it counts as an iteration; `fvp` is not called for it).
     """
     x = torch.zeros_like(b)
     r = b.clone()
@@ -104,7 +109,7 @@ def cg_solve(
     for _ in range(iters):
         if r_dot_r.item() <= residual_tol:
             break
-        Ap = fvp(p)
+        Ap = first_product if iterations == 0 and first_product is not None else fvp(p)
         iterations += 1
         alpha = r_dot_r / torch.dot(p, Ap)
         x += alpha * p
@@ -130,6 +135,21 @@ def cg_first_iterate(b: torch.Tensor, b_ab: float) -> CGResult:
         return CGResult(x=torch.zeros_like(b), residual=torch.dot(b, b).item(), iterations=0, x_ax=0.0)
     alpha = torch.dot(b, b).item() / b_ab
     return CGResult(x=alpha * b, residual=float("nan"), iterations=1, x_ax=alpha * alpha * b_ab)
+
+
+def relative_damping(grad: torch.Tensor, fisher_grad: torch.Tensor, scale: float) -> float:
+    """c = scale * g^T F g / g^T g: the damping as a share of the Fisher's curvature along the
+    gradient (its Rayleigh quotient), so that (F + cI)^-1 g, and the step it gives, is the same
+    whatever scale the parameters have. A reparametrisation theta = a * phi (LoRA's alpha / r, a
+    model's width) multiplies F by a^2 and g by a, and c with them; an absolute c would act as a
+    different damping on each (Martens 2010, sec. 4.1, damps relative to the curvature too).
+
+    >>> g, F = torch.tensor([1.0, 0.0]), torch.tensor([[4.0, 0.0], [0.0, 1.0]])
+    >>> relative_damping(g, F @ g, 0.1), relative_damping(10 * g, 100 * F @ (10 * g), 0.1)
+    (0.4, 40.0)
+    """
+    grad_sq = torch.dot(grad, grad).item()
+    return scale * torch.dot(grad, fisher_grad).item() / grad_sq if grad_sq > 0 else 0.0
 
 
 def conjugate_gradient(
@@ -248,8 +268,12 @@ class DampedFisherProduct:
         self.calls = 0
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        return self.undamped(v) + self.damping * v
+
+    def undamped(self, v: torch.Tensor) -> torch.Tensor:
+        """F v alone (averaged across processes), counted as a call."""
         self.calls += 1
-        return self.reduce(self.fisher_product(v).float()) + self.damping * v
+        return self.reduce(self.fisher_product(v).float())
 
 
 class LinearizedLogits:

@@ -22,6 +22,7 @@ import math
 import os
 import random
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,33 +32,116 @@ from ..rollout import position_ids_from_mask
 EXACT_MAX_NEW_TOKENS = 3
 EXACT_REWARDS = ("dense", "sparse")
 KL_BUDGETS = (0.25, 0.5, 1.0, 2.0)  # nats per completion
-# The grammar: DET [ADJ] NOUN VERB DET [ADJ] NOUN [ADV] EOS. A prompt is a sentence up to its second
-# determiner; the completion is the rest. The rewarded words are rare under the reference.
-DETERMINERS = ("the", "a", "my", "this")
-ADJECTIVES = ("old", "new", "small", "big", "red", "quiet", "golden")
-NOUNS = ("cat", "dog", "film", "song", "house", "city", "treasure")
-VERBS = ("sees", "likes", "finds", "makes")
-ADVERBS = ("today", "again", "slowly")
-RARE = {"golden": 0.03, "treasure": 0.02}  # each word's share of its class
-SPARSE_WORDS = tuple(RARE)
 PRETRAIN = {"sentences": 4000, "steps": 300, "batch_size": 64, "lr": 1e-2, "hidden_size": 32, "num_layers": 2}
+# Word pools the family's grammars draw their classes from (member 0 keeps its own lists).
+POOLS = {
+    "determiners": "the a my this that every some your our one".split(),
+    "adjectives": "old new small big red quiet golden bright dark warm cold tall short green blue loud soft happy sad "
+    "calm wild brave".split(),
+    "nouns": "cat dog film song house city treasure river tree bird book road car boat garden window door letter "
+    "friend child horse star".split(),
+    "verbs": "sees likes finds makes paints hears opens builds reads follows".split(),
+    "adverbs": "today again slowly quickly often there".split(),
+}
 
 
-def _pick(rng: random.Random, words: Sequence[str]) -> str:
-    rare = [w for w in words if w in RARE]
-    weights = [RARE[w] if w in RARE else (1 - sum(RARE[r] for r in rare)) / (len(words) - len(rare)) for w in words]
-    return rng.choices(words, weights)[0]
+@dataclass(frozen=True)
+class Grammar:
+    """One member of the exact-task family: a word grammar DET [ADJ] NOUN VERB DET [ADJ] NOUN [ADV]
+    EOS (a prompt is a sentence up to its second determiner; the completion is the rest), whose
+    `rare` words (rewarded) are rare under the reference; the reference's width; the completion
+    length that is enumerated.
+
+    `member(spec)` builds one from "seed=S,width=W,words=N,length=L"; seed 0 at the defaults is
+    the exact task every earlier measurement used.
+    """
+
+    determiners: tuple[str, ...] = ("the", "a", "my", "this")
+    adjectives: tuple[str, ...] = ("old", "new", "small", "big", "red", "quiet", "golden")
+    nouns: tuple[str, ...] = ("cat", "dog", "film", "song", "house", "city", "treasure")
+    verbs: tuple[str, ...] = ("sees", "likes", "finds", "makes")
+    adverbs: tuple[str, ...] = ("today", "again", "slowly")
+    rare: tuple[tuple[str, float], ...] = (("golden", 0.03), ("treasure", 0.02))  # each word's share of its class
+    adjective_rate: float = 0.5
+    adverb_rate: float = 0.3
+    width: int = 32  # the reference's hidden size
+    length: int = EXACT_MAX_NEW_TOKENS  # completion tokens enumerated
+    seed: int = 0  # the reference's pretraining and the dense reward's order
+
+    @property
+    def spec(self) -> str:
+        """The member's name, as `member` reads it."""
+        return f"seed={self.seed},width={self.width},words={len(self.nouns)},length={self.length}"
+
+    @property
+    def words(self) -> list[str]:
+        return sorted({*self.determiners, *self.adjectives, *self.nouns, *self.verbs, *self.adverbs})
+
+    def pick(self, rng: random.Random, words: Sequence[str]) -> str:
+        rare = dict(self.rare)
+        common = [w for w in words if w not in rare]
+        shares = [rare[w] if w in rare else (1 - sum(rare.get(r, 0) for r in words)) / len(common) for w in words]
+        return rng.choices(words, shares)[0]
+
+    def sentence(self, rng: random.Random) -> tuple[str, str]:
+        """One sentence of the grammar, as (prompt, completion)."""
+
+        def noun_phrase() -> list[str]:
+            adjective = [self.pick(rng, self.adjectives)] if rng.random() < self.adjective_rate else []
+            return adjective + [self.pick(rng, self.nouns)]
+
+        prompt = [rng.choice(self.determiners), *noun_phrase(), rng.choice(self.verbs), rng.choice(self.determiners)]
+        completion = noun_phrase() + ([rng.choice(self.adverbs)] if rng.random() < self.adverb_rate else [])
+        return " ".join(prompt), " ".join(completion)
 
 
-def grammar_sentence(rng: random.Random) -> tuple[str, str]:
-    """One sentence of the grammar, as (prompt, completion)."""
+def member(spec: str | None = None) -> Grammar:
+    """The family's member named by `spec`, "seed=S,width=W,words=N,length=L" (any part may be
+    left out: seed 0, width 32, 7 adjectives and 7 nouns, 3 tokens). Seed 0 keeps the original
+    grammar's words; another seed draws N adjectives and N nouns, 4 verbs, 3 adverbs and 4
+    determiners from `POOLS`, one rare adjective and one rare noun (shares in [0.01, 0.05]), and
+    the rates of the optional adjective and adverb.
 
-    def noun_phrase() -> list[str]:
-        return ([_pick(rng, ADJECTIVES)] if rng.random() < 0.5 else []) + [_pick(rng, NOUNS)]
+    >>> member().spec, member("seed=0").nouns[-1]
+    ('seed=0,width=32,words=7,length=3', 'treasure')
+    >>> other = member("seed=3,width=64,words=10,length=2")
+    >>> len(other.nouns), other.width, other.length, len(other.rare)
+    (10, 64, 2, 2)
+    """
+    values = {"seed": 0, "width": 32, "words": 7, "length": EXACT_MAX_NEW_TOKENS}
+    for part in filter(None, (spec or "").split(",")):
+        key, _, value = part.partition("=")
+        if key.strip() not in values or not value.strip().isdigit():
+            raise ValueError(
+                f"exact task member {spec!r}: {part!r} is not KEY=NUMBER with KEY one of {sorted(values)}, e.g. "
+                "'seed=1,width=64,words=10,length=2'."
+            )
+        values[key.strip()] = int(value)
+    seed, width, words, length = values["seed"], values["width"], values["words"], values["length"]
+    if not (2 <= words <= min(len(POOLS["adjectives"]), len(POOLS["nouns"])) and 1 <= length <= 3):
+        raise ValueError(f"exact task member {spec!r}: words must be in [2, 22] and length in [1, 3].")
+    if width < 8 or width % 4:
+        raise ValueError(f"exact task member {spec!r}: width must be a multiple of 4 (four heads), at least 8.")
+    if seed == 0 and words == 7:
+        return Grammar(width=width, length=length)
+    rng = random.Random(seed)
+    adjectives, nouns = tuple(rng.sample(POOLS["adjectives"], words)), tuple(rng.sample(POOLS["nouns"], words))
+    return Grammar(
+        determiners=tuple(rng.sample(POOLS["determiners"], 4)),
+        adjectives=adjectives,
+        nouns=nouns,
+        verbs=tuple(rng.sample(POOLS["verbs"], 4)),
+        adverbs=tuple(rng.sample(POOLS["adverbs"], 3)),
+        rare=((rng.choice(adjectives), rng.uniform(0.01, 0.05)), (rng.choice(nouns), rng.uniform(0.01, 0.05))),
+        adjective_rate=rng.uniform(0.3, 0.7),
+        adverb_rate=rng.uniform(0.1, 0.5),
+        width=width,
+        length=length,
+        seed=seed,
+    )
 
-    prompt = [rng.choice(DETERMINERS), *noun_phrase(), rng.choice(VERBS), rng.choice(DETERMINERS)]
-    completion = noun_phrase() + ([rng.choice(ADVERBS)] if rng.random() < 0.3 else [])
-    return " ".join(prompt), " ".join(completion)
+
+DEFAULT_GRAMMAR = Grammar()
 
 
 class DenseWordReward:
@@ -65,8 +149,8 @@ class DenseWordReward:
     nouns and adverbs spread over [-1, 1] in a seeded order; the rare words among the highest), 0
     for an empty completion. Dense: almost every completion scores differently."""
 
-    def __init__(self, seed: int = 0):
-        words = [*ADJECTIVES, *NOUNS, *ADVERBS]
+    def __init__(self, seed: int = 0, grammar: Grammar = DEFAULT_GRAMMAR):
+        words = [*grammar.adjectives, *grammar.nouns, *grammar.adverbs]
         order = torch.randperm(len(words), generator=torch.Generator().manual_seed(seed)).tolist()
         self.scores = {words[i]: -1.0 + 2.0 * rank / (len(words) - 1) for rank, i in enumerate(order)}
 
@@ -79,43 +163,53 @@ class DenseWordReward:
 
 
 class SparseWordReward:
-    """1.0 where the completion holds one of the rare words ("golden", "treasure"), else 0.0."""
+    """1.0 where the completion holds one of the grammar's rare words (member 0's "golden",
+    "treasure"), else 0.0."""
+
+    def __init__(self, grammar: Grammar = DEFAULT_GRAMMAR):
+        self.words = tuple(word for word, _ in grammar.rare)
 
     def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
-        return [float(any(w in SPARSE_WORDS for w in text.split())) for text in completions]
+        return [float(any(w in self.words for w in text.split())) for text in completions]
 
 
-def exact_reward(name: str) -> Callable[[list[str], list[str]], list[float]]:
+def exact_reward(name: str, grammar: Grammar = DEFAULT_GRAMMAR) -> Callable[[list[str], list[str]], list[float]]:
     if name not in EXACT_REWARDS:
         raise ValueError(f"exact reward {name!r} is not one of {EXACT_REWARDS}.")
-    return DenseWordReward() if name == "dense" else SparseWordReward()
+    return DenseWordReward(grammar.seed, grammar) if name == "dense" else SparseWordReward(grammar)
 
 
 # --------------------------------------------------------------------------------------------
 # The reference model: pretrained once, cached
 # --------------------------------------------------------------------------------------------
-def exact_cache_dir() -> Path:
+def exact_cache_dir(grammar: Grammar = DEFAULT_GRAMMAR) -> Path:
     root = os.environ.get("TRPO_RLHF_CACHE") or Path.home() / ".cache" / "trpo_rlhf"
-    digest = hashlib.sha256(json.dumps([PRETRAIN, DETERMINERS, ADJECTIVES, NOUNS, VERBS, ADVERBS, RARE]).encode())
+    pretrain = {**PRETRAIN, "hidden_size": grammar.width}  # the same key order: member 0's cache keeps its name
+    word_lists = [grammar.determiners, grammar.adjectives, grammar.nouns, grammar.verbs, grammar.adverbs]
+    described = [pretrain, *word_lists, dict(grammar.rare)]
+    if grammar.seed or (grammar.adjective_rate, grammar.adverb_rate) != (0.5, 0.3):
+        described.append([grammar.seed, grammar.adjective_rate, grammar.adverb_rate])
+    digest = hashlib.sha256(json.dumps(described).encode())
     return Path(root) / f"exact-{digest.hexdigest()[:12]}"
 
 
-def build_grammar_tokenizer():
+def build_grammar_tokenizer(grammar: Grammar = DEFAULT_GRAMMAR):
     from .toy import build_word_tokenizer
 
-    return build_word_tokenizer(sorted({*DETERMINERS, *ADJECTIVES, *NOUNS, *VERBS, *ADVERBS}))
+    return build_word_tokenizer(grammar.words)
 
 
-def pretrain_reference(seed: int = 0):
+def pretrain_reference(grammar: Grammar = DEFAULT_GRAMMAR):
     """A tiny Llama trained by maximum likelihood on the grammar's sentences (seeded; seconds on
     two cores) and its word-level tokenizer."""
     from .toy import build_tiny_lm
 
-    tokenizer = build_grammar_tokenizer()
+    seed = grammar.seed
+    tokenizer = build_grammar_tokenizer(grammar)
     rng = random.Random(seed)
-    texts = [" ".join(grammar_sentence(rng)) for _ in range(PRETRAIN["sentences"])]
+    texts = [" ".join(grammar.sentence(rng)) for _ in range(PRETRAIN["sentences"])]
     encoded = tokenizer([t + " [EOS]" for t in texts], padding=True, return_tensors="pt")
-    model = build_tiny_lm(tokenizer, hidden_size=PRETRAIN["hidden_size"], num_layers=PRETRAIN["num_layers"], seed=seed)
+    model = build_tiny_lm(tokenizer, hidden_size=grammar.width, num_layers=PRETRAIN["num_layers"], seed=seed)
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=PRETRAIN["lr"])
     generator = torch.Generator().manual_seed(seed)
@@ -130,13 +224,13 @@ def pretrain_reference(seed: int = 0):
     return model.eval(), tokenizer
 
 
-def load_reference():
+def load_reference(grammar: Grammar = DEFAULT_GRAMMAR):
     """The pretrained reference and its tokenizer, from the cache (written on first use)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = exact_cache_dir()
+    folder = exact_cache_dir(grammar)
     if not (folder / "config.json").exists():
-        model, tokenizer = pretrain_reference()
+        model, tokenizer = pretrain_reference(grammar)
         staging = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -149,11 +243,11 @@ def load_reference():
     return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
 
 
-def exact_prompts(count: int = 16, seed: int = 1) -> list[str]:
+def exact_prompts(count: int = 16, seed: int = 1, grammar: Grammar = DEFAULT_GRAMMAR) -> list[str]:
     """`count` distinct prompts of the grammar, in a fixed order."""
     rng, prompts = random.Random(seed), []
     while len(prompts) < count:
-        prompt = grammar_sentence(rng)[0]
+        prompt = grammar.sentence(rng)[0]
         if prompt not in prompts:
             prompts.append(prompt)
     return prompts
@@ -182,9 +276,8 @@ class ExactEvaluator:
         vocab, eos = len(tokenizer), tokenizer.eos_token_id
         others = [t for t in range(vocab) if t != eos]
         length = max_new_tokens
-        prefixes = torch.tensor(list(itertools.product(others, repeat=length - 1)), dtype=torch.long).reshape(
-            -1, length - 1
-        )
+        paths = list(itertools.product(others, repeat=length - 1))  # one empty prefix for one-token completions
+        prefixes = torch.tensor(paths, dtype=torch.long).reshape(len(paths), length - 1)
         n = len(prefixes)
         self.paths = torch.cat([prefixes, torch.full((n, 1), others[0])], dim=1)  # [n, L]
         # Leaves: (prefix row, depth t, token): the path's first t tokens, then the token.

@@ -14,7 +14,8 @@ from ..loading import EMBEDDED, hub_available
 from ..prompts import load_prompts
 from ..rewards import VADER
 
-TASKS = ("toy", "sentiment", "sentiment_binary", "exact", "arithmetic")
+TASKS = ("toy", "sentiment", "sentiment_binary", "exact", "exact_lm", "arithmetic")
+EXACT_LM_PROMPTS = 16  # review openings, drawn once with a fixed seed (the task is the same for every run seed)
 BINARY_THRESHOLD = 0.5
 
 
@@ -82,7 +83,13 @@ class ThresholdReward:
 
 
 def build_task(
-    name: str, seed: int = 0, *, model: str | None = None, reward_model: str | None = None, dataset: str | None = None
+    name: str,
+    seed: int = 0,
+    *,
+    model: str | None = None,
+    reward_model: str | None = None,
+    dataset: str | None = None,
+    member: str | None = None,
 ) -> Task:
     """`toy`: a tiny random Llama with a word-level tokenizer, rewarded for each "good" it writes
     (LoRA must reach its output layer: q_proj, v_proj and lm_head). `sentiment`: the sentiment
@@ -91,7 +98,12 @@ def build_task(
     `sentiment_binary`: the same policy and prompts with a binary, sparse reward, 1 when VADER's
     compound score is at least 0.5 and 0 otherwise (a pass/fail judge rather than a graded one).
     `exact`: a tiny Llama pretrained on a word grammar whose completions can all be enumerated
-    (`experiments.exact`), with `reward_model` "dense" (the default) or "sparse". `arithmetic`:
+    (`experiments.exact`), with `reward_model` "dense" (the default) or "sparse"; `member` picks
+    the grammar, width and completion length of the family (`exact.member`; default the original
+    task). `exact_lm`: the embedded SmolLM2-135M-Instruct writes one token after each of 16 review
+    openings, so its completions (the whole 49,152-token vocabulary) are enumerated as the exact
+    task's are; `reward_model` "dense" scores the token's VADER sentiment in [-1, 1] (3,527 tokens
+    score non-zero), "sparse" 1 where that is at least 0.5 (343 tokens). `arithmetic`:
     chat prompts "What is a + b?" with an answer column (`dataset`: a JSON-lines file of them;
     default `data/arithmetic_chat.jsonl`) for `model` (default: the embedded SmolLM2-135M-Instruct),
     scored by TRL-style reward functions (`experiments.arithmetic`)."""
@@ -122,25 +134,54 @@ def build_task(
         task.name, task.reward_model = name, ThresholdReward(VaderReward(), BINARY_THRESHOLD)
         return task
     if name == "exact":
-        from .exact import EXACT_MAX_NEW_TOKENS, EXACT_REWARDS, exact_prompts, exact_reward, load_reference
+        from .exact import EXACT_REWARDS, exact_prompts, exact_reward, load_reference
+        from .exact import member as exact_member
 
         if (model, dataset) != (None, None) or reward_model not in (None, *EXACT_REWARDS):
             raise ValueError(
                 f"build_task('exact') takes reward_model one of {EXACT_REWARDS} (default 'dense'), and no model or dataset."
             )
         reward = reward_model or "dense"
-        reference, tokenizer = load_reference()
-        prompts = exact_prompts()
+        grammar = exact_member(member)
+        reference, tokenizer = load_reference(grammar)
+        prompts = exact_prompts(grammar=grammar)
         return Task(
             "exact",
             reference,
-            exact_reward(reward),
+            exact_reward(reward, grammar),
             prompts,
             tokenizer=tokenizer,
-            dataset=f"{len(prompts)} prompts of the exact task's grammar",
-            reason=f"{reward} reward, completions of at most {EXACT_MAX_NEW_TOKENS} tokens, evaluated exactly",
+            dataset=f"{len(prompts)} prompts of the exact task's grammar {grammar.spec}",
+            reason=f"{reward} reward, completions of at most {grammar.length} tokens, evaluated exactly",
             lora_target_modules=["q_proj", "v_proj", "lm_head"],
         )
+    if name == "exact_lm":
+        import random
+
+        from ..loading import load_causal_lm
+        from ..prompts import default_prompts
+        from ..rewards import VaderReward
+        from .exact import EXACT_REWARDS
+
+        if (model, dataset, member) != (None, None, None) or reward_model not in (None, *EXACT_REWARDS):
+            raise ValueError(
+                f"build_task('exact_lm') takes reward_model one of {EXACT_REWARDS} (default 'dense'), and no model, "
+                "dataset or member: its policy is the embedded SmolLM2-135M-Instruct."
+            )
+        reward = reward_model or "dense"
+        lm, tokenizer = load_causal_lm(EMBEDDED)
+        prompts = random.Random(0).sample(default_prompts(), EXACT_LM_PROMPTS)
+        return Task(
+            "exact_lm",
+            lm.eval(),
+            VaderReward() if reward == "dense" else ThresholdReward(VaderReward(), BINARY_THRESHOLD),
+            prompts,
+            tokenizer=tokenizer,
+            dataset=f"{len(prompts)} review openings of data/movie_review_openings.txt",
+            reason=f"{reward} sentiment reward of a one-token completion, every one of the vocabulary's evaluated exactly",
+        )
+    if member is not None:
+        raise ValueError(f"build_task({name!r}) takes no member: only the exact task has a family (member={member!r}).")
     if name == "arithmetic":
         from .arithmetic import ARITHMETIC_FILE, REWARD_WEIGHTS, correct_answer, load_arithmetic, number_only
 
