@@ -272,10 +272,12 @@ def test_the_exact_lm_task_is_smollm2_one_token_after_review_openings():
     from trpo_rlhf.experiments.tasks import ThresholdReward
     from trpo_rlhf.rewards import VaderReward
 
-    dense, sparse = build_task("exact_lm"), build_task("exact_lm", reward_model="sparse")
-    assert len(dense.prompts) == 16 and dense.prompts == sparse.prompts
+    from trpo_rlhf.experiments.tasks import exact_lm_reward
+
+    dense = build_task("exact_lm")
+    assert len(dense.prompts) == 16 and dense.prompts[0] == "A strange thing about this film is"
     assert type(dense.model).__name__ == "LlamaForCausalLM" and len(dense.tokenizer) == 49152
-    assert isinstance(dense.reward_model, VaderReward) and isinstance(sparse.reward_model, ThresholdReward)
+    assert isinstance(dense.reward_model, VaderReward) and isinstance(exact_lm_reward("sparse"), ThresholdReward)
     assert dense.reward_model(["x"] * 2, [" wonderful", " table"])[0] > 0.5
     with pytest.raises(ValueError, match="takes reward_model one of"):
         build_task("exact_lm", reward_model="vader")

@@ -160,7 +160,6 @@ def build_task(
 
         from ..loading import load_causal_lm
         from ..prompts import default_prompts
-        from ..rewards import VaderReward
         from .exact import EXACT_REWARDS
 
         if (model, dataset, member) != (None, None, None) or reward_model not in (None, *EXACT_REWARDS):
@@ -174,7 +173,7 @@ def build_task(
         return Task(
             "exact_lm",
             lm.eval(),
-            VaderReward() if reward == "dense" else ThresholdReward(VaderReward(), BINARY_THRESHOLD),
+            exact_lm_reward(reward),
             prompts,
             tokenizer=tokenizer,
             dataset=f"{len(prompts)} review openings of data/movie_review_openings.txt",
@@ -203,6 +202,18 @@ def build_task(
             reward_weights=list(REWARD_WEIGHTS),
         )
     raise ValueError(f"task {name!r} is not one of {TASKS}.")
+
+
+def exact_lm_reward(name: str):
+    """The exact_lm task's reward: "dense", a completion's VADER sentiment in [-1, 1]; "sparse",
+    1 where that is at least `BINARY_THRESHOLD`.
+
+    >>> exact_lm_reward("sparse")(["x", "x"], [" wonderful", " table"])
+    [1.0, 0.0]
+    """
+    from ..rewards import VaderReward
+
+    return VaderReward() if name == "dense" else ThresholdReward(VaderReward(), BINARY_THRESHOLD)
 
 
 def task_for_model(model: str, seed: int = 0, dtype=None) -> Task:
