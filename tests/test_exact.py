@@ -269,10 +269,8 @@ def test_one_token_completions_are_enumerated_over_the_whole_vocabulary(task):
 
 
 def test_the_exact_lm_task_is_smollm2_one_token_after_review_openings():
-    from trpo_rlhf.experiments.tasks import ThresholdReward
+    from trpo_rlhf.experiments.tasks import ThresholdReward, exact_lm_reward
     from trpo_rlhf.rewards import VaderReward
-
-    from trpo_rlhf.experiments.tasks import exact_lm_reward
 
     dense = build_task("exact_lm")
     assert len(dense.prompts) == 16 and dense.prompts[0] == "A strange thing about this film is"
