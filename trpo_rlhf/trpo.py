@@ -209,11 +209,13 @@ class TRPOTrainer(RLTrainer):
                 damping = 0.0  # the step is along g whatever the damping
                 cg = cg_first_iterate(grad, self.fisher_quadratic(fisher_batch, grad))
             else:
-                # The damping is relative to the Fisher's curvature along g, read off CG's first
-                # product (F g), so the step does not depend on the parameters' scale.
-                fisher_grad = fvp.undamped(grad) if grad_sq > 0 else None  # g = 0: CG stops at once
-                damping = fvp.damping = relative_damping(grad, fisher_grad, cfg.cg_damping) if grad_sq > 0 else 0.0
-                first_product = fisher_grad + damping * grad if fisher_grad is not None else None
+                damping, first_product = 0.0, None  # g = 0: CG stops at once
+                if grad_sq > 0:
+                    # The damping is relative to the Fisher's curvature along g, read off CG's first
+                    # product (F g), so the step does not depend on the parameters' scale.
+                    fisher_grad = fvp.undamped(grad)
+                    damping = fvp.damping = relative_damping(grad, fisher_grad, cfg.cg_damping)
+                    first_product = fisher_grad + damping * grad
                 # The tolerance is relative: LoRA gradients can be far smaller than any absolute one.
                 cg = cg_solve(fvp, grad, cfg.cg_iters, cfg.cg_residual_tol * grad_sq, first_product=first_product)
         require_finite("CG solution", cg.x, torch.tensor(cg.x_ax))
