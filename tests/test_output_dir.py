@@ -340,16 +340,16 @@ def test_a_partial_last_metrics_line_is_dropped_with_a_warning(tmp_path, word_to
     )
 
 
-@pytest.mark.parametrize("row", ["{}", "[3]", '{"step": "3"}'])
-def test_a_metrics_line_without_a_step_is_named_on_resume(row, tmp_path, word_tokenizer):
-    run = tmp_path / "run"
-    make("trpo", word_tokenizer, run, max_steps=2, save_steps=2).train()
-    with open(run / "metrics.jsonl", "a") as f:
-        f.write(row + "\n" + '{"step": 3}\n')
-    with pytest.raises(
-        ValueError, match=r"metrics.jsonl: line 3 of 4 \(.*\) is not a step's metrics \(no integer 'step'\)"
-    ):
-        make("trpo", word_tokenizer, run, max_steps=3).train(resume_from_checkpoint=True)
+def test_a_metrics_line_without_a_step_is_named_on_resume(tmp_path, word_tokenizer):
+    trained = tmp_path / "trained"
+    make("trpo", word_tokenizer, trained, max_steps=2, save_steps=2).train()
+    for number, row in enumerate(["{}", "[3]", '{"step": "3"}']):
+        run = tmp_path / f"run{number}"
+        shutil.copytree(trained, run)
+        with open(run / "metrics.jsonl", "a") as f:
+            f.write(row + "\n" + '{"step": 3}\n')
+        with pytest.raises(ValueError, match=r"metrics.jsonl: line 3 of 4 \(.*\) is not a step's metrics \(no int"):
+            make("trpo", word_tokenizer, run, max_steps=3).train(resume_from_checkpoint=True)
 
 
 def test_a_saved_config_of_the_other_algorithm_or_not_an_object_is_named(tmp_path):
