@@ -106,11 +106,11 @@ def test_the_argparse_recipes_read_their_yaml():
 def test_the_group_advantage_configs_read_their_yaml():
     arithmetic = compare_trpo_ppo.parse_args(["--config", str(CONFIGS / "compare_arithmetic.yaml")])
     assert (arithmetic.task, arithmetic.num_generations, arithmetic.advantage_estimator) == ("arithmetic", 8, "grpo")
-    assert (arithmetic.cg_damping, arithmetic.cg_iters, arithmetic.fisher_chunks) == (1e-3, 10, 1)  # as measured
-    names = ["trpo", "trl_grpo_lr1e-4", "trl_grpo_lr3e-4", "trl_grpo_lr1e-3", "trpo_c0.1", "trpo_c0.1_beta0"]
-    assert [v.name for v in arithmetic.variants] == [*names, "trpo_c0.1_kl0.02"]
+    assert (arithmetic.cg_damping, arithmetic.cg_iters, arithmetic.fisher_chunks) == (None, None, 1)  # the package's
+    names = ["trpo", "trl_grpo_lr1e-4", "trl_grpo_lr3e-4", "trl_grpo_lr1e-3", "trpo_beta0"]
+    assert [v.name for v in arithmetic.variants] == names and arithmetic.seeds == 5
     assert arithmetic.frontier_nats == [0.5, 1]
-    assert arithmetic.variants[-1].flags == ["--cg_damping", "0.1", "--cg_iters", "4", "--max_kl", "0.02"]
+    assert arithmetic.variants[-1].flags == ["--init_kl_coef", "0"]
     steps = benchmark.parse_args(["--config", str(CONFIGS / "benchmark_whole_step_grpo.yaml")])
     assert steps.algorithms == ["trpo", "ppo", "trl_grpo"] and (steps.num_generations, steps.batch_size) == (8, 32)
     _, config = parse_sentiment(TRPOConfig, ["--config", str(CONFIGS / "trpo_smollm2_arithmetic.yaml")])
