@@ -233,7 +233,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_config_flag(parser)
     args = parser.parse_args(apply_config_file(parser, argv))
     defaults = dict(TASK_DEFAULTS[args.task])
-    if args.task == "exact" and args.exact_member is not None:
+    if args.task == "exact":
         try:
             defaults["max_new_tokens"] = member(args.exact_member).length
         except ValueError as error:
@@ -259,20 +259,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             )
     if args.task in EXACT_TASKS and args.reward_model not in (None, *EXACT_REWARDS):
         parser.error(f"--reward_model {args.reward_model}: the {args.task} task's rewards are {EXACT_REWARDS}.")
-    if args.task in EXACT_TASKS:
-        try:
-            length = (
-                member(args.exact_member).length
-                if args.task == "exact"
-                else TASK_DEFAULTS["exact_lm"]["max_new_tokens"]
-            )
-        except ValueError as error:
-            parser.error(str(error))
-        if args.max_new_tokens != length:
-            parser.error(
-                f"--max_new_tokens {args.max_new_tokens}: the {args.task} task enumerates completions of {length} "
-                "tokens; leave --max_new_tokens out (on the exact task, --exact_member '...,length=N' sets it)."
-            )
+    if args.task in EXACT_TASKS and args.max_new_tokens != defaults["max_new_tokens"]:
+        parser.error(
+            f"--max_new_tokens {args.max_new_tokens}: the {args.task} task enumerates completions of "
+            f"{defaults['max_new_tokens']} tokens; leave --max_new_tokens out (on the exact task, --exact_member "
+            "'...,length=N' sets it)."
+        )
     if not args.worker:
         try:
             args.variants = plan_variants(args)
@@ -423,6 +415,17 @@ def worker_config(args: argparse.Namespace, task=None, output_dir: Path | None =
     return PPOConfig(**common, **ppo)
 
 
+def task_inputs(args: argparse.Namespace) -> dict[str, str | None]:
+    """`build_task`'s keyword arguments from the flags the task reads (`TASK_INPUTS`)."""
+    keyword = {
+        "model_name_or_path": "model",
+        "reward_model": "reward_model",
+        "dataset": "dataset",
+        "exact_member": "member",
+    }
+    return {keyword[flag]: getattr(args, flag) for flag in TASK_INPUTS[args.task]}
+
+
 def run_worker(args: argparse.Namespace, output_dir: Path) -> None:
     """One (algorithm, seed) run, in this process."""
     from trpo_rlhf import PPOTrainer, TRPOTrainer
@@ -430,13 +433,7 @@ def run_worker(args: argparse.Namespace, output_dir: Path) -> None:
     from trpo_rlhf.experiments.recipe import use_all_cpu_cores
 
     use_all_cpu_cores(runs_at_once=args.parallel)
-    keyword = {
-        "model_name_or_path": "model",
-        "reward_model": "reward_model",
-        "dataset": "dataset",
-        "exact_member": "member",
-    }
-    task = build_task(args.task, seed=args.seed, **{keyword[f]: getattr(args, f) for f in TASK_INPUTS[args.task]})
+    task = build_task(args.task, seed=args.seed, **task_inputs(args))
     config = worker_config(args, task, output_dir)
     resume = True if args.resume_worker else None
     if args.worker == "trpo":
@@ -606,9 +603,7 @@ def exact_frontier(
     from trpo_rlhf.experiments import build_task
     from trpo_rlhf.experiments.exact import efficiency_over_seeds, reference_and_optimum
 
-    member = {"member": args.exact_member} if args.task == "exact" else {}
-    task = build_task(args.task, reward_model=args.reward_model, **member)
-    exact = reference_and_optimum(task, args.max_new_tokens)
+    exact = reference_and_optimum(build_task(args.task, **task_inputs(args)), args.max_new_tokens)
     for variant, result in results.items():
         result["frontier_efficiency"] = efficiency_over_seeds(runs[variant], exact)
     return exact

@@ -490,8 +490,7 @@ class RLConfig:
         if not isinstance(saved, dict):
             raise ValueError(f"{path} holds a JSON {type(saved).__name__}, not a saved config (an object of settings).")
         saved = without_removed_settings(saved, str(path))
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(saved) - fields)
+        unknown = sorted(set(saved) - _field_names(cls))
         if unknown:
             owners = [c.__name__ for c in _config_classes() if c is not cls and set(saved) <= _field_names(c)]
             whose = f"a {owners[0]}'s: load it with {owners[0]}.load" if owners else "not one of this release's configs"
