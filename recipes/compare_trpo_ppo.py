@@ -73,7 +73,7 @@ TASK_DEFAULTS = {
     # exact_lm: SmolLM2's one-token completions, enumerated over the vocabulary.
     "exact_lm": {"max_new_tokens": 1, "max_kl": TRPOConfig.max_kl, "learning_rate": 1e-4},
     # arithmetic: the recipe's settings (recipes/trpo_smollm2_arithmetic.py); TRL's PPO takes no reward functions.
-    "arithmetic": {"max_new_tokens": 8, "max_kl": 0.01, "learning_rate": 1e-4},
+    "arithmetic": {"max_new_tokens": 8, "max_kl": 0.08, "learning_rate": 1e-4},
 }
 
 # The algorithms a comparison runs unless --algorithms names others (trl_grpo needs --num_generations).

@@ -51,7 +51,7 @@ def summarize(rows: list[dict], window: int = 5) -> str:
         lines += [
             "| trust region | median |",
             "|---|---:|",
-            f"| measured KL(π_old‖π_new) per token | {statistics.median(r['trpo/kl'] for r in accepted):.4f} |",
+            f"| measured KL(π_old‖π_new) per completion | {statistics.median(r['trpo/kl'] for r in accepted):.4f} |",
             f"| measured / predicted (frac²·½sᵀFs) | {statistics.median(ratios):.2f} |",
             f"| step fraction | {statistics.median(r['trpo/step_frac'] for r in accepted):.2f} |",
             f"| CG iterations (FVPs per update) | {median('trpo/cg_iters'):.0f} ({median('trpo/fvp_count'):.0f}) |",

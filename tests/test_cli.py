@@ -31,7 +31,7 @@ def test_the_trpo_recipe_reads_its_yaml_and_the_command_line_wins():
     )
     assert isinstance(config, TRPOConfig)
     assert (args.model_name_or_path, args.reward_model) == ("embedded", "vader")
-    assert config.max_kl == 0.05  # the flag, over the file's 0.034
+    assert config.max_kl == 0.05  # the flag, over the file's 0.8
     assert (config.max_steps, config.value_lr) == (20, 5e-4)
     assert config.lora_target_modules == ["q_proj", "v_proj"] and config.report_to == ["tensorboard"]
     # The same settings by flags alone give the same config.
@@ -66,7 +66,7 @@ def test_the_ppo_recipes_read_their_yaml(recipe, config_class):
 
 def test_the_argparse_recipes_read_their_yaml():
     compare = compare_trpo_ppo.parse_args(["--config", str(CONFIGS / "compare_trpo_ppo.yaml"), "--seeds", "2"])
-    assert [v.name for v in compare.variants][-2:] == ["trpo_cg1", "trpo_kl034"] and compare.parallel == 9
+    assert [v.name for v in compare.variants][-2:] == ["trpo_cg1", "trpo_kl08"] and compare.parallel == 9
     assert compare.held_out_kl_prompts == 16 and compare.reuse_finished
     # The headline runs first, in the same folder with the same settings; the full protocol then
     # reuses its runs and adds the TRPO variants.
@@ -115,7 +115,7 @@ def test_the_group_advantage_configs_read_their_yaml():
     assert steps.algorithms == ["trpo", "ppo", "trl_grpo"] and (steps.num_generations, steps.batch_size) == (8, 32)
     _, config = parse_sentiment(TRPOConfig, ["--config", str(CONFIGS / "trpo_smollm2_arithmetic.yaml")])
     assert (config.advantage_estimator, config.num_generations, config.reward_weights) == ("grpo", 8, [1.0, 0.5])
-    assert config.max_kl == 0.01 and (config.cg_damping, config.cg_iters) == (
+    assert config.max_kl == 0.08 and (config.cg_damping, config.cg_iters) == (
         TRPOConfig.cg_damping,
         TRPOConfig.cg_iters,
     )

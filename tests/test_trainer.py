@@ -211,7 +211,7 @@ def test_bad_reward_outputs_raise_clear_errors(make_trainer, returned, match):
 @pytest.mark.parametrize(
     "overrides,match",
     [
-        ({"max_kl": 0.0}, r"max_kl=0.0 must be in \(0, 1.0\] nats per token"),
+        ({"max_kl": 0.0}, r"max_kl=0.0 must be in \(0, 1.0\] nats per completion"),
         ({"max_kl": -1.0}, r"max_kl=-1.0"),
         ({"cg_iters": 0}, r"cg_iters=0 must be >= 1"),
         ({"backtrack_coef": 1.0}, r"backtrack_coef=1.0 must lie strictly between 0 and 1"),
@@ -363,7 +363,8 @@ def test_tiny_model_learns_word_count_reward_in_30_steps(tmp_path, word_tokenize
 
 
 def test_the_step_is_sized_by_the_fisher_alone_and_damped_relative_to_its_curvature(make_trainer):
-    """1/2 s^T F s = delta for the full step s: the damping shapes its direction, never its length
+    """1/2 s^T (n F) s = delta for the full step s, F the Fisher of the mean per-token KL and n the
+    tokens per completion (delta bounds the KL of a completion): the damping shapes its direction, never its length
     (an absolute damping counted as KL once spent a fraction of delta set by the model); and the
     damping is cg_damping times the Fisher's curvature along g, g^T F g / g^T g."""
     trainer = make_trainer(cg_damping=1.0, cg_iters=4, fisher_chunks=1)
@@ -384,7 +385,10 @@ def test_the_step_is_sized_by_the_fisher_alone_and_damped_relative_to_its_curvat
     grad = trainer.chunked_gradient(batch, 1)[0]
     fvp = trainer.fisher_product(batch)
     step = captured["step"]
-    assert 0.5 * torch.dot(step, fvp.undamped(step)).item() == pytest.approx(trainer.config.max_kl, rel=1e-3)
+    tokens_per_completion = (batch.response_mask.sum() / len(batch)).item()
+    assert tokens_per_completion > 1  # else the test could not tell a per-token delta from this one
+    completion_quadratic = tokens_per_completion * torch.dot(step, fvp.undamped(step)).item()
+    assert 0.5 * completion_quadratic == pytest.approx(trainer.config.max_kl, rel=1e-3)
     curvature = torch.dot(grad, fvp.undamped(grad)).item() / torch.dot(grad, grad).item()
     assert stats["trpo/damping"] == pytest.approx(1.0 * curvature, rel=1e-3)
     assert stats["trpo/kl_predicted"] == pytest.approx(trainer.config.max_kl * stats["trpo/step_frac"] ** 2)
@@ -493,8 +497,8 @@ def test_fisher_chunks_give_the_gradient_fisher_and_step_of_one_pass(make_traine
 def test_the_one_iteration_step_is_sized_by_the_forward_mode_fisher_quadratic(make_trainer, chunks):
     """At one CG iteration the step is g sized by g^T (F + cI) g, which forward-mode passes give
     with no Fisher-vector product: the quadratic is that of the product, and the full step's length
-    is sqrt(2 delta / g^T (F + cI) g) |g| with g^T (F + cI) g from the product. Sequences of unequal
-    length make the chunks' token shares unequal."""
+    is sqrt(2 delta / (n g^T F g)) |g| with g^T F g from the product and n the tokens per completion.
+    Sequences of unequal length make the chunks' token shares unequal."""
     trainer = make_trainer(fisher_chunks=chunks, cg_iters=1, max_kl=0.01)
     batch = batch_of_unequal_lengths(trainer)
     params = trainer.actor_critic.policy_parameters()
@@ -510,7 +514,8 @@ def test_the_one_iteration_step_is_sized_by_the_forward_mode_fisher_quadratic(ma
     stats = trainer.policy_update(batch)
     assert stats["trpo/accepted"] == 1.0 and stats["trpo/fvp_count"] == 0 and stats["trpo/cg_iters"] == 1
     full_step_norm = stats["trpo/step_norm"] / stats["trpo/step_frac"]
-    expected = math.sqrt(2 * trainer.config.max_kl / grad_quadratic) * grad.norm().item()
+    tokens_per_completion = (batch.response_mask.sum() / len(batch)).item()
+    expected = math.sqrt(2 * trainer.config.max_kl / (tokens_per_completion * grad_quadratic)) * grad.norm().item()
     assert full_step_norm == pytest.approx(expected, rel=1e-4)
     assert stats["trpo/kl"] <= trainer.config.kl_tolerance * trainer.config.max_kl
 
@@ -821,11 +826,12 @@ def test_held_out_kl_measures_the_update_on_other_prompts_and_leaves_the_run_unc
             assert torch.allclose(measured.policy_log_probs(rollout), logp_all_old, atol=1e-6)
         for p, new in zip(measured.actor_critic.policy_parameters(), after):
             p.data.copy_(new)
-        # The exact KL(pi_old || pi_new) over the vocabulary, averaged over the completions' tokens.
+        # The exact KL(pi_old || pi_new) over the vocabulary, summed over a completion's tokens, averaged
+        # over the completions (the unit of delta and kl/ref).
         with torch.no_grad():
             logp_all_new = measured.policy_log_probs(rollout)
         per_token = (logp_all_old.exp() * (logp_all_old - logp_all_new)).sum(-1)
-        expected = (per_token * rollout.response_mask).sum() / rollout.response_mask.sum()
+        expected = (per_token * rollout.response_mask).sum() / len(rollout)
         assert measured_stats["policy/kl_held_out"] > 0
         assert measured_stats["policy/kl_held_out"] == pytest.approx(expected.item(), rel=1e-4)
         assert measured_stats["time/held_out_kl"] > 0

@@ -313,7 +313,7 @@ class RLConfig:
         default=0,
         metadata={
             "help": "Per process and step, sample completions from pi_old for this many prompts outside the step's batch "
-            "and log policy/kl_held_out, the update's mean per-token KL(pi_old || pi_new) on them: whether the trust "
+            "and log policy/kl_held_out, the update's KL(pi_old || pi_new) per completion on them: whether the trust "
             "region holds out of sample. Sampled on a random stream of their own, so the run's trajectory is the one "
             "it has without them; costs their generation and two forwards. 0: off."
         },

@@ -316,7 +316,7 @@ class RLTrainer(SetupChecks, CheckpointedRun, Collectives):
                 policy_stats.update(self._update_cosine(policy_before))
                 if held_out is not None:
                     with timer("held_out_kl"):
-                        policy_stats["policy/kl_held_out"] = self.mean_kl(*held_out)
+                        policy_stats["policy/kl_held_out"] = self.completion_kl(*held_out)
                     held_out = None  # its [B, T, V] log-probs, before the critic's update needs the memory
                 value_stats = {}
                 if self.actor_critic.has_critic:
@@ -447,23 +447,30 @@ class RLTrainer(SetupChecks, CheckpointedRun, Collectives):
 
     @torch.no_grad()
     def measure_policy_change(self, batch: Rollout, logp_all_old: torch.Tensor) -> tuple[float, float]:
-        """(L(theta) - L(theta_old), mean over valid tokens of the exact KL(pi_old || pi_theta) over
-        the vocabulary) on `batch`, from one forward at the current parameters, averaged across
-        processes. TRPO's line search (`trpo/kl`, `trpo/surrogate_gain`) and PPO's `ppo/kl` and
-        `ppo/surrogate_gain` all come from here, so the two updates are measured alike."""
+        """(L(theta) - L(theta_old), the update's KL per completion, `completion_kl`) on `batch`, from
+        one forward at the current parameters, averaged across processes. TRPO's line search
+        (`trpo/kl`, `trpo/surrogate_gain`) and PPO's `ppo/kl` and `ppo/surrogate_gain` all come from
+        here, so the two updates are measured alike."""
         logp_all = self.policy_log_probs(batch)
         actions = batch.response_ids
         gain = self.surrogate(batch, gather_tokens(logp_all, actions)) - self.surrogate(
             batch, gather_tokens(logp_all_old, actions)
         )
-        return self.reduce_mean(gain).item(), self.mean_kl(batch, logp_all_old, logp_all)
+        return self.reduce_mean(gain).item(), self.completion_kl(batch, logp_all_old, logp_all)
 
     @torch.no_grad()
-    def mean_kl(self, batch: Rollout, logp_all_old: torch.Tensor, logp_all: torch.Tensor | None = None) -> float:
-        """Mean over `batch`'s valid tokens of the exact KL(pi_old || pi_theta) over the vocabulary,
-        averaged across processes; `logp_all` from a forward at the current parameters unless given."""
-        kl = masked_mean(self.token_kl(batch, logp_all_old, logp_all), batch.response_mask)
+    def completion_kl(self, batch: Rollout, logp_all_old: torch.Tensor, logp_all: torch.Tensor | None = None) -> float:
+        """The KL(pi_old || pi_theta) of a completion, the exact KL over the vocabulary summed over
+        its tokens (the chain rule), averaged over `batch`'s completions and across processes: the
+        unit of `kl/ref` and of the budgets a run is judged at. `logp_all` from a forward at the
+        current parameters unless given."""
+        kl = (self.token_kl(batch, logp_all_old, logp_all) * batch.response_mask).sum() / len(batch)
         return self.reduce_mean(kl).item()
+
+    def tokens_per_completion(self, batch: Rollout) -> float:
+        """Valid tokens per completion in `batch`, averaged across processes: the factor between a
+        mean per-token KL (whose Fisher the trust region's products compute) and `completion_kl`."""
+        return self.reduce_mean(batch.response_mask.sum() / len(batch)).item()
 
     @torch.no_grad()
     def token_kl(

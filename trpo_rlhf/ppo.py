@@ -49,7 +49,7 @@ class PPOConfig(RLConfig):
     )
     target_kl: float | None = field(
         default=None,
-        metadata={"help": "Stop the epochs early once the measured KL(pi_old || pi_new) per token exceeds this."},
+        metadata={"help": "Stop the epochs early once the measured KL(pi_old || pi_new) per completion exceeds this."},
     )
 
     def __post_init__(self) -> None:

@@ -37,7 +37,7 @@ from .trust_region import (
     surrogate_gradient,
 )
 
-MAX_KL_LIMIT = 1.0  # nats per token: a trust region beyond it bounds nothing the quadratic model can size
+MAX_KL_LIMIT = 1.0  # nats per completion: a trust region beyond it bounds nothing the quadratic model can size
 # No line search ran: g = 0 left no direction.
 NO_STEP = LineSearchResult(accepted=False, step_frac=0.0, kl=0.0, surrogate_gain=0.0, iterations=0)
 
@@ -47,7 +47,7 @@ class TRPOConfig(RLConfig):
     """TRPO settings (Schulman et al. 2015, "Trust Region Policy Optimization", Appendix C).
 
     The update maximises the surrogate L(theta) = mean_t[ratio_t * A_t] subject to
-    mean_t KL(pi_old || pi_theta) <= max_kl, over the policy LoRA tensors only. Where a default
+    KL(pi_old || pi_theta) <= max_kl per completion, over the policy LoRA tensors only. Where a default
     departs from the paper's, the reason is the scale of a LoRA Fisher or of an RLHF run; the
     measurements behind each are in docs/results.md and docs/algorithm.md:
 
@@ -56,13 +56,14 @@ class TRPOConfig(RLConfig):
       exact task, for 4 products instead of 10, most of an update's cost. ``cg_iters`` = 1 steps
       along the gradient itself, sized by its exact quadratic g^T F g from forward-mode passes and
       no product at all: what a sharded base (FSDP, ZeRO-3) can run.
-    * ``max_kl`` = 0.003 nats per token: an RLHF run is judged by its reward at a KL budget to the
-      reference of a fraction of a nat to a few nats per completion, and a larger step reaches
-      the largest of them within a handful of updates, leaving the smaller ones one or two points.
-      Long completions spend it on every token: raise it for short runs.
+    * ``max_kl`` = 0.01 nats per completion (the paper bounds a mean over states, here tokens): an
+      RLHF run is judged by its reward at KL budgets to the reference counted per completion
+      (``kl/ref``), so the trust region is counted in the same unit, and an update moves a
+      one-token and a 512-token completion alike. A larger step reaches the largest budgets within
+      a handful of updates, leaving the smaller ones one or two points.
     * ``cg_damping`` = 0.1, relative: c = 0.1 * g^T F g / g^T g in (F + cI) x = g, a tenth of the
       Fisher's curvature along the gradient, so the same setting damps alike on every model; the
-      step's length comes from F alone (1/2 s^T F s = delta), so an update spends delta.
+      step's length comes from F alone (1/2 s^T (nF) s = delta), so an update spends delta.
     * ``backtrack_coef`` = 0.8 (SB3-contrib) rather than the paper's 0.5: finer steps lose less of
       a good direction when the quadratic model overestimates.
     * ``accept_ratio`` = 0.1: a step must realise at least 10 % of the improvement predicted by
@@ -77,7 +78,8 @@ class TRPOConfig(RLConfig):
     """
 
     max_kl: float = field(
-        default=0.003, metadata={"help": "delta: bound on the mean per-token KL(pi_old || pi_new) of one update."}
+        default=0.01,
+        metadata={"help": "delta: bound on one update's KL(pi_old || pi_new) per completion, summed over its tokens."},
     )
     kl_tolerance: float = field(
         default=1.5, metadata={"help": "Accept a line-search point only if measured KL <= kl_tolerance * max_kl."}
@@ -128,7 +130,7 @@ class TRPOConfig(RLConfig):
         super().__post_init__()
         _require(
             0 < self.max_kl <= MAX_KL_LIMIT,
-            f"max_kl={self.max_kl} must be in (0, {MAX_KL_LIMIT}] nats per token, e.g. --max_kl 0.01: the quadratic "
+            f"max_kl={self.max_kl} must be in (0, {MAX_KL_LIMIT}] nats per completion, e.g. --max_kl 0.01: the quadratic "
             "model of the KL that sizes the step holds only near the old policy (Schulman et al. 2015, sec. 6).",
         )
         _require(
@@ -197,8 +199,9 @@ class TRPOTrainer(RLTrainer):
         1. g = grad L(theta_old), L = mean_t exp(logp_theta - logp_old) * A_t;
         2. x ~ (F + cI)^-1 g by `cg_iters` CG iterations on Fisher-vector products (`fisher_product`);
            at one iteration x is along g and needs only g^T F g, from forward-mode passes;
-        3. full step s = sqrt(2 delta / x^T (F + cI) x) x, so that 1/2 s^T (F + cI) s = delta;
-        4. backtracking on the measured exact KL and the surrogate; exact restore on failure.
+        3. full step s = sqrt(2 delta / (n x^T F x)) x, so that 1/2 s^T (n F) s = delta, F the Fisher of
+           the mean per-token KL and n the tokens per completion (n F: the completion's KL);
+        4. backtracking on the measured exact KL per completion and the surrogate; exact restore on failure.
         """
         cfg, timer = self.config, PhaseTimer()
         fisher_batch = self.fisher_batch(batch)
@@ -232,7 +235,8 @@ class TRPOTrainer(RLTrainer):
         del fvp  # free the Fisher graph before the line search
         if not kl_quadratic > 0:  # g = 0 (e.g. all advantages equal), or no curvature: no step to size
             return stats | self._step_stats(timer, NO_STEP, expected_gain=0.0, full_step_norm=0.0)
-        full_step = math.sqrt(2 * cfg.max_kl / kl_quadratic) * cg.x
+        # delta bounds the KL per completion, n times the per-token mean whose Fisher F is.
+        full_step = math.sqrt(2 * cfg.max_kl / (self.tokens_per_completion(batch) * kl_quadratic)) * cg.x
         require_finite("step", full_step)
         expected_gain = torch.dot(grad, full_step).item()
         with timer("line_search"):
@@ -389,7 +393,7 @@ class TRPOTrainer(RLTrainer):
         return {
             "trpo/accepted": float(result.accepted),
             "trpo/kl": result.kl,
-            # KL(pi_old || pi_old + a s) ~ a^2 * 1/2 s^T F s to second order, and 1/2 s^T F s = delta.
+            # KL(pi_old || pi_old + a s) ~ a^2 * 1/2 s^T (nF) s to second order, and 1/2 s^T (nF) s = delta.
             "trpo/kl_predicted": self.config.max_kl * result.step_frac**2,
             "trpo/step_frac": result.step_frac,
             "trpo/surrogate_gain": result.surrogate_gain,

@@ -45,7 +45,7 @@ def plot_training_curves(
         # A step rejected for a non-finite value has no trust-region keys: a gap in the curve.
         axes[2].plot(steps, [r.get("trpo/kl", math.nan) for r in rows], "o-", label="measured KL(π_old‖π_new)")
         axes[2].plot(steps, [r.get("trpo/kl_predicted", math.nan) for r in rows], "x--", label="predicted frac²·½sᵀFs")
-        axes[2].set(xlabel="step", ylabel="nats per token", title="trust-region step")
+        axes[2].set(xlabel="step", ylabel="nats per completion", title="trust-region step")
         axes[2].legend()
     else:
         axes[2].axis("off")
